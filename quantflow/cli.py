@@ -1,0 +1,119 @@
+"""The ``quantflow`` command line: run, demo, report, doctor."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from quantflow.errors import QuantflowError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Quantize an LLM (AWQ, GPTQ, RTN, bitsandbytes), evaluate every variant, report.")
+
+
+def _fail(error: QuantflowError) -> None:
+    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _flag_overrides(**flags: Any) -> dict[str, Any]:
+    return {path: value for path, value in flags.items() if value is not None}
+
+
+@app.command()
+def run(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run spec; flags below override it."),
+    model: Optional[str] = typer.Option(None, help="Model source: hub id, folder, .gguf, or demo:smollm2-135m."),
+    revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag, commit)."),
+    methods: Optional[str] = typer.Option(None, help="Comma-separated variants with default settings: rtn,awq,gptq,bnb-nf4,bnb-fp4,bnb-int8."),
+    group_size: Optional[str] = typer.Option(None, help="Group size for rtn/awq/gptq variants made by --methods (int, 'auto' or 'none')."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
+    num_samples: Optional[int] = typer.Option(None, help="Calibration samples."),
+    seq_len: Optional[int] = typer.Option(None, help="Calibration sequence length."),
+    calibration: Optional[str] = typer.Option(None, help="Calibration source (builtin:pydoc, a file, hf:<name>)."),
+    window: Optional[int] = typer.Option(None, help="Perplexity window in tokens."),
+    max_windows: Optional[int] = typer.Option(None, help="Evaluate at most this many windows."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Step cache folder."),
+) -> None:
+    """Run the whole pipeline from a spec file and/or flags."""
+    from quantflow.spec import RunSpec, apply_overrides, load_spec, variant_for
+
+    try:
+        spec = load_spec(config) if config else RunSpec()
+        overrides = _flag_overrides(**{
+            "model.source": model, "model.revision": revision, "output.dir": str(output) if output else None, "device": device,
+            "calibration.num_samples": num_samples, "calibration.seq_len": seq_len, "calibration.source": calibration,
+            "evaluation.window": window, "evaluation.max_windows": max_windows, "output.cache_dir": str(cache_dir) if cache_dir else None,
+        })
+        if methods:
+            size = None if group_size in (None, "none", "null") else (group_size if group_size == "auto" else int(group_size))
+            extra = {} if group_size is None else {"group_size": size}
+            overrides["variants"] = [variant_for(m, **(extra if m in ("rtn", "gptq", "awq") else {})).model_dump(mode="json")
+                                     for m in methods.split(",") if m.strip()]
+        spec = apply_overrides(spec, overrides)
+        _execute(spec)
+    except QuantflowError as error:
+        _fail(error)
+
+
+@app.command()
+def demo(output: Path = typer.Option(Path("runs/demo"), "--output", "-o", help="Output folder.")) -> None:
+    """The embedded default: SmolLM2-135M, pydoc corpus, RTN/AWQ/GPTQ W4 g64 + bnb-nf4, offline on a CPU."""
+    from quantflow.demo import demo_spec
+
+    try:
+        _execute(demo_spec(output))
+    except QuantflowError as error:
+        _fail(error)
+
+
+def _execute(spec) -> None:
+    from quantflow.pipeline import run as run_pipeline
+    from quantflow.report import load_report
+
+    out = run_pipeline(spec, progress=lambda message: typer.echo(f"[quantflow] {message}", err=True))
+    report = load_report(out / "report.json")
+    typer.echo((out / "report.md").read_text().split("\n## Protocol")[0])
+    typer.echo(f"artifacts: {out.resolve()}  best: {report.best}")
+
+
+@app.command()
+def report(
+    path: Path = typer.Argument(..., help="report.json of an earlier run."),
+    max_ppl_increase: Optional[float] = typer.Option(None, help="Re-pick the best variant under this perplexity increase (%)."),
+    max_size_ratio: Optional[float] = typer.Option(None, help="...and at most this fraction of the baseline's size."),
+) -> None:
+    """Re-render report.md and plots from report.json, optionally under new constraints."""
+    from quantflow.report import load_report, pareto, pick_best, write_report
+
+    if not path.is_file():
+        _fail(QuantflowError(f"{path} does not exist", "pass the report.json written by `quantflow run`"))
+    try:
+        data = load_report(path)
+    except ValueError as error:
+        _fail(QuantflowError(f"{path} is not a quantflow report ({str(error).splitlines()[0]})", "pass the report.json written by `quantflow run`"))
+    constraints = data.constraints.model_copy(update=_flag_overrides(max_ppl_increase_pct=max_ppl_increase, max_size_ratio=max_size_ratio))
+    best, reason = pick_best(data.rows, constraints)
+    data = data.model_copy(update={"constraints": constraints, "best": best, "best_reason": reason, "pareto": pareto(data.rows)})
+    write_report(data, path.parent)
+    typer.echo(f"best: {best} ({reason}); wrote {path.parent / 'report.md'}")
+
+
+@app.command()
+def doctor() -> None:
+    """Print the version matrix and what will and won't work on this machine."""
+    from quantflow.doctor import checks
+
+    failed = 0
+    for name, ok, detail in checks():
+        failed += ok is False
+        mark = {True: "ok  ", False: "FAIL", None: "--  "}[ok]
+        typer.echo(f"[{mark}] {name}: {detail}")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    app()

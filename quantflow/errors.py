@@ -1,0 +1,16 @@
+"""Errors meant for people: every one says what went wrong and how to fix it."""
+
+from __future__ import annotations
+
+
+class QuantflowError(Exception):
+    """A failure caused by input or environment, with the fix spelled out.
+
+    The CLI prints ``str(error)`` without a traceback and exits non-zero, so the
+    message must stand alone: what is wrong, where, and what to do about it.
+    """
+
+    def __init__(self, problem: str, fix: str) -> None:
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{problem}\n  fix: {fix}")

@@ -1,0 +1,158 @@
+"""The whole run as four stages: plan -> baseline + calibration -> one branch per variant -> deliver.
+
+``run`` chains them in one process for the plain CLI and notebooks; the Prefect flow in
+``flows/`` calls the same stage functions as tasks, so both paths produce identical
+artifacts and share one cache.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from quantflow import steps
+from quantflow.cache import StepCache, content_key, default_cache_root
+from quantflow.calibration import CalibrationRecord
+from quantflow.errors import QuantflowError
+from quantflow.evaluate import EvalRecord
+from quantflow.quantize import QuantizeRecord, check_ignore, resolve_group_size, weightless_model
+from quantflow.resources import pick_device
+from quantflow.sources import ModelRef, resolve_model
+from quantflow.spec import BnbVariant, RunSpec, Variant
+
+Progress = Callable[[str], None]
+
+
+class Plan(BaseModel):
+    """A validated run: every check that can fail before heavy work has passed."""
+
+    spec: RunSpec
+    model: ModelRef
+    device: str
+    cache_root: str
+    group_sizes: dict[str, tuple[int | None, str | None]]
+
+    @property
+    def cache(self) -> StepCache:
+        return StepCache(Path(self.cache_root))
+
+    def baseline_key(self) -> str:
+        return steps.eval_key(self.model.fingerprint, self.spec.evaluation, self.device, None)
+
+
+class BranchResult(BaseModel):
+    name: str
+    method: str
+    quantize: QuantizeRecord | None
+    evaluation: EvalRecord
+    artifact: str | None
+    cached: bool
+
+
+class Stage(BaseModel):
+    baseline: EvalRecord
+    calibration: CalibrationRecord
+    cached: bool
+
+
+def check_environment(spec: RunSpec, device: str) -> None:
+    """Refuse variants this machine cannot run, before anything is loaded."""
+    from quantflow.environment import package_version
+
+    bnb = [v.name for v in spec.variants if isinstance(v, BnbVariant)]
+    if bnb and package_version("bitsandbytes") is None:
+        raise QuantflowError(f"variants {', '.join(bnb)} need bitsandbytes, which is not installed", "pip install 'quantflow[bnb]' or drop those variants")
+    if spec.evaluation.lm_eval_tasks:
+        raise QuantflowError("evaluation.lm_eval_tasks is not supported by this version of quantflow", "remove lm_eval_tasks from the spec")
+
+
+def plan(spec: RunSpec, progress: Progress = print) -> Plan:
+    """Validate the spec against this machine and the model's shapes; resolve the model source."""
+    device = pick_device(spec.device)
+    check_environment(spec, device)
+    cache = StepCache(spec.output.cache_dir or default_cache_root())
+    progress(f"model: resolving {spec.model.source}")
+    model = resolve_model(spec.model, cache)
+    skeleton = weightless_model(model.path, spec.model.trust_remote_code)
+    group_sizes = {}
+    for variant in spec.variants:
+        if isinstance(variant, BnbVariant):
+            continue
+        check_ignore(skeleton, variant)
+        group_sizes[variant.name] = resolve_group_size(skeleton, variant)
+    return Plan(spec=spec, model=model, device=device, cache_root=str(cache.root), group_sizes=group_sizes)
+
+
+def baseline_and_calibration(plan: Plan, isolate: bool = True) -> Stage:
+    calibration, cal_hit = steps.calibrate(plan.cache, plan.model, plan.spec, isolate)
+    baseline, base_hit = steps.evaluate(plan.cache, "baseline", plan.baseline_key(), plan.spec, plan.model.path, plan.device,
+                                        None, None, isolate)
+    return Stage(baseline=baseline, calibration=calibration, cached=cal_hit and base_hit)
+
+
+def branch(plan: Plan, variant: Variant, calibration: CalibrationRecord, isolate: bool = True) -> BranchResult:
+    """Quantize (unless load-time) and evaluate one variant."""
+    if isinstance(variant, BnbVariant):
+        subject = content_key("bnb", plan.model.fingerprint, variant.model_dump(exclude={"name", "save"}))
+        key = steps.eval_key(subject, plan.spec.evaluation, plan.device, plan.baseline_key())
+        evaluation, hit = steps.evaluate(plan.cache, variant.name, key, plan.spec, plan.model.path, plan.device, variant, plan.baseline_key(), isolate)
+        return BranchResult(name=variant.name, method=variant.method, quantize=None, evaluation=evaluation, artifact=None, cached=hit)
+    group_size, note = plan.group_sizes[variant.name]
+    record, q_hit = steps.quantize(plan.cache, plan.model, variant, group_size, note, calibration, plan.spec.model.dtype, plan.device, isolate)
+    key = steps.eval_key(Path(record.path).name, plan.spec.evaluation, plan.device, plan.baseline_key())
+    evaluation, e_hit = steps.evaluate(plan.cache, variant.name, key, plan.spec, record.path, plan.device, None, plan.baseline_key(), isolate)
+    return BranchResult(name=variant.name, method=variant.method, quantize=record, evaluation=evaluation, artifact=record.path, cached=q_hit and e_hit)
+
+
+def publish_folder(source: Path, target: Path, extra: dict[str, str]) -> None:
+    """Copy ``source`` to ``target`` with extra files, replacing any old copy only once the new one is whole."""
+    scratch = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        shutil.copytree(source, scratch, ignore=shutil.ignore_patterns("result.json", ".*"))
+        for name, text in extra.items():
+            (scratch / name).write_text(text)
+        if target.exists():
+            old = target.parent / f".old-{target.name}-{uuid.uuid4().hex[:8]}"
+            target.rename(old)
+            scratch.rename(target)
+            shutil.rmtree(old)
+        else:
+            scratch.rename(target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def deliver(plan: Plan, stage: Stage, branches: list[BranchResult]) -> Path:
+    """Write variant folders (with model cards), report.json, report.md and plots under the output dir."""
+    from quantflow.report import build_report, model_card, write_report
+
+    out = Path(plan.spec.output.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = build_report(plan, stage, branches)
+    for result in branches:
+        if result.artifact:
+            publish_folder(Path(result.artifact), out / result.name, {"README.md": model_card(report, result.name)})
+    write_report(report, out)
+    return out
+
+
+def run(spec: RunSpec, progress: Progress = print) -> Path:
+    """Plan, calibrate, evaluate the baseline, build every variant in turn, then deliver."""
+    the_plan = plan(spec, progress)
+    progress(f"device: {the_plan.device}; cache: {the_plan.cache_root}")
+    progress("baseline + calibration")
+    stage = baseline_and_calibration(the_plan)
+    progress(f"baseline perplexity {stage.baseline.perplexity:.3f} ({'cached' if stage.cached else 'computed'})")
+    branches = []
+    for variant in spec.variants:
+        progress(f"variant {variant.name}: quantize + evaluate")
+        result = branch(the_plan, variant, stage.calibration)
+        progress(f"variant {variant.name}: perplexity {result.evaluation.perplexity:.3f} ({'cached' if result.cached else 'computed'})")
+        branches.append(result)
+    out = deliver(the_plan, stage, branches)
+    progress(f"report: {out / 'report.md'}")
+    return out

@@ -1,0 +1,219 @@
+"""The comparison report: report.json (versioned schema), report.md, PNG plots, model cards.
+
+Best variant rule: among variants within the user's constraints (perplexity increase over
+the baseline, optional size ratio), the smallest artifact wins, ties broken by perplexity.
+The Pareto set is every variant that no other variant beats on both size and perplexity.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from quantflow.environment import environment
+from quantflow.spec import ConstraintsSpec
+
+SCHEMA_VERSION = "1.0"
+UNITS = {
+    "perplexity": "exp(mean NLL per token), lower is better",
+    "ppl_delta_pct": "% change vs baseline",
+    "kl_mean": "nats per token, KL(baseline || variant)",
+    "size_mb": "MiB (2^20 bytes)",
+    "decode_tokens_per_s": "generated tokens per second, all sequences of the batch",
+    "prefill_tokens_per_s": "prompt tokens per second",
+    "decode_ms_per_token": "milliseconds per decode step",
+    "peak_memory_mb": "MiB; CUDA max allocated on GPU, process peak RSS on CPU",
+    "quantize_seconds": "wall seconds of the quantization step",
+}
+
+
+class Row(BaseModel):
+    name: str
+    method: str
+    perplexity: float
+    ppl_delta_pct: float
+    kl_mean: float | None
+    size_mb: float
+    size_kind: str
+    size_ratio: float
+    peak_memory_mb: float
+    memory_kind: str
+    speed: list[dict]
+    quantize_seconds: float | None
+    quantize_peak_memory_mb: float | None
+    quantized_layers: int | None
+    skipped_layers: list[str]
+    group_size: int | None
+    group_size_note: str | None
+    runtime: str
+    artifact: str | None
+
+
+class Report(BaseModel):
+    schema_version: str = SCHEMA_VERSION
+    created: str
+    model: dict
+    calibration: dict
+    protocol: dict
+    constraints: ConstraintsSpec
+    units: dict[str, str]
+    rows: list[Row]
+    best: str | None
+    best_reason: str
+    pareto: list[str]
+    generations: dict[str, list[dict]]
+    environment: dict
+    spec: dict
+
+
+def _row(name: str, method: str, evaluation, baseline, quantize=None, artifact: str | None = None) -> Row:
+    return Row(
+        name=name, method=method, perplexity=evaluation.perplexity,
+        ppl_delta_pct=round(100 * (evaluation.perplexity / baseline.perplexity - 1), 3),
+        kl_mean=evaluation.kl_mean, size_mb=round(evaluation.size_bytes / 2**20, 2), size_kind=evaluation.size_kind,
+        size_ratio=round(evaluation.size_bytes / baseline.size_bytes, 4), peak_memory_mb=evaluation.peak_memory_mb,
+        memory_kind=evaluation.memory_kind, speed=[s.model_dump() for s in evaluation.speed],
+        quantize_seconds=quantize.seconds if quantize else None,
+        quantize_peak_memory_mb=quantize.peak_memory_mb if quantize else None,
+        quantized_layers=len(quantize.quantized_layers) if quantize else None,
+        skipped_layers=quantize.skipped_layers if quantize else [],
+        group_size=quantize.group_size if quantize else None, group_size_note=quantize.group_size_note if quantize else None,
+        runtime=evaluation.runtime, artifact=artifact,
+    )
+
+
+def pick_best(rows: list[Row], constraints: ConstraintsSpec) -> tuple[str | None, str]:
+    candidates = [r for r in rows if r.name != "baseline" and r.ppl_delta_pct <= constraints.max_ppl_increase_pct
+                  and (constraints.max_size_ratio is None or r.size_ratio <= constraints.max_size_ratio)]
+    rule = f"perplexity increase <= {constraints.max_ppl_increase_pct}%" + (
+        f" and size <= {constraints.max_size_ratio}x baseline" if constraints.max_size_ratio else "")
+    if not candidates:
+        return None, f"no variant meets {rule}"
+    best = min(candidates, key=lambda r: (r.size_mb, r.perplexity))
+    return best.name, f"smallest variant with {rule}"
+
+
+def pareto(rows: list[Row]) -> list[str]:
+    """Rows not dominated in (size, perplexity): nothing else is at least as small and as good, and better in one."""
+    def dominated(r: Row) -> bool:
+        return any(o.size_mb <= r.size_mb and o.perplexity <= r.perplexity and (o.size_mb < r.size_mb or o.perplexity < r.perplexity) for o in rows)
+
+    return [r.name for r in rows if not dominated(r)]
+
+
+def build_report(plan, stage, branches) -> Report:
+    baseline = stage.baseline
+    rows = [_row("baseline", f"none ({plan.spec.model.dtype})", baseline, baseline, artifact=plan.model.path)]
+    rows += [_row(b.name, b.method, b.evaluation, baseline, b.quantize, b.artifact) for b in branches]
+    best, reason = pick_best(rows, plan.spec.constraints)
+    return Report(
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        model=plan.model.model_dump(), calibration=stage.calibration.model_dump(exclude={"path"}),
+        protocol={**baseline.protocol, "device": baseline.device, "compute_dtype": baseline.compute_dtype},
+        constraints=plan.spec.constraints, units=UNITS, rows=rows, best=best, best_reason=reason, pareto=pareto(rows),
+        generations={"baseline": baseline.generations, **{b.name: b.evaluation.generations for b in branches}},
+        environment=environment(), spec=plan.spec.model_dump(mode="json"),
+    )
+
+
+def _speed(row: Row, batch: int, field: str) -> str:
+    match = [s for s in row.speed if s["batch"] == batch]
+    return f"{match[0][field]:.1f}" if match else "–"
+
+
+def markdown(report: Report) -> str:
+    batches = sorted({s["batch"] for r in report.rows for s in r.speed})
+    head = ["variant", "method", "perplexity", "Δppl %", "KL (nats/tok)", "size MiB", "size ×", "peak mem MiB"]
+    head += [f"decode tok/s b{b}" for b in batches] + [f"prefill tok/s b{b}" for b in batches] + ["quantize s"]
+    lines = [f"# quantflow report: {report.model['source']}", "",
+             f"Best variant: **{report.best or 'none'}** ({report.best_reason}). Pareto set (size vs perplexity): {', '.join(report.pareto)}.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in report.rows:
+        cells = [r.name, r.method, f"{r.perplexity:.3f}", f"{r.ppl_delta_pct:+.2f}", "–" if r.kl_mean is None else f"{r.kl_mean:.4f}",
+                 f"{r.size_mb:.1f}", f"{r.size_ratio:.3f}", f"{r.peak_memory_mb:.0f}"]
+        cells += [_speed(r, b, "decode_tokens_per_s") for b in batches] + [_speed(r, b, "prefill_tokens_per_s") for b in batches]
+        cells.append("–" if r.quantize_seconds is None else f"{r.quantize_seconds:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    p = report.protocol
+    env = report.environment
+    lines += ["", "## Protocol", "",
+              f"Perplexity: {p['scored_tokens']} scored tokens of a held-out split, windows of {p['window_tokens']} tokens "
+              f"(BOS {'on' if p['bos'] else 'off'}), stride {p['stride']}, on {p['device']} in {p['compute_dtype']}. "
+              f"KL: mean per-token KL(baseline ‖ variant) on the first scored tokens. Sizes: on-disk safetensors, or in-memory "
+              "weights for load-time bitsandbytes variants. Memory: " + UNITS["peak_memory_mb"] + ".",
+              f"Calibration: {report.calibration['samples']} samples, {report.calibration['tokens']} tokens from {report.calibration['source']} "
+              f"(hash {report.calibration['hash']}).", "", "## Runtimes and layers", ""]
+    for r in report.rows:
+        layers = "" if r.quantized_layers is None else f"; {r.quantized_layers} layers quantized, skipped: {', '.join(r.skipped_layers) or 'none'}"
+        note = f"; {r.group_size_note}" if r.group_size_note else ""
+        lines.append(f"- **{r.name}**: {r.runtime}{layers}{note}")
+    lines += ["", "## Greedy samples", ""]
+    for name, samples in report.generations.items():
+        for sample in samples:
+            lines.append(f"- **{name}** · {sample['prompt']!r} → {sample['output'].strip()!r}")
+    lines += ["", "## Environment", "", f"torch {env['packages']['torch']}, transformers {env['packages']['transformers']}, "
+              f"llmcompressor {env['packages']['llmcompressor']}, compressed-tensors {env['packages']['compressed-tensors']}, "
+              f"bitsandbytes {env['packages']['bitsandbytes']}, CUDA {env['cuda']}, GPU {env['gpu']}, {env['cpu_count']} CPUs, "
+              f"Python {env['python']}. Report schema {report.schema_version}.", ""]
+    return "\n".join(lines)
+
+
+def plots(report: Report, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in report.rows:
+        ax.scatter(r.size_mb, r.perplexity, marker="*" if r.name in report.pareto else "o")
+        ax.annotate(r.name, (r.size_mb, r.perplexity), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set(xlabel="weights size (MiB)", ylabel="perplexity (lower is better)", title="Quality vs size (★ = Pareto)")
+    fig.tight_layout()
+    paths.append(out / "quality_vs_size.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    speed_rows = [(r, s) for r in report.rows for s in r.speed if s["batch"] == min(x["batch"] for x in r.speed)]
+    if speed_rows:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r, s in speed_rows:
+            ax.scatter(r.peak_memory_mb, s["decode_tokens_per_s"])
+            ax.annotate(r.name, (r.peak_memory_mb, s["decode_tokens_per_s"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set(xlabel="peak memory (MiB)", ylabel=f"decode tokens/s (batch {speed_rows[0][1]['batch']})", title="Throughput vs memory")
+        fig.tight_layout()
+        paths.append(out / "throughput_vs_memory.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def write_report(report: Report, out: Path) -> None:
+    (out / "report.json").write_text(report.model_dump_json(indent=2))
+    (out / "report.md").write_text(markdown(report))
+    plots(report, out)
+
+
+def load_report(path: Path) -> Report:
+    return Report.model_validate_json(Path(path).read_text())
+
+
+def model_card(report: Report, name: str) -> str:
+    """A Hugging Face style README for one delivered variant."""
+    row = next(r for r in report.rows if r.name == name)
+    base = report.rows[0]
+    return "\n".join([
+        "---", "library_name: transformers", "tags: [quantflow, compressed-tensors, " + row.method + "]", "---", "",
+        f"# {report.model['source']} · {name}", "",
+        f"Quantized by quantflow with `{row.method}` (group size {row.group_size or 'per-channel'}) using llm-compressor; "
+        "stored as compressed-tensors safetensors that vLLM and transformers load.", "",
+        "| | baseline | this variant |", "|---|---|---|",
+        f"| perplexity | {base.perplexity:.3f} | {row.perplexity:.3f} ({row.ppl_delta_pct:+.2f}%) |",
+        f"| KL from baseline (nats/token) | 0 | {row.kl_mean} |",
+        f"| weights MiB | {base.size_mb:.1f} | {row.size_mb:.1f} |", "",
+        f"Protocol: {json.dumps(report.protocol)}. Calibration hash {report.calibration['hash']}. "
+        f"Layers quantized: {row.quantized_layers}; skipped: {', '.join(row.skipped_layers) or 'none'}.", "",
+    ])

@@ -1,0 +1,35 @@
+"""Devices and peak memory: one place that knows how to ask CUDA or the OS."""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+
+from quantflow.errors import QuantflowError
+
+
+def pick_device(requested: str) -> str:
+    """'auto' -> 'cuda' when a CUDA device is visible, else 'cpu'; 'cuda' without one is an error."""
+    has_cuda = torch.cuda.is_available()
+    if requested == "cuda" and not has_cuda:
+        raise QuantflowError("device 'cuda' was requested but no CUDA device is visible", "set device: auto or cpu, or run on a GPU machine")
+    return "cuda" if requested == "auto" and has_cuda else ("cpu" if requested == "auto" else requested)
+
+
+def reset_peak_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_mb() -> tuple[float, str]:
+    """Peak accelerator memory when CUDA is in use, else this process's peak RSS.
+
+    Peak RSS is process-wide, which is why quantflow runs every heavy step in a fresh
+    process: the number then belongs to that step alone.
+    """
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1), "cuda_max_allocated"
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, 1), "peak_rss"

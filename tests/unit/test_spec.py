@@ -1,0 +1,93 @@
+"""Run spec: YAML, overrides, and error messages that name the field and the fix."""
+
+from pathlib import Path
+
+import pytest
+
+from quantflow.errors import QuantflowError
+from quantflow.spec import AWQVariant, GPTQVariant, RunSpec, apply_overrides, load_spec, parse_spec, slug, variant_for
+
+EXAMPLES = Path(__file__).parents[2] / "examples"
+
+
+def test_defaults_name_variants_after_methods():
+    spec = RunSpec()
+    assert [v.name for v in spec.variants] == ["rtn", "awq", "gptq"]
+    assert spec.model.trust_remote_code is False
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_example_specs_are_valid(path):
+    spec = load_spec(path)
+    assert spec.variants
+
+
+def test_examples_cover_opt_and_llama():
+    names = {p.name for p in EXAMPLES.glob("*.yaml")}
+    assert {"opt-125m.yaml", "opt-2.7b.yaml", "llama-3.2-1b.yaml"} <= names
+
+
+def test_yaml_round_trip(tmp_path):
+    import yaml
+
+    spec = RunSpec(variants=[GPTQVariant(group_size=64, actorder=None)])
+    file = tmp_path / "spec.yaml"
+    file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    assert load_spec(file) == spec
+
+
+@pytest.mark.parametrize(
+    "variant, field, words",
+    [
+        ({"method": "gptq", "bits": 5}, "variants.0.gptq.bits", "2, 3, 4 or 8"),
+        ({"method": "gptq", "group_size": 48}, "variants.0.gptq.group_size", "power of two"),
+        ({"method": "awq", "bits": 3}, "variants.0.awq.bits", "4"),
+        ({"method": "fp3"}, "variants.0", "does not match any of the expected tags"),
+        ({"method": "rtn", "colour": "red"}, "variants.0.rtn.colour", "Extra inputs are not permitted"),
+        ({"method": "rtn", "name": "../../x"}, "variants.0.rtn.name", "should match pattern"),
+    ],
+)
+def test_bad_variant_names_field_and_reason(variant, field, words):
+    with pytest.raises(QuantflowError) as info:
+        parse_spec({"variants": [variant]}, "test.yaml")
+    message = str(info.value)
+    assert field in message and words in message and "fix:" in message and "test.yaml" in message
+
+
+def test_duplicate_and_reserved_names_rejected():
+    with pytest.raises(QuantflowError, match="repeated: gptq"):
+        parse_spec({"variants": [{"method": "gptq"}, {"method": "gptq"}]})
+    with pytest.raises(QuantflowError, match="reserved"):
+        parse_spec({"variants": [{"method": "gptq", "name": "baseline"}]})
+
+
+def test_unknown_method_lists_the_valid_ones():
+    with pytest.raises(QuantflowError, match="rtn, gptq, awq, bnb-nf4, bnb-fp4, bnb-int8"):
+        variant_for("squeeze")
+    assert isinstance(variant_for("AWQ "), AWQVariant)
+
+
+def test_overrides_apply_and_revalidate():
+    spec = apply_overrides(RunSpec(), {"model.source": "facebook/opt-125m", "calibration.num_samples": 16})
+    assert spec.model.source == "facebook/opt-125m" and spec.calibration.num_samples == 16
+    with pytest.raises(QuantflowError, match="calibration.num_samples"):
+        apply_overrides(RunSpec(), {"calibration.num_samples": 0})
+
+
+def test_spec_file_errors(tmp_path):
+    with pytest.raises(QuantflowError, match="does not exist"):
+        load_spec(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(QuantflowError, match="not valid YAML"):
+        load_spec(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- a\n- b\n")
+    with pytest.raises(QuantflowError, match="mapping"):
+        load_spec(listy)
+
+
+@pytest.mark.parametrize("text, expected", [("facebook/opt-125m", "facebook-opt-125m"), ("../../x", "x"), ("..", "unnamed"), ("A b..c", "a-b.c")])
+def test_slug_cannot_escape(text, expected):
+    assert slug(text) == expected
+    assert "/" not in slug(text) and ".." not in slug(text)
