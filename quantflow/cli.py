@@ -37,6 +37,7 @@ def run(
     window: Optional[int] = typer.Option(None, help="Perplexity window in tokens."),
     max_windows: Optional[int] = typer.Option(None, help="Evaluate at most this many windows."),
     cache_dir: Optional[Path] = typer.Option(None, help="Step cache folder."),
+    engine: str = typer.Option("prefect", help="'prefect' runs the Prefect flow (shows in the UI); 'local' runs the core pipeline in-process."),
 ) -> None:
     """Run the whole pipeline from a spec file and/or flags."""
     from quantflow.spec import RunSpec, apply_overrides, load_spec, variant_for
@@ -54,27 +55,38 @@ def run(
             overrides["variants"] = [variant_for(m, **(extra if m in ("rtn", "gptq", "awq") else {})).model_dump(mode="json")
                                      for m in methods.split(",") if m.strip()]
         spec = apply_overrides(spec, overrides)
-        _execute(spec)
+        _execute(spec, engine)
     except QuantflowError as error:
         _fail(error)
 
 
 @app.command()
-def demo(output: Path = typer.Option(Path("runs/demo"), "--output", "-o", help="Output folder.")) -> None:
+def demo(
+    output: Path = typer.Option(Path("runs/demo"), "--output", "-o", help="Output folder."),
+    engine: str = typer.Option("prefect", help="'prefect' or 'local' (see `run --help`)."),
+) -> None:
     """The embedded default: SmolLM2-135M, pydoc corpus, RTN/AWQ/GPTQ W4 g64 + bnb-nf4, offline on a CPU."""
     from quantflow.demo import demo_spec
 
     try:
-        _execute(demo_spec(output))
+        _execute(demo_spec(output), engine)
     except QuantflowError as error:
         _fail(error)
 
 
-def _execute(spec) -> None:
-    from quantflow.pipeline import run as run_pipeline
+def _execute(spec, engine: str) -> None:
     from quantflow.report import load_report
 
-    out = run_pipeline(spec, progress=lambda message: typer.echo(f"[quantflow] {message}", err=True))
+    if engine == "local":
+        from quantflow.pipeline import run as run_pipeline
+
+        out = run_pipeline(spec, progress=lambda message: typer.echo(f"[quantflow] {message}", err=True))
+    elif engine == "prefect":
+        from flows.quantize import quantflow_run
+
+        out = Path(quantflow_run(spec))
+    else:
+        raise QuantflowError(f"unknown engine '{engine}'", "use --engine prefect or --engine local")
     report = load_report(out / "report.json")
     typer.echo((out / "report.md").read_text().split("\n## Protocol")[0])
     typer.echo(f"artifacts: {out.resolve()}  best: {report.best}")

@@ -118,7 +118,8 @@ def score(model, ids: torch.Tensor, spec: EvaluationSpec, span: int, bos: int | 
             if save_baseline is not None:
                 kept.append(part.half().cpu())
             if reference is not None:
-                base = reference[f"w{index}"].to(device).float()[: part.shape[0]]
+                # renormalize after the fp16 round trip so KL stays a true divergence (>= 0)
+                base = F.log_softmax(reference[f"w{index}"].to(device).float()[: part.shape[0]], dim=-1)
                 kl_sum += F.kl_div(part, base, log_target=True, reduction="sum").item()
             kl_count += part.shape[0]
     if save_baseline is not None:

@@ -109,6 +109,7 @@ def recipe_for(variant: WeightVariant, group_size: int | None, scale_dtype: str 
     weights = QuantizationArgs(
         num_bits=variant.bits, type="int", symmetric=variant.symmetric, dynamic=False,
         strategy="group" if group_size else "channel", group_size=group_size, scale_dtype=getattr(torch, scale_dtype),
+        observer=variant.observer,
     )
     groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
     if isinstance(variant, GPTQVariant):

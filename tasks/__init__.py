@@ -1,0 +1,1 @@
+"""Thin Prefect task wrappers around ``quantflow.pipeline``: retries, tags, timeouts, artifacts, logs."""

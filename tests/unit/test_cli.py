@@ -1,0 +1,49 @@
+"""The CLI: exit codes and messages for people."""
+
+import subprocess
+import sys
+
+from tests.conftest import small_spec
+
+
+def quantflow(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "quantflow.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_unknown_method_exits_2_with_the_fix():
+    result = quantflow("run", "--methods", "gptq,squeeze")
+    assert result.returncode == 2
+    assert "unknown variant method 'squeeze'" in result.stderr and "fix:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_model_folder(tmp_path):
+    result = quantflow("run", "--model", str(tmp_path / "nothing"), "--output", str(tmp_path / "out"))
+    assert result.returncode == 2 and "neither an existing folder nor a hub id" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_yaml_field(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("variants:\n  - {method: gptq, bits: 5}\n")
+    result = quantflow("run", "--config", str(spec))
+    assert result.returncode == 2 and "variants.0.gptq.bits" in result.stderr
+
+
+def test_doctor_prints_the_matrix():
+    result = quantflow("doctor")
+    assert "llmcompressor" in result.stdout and "bitsandbytes variants" in result.stdout
+
+
+def test_run_from_yaml_then_report_with_new_constraints(tiny_model, tmp_path):
+    import yaml
+
+    spec = small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", [{"method": "rtn", "group_size": 32}])
+    spec["evaluation"]["speed"] = None
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    result = quantflow("run", "--config", str(tmp_path / "spec.yaml"), "--engine", "local")
+    assert result.returncode == 0, result.stderr
+    assert "| rtn | rtn |" in result.stdout
+    result = quantflow("report", str(tmp_path / "out" / "report.json"), "--max-ppl-increase", "1000")
+    assert result.returncode == 0 and "best: rtn" in result.stdout
+    result = quantflow("report", str(tmp_path / "out" / "report.json"), "--max-ppl-increase", "0")
+    assert "best: None" in result.stdout

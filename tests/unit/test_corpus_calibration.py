@@ -1,0 +1,107 @@
+"""Text sources, the calibration/evaluation split, and the tokenized calibration set."""
+
+import json
+
+import pytest
+
+from quantflow.calibration import build_calibration, load_samples, tokenize_samples
+from quantflow.corpus import calibration_documents, evaluation_documents, load_texts, prepare
+from quantflow.errors import QuantflowError
+from quantflow.spec import CalibrationSpec, EvaluationSpec
+
+
+def test_pydoc_split_is_disjoint_and_deterministic():
+    cal, ev = CalibrationSpec(min_chars=500), EvaluationSpec()
+    calibration, evaluation = calibration_documents(cal, ev), evaluation_documents(cal, ev)
+    assert calibration and evaluation
+    assert not set(calibration) & set(evaluation)
+    assert calibration == calibration_documents(cal, ev)
+    assert all(len(text) >= 500 for text in calibration)
+
+
+def test_other_eval_source_drops_texts_calibration_saw(tmp_path):
+    shared = "A paragraph that both files contain, long enough to be kept by the filter."
+    (tmp_path / "cal.txt").write_text(f"{shared}\n\nOnly in calibration, another long enough paragraph of text here.")
+    (tmp_path / "ev.txt").write_text(f"{shared}\n\nOnly in evaluation: a different paragraph of reasonable length.")
+    cal = CalibrationSpec(source=str(tmp_path / "cal.txt"), min_chars=10)
+    ev = EvaluationSpec(corpus=str(tmp_path / "ev.txt"))
+    assert evaluation_documents(cal, ev) == ["Only in evaluation: a different paragraph of reasonable length."]
+
+
+def test_file_formats(tmp_path):
+    rows = [{"text": "first document"}, {"text": "second document"}]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "a.csv").write_text("id,text\n1,first document\n2,second document\n")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["first document", "second document"]}), tmp_path / "a.parquet")
+    assert load_texts(str(tmp_path / "a.jsonl")) == ["first document", "second document"]
+    assert load_texts(str(tmp_path / "a.csv")) == ["first document", "second document"]
+    assert load_texts(str(tmp_path / "a.parquet"), "body") == ["first document", "second document"]
+    with pytest.raises(QuantflowError, match="no column 'text'.*body"):
+        load_texts(str(tmp_path / "a.parquet"))
+
+
+@pytest.mark.parametrize("content, words", [(b"", "holds no text"), (b"\n\n  \n", "holds no text"),
+                                            (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" * 20, "binary|not UTF-8")])
+def test_empty_or_binary_files_are_refused(tmp_path, content, words):
+    path = tmp_path / "data.txt"
+    path.write_bytes(content)
+    with pytest.raises(QuantflowError, match=words):
+        load_texts(str(path))
+
+
+def test_missing_file():
+    with pytest.raises(QuantflowError, match="does not exist"):
+        load_texts("/no/such/file.txt")
+
+
+def test_prepare_filters_and_dedups():
+    assert prepare(["long text", "long text", "x"], min_chars=3, dedup=True) == ["long text"]
+    assert prepare(["long text", "long text"], min_chars=3, dedup=False) == ["long text", "long text"]
+
+
+def test_samples_are_chunked_seeded_and_bounded(tiny_model):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    texts = calibration_documents(CalibrationSpec(min_chars=500), EvaluationSpec())
+    spec = CalibrationSpec(num_samples=20, seq_len=64, seed=1)
+    first, again = tokenize_samples(texts, tokenizer, spec), tokenize_samples(texts, tokenizer, spec)
+    other = tokenize_samples(texts, tokenizer, spec.model_copy(update={"seed": 2}))
+    assert first == again and first != other
+    assert len(first) == 20 and all(16 <= len(ids) <= 64 for ids in first)
+
+
+def test_too_few_samples_names_the_number(tiny_model):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    with pytest.raises(QuantflowError, match=r"(?s)gives only 2 usable samples.*lower calibration.num_samples to 2"):
+        tokenize_samples(["short text one " * 30, "short text two " * 30], tokenizer, CalibrationSpec(num_samples=5, seq_len=512))
+
+
+def test_chat_template_needs_a_template(tiny_model):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    with pytest.raises(QuantflowError, match="no chat template"):
+        tokenize_samples(["text " * 50], tokenizer, CalibrationSpec(num_samples=1, chat_template=True))
+    tokenizer.chat_template = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
+    [ids] = tokenize_samples(["hello world " * 5], tokenizer, CalibrationSpec(num_samples=1, chat_template=True))
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+
+
+def test_build_saves_samples_stats_and_hash(tiny_model, tmp_path):
+    spec = CalibrationSpec(num_samples=12, seq_len=64)
+    record = build_calibration(spec, EvaluationSpec(), str(tiny_model), tmp_path, tmp_path)
+    samples = load_samples(record)
+    assert record.samples == len(samples) == 12
+    assert record.tokens == sum(len(s) for s in samples)
+    assert sum(record.histogram.values()) == 12
+    assert json.loads((tmp_path / "stats.json").read_text())["hash"] == record.hash
+    other = tmp_path / "other"
+    other.mkdir()
+    changed = build_calibration(spec.model_copy(update={"seed": 9}), EvaluationSpec(), str(tiny_model), other, other)
+    assert changed.hash != record.hash

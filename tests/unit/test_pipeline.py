@@ -1,0 +1,106 @@
+"""The whole core pipeline on a tiny model: artifacts, report, cache hits, clean failures."""
+
+import time
+
+import pytest
+
+from quantflow import pipeline, steps
+from quantflow.cache import StepCache
+from quantflow.errors import QuantflowError
+from quantflow.report import load_report
+from quantflow.spec import parse_spec
+from tests.conftest import read_json, small_spec
+
+VARIANTS = [{"method": "rtn", "group_size": 32}, {"method": "gptq", "group_size": 32},
+            {"method": "awq", "group_size": 32, "n_grid": 4}, {"method": "bnb-int8"}]
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    spec = parse_spec(small_spec(tiny_model, root / "out", root / "cache", VARIANTS))
+    start = time.perf_counter()
+    out = pipeline.run(spec, progress=lambda _: None)
+    return spec, out, time.perf_counter() - start
+
+
+def test_outputs_and_report(finished):
+    spec, out, _ = finished
+    report = load_report(out / "report.json")
+    assert [r.name for r in report.rows] == ["baseline", "rtn", "gptq", "awq", "bnb-int8"]
+    for name in ("rtn", "gptq", "awq"):
+        folder = out / name
+        assert (folder / "model.safetensors").is_file() and (folder / "README.md").is_file() and (folder / "tokenizer.json").is_file()
+        assert read_json(folder / "config.json")["quantization_config"]["quant_method"] == "compressed-tensors"
+        assert not (folder / "result.json").exists()
+    assert not (out / "bnb-int8").exists()  # load-time variant, save not asked
+    rows = {r.name: r for r in report.rows}
+    assert rows["baseline"].kl_mean is None and rows["baseline"].ppl_delta_pct == 0
+    assert all(rows[n].kl_mean > 0 for n in ("rtn", "gptq", "awq", "bnb-int8"))
+    assert rows["rtn"].size_ratio < 0.6 and rows["gptq"].quantized_layers == 14 and rows["gptq"].skipped_layers == ["lm_head"]
+    assert rows["bnb-int8"].size_kind == "in_memory_weights"
+    assert report.pareto and set(report.pareto) <= set(rows)
+    assert report.environment["packages"]["llmcompressor"] and report.units["kl_mean"].startswith("nats")
+    assert (out / "quality_vs_size.png").stat().st_size > 1000 and (out / "throughput_vs_memory.png").is_file()
+    markdown = (out / "report.md").read_text()
+    assert "| gptq | gptq |" in markdown and "Greedy samples" in markdown
+
+
+def test_rerun_is_all_cache_hits(finished):
+    spec, out, first_seconds = finished
+    the_plan = pipeline.plan(spec, progress=lambda _: None)
+    stage = pipeline.baseline_and_calibration(the_plan)
+    assert stage.cached
+    start = time.perf_counter()
+    results = [pipeline.branch(the_plan, v, stage.calibration) for v in spec.variants]
+    assert all(r.cached for r in results)
+    assert time.perf_counter() - start < first_seconds / 10
+
+
+def test_changing_one_variant_reruns_only_that_branch(finished):
+    spec, _, _ = finished
+    changed = parse_spec({**spec.model_dump(mode="json"), "variants": [*VARIANTS[:1], {"method": "gptq", "group_size": 32, "dampening_frac": 0.05}]})
+    the_plan = pipeline.plan(changed, progress=lambda _: None)
+    stage = pipeline.baseline_and_calibration(the_plan)
+    rtn, gptq = (pipeline.branch(the_plan, v, stage.calibration) for v in changed.variants)
+    assert stage.cached and rtn.cached and not gptq.cached
+
+
+def test_saved_artifact_reproduces_its_perplexity_in_a_fresh_process(finished, tmp_path):
+    spec, out, _ = finished
+    report = load_report(out / "report.json")
+    row = next(r for r in report.rows if r.name == "gptq")
+    record, hit = steps.evaluate(StepCache(tmp_path), "gptq", "fresh", spec, str(out / "gptq"), "cpu", None, None)
+    assert not hit and record.perplexity == pytest.approx(row.perplexity, rel=1e-6)
+
+
+def test_failed_quantization_leaves_nothing_behind(tiny_model, tmp_path, monkeypatch):
+    spec = parse_spec(small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", [{"method": "rtn", "group_size": 32}]))
+    the_plan = pipeline.plan(spec, progress=lambda _: None)
+    stage = pipeline.baseline_and_calibration(the_plan, isolate=False)
+
+    def explode(**_):
+        raise RuntimeError("killed mid-quantization")
+
+    monkeypatch.setattr("llmcompressor.oneshot", explode)
+    with pytest.raises(RuntimeError, match="killed"):
+        pipeline.branch(the_plan, spec.variants[0], stage.calibration, isolate=False)
+    assert list((tmp_path / "cache" / "quantize").iterdir()) == []
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_scheme_fails_at_plan_time(tiny_model_96, tmp_path):
+    spec = parse_spec(small_spec(tiny_model_96, tmp_path / "out", tmp_path / "cache", [{"method": "gptq", "group_size": 64}]))
+    with pytest.raises(QuantflowError, match="group_size 64 does not divide"):
+        pipeline.plan(spec, progress=lambda _: None)
+    assert not (tmp_path / "cache" / "calibration").exists()
+
+
+def test_cuda_on_a_cpu_machine_is_refused(tiny_model, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    spec = parse_spec({**small_spec(tiny_model, tmp_path / "o", tmp_path / "c", VARIANTS[:1]), "device": "cuda"})
+    with pytest.raises(QuantflowError, match="no CUDA device"):
+        pipeline.plan(spec, progress=lambda _: None)

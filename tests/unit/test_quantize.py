@@ -1,0 +1,75 @@
+"""Scheme checks before calibration, recipes, and llm-compressor runs on a tiny model."""
+
+import json
+
+import pytest
+import torch
+
+from quantflow.calibration import build_calibration
+from quantflow.errors import QuantflowError
+from quantflow.quantize import check_ignore, cpu_safe_awq, quantize_weights, resolve_group_size, weightless_model
+from quantflow.spec import AWQVariant, CalibrationSpec, EvaluationSpec, GPTQVariant, RTNVariant
+
+
+def test_group_size_that_divides_nothing_names_layers_and_fix(tiny_model_96):
+    skeleton = weightless_model(str(tiny_model_96))
+    with pytest.raises(QuantflowError) as info:
+        resolve_group_size(skeleton, GPTQVariant(name="gptq", group_size=64))
+    message = str(info.value)
+    assert "does not divide the input width of 12 layers" in message
+    assert "model.layers.0.self_attn.q_proj (96)" in message and "use group_size 32" in message
+
+
+def test_auto_group_size_rule_is_reported(tiny_model_96):
+    size, note = resolve_group_size(weightless_model(str(tiny_model_96)), RTNVariant(name="rtn", group_size="auto"))
+    assert size == 32 and "largest of 128/64/32" in note
+
+
+def test_per_channel_needs_no_division(tiny_model_96):
+    assert resolve_group_size(weightless_model(str(tiny_model_96)), RTNVariant(name="rtn", group_size=None)) == (None, None)
+
+
+def test_tied_lm_head_cannot_be_quantized(tmp_path):
+    from tests.conftest import make_model
+
+    folder = make_model(tmp_path / "tied", tie=True)
+    with pytest.raises(QuantflowError, match="tied to the input embeddings"):
+        check_ignore(weightless_model(str(folder)), RTNVariant(name="rtn", ignore=[]))
+
+
+def test_ignore_everything_is_refused(tiny_model):
+    with pytest.raises(QuantflowError, match="quantizes no layer"):
+        check_ignore(weightless_model(str(tiny_model)), RTNVariant(name="rtn", ignore=["re:.*"]))
+
+
+def test_awq_pinning_is_skipped_only_without_accelerator():
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    original = IntermediatesCache.pin_memory
+    with cpu_safe_awq():
+        assert (IntermediatesCache.pin_memory is original) == torch.accelerator.is_available()
+    assert IntermediatesCache.pin_memory is original
+
+
+@pytest.fixture(scope="module")
+def calibration(tiny_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("calibration")
+    return build_calibration(CalibrationSpec(num_samples=8, seq_len=64), EvaluationSpec(), str(tiny_model), folder, folder)
+
+
+@pytest.mark.parametrize("variant", [RTNVariant(name="rtn", group_size=32), GPTQVariant(name="gptq", group_size=32, actorder=None),
+                                     AWQVariant(name="awq", group_size=32, n_grid=4)], ids=lambda v: v.method)
+def test_llmcompressor_writes_a_compressed_checkpoint(tiny_model, calibration, tmp_path, variant):
+    record = quantize_weights(str(tiny_model), variant, 32, None, calibration, "bfloat16", "cpu", tmp_path, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    weights = config["config_groups"]["group_0"]["weights"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+    assert (weights["num_bits"], weights["group_size"], weights["symmetric"]) == (4, 32, variant.symmetric)
+    assert len(record.quantized_layers) == 14 and record.skipped_layers == ["lm_head"]
+    assert record.seconds > 0 and record.peak_memory_mb > 0
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "model.safetensors", "pt") as shard:
+        keys = set(shard.keys())
+        assert "model.layers.0.mlp.down_proj.weight_packed" in keys and "model.layers.0.mlp.down_proj.weight_scale" in keys
+        assert shard.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16

@@ -1,0 +1,64 @@
+"""Model sources: local folders are checked before anything loads them."""
+
+import shutil
+
+import pytest
+
+from quantflow.cache import StepCache
+from quantflow.errors import QuantflowError
+from quantflow.sources import check_model_folder, folder_fingerprint, resolve_model
+from quantflow.spec import ModelSpec
+
+
+def copy_model(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_local_folder_resolves_with_content_fingerprint(tiny_model, tmp_path):
+    ref = resolve_model(ModelSpec(source=str(tiny_model)), StepCache(tmp_path))
+    assert ref.path == str(tiny_model.resolve()) and ref.fingerprint == folder_fingerprint(tiny_model)
+    changed = copy_model(tiny_model, tmp_path / "changed")
+    (changed / "generation_config.json").write_text('{"temperature": 0.5}')
+    assert folder_fingerprint(changed) != ref.fingerprint
+
+
+def test_missing_path_and_not_a_hub_id(tmp_path):
+    with pytest.raises(QuantflowError, match="neither an existing folder nor a hub id"):
+        resolve_model(ModelSpec(source="./no/such/model"), StepCache(tmp_path))
+
+
+def test_folder_without_config(tiny_model, tmp_path):
+    folder = copy_model(tiny_model, tmp_path / "m")
+    (folder / "config.json").unlink()
+    with pytest.raises(QuantflowError, match="has no config.json"):
+        check_model_folder(folder)
+
+
+def test_pickle_only_weights_are_refused(tiny_model, tmp_path):
+    folder = copy_model(tiny_model, tmp_path / "m")
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(QuantflowError, match="safetensors only"):
+        check_model_folder(folder)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage_header"])
+def test_corrupt_safetensors_is_refused(tiny_model, tmp_path, damage):
+    folder = copy_model(tiny_model, tmp_path / "m")
+    shard = folder / "model.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-100] if damage == "truncate" else b"\xff" * 64 + data[64:])
+    with pytest.raises(QuantflowError, match="corrupt|not a valid safetensors"):
+        check_model_folder(folder)
+
+
+def test_gguf_path_must_exist(tmp_path):
+    with pytest.raises(QuantflowError, match="GGUF file .* does not exist"):
+        resolve_model(ModelSpec(source=str(tmp_path / "x.gguf")), StepCache(tmp_path))
+
+
+def test_unreachable_hub_gives_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(QuantflowError, match="could not reach the Hugging Face hub|does not exist"):
+        resolve_model(ModelSpec(source="facebook/opt-125m"), StepCache(tmp_path))
