@@ -53,3 +53,21 @@ def prefect_server(tmp_path_factory):
             server.wait(20)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real SeaweedFS server with an S3 gateway and access keys, on loopback."""
+    from quantflow import s3server
+
+    data = tmp_path_factory.mktemp("seaweedfs")
+    server = s3server.start(data)
+    yield server
+    s3server.stop(data)
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    return s3_server

@@ -1,0 +1,224 @@
+"""Artifact store on S3-compatible storage: verified uploads with a manifest committed last.
+
+Layout: ``s3://<bucket>/<prefix>/<model-slug>/<variant-slug>/<content-hash>/`` holding the
+artifact's files and ``manifest.json`` (every file's size and sha256, the spec, metrics,
+calibration hash, model source, environment). Readers treat a variant as existing only when
+its manifest does, and the manifest is written only after every file it names has been
+uploaded and checked (size and sha256 from the object's metadata). So an interrupted upload
+is invisible, a repeat upload of identical bytes transfers nothing, and ``pull`` refuses any
+file whose bytes differ from the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from quantflow.cache import file_sha256
+from quantflow.errors import QuantflowError
+from quantflow.spec import slug
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = "1.0"
+SHA_META = "sha256"
+
+
+class StoreSpec(BaseModel):
+    """Where artifacts go. Credentials come from the standard AWS chain (env, profile, roles), never from here."""
+
+    uri: str = Field(..., pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$", description="s3://bucket[/prefix]")
+    endpoint_url: str | None = Field(None, description="Custom endpoint for MinIO/SeaweedFS/Ceph (else AWS_ENDPOINT_URL_S3 or AWS).")
+    region: str | None = Field(None, description="Region (else the AWS chain's default).")
+    profile: str | None = Field(None, description="AWS profile name.")
+    path_style: bool = Field(True, description="Path-style addressing (needed by most self-hosted servers).")
+    create_bucket: bool = Field(False, description="Create the bucket if it is missing (otherwise that is an error).")
+    part_size_mb: int = Field(64, ge=5, le=5120, description="Multipart part size.")
+    concurrency: int = Field(8, ge=1, le=64, description="Parallel part transfers per file.")
+
+    @property
+    def bucket(self) -> str:
+        return self.uri[5:].split("/", 1)[0]
+
+    @property
+    def prefix(self) -> str:
+        parts = self.uri[5:].split("/", 1)
+        return "/".join(slug(p) for p in parts[1].split("/") if p) if len(parts) > 1 else ""
+
+
+class TransferRecord(BaseModel):
+    uri: str
+    files: int
+    bytes_sent: int
+    files_skipped: int
+    already_complete: bool
+
+
+Progress = Callable[[str, int, int], None]
+
+
+def client(spec: StoreSpec):
+    import boto3
+    from botocore.config import Config
+
+    session = boto3.session.Session(profile_name=spec.profile) if spec.profile else boto3.session.Session()
+    config = Config(s3={"addressing_style": "path" if spec.path_style else "auto"}, retries={"max_attempts": 8, "mode": "adaptive"},
+                    connect_timeout=5, read_timeout=60, request_checksum_calculation="when_required",
+                    response_checksum_validation="when_required")
+    return session.client("s3", endpoint_url=spec.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3"), region_name=spec.region or "us-east-1",
+                          config=config)
+
+
+def _explain(error: Exception, spec: StoreSpec) -> QuantflowError:
+    """Turn botocore failures into messages that name the fix and never echo a secret."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    where = f"{spec.uri} at {spec.endpoint_url or os.environ.get('AWS_ENDPOINT_URL_S3') or 'AWS'}"
+    if isinstance(error, NoCredentialsError):
+        return QuantflowError(f"no S3 credentials found for {where}", "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or an AWS profile")
+    if isinstance(error, EndpointConnectionError):
+        return QuantflowError(f"cannot reach the S3 endpoint for {where}", "check endpoint_url and that the server is running (`quantflow storage up`)")
+    if isinstance(error, ClientError):
+        code = error.response.get("Error", {}).get("Code", "")
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
+            return QuantflowError(f"S3 refused the credentials for {where} ({code})", "check the access key and secret (AWS_* variables or profile)")
+        if code in ("NoSuchBucket", "404"):
+            return QuantflowError(f"bucket '{spec.bucket}' does not exist at {where}", "create it, or set create_bucket: true to let quantflow create it")
+        return QuantflowError(f"S3 error {code} for {where}", "see the server's logs")
+    detail = str(error).splitlines()[0][:200] if str(error) else ""
+    return QuantflowError(f"S3 transfer to {where} failed ({type(error).__name__}: {detail})", "retry; check the server and its logs")
+
+
+def artifact_prefix(spec: StoreSpec, model: str, variant: str, content_hash: str) -> str:
+    """Key prefix of one artifact; every user-given segment is slugged so no key escapes the prefix."""
+    parts = [spec.prefix, slug(model), slug(variant), slug(content_hash)]
+    return "/".join(p for p in parts if p) + "/"
+
+
+def build_manifest(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST and not p.name.startswith("."))
+    return {"manifest_version": MANIFEST_VERSION,
+            "files": [{"name": str(p.relative_to(folder)), "size": p.stat().st_size, "sha256": file_sha256(p)} for p in files], **meta}
+
+
+def _remote_manifest(s3, spec: StoreSpec, prefix: str) -> dict | None:
+    from botocore.exceptions import ClientError
+
+    try:
+        body = s3.get_object(Bucket=spec.bucket, Key=prefix + MANIFEST)["Body"].read()
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return None
+        raise
+    return json.loads(body)
+
+
+def _remote_matches(s3, spec: StoreSpec, key: str, entry: dict) -> bool:
+    from botocore.exceptions import ClientError
+
+    try:
+        head = s3.head_object(Bucket=spec.bucket, Key=key)
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+            return False
+        raise
+    return head["ContentLength"] == entry["size"] and head.get("Metadata", {}).get(SHA_META) == entry["sha256"]
+
+
+def ensure_bucket(s3, spec: StoreSpec) -> None:
+    from botocore.exceptions import ClientError
+
+    try:
+        s3.head_bucket(Bucket=spec.bucket)
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket") and spec.create_bucket:
+            s3.create_bucket(Bucket=spec.bucket)
+        else:
+            raise
+
+
+def upload(folder: Path, spec: StoreSpec, prefix: str, meta: dict[str, Any], progress: Progress | None = None) -> TransferRecord:
+    """Upload ``folder`` under ``prefix``: data files (skipping identical ones), a check, then the manifest."""
+    from boto3.s3.transfer import TransferConfig
+
+    manifest = build_manifest(folder, meta)
+    uri = f"s3://{spec.bucket}/{prefix}"
+    transfer = TransferConfig(multipart_threshold=spec.part_size_mb * 2**20, multipart_chunksize=spec.part_size_mb * 2**20,
+                              max_concurrency=spec.concurrency)
+    s3 = client(spec)
+    try:
+        ensure_bucket(s3, spec)
+        remote = _remote_manifest(s3, spec, prefix)
+        if remote and remote["files"] == manifest["files"]:
+            return TransferRecord(uri=uri, files=len(manifest["files"]), bytes_sent=0, files_skipped=len(manifest["files"]), already_complete=True)
+        sent, skipped = 0, 0
+        for entry in manifest["files"]:
+            key = prefix + entry["name"]
+            if _remote_matches(s3, spec, key, entry):
+                skipped += 1
+                continue
+            s3.upload_file(str(folder / entry["name"]), spec.bucket, key, Config=transfer, ExtraArgs={"Metadata": {SHA_META: entry["sha256"]}},
+                           Callback=(lambda n, name=entry["name"]: progress(name, n, entry["size"])) if progress else None)
+            sent += entry["size"]
+        missing = [e["name"] for e in manifest["files"] if not _remote_matches(s3, spec, prefix + e["name"], e)]
+        if missing:
+            raise QuantflowError(f"after upload, {len(missing)} objects under {uri} do not match their local files: {missing[:3]}", "retry the upload")
+        s3.put_object(Bucket=spec.bucket, Key=prefix + MANIFEST, Body=json.dumps(manifest, indent=2).encode(), ContentType="application/json")
+    except QuantflowError:
+        raise
+    except Exception as error:
+        raise _explain(error, spec) from None
+    return TransferRecord(uri=uri, files=len(manifest["files"]), bytes_sent=sent, files_skipped=skipped, already_complete=False)
+
+
+def parse_uri(uri: str) -> tuple[str, str]:
+    if not uri.startswith("s3://") or "/" not in uri[5:]:
+        raise QuantflowError(f"'{uri}' is not an artifact URI", "pass s3://bucket/prefix/model/variant/hash")
+    bucket, key = uri[5:].split("/", 1)
+    return bucket, key.rstrip("/") + "/"
+
+
+def pull(uri: str, dest: Path, spec: StoreSpec | None = None) -> dict:
+    """Download an artifact into ``dest``, verifying every file against the manifest; all or nothing."""
+    bucket, prefix = parse_uri(uri)
+    spec = spec or StoreSpec(uri=f"s3://{bucket}")
+    s3 = client(spec)
+    dest = Path(dest)
+    scratch = dest.parent / f".tmp-{dest.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        manifest = _remote_manifest(s3, spec, prefix)
+        if manifest is None:
+            raise QuantflowError(f"no manifest.json under {uri}: the artifact does not exist or its upload never finished", "check the URI, or re-run the upload")
+        for entry in manifest["files"]:
+            target = scratch / entry["name"]
+            if not target.resolve().is_relative_to(scratch.resolve()):
+                raise QuantflowError(f"manifest under {uri} names a file outside the artifact: {entry['name']}", "do not use this artifact")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(bucket, prefix + entry["name"], str(target))
+            if target.stat().st_size != entry["size"] or file_sha256(target) != entry["sha256"]:
+                raise QuantflowError(f"{entry['name']} under {uri} does not match its manifest (corrupted or tampered)", "re-upload the artifact from its source")
+        (scratch / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if dest.exists():
+            raise QuantflowError(f"{dest} already exists", "pull into a new folder")
+        scratch.rename(dest)
+        return manifest
+    except QuantflowError:
+        raise
+    except OSError as error:
+        raise QuantflowError(f"writing {dest} failed: {error.strerror}", "free disk space or choose another folder") from None
+    except Exception as error:
+        raise _explain(error, spec) from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def content_hash_of(manifest_files: list[dict]) -> str:
+    """A short hash of the artifact's file list (names, sizes, sha256)."""
+    return hashlib.sha256(json.dumps(manifest_files, sort_keys=True).encode()).hexdigest()[:16]

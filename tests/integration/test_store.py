@@ -1,0 +1,133 @@
+"""The artifact store against a real SeaweedFS process: upload, idempotence, pull, tampering, faults."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+
+import pytest
+
+from quantflow import s3server
+from quantflow.errors import QuantflowError
+from quantflow.store import MANIFEST, StoreSpec, artifact_prefix, client, pull, upload
+
+pytestmark = pytest.mark.integration
+
+
+def bucket_spec(**extra) -> StoreSpec:
+    return StoreSpec(uri=f"s3://qf-{uuid.uuid4().hex[:10]}/team/models", create_bucket=True, **extra)
+
+
+def artifact(tmp_path, sizes=(1000, 2_000_000)):
+    folder = tmp_path / "artifact"
+    folder.mkdir(parents=True)
+    for i, size in enumerate(sizes):
+        (folder / f"model-{i:05d}.safetensors").write_bytes(os.urandom(size))
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    return folder
+
+
+def keys(spec: StoreSpec) -> list[str]:
+    listing = client(spec).list_objects_v2(Bucket=spec.bucket)
+    return sorted(o["Key"] for o in listing.get("Contents", []))
+
+
+def test_upload_list_pull_verify_and_idempotent_reupload(s3_env, tmp_path):
+    spec = bucket_spec(part_size_mb=5)
+    folder = artifact(tmp_path, sizes=(1000, 12 * 2**20))  # the big file goes multipart
+    prefix = artifact_prefix(spec, "HuggingFaceTB/SmolLM2-135M", "gptq", "abc123")
+    first = upload(folder, spec, prefix, {"metrics": {"perplexity": 17.9}})
+    assert first.bytes_sent == sum(p.stat().st_size for p in folder.iterdir()) and not first.already_complete
+    assert keys(spec) == sorted(prefix + n for n in ["config.json", MANIFEST, "model-00000.safetensors", "model-00001.safetensors"])
+    again = upload(folder, spec, prefix, {"metrics": {"perplexity": 17.9}})
+    assert again.already_complete and again.bytes_sent == 0
+    manifest = pull(f"s3://{spec.bucket}/{prefix}", tmp_path / "pulled", spec)
+    assert manifest["metrics"]["perplexity"] == 17.9
+    for entry in manifest["files"]:
+        assert (tmp_path / "pulled" / entry["name"]).read_bytes() == (folder / entry["name"]).read_bytes()
+
+
+def test_flipped_byte_is_detected_at_pull(s3_env, tmp_path):
+    spec = bucket_spec()
+    folder = artifact(tmp_path)
+    prefix = artifact_prefix(spec, "m", "v", "h")
+    upload(folder, spec, prefix, {})
+    data = bytearray((folder / "model-00001.safetensors").read_bytes())
+    data[12345] ^= 0x01
+    client(spec).put_object(Bucket=spec.bucket, Key=prefix + "model-00001.safetensors", Body=bytes(data))
+    with pytest.raises(QuantflowError, match="does not match its manifest"):
+        pull(f"s3://{spec.bucket}/{prefix}", tmp_path / "pulled", spec)
+    assert not (tmp_path / "pulled").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_without_manifest_the_artifact_does_not_exist(s3_env, tmp_path):
+    spec = bucket_spec()
+    prefix = artifact_prefix(spec, "m", "v", "h")
+    upload(artifact(tmp_path), spec, prefix, {})
+    client(spec).delete_object(Bucket=spec.bucket, Key=prefix + MANIFEST)
+    with pytest.raises(QuantflowError, match="no manifest.json"):
+        pull(f"s3://{spec.bucket}/{prefix}", tmp_path / "pulled", spec)
+
+
+def test_wrong_keys_are_rejected_without_leaking_them(s3_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret-0123456789")
+    with pytest.raises(QuantflowError, match="refused the credentials") as info:
+        upload(artifact(tmp_path), bucket_spec(), "p/", {})
+    assert "not-the-secret" not in str(info.value)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAUNKNOWN")
+    with pytest.raises(QuantflowError, match="refused the credentials"):
+        upload(artifact(tmp_path / "b"), bucket_spec(), "p/", {})
+
+
+def test_missing_bucket_is_created_only_when_told(s3_env, tmp_path):
+    spec = bucket_spec().model_copy(update={"create_bucket": False})
+    with pytest.raises(QuantflowError, match="does not exist.*\n.*create_bucket"):
+        upload(artifact(tmp_path), spec, "p/", {})
+
+
+def test_unreachable_endpoint(s3_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")
+    with pytest.raises(QuantflowError, match="cannot reach the S3 endpoint"):
+        upload(artifact(tmp_path), bucket_spec(), "p/", {})
+
+
+@pytest.mark.parametrize("model, variant", [("../../x", "gptq"), ("m", "../../../etc"), ("/abs/path", "..")])
+def test_names_cannot_escape_the_prefix(model, variant):
+    spec = StoreSpec(uri="s3://bucket/team/models")
+    prefix = artifact_prefix(spec, model, variant, "hash")
+    assert prefix.startswith("team/models/") and ".." not in prefix.split("/") and "//" not in prefix
+
+
+def test_server_killed_mid_upload_then_restarted_resumes(tmp_path, monkeypatch):
+    data = tmp_path / "weed"
+    server = s3server.start(data)
+    try:
+        for key, value in server.env().items():
+            monkeypatch.setenv(key, value)
+        spec = bucket_spec(part_size_mb=5, concurrency=1)
+        folder = artifact(tmp_path, sizes=(3 * 2**20, 80 * 2**20, 20 * 2**20))
+        prefix = artifact_prefix(spec, "m", "v", "h")
+        errors = []
+        worker = threading.Thread(target=lambda: errors.append(_catch(lambda: upload(folder, spec, prefix, {}))))
+        worker.start()
+        time.sleep(2.0)
+        s3server.stop(data, server)
+        worker.join(300)
+        assert errors and isinstance(errors[0], QuantflowError)
+        server = s3server.start(data, ports=server.ports)
+        assert MANIFEST not in " ".join(keys(spec))
+        result = upload(folder, spec, prefix, {})  # resumes (skips verified files) or restarts
+        assert not result.already_complete
+        pull(f"s3://{spec.bucket}/{prefix}", tmp_path / "pulled", spec)
+    finally:
+        s3server.stop(data)
+
+
+def _catch(action):
+    try:
+        action()
+    except Exception as error:  # the test inspects whatever the interrupted upload raised
+        return error
+    return None
