@@ -64,12 +64,68 @@ def run(
 def demo(
     output: Path = typer.Option(Path("runs/demo"), "--output", "-o", help="Output folder."),
     engine: str = typer.Option("prefect", help="'prefect' or 'local' (see `run --help`)."),
+    storage: Path = typer.Option(Path(".quantflow/s3"), help="Data folder of the local S3 server the demo uploads to."),
+    keep_storage: bool = typer.Option(False, help="Leave the local S3 server running afterwards."),
 ) -> None:
-    """The embedded default: SmolLM2-135M, pydoc corpus, RTN/AWQ/GPTQ W4 g64 + bnb-nf4, offline on a CPU."""
+    """The embedded default: SmolLM2-135M, pydoc corpus, RTN/AWQ/GPTQ W4 g64 + bnb-nf4, offline on a CPU, stored to a local S3."""
+    import os
+
+    from quantflow import s3server
     from quantflow.demo import demo_spec
+    from quantflow.spec import StoreSpec, apply_overrides
 
     try:
-        _execute(demo_spec(output), engine)
+        server = s3server.start(storage)
+        os.environ.update(server.env())
+        typer.echo(f"[quantflow] local S3 (SeaweedFS) at {server.endpoint_url}, data in {storage}", err=True)
+        store = StoreSpec(uri="s3://quantflow/demo", endpoint_url=server.endpoint_url, create_bucket=True)
+        try:
+            _execute(apply_overrides(demo_spec(output), {"output.store": store.model_dump(mode="json")}), engine)
+        finally:
+            if not keep_storage:
+                s3server.stop(storage)
+    except QuantflowError as error:
+        _fail(error)
+
+
+@app.command()
+def pull(
+    uri: str = typer.Argument(..., help="s3://bucket/prefix/model/variant/hash/ of a stored artifact."),
+    dest: Path = typer.Argument(..., help="New local folder to create."),
+    endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint (MinIO/SeaweedFS/Ceph); else AWS_ENDPOINT_URL_S3 or AWS."),
+) -> None:
+    """Download a stored artifact and verify every file against its manifest (all or nothing)."""
+    from quantflow.spec import StoreSpec
+    from quantflow.store import parse_uri
+    from quantflow.store import pull as pull_artifact
+
+    try:
+        bucket, _ = parse_uri(uri)
+        manifest = pull_artifact(uri, dest, StoreSpec(uri=f"s3://{bucket}", endpoint_url=endpoint_url))
+        typer.echo(f"verified {len(manifest['files'])} files into {dest}")
+    except QuantflowError as error:
+        _fail(error)
+
+
+@app.command()
+def storage(
+    action: str = typer.Argument(..., help="up, down or status"),
+    data: Path = typer.Option(Path(".quantflow/s3"), help="Data folder of the local S3 server."),
+) -> None:
+    """Start, stop or show the local SeaweedFS S3 server (credentials are printed as shell exports)."""
+    from quantflow import s3server
+
+    try:
+        if action == "up":
+            server = s3server.start(data)
+            typer.echo("\n".join(f"export {k}={v}" for k, v in server.env().items()))
+        elif action == "down":
+            typer.echo("stopped" if s3server.stop(data) else "not running")
+        elif action == "status":
+            server = s3server.running(data)
+            typer.echo(f"running at {server.endpoint_url} (pid {server.pid})" if server else "not running")
+        else:
+            raise QuantflowError(f"unknown storage action '{action}'", "use up, down or status")
     except QuantflowError as error:
         _fail(error)
 

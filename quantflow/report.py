@@ -50,6 +50,7 @@ class Row(BaseModel):
     group_size_note: str | None
     runtime: str
     artifact: str | None
+    artifact_uri: str | None = None
 
 
 class Report(BaseModel):

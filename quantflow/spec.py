@@ -145,9 +145,32 @@ class ConstraintsSpec(_Strict):
     max_size_ratio: float | None = Field(None, gt=0, le=1, description="Best variant must be at most this fraction of the baseline's size.")
 
 
+class StoreSpec(_Strict):
+    """Where artifacts go. Credentials come from the standard AWS chain (env, profile, roles), never from here."""
+
+    uri: str = Field(..., pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$", description="s3://bucket[/prefix]")
+    endpoint_url: str | None = Field(None, description="Custom endpoint for MinIO/SeaweedFS/Ceph (else AWS_ENDPOINT_URL_S3 or AWS).")
+    region: str | None = Field(None, description="Region (else the AWS chain's default).")
+    profile: str | None = Field(None, description="AWS profile name.")
+    path_style: bool = Field(True, description="Path-style addressing (needed by most self-hosted servers).")
+    create_bucket: bool = Field(False, description="Create the bucket if it is missing (otherwise that is an error).")
+    part_size_mb: int = Field(64, ge=5, le=5120, description="Multipart part size.")
+    concurrency: int = Field(8, ge=1, le=64, description="Parallel part transfers per file.")
+
+    @property
+    def bucket(self) -> str:
+        return self.uri[5:].split("/", 1)[0]
+
+    @property
+    def prefix(self) -> str:
+        parts = self.uri[5:].split("/", 1)
+        return "/".join(slug(p) for p in parts[1].split("/") if p) if len(parts) > 1 else ""
+
+
 class OutputSpec(_Strict):
     dir: Path = Field(Path("runs/latest"), description="Where variant folders, report.json, report.md and plots go.")
     cache_dir: Path | None = Field(None, description="Content-addressed step cache; default $QUANTFLOW_HOME/cache or ~/.cache/quantflow/cache.")
+    store: StoreSpec | None = Field(None, description="Also upload variants and the report to this S3-compatible store.")
 
 
 class RunSpec(_Strict):

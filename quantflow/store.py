@@ -20,37 +20,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from quantflow.cache import file_sha256
 from quantflow.errors import QuantflowError
-from quantflow.spec import slug
+from quantflow.spec import StoreSpec, slug
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = "1.0"
 SHA_META = "sha256"
-
-
-class StoreSpec(BaseModel):
-    """Where artifacts go. Credentials come from the standard AWS chain (env, profile, roles), never from here."""
-
-    uri: str = Field(..., pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$", description="s3://bucket[/prefix]")
-    endpoint_url: str | None = Field(None, description="Custom endpoint for MinIO/SeaweedFS/Ceph (else AWS_ENDPOINT_URL_S3 or AWS).")
-    region: str | None = Field(None, description="Region (else the AWS chain's default).")
-    profile: str | None = Field(None, description="AWS profile name.")
-    path_style: bool = Field(True, description="Path-style addressing (needed by most self-hosted servers).")
-    create_bucket: bool = Field(False, description="Create the bucket if it is missing (otherwise that is an error).")
-    part_size_mb: int = Field(64, ge=5, le=5120, description="Multipart part size.")
-    concurrency: int = Field(8, ge=1, le=64, description="Parallel part transfers per file.")
-
-    @property
-    def bucket(self) -> str:
-        return self.uri[5:].split("/", 1)[0]
-
-    @property
-    def prefix(self) -> str:
-        parts = self.uri[5:].split("/", 1)
-        return "/".join(slug(p) for p in parts[1].split("/") if p) if len(parts) > 1 else ""
 
 
 class TransferRecord(BaseModel):

@@ -131,3 +131,26 @@ def _catch(action):
     except Exception as error:  # the test inspects whatever the interrupted upload raised
         return error
     return None
+
+
+def test_pipeline_stores_a_quantized_tiny_model_and_pull_reloads_it(s3_env, tiny_model, tmp_path):
+    from quantflow import pipeline
+    from quantflow.report import load_report
+    from quantflow.spec import parse_spec
+    from tests.conftest import small_spec
+
+    raw = small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", [{"method": "rtn", "group_size": 32}])
+    raw["output"]["store"] = {"uri": f"s3://qf-{uuid.uuid4().hex[:8]}/team", "create_bucket": True}
+    raw["evaluation"]["speed"] = None
+    out = pipeline.run(parse_spec(raw), progress=lambda _: None)
+    row = next(r for r in load_report(out / "report.json").rows if r.name == "rtn")
+    assert row.artifact_uri.startswith(raw["output"]["store"]["uri"] + "/")
+    spec = StoreSpec(**raw["output"]["store"])
+    stored = keys(spec)
+    assert any(k.endswith("/reports/" + k.split("/reports/")[-1]) and k.endswith("report.json") for k in stored)
+    manifest = pull(row.artifact_uri, tmp_path / "pulled", spec)
+    assert manifest["metrics"]["perplexity"] == row.perplexity and manifest["calibration_hash"]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "pulled")
+    assert model.config.quantization_config is not None
