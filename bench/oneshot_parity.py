@@ -7,7 +7,7 @@ and prints the perplexity gap. It also times both quantizations (the ratio is th
 of quantflow's wrapper).
 
     .venv/bin/python bench/oneshot_parity.py --out bench/results/parity.json        # demo model, CPU
-    python bench/oneshot_parity.py --model /path/to/model --group-size 128          # any model, GPU
+    python bench/oneshot_parity.py --model /path/to/model                             # any model, GPU
 
 Writes JSON and prints a table. Acceptance: |gap| <= 0.5% perplexity.
 """
@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 
 
-def direct_oneshot(model_path: str, method: str, samples: list[torch.Tensor], group_size: int, compute: str, dtype: str, out: Path,
-                   n_grid: int) -> float:
+def direct_oneshot(model_path: str, variant, samples: list[torch.Tensor], compute: str, dtype: str, out: Path) -> float:
     """The llm-compressor call a user would write by hand; returns its wall seconds."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from datasets import Dataset
@@ -34,14 +33,15 @@ def direct_oneshot(model_path: str, method: str, samples: list[torch.Tensor], gr
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, compute))
-    symmetric = True
-    weights = QuantizationArgs(num_bits=4, type="int", symmetric=symmetric, strategy="group", group_size=group_size,
-                               scale_dtype=getattr(torch, dtype), observer="mse" if method == "awq" else "minmax")
+    weights = QuantizationArgs(num_bits=variant.bits, type="int", symmetric=variant.symmetric, strategy="group",
+                               group_size=variant.group_size, scale_dtype=getattr(torch, dtype), observer=variant.observer)
     groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
-    if method == "gptq":
-        recipe = [GPTQModifier(config_groups=groups, ignore=["lm_head"], block_size=128, dampening_frac=0.01, actorder="static")]
+    if variant.method == "gptq":
+        recipe = [GPTQModifier(config_groups=groups, ignore=["lm_head"], block_size=variant.block_size,
+                               dampening_frac=variant.dampening_frac, actorder=variant.actorder)]
     else:
-        recipe = [AWQModifier(n_grid=n_grid, duo_scaling=True), QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
+        recipe = [AWQModifier(n_grid=variant.n_grid, duo_scaling=variant.duo_scaling),
+                  QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
     data = Dataset.from_dict({"input_ids": [s.tolist() for s in samples], "attention_mask": [[1] * len(s) for s in samples]})
     if not torch.accelerator.is_available():  # the same CPU workaround quantflow applies (pinning needs an accelerator)
         IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
@@ -58,22 +58,19 @@ def main() -> None:
     from quantflow import pipeline, steps
     from quantflow.calibration import load_samples
     from quantflow.demo import demo_spec
-    from quantflow.spec import AWQVariant, GPTQVariant, apply_overrides
+    from quantflow.spec import apply_overrides
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="demo:smollm2-135m")
-    parser.add_argument("--group-size", type=int, default=64)
-    parser.add_argument("--methods", default="gptq,awq")
+    parser.add_argument("--methods", default="gptq,awq", help="which of the demo spec's variants to compare")
     parser.add_argument("--work", type=Path, default=Path("bench/results/parity-work"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/parity.json"))
     args = parser.parse_args()
 
     spec = demo_spec(args.work / "quantflow")
-    n_grid = next(v.n_grid for v in spec.variants if isinstance(v, AWQVariant))
-    variants = {"gptq": GPTQVariant(group_size=args.group_size, symmetric=True),
-                "awq": AWQVariant(group_size=args.group_size, symmetric=True, n_grid=n_grid)}
+    chosen = [v for v in spec.variants if v.method in args.methods.split(",")]
     spec = apply_overrides(spec, {"model.source": args.model, "evaluation.speed": None,
-                                  "variants": [variants[m].model_dump(mode="json") for m in args.methods.split(",")],
+                                  "variants": [v.model_dump(mode="json") for v in chosen],
                                   "output.cache_dir": str(args.work / "cache")})
     plan = pipeline.plan(spec)
     stage = pipeline.baseline_and_calibration(plan)
@@ -83,7 +80,7 @@ def main() -> None:
     for variant in spec.variants:
         ours = pipeline.branch(plan, variant, stage.calibration)
         folder = args.work / f"direct-{variant.method}"
-        direct_seconds = direct_oneshot(plan.model.path, variant.method, samples, args.group_size, compute, spec.model.dtype, folder, n_grid)
+        direct_seconds = direct_oneshot(plan.model.path, variant, samples, compute, spec.model.dtype, folder)
         theirs, _ = steps.evaluate(plan.cache, f"direct-{variant.method}", f"direct-{variant.method}-{time.time_ns()}", spec,
                                    str(folder), plan.device, None, plan.baseline_key())
         gap = 100 * (ours.evaluation.perplexity / theirs.perplexity - 1)

@@ -2,8 +2,9 @@
 
 SmolLM2-135M-Instruct (hidden size 576, so group size 64: 128 does not divide it),
 CPython's pydoc corpus split into disjoint calibration and evaluation halves, and one
-scheme (W4, group 64, symmetric) for RTN, AWQ and GPTQ so that the report compares like
-with like. Calibration and grid sizes are chosen for a 2-core machine; see docs/demo.md.
+scheme (W4, group 64, asymmetric: AWQ's own scheme) for RTN, AWQ and GPTQ so that the
+report compares like with like. Calibration and grid sizes are chosen for a 2-core machine;
+docs/demo.md has the measurements behind these choices.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from quantflow.spec import (AWQVariant, BnbVariant, CalibrationSpec, EvaluationS
 
 
 def demo_spec(output: Path = Path("runs/demo")) -> RunSpec:
-    scheme = {"bits": 4, "group_size": 64, "symmetric": True}
+    scheme = {"bits": 4, "group_size": 64, "symmetric": False}
     return RunSpec(
         calibration=CalibrationSpec(num_samples=32, seq_len=256, min_chars=500),
         variants=[RTNVariant(**scheme), AWQVariant(**scheme, n_grid=10), GPTQVariant(**scheme), BnbVariant(method="bnb-nf4")],

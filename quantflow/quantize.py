@@ -167,7 +167,7 @@ def quantize_weights(model_path: str, variant: WeightVariant, group_size: int | 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, compute), use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     recipe = recipe_for(variant, group_size, dtype)
-    dataset = calibration_dataset(calibration) if not isinstance(variant, RTNVariant) else None
+    dataset = calibration_dataset(calibration) if needs_calibration(variant) else None
     reset_peak_memory()
     start = time.perf_counter()
     with cpu_safe_awq():
@@ -185,6 +185,11 @@ def quantize_weights(model_path: str, variant: WeightVariant, group_size: int | 
         memory_kind=kind, group_size=group_size, group_size_note=note, quantized_layers=quantized,
         skipped_layers=skipped, recipe=yaml.safe_dump([type(m).__name__ + ": " + m.model_dump_json(exclude_none=True) for m in recipe]),
     )
+
+
+def needs_calibration(variant: WeightVariant) -> bool:
+    """GPTQ and AWQ always read calibration data; RTN only for the activation-weighted observer."""
+    return not isinstance(variant, RTNVariant) or variant.observer == "imatrix_mse"
 
 
 def bnb_config(variant: BnbVariant):

@@ -66,7 +66,8 @@ class _WeightOnly(_Strict):
     symmetric: bool = Field(True, description="Symmetric (no zero point) if true, else asymmetric with a zero point.")
     ignore: list[str] = Field(["lm_head"], description="Layers left in full precision (names or 're:' patterns). Embeddings are never quantized.")
     observer: Literal["minmax", "mse", "imatrix_mse"] = Field(
-        "minmax", description="How final scales are chosen: 'minmax' (plain range) or 'mse' (searches a clipping ratio that minimizes weight error)."
+        "minmax", description="How final scales are chosen: 'minmax' (plain range), 'mse' (clipping that minimizes weight error) "
+        "or 'imatrix_mse' (the same, weighted by calibration activations; needs calibration data)."
     )
 
     @field_validator("group_size")
@@ -92,7 +93,9 @@ class AWQVariant(_WeightOnly):
     method: Literal["awq"] = "awq"
     bits: Literal[4] = Field(4, description="AWQ here is W4A16.")
     symmetric: bool = Field(False, description="AWQ's paper scheme is asymmetric (zero point).")
-    observer: Literal["minmax", "mse", "imatrix_mse"] = Field("mse", description="'mse' plays the role of the AWQ paper's weight-clipping search.")
+    observer: Literal["minmax", "mse", "imatrix_mse"] = Field(
+        "imatrix_mse", description="'imatrix_mse' (activation-weighted clipping search) plays the role of the AWQ paper's clipping search."
+    )
     n_grid: int = Field(20, ge=2, le=100, description="Grid points of the per-layer scale search (cost grows linearly).")
     duo_scaling: bool = Field(True, description="Use weight as well as activation magnitudes for the scales.")
 

@@ -68,10 +68,9 @@ def quantize_key(model: ModelRef, variant: Variant, group_size: int | None, cali
 
 def quantize(cache: StepCache, model: ModelRef, variant: Variant, group_size: int | None, note: str | None,
              calibration: CalibrationRecord, dtype: str, device: str, isolate: bool = True) -> tuple[QuantizeRecord, bool]:
-    from quantflow.quantize import quantize_weights
+    from quantflow.quantize import needs_calibration, quantize_weights
 
-    needs_data = variant.method in ("gptq", "awq")
-    key = quantize_key(model, variant, group_size, calibration if needs_data else None, dtype, device)
+    key = quantize_key(model, variant, group_size, calibration if needs_calibration(variant) else None, dtype, device)
     record, hit = cached(cache, "quantize", key, QuantizeRecord, quantize_weights, isolate, model_path=model.path, variant=variant,
                          group_size=group_size, note=note, calibration=calibration, dtype=dtype, device=device)
     return record.model_copy(update={"variant": variant.name}), hit
@@ -86,7 +85,8 @@ def evaluate(cache: StepCache, name: str, key: str, texts_from: RunSpec, model_p
     """Evaluate one model folder (optionally loaded through bitsandbytes) under the run's protocol."""
     record, hit = cached(cache, "evaluate", key, EvalRecord, _evaluate_work, isolate, name=name, run=texts_from,
                          model_path=model_path, device=device, bnb=bnb,
-                         baseline=str(cache.folder("evaluate", baseline_key) / BASELINE_LOGPROBS) if baseline_key else None)
+                         baseline=str(cache.folder("evaluate", baseline_key) / BASELINE_LOGPROBS)
+                         if baseline_key and texts_from.evaluation.kl_tokens else None)
     return record.model_copy(update={"variant": name}), hit
 
 

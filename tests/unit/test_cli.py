@@ -39,10 +39,14 @@ def test_run_from_yaml_then_report_with_new_constraints(tiny_model, tmp_path):
 
     spec = small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", [{"method": "rtn", "group_size": 32}])
     spec["evaluation"]["speed"] = None
+    spec["evaluation"]["kl_tokens"] = 0  # no stored baseline log-probs, no KL column
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     result = quantflow("run", "--config", str(tmp_path / "spec.yaml"), "--engine", "local")
     assert result.returncode == 0, result.stderr
     assert "| rtn | rtn |" in result.stdout
+    from quantflow.report import load_report
+
+    assert [r.kl_mean for r in load_report(tmp_path / "out" / "report.json").rows] == [None, None]
     result = quantflow("report", str(tmp_path / "out" / "report.json"), "--max-ppl-increase", "1000")
     assert result.returncode == 0 and "best: rtn" in result.stdout
     result = quantflow("report", str(tmp_path / "out" / "report.json"), "--max-ppl-increase", "0")
