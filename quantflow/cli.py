@@ -171,6 +171,20 @@ def report(
 
 
 @app.command()
+def serve(
+    port: int = typer.Option(4200, help="Port of the local Prefect server (UI at http://127.0.0.1:PORT)."),
+    home: Path = typer.Option(Path(".quantflow/prefect"), help="PREFECT_HOME of the local server (SQLite database)."),
+) -> None:
+    """Start a local Prefect server and serve the quantflow flow, so the UI's Run button works on a laptop."""
+    from deployments.local import serve_locally
+
+    try:
+        serve_locally(port, home, announce=lambda message: typer.echo(f"[quantflow] {message}", err=True))
+    except QuantflowError as error:
+        _fail(error)
+
+
+@app.command()
 def doctor() -> None:
     """Print the version matrix and what will and won't work on this machine."""
     from quantflow.doctor import checks

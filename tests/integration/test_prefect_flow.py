@@ -28,8 +28,10 @@ def prefect(env, *args, timeout=180):
 @pytest.fixture(scope="module")
 def deployed(prefect_server):
     env = {**prefect_server, "QUANTFLOW_ROOT": str(ROOT)}
-    for pool in ("quantflow-gpu", "quantflow-local"):
-        prefect(env, "work-pool", "create", pool, "--type", "process", "--overwrite")
+    pools = {"quantflow-gpu": "process", "quantflow-local": "process", "quantflow-docker": "docker", "quantflow-k8s": "kubernetes"}
+    for pool, kind in pools.items():
+        template = ["--base-job-template", f"deployments/pools/{kind}-gpu.json"] if pool != "quantflow-local" else []
+        prefect(env, "work-pool", "create", pool, "--type", kind, "--overwrite", *template)
     output = prefect(env, "--no-prompt", "deploy", "--all")
     assert "quantflow/nightly" in output and "quantflow/on-demand" in output and "quantflow/local" in output
     return env

@@ -1,0 +1,51 @@
+"""A laptop deployment: a local Prefect server plus ``Flow.serve`` of the quantflow flow.
+
+``Flow.serve`` is Prefect's lightest way to make a deployment runnable: this process polls the
+server for runs of the deployment and executes them, so no work pool or worker is needed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from quantflow.errors import QuantflowError
+
+
+def start_server(port: int, home: Path) -> subprocess.Popen:
+    """``prefect server start`` on loopback with its SQLite database under ``home``; waits for /api/health."""
+    home.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PREFECT_HOME": str(home.resolve())}
+    log = (home / "server.log").open("a")
+    prefect = str(Path(sys.executable).parent / "prefect")
+    server = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--analytics-off"],
+                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise QuantflowError(f"the Prefect server exited at start (see {home}/server.log)", f"is port {port} taken? pass --port")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2):
+                return server
+        except OSError:
+            time.sleep(0.5)
+    os.killpg(server.pid, signal.SIGKILL)
+    raise QuantflowError(f"the Prefect server did not answer on port {port} within 90 s", f"see {home}/server.log")
+
+
+def serve_locally(port: int, home: Path, announce: Callable[[str], None]) -> None:
+    server = start_server(port, home)
+    os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+    announce(f"Prefect UI: http://127.0.0.1:{port}  (deployment quantflow/quantflow-local; Ctrl-C stops)")
+    try:
+        from flows.quantize import quantflow_run
+
+        quantflow_run.serve(name="quantflow-local", tags=["quantflow", "local"])
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
