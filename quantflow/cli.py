@@ -173,7 +173,7 @@ def report(
 @app.command()
 def serve(
     port: int = typer.Option(4200, help="Port of the local Prefect server (UI at http://127.0.0.1:PORT)."),
-    home: Path = typer.Option(Path(".quantflow/prefect"), help="PREFECT_HOME of the local server (SQLite database)."),
+    home: Path = typer.Option(Path(".quantflow/prefect"), help="PREFECT_HOME of the local server (SQLite database; scripts/demo uses the same)."),
 ) -> None:
     """Start a local Prefect server and serve the quantflow flow, so the UI's Run button works on a laptop."""
     from deployments.local import serve_locally

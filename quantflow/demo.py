@@ -11,17 +11,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from quantflow.spec import (AWQVariant, BnbVariant, CalibrationSpec, EvaluationSpec, GPTQVariant, OutputSpec,
+from quantflow.spec import (AWQVariant, BnbVariant, CalibrationSpec, ConstraintsSpec, EvaluationSpec, GPTQVariant, OutputSpec,
                             RTNVariant, RunSpec, SpeedSpec)
 
 
 def demo_spec(output: Path = Path("runs/demo")) -> RunSpec:
     scheme = {"bits": 4, "group_size": 64, "symmetric": False}
     return RunSpec(
-        calibration=CalibrationSpec(num_samples=32, seq_len=256, min_chars=500),
+        calibration=CalibrationSpec(num_samples=16, seq_len=256, min_chars=500),
         variants=[RTNVariant(**scheme), AWQVariant(**scheme, n_grid=10), GPTQVariant(**scheme), BnbVariant(method="bnb-nf4")],
         evaluation=EvaluationSpec(window=512, max_windows=16, kl_tokens=1024, max_new_tokens=24,
                                   speed=SpeedSpec(batch_sizes=[1, 4], prompt_len=32, gen_len=16, warmup=1, repeats=3)),
+        constraints=ConstraintsSpec(max_ppl_increase_pct=15.0),  # a 135M model loses more to 4 bits than a 7B one
         output=OutputSpec(dir=output),
         device="auto",
     )

