@@ -189,6 +189,7 @@ class RunSpec(_Strict):
     constraints: ConstraintsSpec = Field(default_factory=ConstraintsSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks CUDA when present.")
+    step_timeout_s: float | None = Field(None, gt=0, description="Kill any one heavy step (calibrate, quantize, evaluate) that runs longer.")
 
     @model_validator(mode="after")
     def _name_variants(self) -> "RunSpec":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import multiprocessing
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,6 +22,7 @@ from pydantic import BaseModel
 from quantflow.cache import StepCache, content_key
 from quantflow.calibration import CalibrationRecord, build_calibration
 from quantflow.environment import code_version
+from quantflow.errors import QuantflowError
 from quantflow.evaluate import BASELINE_LOGPROBS, EvalRecord
 from quantflow.quantize import QuantizeRecord
 from quantflow.sources import ModelRef
@@ -39,15 +41,28 @@ def _child(root: str, step: str, key: str, work: Callable[..., BaseModel], kwarg
     return record
 
 
-def cached(cache: StepCache, step: str, key: str, record: type[R], work: Callable[..., R], isolate: bool = True, **kwargs: Any) -> tuple[R, bool]:
-    """Return (record, was_cached); compute it with ``work(out=, final=, **kwargs)`` when missing."""
+def cached(cache: StepCache, step: str, key: str, record: type[R], work: Callable[..., R], isolate: bool = True,
+           timeout: float | None = None, **kwargs: Any) -> tuple[R, bool]:
+    """Return (record, was_cached); compute it with ``work(out=, final=, **kwargs)`` when missing.
+
+    With ``timeout`` the child process is killed when it runs longer: a thread-based timeout
+    (Prefect's) cannot interrupt a blocking CUDA or BLAS call, killing the process can.
+    """
     hit = cache.lookup(step, key, record)
     if hit is not None:
         return hit, True
     if not isolate:
         return _child(str(cache.root), step, key, work, kwargs), False
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_child, str(cache.root), step, key, work, kwargs).result(), False
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        return pool.submit(_child, str(cache.root), step, key, work, kwargs).result(timeout=timeout), False
+    except FuturesTimeout:
+        for process in list(pool._processes.values()):  # the executor has no public kill; its workers are ours
+            process.kill()
+        raise QuantflowError(f"step '{step}' ran longer than its timeout of {timeout:.0f} s and was killed",
+                             "raise step_timeout_s in the run spec, or give the step a faster device") from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def calibration_key(model: ModelRef, calibration: CalibrationSpec, evaluation: EvaluationSpec) -> str:
@@ -57,7 +72,7 @@ def calibration_key(model: ModelRef, calibration: CalibrationSpec, evaluation: E
 
 def calibrate(cache: StepCache, model: ModelRef, spec: RunSpec, isolate: bool = True) -> tuple[CalibrationRecord, bool]:
     key = calibration_key(model, spec.calibration, spec.evaluation)
-    return cached(cache, "calibration", key, CalibrationRecord, build_calibration, isolate,
+    return cached(cache, "calibration", key, CalibrationRecord, build_calibration, isolate, spec.step_timeout_s,
                   spec=spec.calibration, evaluation=spec.evaluation, tokenizer_path=model.path)
 
 
@@ -67,11 +82,12 @@ def quantize_key(model: ModelRef, variant: Variant, group_size: int | None, cali
 
 
 def quantize(cache: StepCache, model: ModelRef, variant: Variant, group_size: int | None, note: str | None,
-             calibration: CalibrationRecord, dtype: str, device: str, isolate: bool = True) -> tuple[QuantizeRecord, bool]:
+             calibration: CalibrationRecord, dtype: str, device: str, isolate: bool = True,
+             timeout: float | None = None) -> tuple[QuantizeRecord, bool]:
     from quantflow.quantize import needs_calibration, quantize_weights
 
     key = quantize_key(model, variant, group_size, calibration if needs_calibration(variant) else None, dtype, device)
-    record, hit = cached(cache, "quantize", key, QuantizeRecord, quantize_weights, isolate, model_path=model.path, variant=variant,
+    record, hit = cached(cache, "quantize", key, QuantizeRecord, quantize_weights, isolate, timeout, model_path=model.path, variant=variant,
                          group_size=group_size, note=note, calibration=calibration, dtype=dtype, device=device)
     return record.model_copy(update={"variant": variant.name}), hit
 
@@ -83,7 +99,7 @@ def eval_key(subject: str, spec: EvaluationSpec, device: str, baseline_key: str 
 def evaluate(cache: StepCache, name: str, key: str, texts_from: RunSpec, model_path: str, device: str,
              bnb: BnbVariant | None, baseline_key: str | None, isolate: bool = True) -> tuple[EvalRecord, bool]:
     """Evaluate one model folder (optionally loaded through bitsandbytes) under the run's protocol."""
-    record, hit = cached(cache, "evaluate", key, EvalRecord, _evaluate_work, isolate, name=name, run=texts_from,
+    record, hit = cached(cache, "evaluate", key, EvalRecord, _evaluate_work, isolate, texts_from.step_timeout_s, name=name, run=texts_from,
                          model_path=model_path, device=device, bnb=bnb,
                          baseline=str(cache.folder("evaluate", baseline_key) / BASELINE_LOGPROBS)
                          if baseline_key and texts_from.evaluation.kl_tokens else None)

@@ -6,7 +6,9 @@ limit on that tag (``prefect concurrency-limit create quantflow-accelerator 1``)
 GPU from being oversubscribed. Caching is content-addressed inside ``quantflow.steps`` (keys
 hash model content, variant config, calibration and library versions), so a re-run returns
 from these tasks in seconds without Prefect result storage. Retries are only where a retry
-can help (I/O); a bad config fails once, with its message.
+can help (I/O); a bad config fails once, with its message. The tasks' own timeouts are a
+backstop; the spec's ``step_timeout_s`` is what really stops a stuck step, by killing the
+step's process (a thread timeout cannot interrupt a blocking CUDA call).
 """
 
 from __future__ import annotations

@@ -104,3 +104,20 @@ def test_cuda_on_a_cpu_machine_is_refused(tiny_model, tmp_path):
     spec = parse_spec({**small_spec(tiny_model, tmp_path / "o", tmp_path / "c", VARIANTS[:1]), "device": "cuda"})
     with pytest.raises(QuantflowError, match="no CUDA device"):
         pipeline.plan(spec, progress=lambda _: None)
+
+
+def sleepy_work(out, final, seconds):
+    """A step that hangs (module-level so a spawned child can import it)."""
+    import time as _time
+
+    _time.sleep(seconds)
+
+
+def test_step_timeout_kills_the_child_process(tmp_path):
+    from quantflow.calibration import CalibrationRecord
+
+    start = time.perf_counter()
+    with pytest.raises(QuantflowError, match="ran longer than its timeout of 3 s and was killed"):
+        steps.cached(StepCache(tmp_path), "calibration", "k", CalibrationRecord, sleepy_work, True, 3, seconds=120)
+    assert time.perf_counter() - start < 60
+    assert not (tmp_path / "calibration" / "k").exists()
