@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from quantflow.spec import (AWQVariant, BnbVariant, CalibrationSpec, ConstraintsSpec, EvaluationSpec, GPTQVariant, OutputSpec,
-                            RTNVariant, RunSpec, SpeedSpec)
+from quantflow.spec import AWQVariant, BnbVariant, CalibrationSpec, ConstraintsSpec, EvaluationSpec, GPTQVariant, OutputSpec, RTNVariant, RunSpec, SpeedSpec
 
 
 def demo_spec(output: Path = Path("runs/demo")) -> RunSpec:

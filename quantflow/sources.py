@@ -6,9 +6,9 @@ plus a fingerprint of its content, which later steps put into their cache keys.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
-import importlib.util
 from pathlib import Path
 
 from pydantic import BaseModel

@@ -14,6 +14,7 @@ import pytest
 
 def make_tokenizer(folder: Path):
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
