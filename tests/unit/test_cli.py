@@ -49,5 +49,5 @@ def test_run_from_yaml_then_report_with_new_constraints(tiny_model, tmp_path):
     assert [r.kl_mean for r in load_report(tmp_path / "out" / "report.json").rows] == [None, None]
     result = quantflow("report", str(tmp_path / "out" / "report.json"), "--max-ppl-increase", "1000")
     assert result.returncode == 0 and "best: rtn" in result.stdout
-    result = quantflow("report", str(tmp_path / "out" / "report.json"), "--max-ppl-increase", "0")
-    assert "best: None" in result.stdout
+    result = quantflow("report", str(tmp_path / "out" / "report.json"), "--max-size-ratio", "0.01")
+    assert "best: None" in result.stdout and "size <= 0.01x baseline" in result.stdout
