@@ -1,0 +1,43 @@
+"""`quantflow serve`: a local Prefect server plus a served deployment the UI can run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from tests.integration.conftest import BIN, free_port, wait_http
+
+pytestmark = pytest.mark.integration
+
+
+def test_serve_starts_a_server_and_registers_the_deployment(tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    process = subprocess.Popen([str(BIN / "quantflow"), "serve", "--port", str(port), "--home", str(tmp_path / "prefect")],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/api/health", 90)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/api/deployments/filter", data=b"{}",
+                                             headers={"Content-Type": "application/json"}, method="POST")
+            names = [d["name"] for d in json.loads(urllib.request.urlopen(request, timeout=5).read())]
+            if "quantflow-local" in names:
+                break
+            time.sleep(1)
+        assert "quantflow-local" in names
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+    with pytest.raises(TimeoutError):  # Ctrl-C also stopped the server it started
+        time.sleep(3)
+        wait_http(f"http://127.0.0.1:{port}/api/health", 5)
