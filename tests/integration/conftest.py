@@ -33,26 +33,29 @@ def wait_http(url: str, seconds: float) -> None:
     raise TimeoutError(f"{url} did not answer within {seconds}s")
 
 
+def stop_group(process: subprocess.Popen, sig: int, grace: float) -> None:
+    """Signal a process group started with start_new_session; SIGKILL it if it outlives ``grace``."""
+    os.killpg(process.pid, sig)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+
+
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
-    """A real `prefect server start` on a free loopback port; yields its environment."""
+    """A real `prefect server start` on a free loopback port (started as `quantflow serve` does); yields its environment."""
+    from deployments.local import start_server
+
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_WORKER_QUERY_SECONDS": "2",
-           "PREFECT_LOGGING_LEVEL": "WARNING"}
-    log = (home / "server.log").open("w")
-    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--analytics-off"],
-                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = start_server(port, home)
     try:
-        wait_http(f"http://127.0.0.1:{port}/api/health", 90)
-        yield env
+        yield {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+               "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_LOGGING_LEVEL": "WARNING"}
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        stop_group(server, signal.SIGTERM, 20)
 
 
 @pytest.fixture(scope="session")

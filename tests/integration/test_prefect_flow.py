@@ -4,7 +4,6 @@ a real process worker runs it, artifacts appear, and a repeat run is served from
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import small_spec
-from tests.integration.conftest import BIN
+from tests.integration.conftest import BIN, stop_group
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]
@@ -43,8 +42,7 @@ def worker(deployed, tmp_path):
     process = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "quantflow-local", "--limit", "1"],
                                env=deployed, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     yield process
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait(10)
+    stop_group(process, signal.SIGKILL, 10)
 
 
 async def trigger_and_wait(spec: dict, timeout: float = 600):

@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from tests.integration.conftest import BIN, free_port, wait_http
+from tests.integration.conftest import BIN, free_port, stop_group, wait_http
 
 pytestmark = pytest.mark.integration
 
@@ -33,11 +33,7 @@ def test_serve_starts_a_server_and_registers_the_deployment(tmp_path):
             time.sleep(1)
         assert "quantflow-local" in names
     finally:
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+        stop_group(process, signal.SIGINT, 30)
     with pytest.raises(TimeoutError):  # Ctrl-C also stopped the server it started
         time.sleep(3)
         wait_http(f"http://127.0.0.1:{port}/api/health", 5)
