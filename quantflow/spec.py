@@ -159,6 +159,7 @@ class StoreSpec(_Strict):
     create_bucket: bool = Field(False, description="Create the bucket if it is missing (otherwise that is an error).")
     part_size_mb: int = Field(64, ge=5, le=5120, description="Multipart part size.")
     concurrency: int = Field(8, ge=1, le=64, description="Parallel part transfers per file.")
+    max_attempts: int = Field(8, ge=1, le=20, description="Attempts per request (adaptive backoff) before a transfer fails.")
 
     @property
     def bucket(self) -> str:

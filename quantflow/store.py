@@ -47,7 +47,7 @@ def client(spec: StoreSpec):
     from botocore.config import Config
 
     session = boto3.session.Session(profile_name=spec.profile) if spec.profile else boto3.session.Session()
-    config = Config(s3={"addressing_style": "path" if spec.path_style else "auto"}, retries={"max_attempts": 8, "mode": "adaptive"},
+    config = Config(s3={"addressing_style": "path" if spec.path_style else "auto"}, retries={"max_attempts": spec.max_attempts, "mode": "adaptive"},
                     connect_timeout=5, read_timeout=60, request_checksum_calculation="when_required",
                     response_checksum_validation="when_required")
     return session.client("s3", endpoint_url=spec.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3"), region_name=spec.region or "us-east-1",
@@ -143,7 +143,7 @@ def upload(folder: Path, spec: StoreSpec, prefix: str, meta: dict[str, Any], pro
                 skipped += 1
                 continue
             s3.upload_file(str(folder / entry["name"]), spec.bucket, key, Config=transfer, ExtraArgs={"Metadata": {SHA_META: entry["sha256"]}},
-                           Callback=(lambda n, name=entry["name"]: progress(name, n, entry["size"])) if progress else None)
+                           Callback=(lambda n, name=entry["name"], size=entry["size"]: progress(name, n, size)) if progress else None)
             sent += entry["size"]
         missing = [e["name"] for e in manifest["files"] if not _remote_matches(s3, spec, prefix + e["name"], e)]
         if missing:

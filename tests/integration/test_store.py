@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -91,7 +89,7 @@ def test_missing_bucket_is_created_only_when_told(s3_env, tmp_path):
 def test_unreachable_endpoint(s3_env, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")
     with pytest.raises(QuantflowError, match="cannot reach the S3 endpoint"):
-        upload(artifact(tmp_path), bucket_spec(), "p/", {})
+        upload(artifact(tmp_path), bucket_spec(max_attempts=2), "p/", {})
 
 
 @pytest.mark.parametrize("model, variant", [("../../x", "gptq"), ("m", "../../../etc"), ("/abs/path", "..")])
@@ -107,16 +105,20 @@ def test_server_killed_mid_upload_then_restarted_resumes(tmp_path, monkeypatch):
     try:
         for key, value in server.env().items():
             monkeypatch.setenv(key, value)
-        spec = bucket_spec(part_size_mb=5, concurrency=1)
+        spec = bucket_spec(part_size_mb=5, concurrency=1, max_attempts=2)
         folder = artifact(tmp_path, sizes=(3 * 2**20, 80 * 2**20, 20 * 2**20))
         prefix = artifact_prefix(spec, "m", "v", "h")
-        errors = []
-        worker = threading.Thread(target=lambda: errors.append(_catch(lambda: upload(folder, spec, prefix, {}))))
-        worker.start()
-        time.sleep(2.0)
-        s3server.stop(data, server)
-        worker.join(300)
-        assert errors and isinstance(errors[0], QuantflowError)
+        sent = {"model-00001.safetensors": 0}
+
+        def kill_midway(name: str, chunk: int, size: int) -> None:
+            """SIGKILL the server once 20 MiB of the big shard went through (deterministic, unlike a timer)."""
+            if name in sent:
+                sent[name] += chunk
+                if sent[name] >= 20 * 2**20 and s3server.running(data):
+                    s3server.stop(data, server)
+
+        error = _catch(lambda: upload(folder, spec, prefix, {}, progress=kill_midway))
+        assert isinstance(error, QuantflowError) and sent["model-00001.safetensors"] < 80 * 2**20
         server = s3server.start(data, ports=server.ports)
         assert MANIFEST not in " ".join(keys(spec))
         result = upload(folder, spec, prefix, {})  # resumes (skips verified files) or restarts
