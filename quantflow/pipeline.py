@@ -59,7 +59,7 @@ class Stage(BaseModel):
     cached: bool
 
 
-def check_environment(spec: RunSpec, device: str) -> None:
+def check_environment(spec: RunSpec) -> None:
     """Refuse variants this machine cannot run, before anything is loaded."""
     from quantflow.environment import package_version
 
@@ -73,7 +73,7 @@ def check_environment(spec: RunSpec, device: str) -> None:
 def plan(spec: RunSpec, progress: Progress = print) -> Plan:
     """Validate the spec against this machine and the model's shapes; resolve the model source."""
     device = pick_device(spec.device)
-    check_environment(spec, device)
+    check_environment(spec)
     cache = StepCache(spec.output.cache_dir or default_cache_root())
     progress(f"model: resolving {spec.model.source}")
     model = resolve_model(spec.model, cache)
