@@ -136,16 +136,16 @@ def upload(folder: Path, spec: StoreSpec, prefix: str, meta: dict[str, Any], pro
         remote = _remote_manifest(s3, spec, prefix)
         if remote and remote["files"] == manifest["files"]:
             return TransferRecord(uri=uri, files=len(manifest["files"]), bytes_sent=0, files_skipped=len(manifest["files"]), already_complete=True)
-        sent, skipped = 0, 0
+        uploaded: list[dict] = []
         for entry in manifest["files"]:
             key = prefix + entry["name"]
             if _remote_matches(s3, spec, key, entry):
-                skipped += 1
                 continue
             s3.upload_file(str(folder / entry["name"]), spec.bucket, key, Config=transfer, ExtraArgs={"Metadata": {SHA_META: entry["sha256"]}},
                            Callback=(lambda n, name=entry["name"], size=entry["size"]: progress(name, n, size)) if progress else None)
-            sent += entry["size"]
-        missing = [e["name"] for e in manifest["files"] if not _remote_matches(s3, spec, prefix + e["name"], e)]
+            uploaded.append(entry)
+        # files skipped above were just verified by the same HEAD check; only fresh uploads need it
+        missing = [e["name"] for e in uploaded if not _remote_matches(s3, spec, prefix + e["name"], e)]
         if missing:
             raise QuantflowError(f"after upload, {len(missing)} objects under {uri} do not match their local files: {missing[:3]}", "retry the upload")
         s3.put_object(Bucket=spec.bucket, Key=prefix + MANIFEST, Body=json.dumps(manifest, indent=2).encode(), ContentType="application/json")
@@ -153,7 +153,8 @@ def upload(folder: Path, spec: StoreSpec, prefix: str, meta: dict[str, Any], pro
         raise
     except Exception as error:
         raise _explain(error, spec) from None
-    return TransferRecord(uri=uri, files=len(manifest["files"]), bytes_sent=sent, files_skipped=skipped, already_complete=False)
+    return TransferRecord(uri=uri, files=len(manifest["files"]), bytes_sent=sum(e["size"] for e in uploaded),
+                          files_skipped=len(manifest["files"]) - len(uploaded), already_complete=False)
 
 
 def parse_uri(uri: str) -> tuple[str, str]:
