@@ -15,6 +15,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from deployments.automations import HEARTBEAT_SECONDS, ensure_zombie_automation
 from quantflow.errors import QuantflowError
 
 
@@ -42,6 +43,8 @@ def start_server(port: int, home: Path) -> subprocess.Popen:
 def serve_locally(port: int, home: Path, announce: Callable[[str], None]) -> None:
     server = start_server(port, home)
     os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_SECONDS))
+    ensure_zombie_automation()
     announce(f"Prefect UI: http://127.0.0.1:{port}  (deployment quantflow/quantflow-local; Ctrl-C stops)")
     try:
         from flows.quantize import quantflow_run

@@ -45,10 +45,15 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
 
 
 class StepCache:
-    """Finished step folders under ``root/<step>/<key>/`` with a ``result.json`` record."""
+    """Finished step folders under ``root/<step>/<key>/`` with a ``result.json`` record.
 
-    def __init__(self, root: Path) -> None:
+    A ``read_only`` cache only serves finished results: a run that gathers what other
+    workers computed must fail loudly, not silently redo their work, when a result is missing.
+    """
+
+    def __init__(self, root: Path, read_only: bool = False) -> None:
         self.root = Path(root)
+        self.read_only = read_only
 
     def folder(self, step: str, key: str) -> Path:
         return self.root / step / key

@@ -212,16 +212,23 @@ def folder_size(path: Path) -> int:
 
 
 def load_for_eval(path: str, device: str, compute_dtype: str, quantization_config=None):
-    """Load a model folder for evaluation; ``reset_peak_memory`` first so loading counts toward the peak."""
+    """Load a model folder for evaluation; ``reset_peak_memory`` first so loading counts toward the peak.
+
+    With several visible GPUs the layers are spread over them (``device_map="auto"``), so a model
+    bigger than one card still evaluates within one worker.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     reset_peak_memory()
     kwargs = {"dtype": getattr(torch, compute_dtype), "use_safetensors": True}
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
+    if device == "cuda" and torch.cuda.device_count() > 1:
+        kwargs["device_map"] = "auto"
+    elif quantization_config is not None:
         kwargs["device_map"] = device
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if quantization_config is None:
+    if "device_map" not in kwargs:
         model = model.to(device)
     model.eval()
     return model, AutoTokenizer.from_pretrained(path)

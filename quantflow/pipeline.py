@@ -35,10 +35,11 @@ class Plan(BaseModel):
     device: str
     cache_root: str
     group_sizes: dict[str, tuple[int | None, str | None]]
+    gather_only: bool = False
 
     @property
     def cache(self) -> StepCache:
-        return StepCache(Path(self.cache_root))
+        return StepCache(Path(self.cache_root), read_only=self.gather_only)
 
     def baseline_key(self) -> str:
         return steps.eval_key(self.model.fingerprint, self.spec.evaluation, self.device, None)
@@ -148,7 +149,8 @@ def deliver(plan: Plan, stage: Stage, branches: list[BranchResult], progress: Pr
 def upload_variants(plan: Plan, report, branches: list[BranchResult], out: Path, progress: Progress):
     """Upload each delivered variant under its content hash; the report records where each went."""
     from quantflow.environment import environment
-    from quantflow.store import artifact_prefix, upload
+    from quantflow.roundtrip import roundtrip
+    from quantflow.store import artifact_prefix, upload, upload_progress
 
     store = plan.spec.output.store
     rows = {row.name: row for row in report.rows}
@@ -158,9 +160,14 @@ def upload_variants(plan: Plan, report, branches: list[BranchResult], out: Path,
         prefix = artifact_prefix(store, plan.model.source, result.name, Path(result.artifact).name)
         meta = {"model": plan.model.model_dump(), "variant": result.name, "calibration_hash": report.calibration["hash"],
                 "metrics": rows[result.name].model_dump(), "spec": plan.spec.model_dump(mode="json"), "environment": environment()}
-        record = upload(out / result.name, store, prefix, meta)
+        record = upload(out / result.name, store, prefix, meta, upload_progress(progress))
         progress(f"stored {result.name}: {record.uri} ({record.bytes_sent} bytes sent{', already complete' if record.already_complete else ''})")
-        rows[result.name] = rows[result.name].model_copy(update={"artifact_uri": record.uri})
+        update = {"artifact_uri": record.uri}
+        if store.roundtrip_windows:
+            check = roundtrip(record.uri, store, out / result.name, plan.spec, plan.device, plan.cache.root / "roundtrip")
+            progress(f"round trip {result.name}: pulled copy scores {check.perplexity_pulled:.4f} on {check.windows} windows, as the local copy")
+            update["roundtrip"] = check.model_dump()
+        rows[result.name] = rows[result.name].model_copy(update=update)
     return report.model_copy(update={"rows": [rows[row.name] for row in report.rows]})
 
 
@@ -183,6 +190,9 @@ def upload_report(plan: Plan, report, out: Path, progress: Progress) -> str:
 
 def run(spec: RunSpec, progress: Progress = print) -> Path:
     """Plan, calibrate, evaluate the baseline, build every variant in turn, then deliver."""
+    if spec.output.store and spec.output.store.credentials_block:
+        raise QuantflowError(f"output.store.credentials_block ({spec.output.store.credentials_block}) is read only when the run executes under Prefect",
+                             "use the Prefect engine (the CLI's default), or drop the block and use AWS credentials from the environment or a profile")
     the_plan = plan(spec, progress)
     progress(f"device: {the_plan.device}; cache: {the_plan.cache_root}")
     progress("baseline + calibration")

@@ -152,7 +152,7 @@ def calibration_dataset(record: CalibrationRecord):
 
 
 def quantize_weights(model_path: str, variant: WeightVariant, group_size: int | None, note: str | None,
-                     calibration: CalibrationRecord, dtype: str, device: str, out: Path, final: Path) -> QuantizeRecord:
+                     calibration: CalibrationRecord | None, dtype: str, device: str, out: Path, final: Path) -> QuantizeRecord:
     """Run one llm-compressor recipe and save the compressed checkpoint (weights in ``dtype``) into ``out``.
 
     On CPU the calibration forward passes run in float32: CPUs without bf16 matrix units run
@@ -167,12 +167,13 @@ def quantize_weights(model_path: str, variant: WeightVariant, group_size: int | 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, compute), use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     recipe = recipe_for(variant, group_size, dtype)
-    dataset = calibration_dataset(calibration) if needs_calibration(variant) else None
+    data = {}
+    if needs_calibration(variant):
+        data = {"dataset": calibration_dataset(calibration), "num_calibration_samples": calibration.samples, "max_seq_length": calibration.max_len}
     reset_peak_memory()
     start = time.perf_counter()
     with cpu_safe_awq():
-        oneshot(model=model, recipe=recipe, dataset=dataset, num_calibration_samples=calibration.samples,
-                max_seq_length=calibration.max_len, shuffle_calibration_samples=False, log_dir=None)
+        oneshot(model=model, recipe=recipe, shuffle_calibration_samples=False, log_dir=None, **data)
     seconds = time.perf_counter() - start
     peak, kind = peak_memory_mb()
     quantized = [name for name, module in model.named_modules() if hasattr(module, "quantization_scheme")]

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from quantflow.environment import environment
 from quantflow.spec import ConstraintsSpec
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 UNITS = {
     "perplexity": "exp(mean NLL per token), lower is better",
     "ppl_delta_pct": "% change vs baseline",
@@ -51,6 +51,7 @@ class Row(BaseModel):
     runtime: str
     artifact: str | None
     artifact_uri: str | None = None
+    roundtrip: dict | None = None
 
 
 class Report(BaseModel):

@@ -18,9 +18,14 @@ def pick_device(requested: str) -> str:
     return "cuda" if requested == "auto" and has_cuda else ("cpu" if requested == "auto" else requested)
 
 
+def _gpus() -> range:
+    """Visible GPUs, once CUDA is initialized (before that nothing was allocated, and the stats calls fail)."""
+    return range(torch.cuda.device_count() if torch.cuda.is_available() and torch.cuda.is_initialized() else 0)
+
+
 def reset_peak_memory() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    for index in _gpus():
+        torch.cuda.reset_peak_memory_stats(index)
 
 
 def peak_memory_mb() -> tuple[float, str]:
@@ -29,7 +34,8 @@ def peak_memory_mb() -> tuple[float, str]:
     Peak RSS is process-wide, which is why quantflow runs every heavy step in a fresh
     process: the number then belongs to that step alone.
     """
-    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
-        return round(torch.cuda.max_memory_allocated() / 2**20, 1), "cuda_max_allocated"
+    peak = sum(torch.cuda.max_memory_allocated(index) for index in _gpus())  # summed when layers span several GPUs
+    if peak > 0:
+        return round(peak / 2**20, 1), "cuda_max_allocated"
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, 1), "peak_rss"

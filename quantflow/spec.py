@@ -149,7 +149,7 @@ class ConstraintsSpec(_Strict):
 
 
 class StoreSpec(_Strict):
-    """Where artifacts go. Credentials come from the standard AWS chain (env, profile, roles), never from here."""
+    """Where artifacts go. Credentials come from the standard AWS chain (env, profile, roles) or a Prefect block, never from here."""
 
     uri: str = Field(..., pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$", description="s3://bucket[/prefix]")
     endpoint_url: str | None = Field(None, description="Custom endpoint for MinIO/SeaweedFS/Ceph (else AWS_ENDPOINT_URL_S3 or AWS).")
@@ -160,6 +160,11 @@ class StoreSpec(_Strict):
     part_size_mb: int = Field(64, ge=5, le=5120, description="Multipart part size.")
     concurrency: int = Field(8, ge=1, le=64, description="Parallel part transfers per file.")
     max_attempts: int = Field(8, ge=1, le=20, description="Attempts per request (adaptive backoff) before a transfer fails.")
+    credentials_block: str | None = Field(
+        None, pattern=r"^(aws-credentials|s3-bucket)/[A-Za-z0-9_-]+$",
+        description="Prefect block holding the keys and endpoint: 'aws-credentials/<name>' or 's3-bucket/<name>'. Read only under Prefect.")
+    roundtrip_windows: int = Field(0, ge=0, le=64, description="After upload, pull each variant into a fresh folder, reload it and "
+                                   "check its perplexity on this many evaluation windows against the local copy (0: off).")
 
     @property
     def bucket(self) -> str:

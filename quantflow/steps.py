@@ -29,6 +29,7 @@ from quantflow.sources import ModelRef
 from quantflow.spec import BnbVariant, CalibrationSpec, EvaluationSpec, RunSpec, Variant
 
 R = TypeVar("R", bound=BaseModel)
+T = TypeVar("T")
 QUANT_PACKAGES = ("torch", "transformers", "llmcompressor", "compressed-tensors")
 EVAL_PACKAGES = ("torch", "transformers", "compressed-tensors", "bitsandbytes")
 
@@ -43,23 +44,32 @@ def _child(root: str, step: str, key: str, work: Callable[..., BaseModel], kwarg
 
 def cached(cache: StepCache, step: str, key: str, record: type[R], work: Callable[..., R], isolate: bool = True,
            timeout: float | None = None, **kwargs: Any) -> tuple[R, bool]:
-    """Return (record, was_cached); compute it with ``work(out=, final=, **kwargs)`` when missing.
-
-    With ``timeout`` the child process is killed when it runs longer: a thread-based timeout
-    (Prefect's) cannot interrupt a blocking CUDA or BLAS call, killing the process can.
-    """
+    """Return (record, was_cached); compute it with ``work(out=, final=, **kwargs)`` when missing (see ``isolated``)."""
     hit = cache.lookup(step, key, record)
     if hit is not None:
         return hit, True
+    if cache.read_only:
+        raise QuantflowError(f"step '{step}' ({key}) is not in the cache at {cache.root}, though the worker that ran it finished",
+                             "fanned-out runs need output.cache_dir on storage that every worker and the parent share "
+                             "(one host, or a shared filesystem)")
     if not isolate:
         return _child(str(cache.root), step, key, work, kwargs), False
+    return isolated(step, timeout, _child, str(cache.root), step, key, work, kwargs), False
+
+
+def isolated(label: str, timeout: float | None, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``work(*args, **kwargs)`` in a fresh spawned process, killed when it outlives ``timeout``.
+
+    A thread-based timeout (Prefect's) cannot interrupt a blocking CUDA or BLAS call; killing
+    the process can. A fresh process also gives the step its own peak memory reading.
+    """
     pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
     try:
-        return pool.submit(_child, str(cache.root), step, key, work, kwargs).result(timeout=timeout), False
+        return pool.submit(work, *args, **kwargs).result(timeout=timeout)
     except FuturesTimeout:
         for process in list(pool._processes.values()):  # the executor has no public kill; its workers are ours
             process.kill()
-        raise QuantflowError(f"step '{step}' ran longer than its timeout of {timeout:.0f} s and was killed",
+        raise QuantflowError(f"step '{label}' ran longer than its timeout of {timeout:.0f} s and was killed",
                              "raise step_timeout_s in the run spec, or give the step a faster device") from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

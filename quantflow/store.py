@@ -16,11 +16,13 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 
 from quantflow.cache import file_sha256
 from quantflow.errors import QuantflowError
@@ -42,23 +44,67 @@ class TransferRecord(BaseModel):
 Progress = Callable[[str, int, int], None]
 
 
-def client(spec: StoreSpec):
+class S3Credentials(BaseModel):
+    """Credentials handed in by a caller (e.g. from a Prefect AwsCredentials block) instead of the AWS chain.
+
+    Secrets are ``SecretStr``: they print as '**********' in logs, reprs and tracebacks.
+    """
+
+    access_key_id: str | None = None
+    secret_access_key: SecretStr | None = None
+    session_token: SecretStr | None = None
+    region: str | None = None
+    profile: str | None = None
+    endpoint_url: str | None = None
+
+
+_CREDENTIALS: ContextVar[S3Credentials | None] = ContextVar("quantflow_s3_credentials", default=None)
+
+
+@contextmanager
+def using_credentials(credentials: S3Credentials | None) -> Iterator[None]:
+    """Make every store call inside the block use ``credentials`` (None: the standard AWS chain)."""
+    token = _CREDENTIALS.set(credentials)
+    try:
+        yield
+    finally:
+        _CREDENTIALS.reset(token)
+
+
+def endpoint(spec: StoreSpec) -> str | None:
+    """The spec's endpoint, else the handed-in credentials', else AWS_ENDPOINT_URL_S3 (None: AWS itself)."""
+    given = _CREDENTIALS.get()
+    return spec.endpoint_url or (given.endpoint_url if given else None) or os.environ.get("AWS_ENDPOINT_URL_S3")
+
+
+def _session(spec: StoreSpec):
     import boto3
+
+    given = _CREDENTIALS.get()
+    profile = spec.profile or (given.profile if given else None)
+    if given is None or given.access_key_id is None:
+        return boto3.session.Session(profile_name=profile) if profile else boto3.session.Session()
+    return boto3.session.Session(aws_access_key_id=given.access_key_id,
+                                 aws_secret_access_key=given.secret_access_key.get_secret_value() if given.secret_access_key else None,
+                                 aws_session_token=given.session_token.get_secret_value() if given.session_token else None)
+
+
+def client(spec: StoreSpec):
     from botocore.config import Config
 
-    session = boto3.session.Session(profile_name=spec.profile) if spec.profile else boto3.session.Session()
+    given = _CREDENTIALS.get()
     config = Config(s3={"addressing_style": "path" if spec.path_style else "auto"}, retries={"max_attempts": spec.max_attempts, "mode": "adaptive"},
                     connect_timeout=5, read_timeout=60, request_checksum_calculation="when_required",
                     response_checksum_validation="when_required")
-    return session.client("s3", endpoint_url=spec.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3"), region_name=spec.region or "us-east-1",
-                          config=config)
+    region = spec.region or (given.region if given else None) or "us-east-1"
+    return _session(spec).client("s3", endpoint_url=endpoint(spec), region_name=region, config=config)
 
 
 def _explain(error: Exception, spec: StoreSpec) -> QuantflowError:
     """Turn botocore failures into messages that name the fix and never echo a secret."""
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
-    where = f"{spec.uri} at {spec.endpoint_url or os.environ.get('AWS_ENDPOINT_URL_S3') or 'AWS'}"
+    where = f"{spec.uri} at {endpoint(spec) or 'AWS'}"
     if isinstance(error, NoCredentialsError):
         return QuantflowError(f"no S3 credentials found for {where}", "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or an AWS profile")
     if isinstance(error, EndpointConnectionError):
@@ -122,6 +168,24 @@ def ensure_bucket(s3, spec: StoreSpec) -> None:
             raise
 
 
+def upload_progress(say: Callable[[str], None], every_pct: int = 25) -> Progress:
+    """A boto3-callback adapter that says '<file>: 25% of N MiB' as each file passes each quarter."""
+    import threading
+
+    sent: dict[str, int] = {}
+    lock = threading.Lock()  # boto3 calls back from its transfer threads
+
+    def report(name: str, chunk: int, size: int) -> None:
+        with lock:
+            before = sent.get(name, 0)
+            sent[name] = before + chunk
+            step_before, step_now = before * 100 // max(size, 1) // every_pct, sent[name] * 100 // max(size, 1) // every_pct
+        if step_now > step_before:
+            say(f"uploading {name}: {min(100, step_now * every_pct)}% of {size / 2**20:.1f} MiB")
+
+    return report
+
+
 def upload(folder: Path, spec: StoreSpec, prefix: str, meta: dict[str, Any], progress: Progress | None = None) -> TransferRecord:
     """Upload ``folder`` under ``prefix``: data files (skipping identical ones), a check, then the manifest."""
     from boto3.s3.transfer import TransferConfig
@@ -175,6 +239,11 @@ def pull(uri: str, dest: Path, spec: StoreSpec | None = None) -> dict:
         manifest = _remote_manifest(s3, spec, prefix)
         if manifest is None:
             raise QuantflowError(f"no manifest.json under {uri}: the artifact does not exist or its upload never finished", "check the URI, or re-run the upload")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        need, free = sum(e["size"] for e in manifest["files"]), shutil.disk_usage(dest.parent).free
+        if need > free:
+            raise QuantflowError(f"{uri} needs {need / 2**20:.1f} MiB but {dest.parent} has {free / 2**20:.1f} MiB free",
+                                 "free disk space or pull into a folder on a bigger disk")
         for entry in manifest["files"]:
             target = scratch / entry["name"]
             if not target.resolve().is_relative_to(scratch.resolve()):
@@ -191,7 +260,7 @@ def pull(uri: str, dest: Path, spec: StoreSpec | None = None) -> dict:
     except QuantflowError:
         raise
     except OSError as error:
-        raise QuantflowError(f"writing {dest} failed: {error.strerror}", "free disk space or choose another folder") from None
+        raise QuantflowError(f"writing {dest} failed: {error.strerror or error}", "free disk space or choose another folder") from None
     except Exception as error:
         raise _explain(error, spec) from None
     finally:

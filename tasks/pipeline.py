@@ -21,6 +21,7 @@ from quantflow import pipeline
 from quantflow.calibration import CalibrationRecord
 from quantflow.errors import QuantflowError
 from quantflow.spec import RunSpec, Variant
+from tasks.credentials import store_credentials
 
 ACCELERATOR_TAG = "quantflow-accelerator"
 HEAVY_TIMEOUT_S = 6 * 3600
@@ -40,7 +41,8 @@ def _no_retry_on_user_error(task, task_run, state) -> bool:
 @task(name="plan", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_no_retry_on_user_error)
 def plan_task(spec: RunSpec) -> pipeline.Plan:
     """Validate the spec against the model's shapes and this machine; download or convert the model."""
-    return pipeline.plan(spec, progress=get_run_logger().info)
+    with store_credentials(spec):  # an s3:// model source reads with the same credentials
+        return pipeline.plan(spec, progress=get_run_logger().info)
 
 
 @task(name="baseline-and-calibration", cache_policy=NO_CACHE, tags=[ACCELERATOR_TAG], timeout_seconds=HEAVY_TIMEOUT_S)
@@ -60,4 +62,5 @@ def branch_task(plan: pipeline.Plan, variant: Variant, calibration: CalibrationR
 
 @task(name="deliver", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_no_retry_on_user_error)
 def deliver_task(plan: pipeline.Plan, stage: pipeline.Stage, branches: list[pipeline.BranchResult]) -> str:
-    return str(pipeline.deliver(plan, stage, branches))
+    with store_credentials(plan.spec):
+        return str(pipeline.deliver(plan, stage, branches, progress=get_run_logger().info))

@@ -4,6 +4,7 @@ a real process worker runs it, artifacts appear, and a repeat run is served from
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import time
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import small_spec
+from quantflow.pipeline import run as run_pipeline
+from quantflow.spec import parse_spec
+from tests.conftest import read_json, small_spec
 from tests.integration.conftest import BIN, stop_group
 
 pytestmark = pytest.mark.integration
@@ -24,6 +27,12 @@ def prefect(env, *args, timeout=180):
     return result.stdout
 
 
+def prefect_module(env, module: str) -> str:
+    result = subprocess.run([str(BIN / "python"), "-m", module], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
 @pytest.fixture(scope="module")
 def deployed(prefect_server):
     env = {**prefect_server, "QUANTFLOW_ROOT": str(ROOT)}
@@ -32,33 +41,58 @@ def deployed(prefect_server):
         template = ["--base-job-template", f"deployments/pools/{kind}-gpu.json"] if pool != "quantflow-local" else []
         prefect(env, "work-pool", "create", pool, "--type", kind, "--overwrite", *template)
     output = prefect(env, "--no-prompt", "deploy", "--all")
+    assert "created" in prefect_module(env, "deployments.automations")
     assert "quantflow/nightly" in output and "quantflow/on-demand" in output and "quantflow/local" in output
     return env
 
 
+def start_worker(env: dict, pool: str, log: Path) -> subprocess.Popen:
+    """A real `prefect worker start` taking one flow run at a time, in its own process group."""
+    return subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", pool, "--limit", "1"],
+                            env=env, cwd=ROOT, stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
 @pytest.fixture
 def worker(deployed, tmp_path):
-    log = (tmp_path / "worker.log").open("w")
-    process = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "quantflow-local", "--limit", "1"],
-                               env=deployed, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    process = start_worker(deployed, "quantflow-local", tmp_path / "worker.log")
     yield process
     stop_group(process, signal.SIGKILL, 10)
 
 
-async def trigger_and_wait(spec: dict, timeout: float = 600):
-    """Create a flow run of quantflow/local through the API, as the UI's Run button does, and wait for it."""
+async def trigger(spec: dict, deployment: str = "quantflow/local"):
+    """Create a flow run of a deployment through the API, as the UI's Run button does."""
     from prefect.client.orchestration import get_client
 
     async with get_client() as client:
-        deployment = await client.read_deployment_by_name("quantflow/local")
-        run = await client.create_flow_run_from_deployment(deployment.id, parameters={"spec": spec})
+        found = await client.read_deployment_by_name(deployment)
+        return await client.create_flow_run_from_deployment(found.id, parameters={"spec": spec})
+
+
+async def wait_final(run_id, timeout: float = 600):
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
         start = time.monotonic()
         while time.monotonic() - start < timeout:
-            run = await client.read_flow_run(run.id)
+            run = await client.read_flow_run(run_id)
             if run.state and run.state.is_final():
-                return run, time.monotonic() - start
+                return run
             await asyncio.sleep(1)
-    raise TimeoutError("flow run did not finish")
+    raise TimeoutError(f"flow run {run_id} did not finish within {timeout} s")
+
+
+async def trigger_and_wait(spec: dict, deployment: str = "quantflow/local", timeout: float = 600):
+    start = time.monotonic()
+    run = await wait_final((await trigger(spec, deployment)).id, timeout)
+    return run, time.monotonic() - start
+
+
+async def child_runs(parent_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    async with get_client() as client:
+        return await client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_id])))
 
 
 async def run_artifacts(flow_run_id):
@@ -93,3 +127,84 @@ def test_invalid_spec_is_refused_at_submission(deployed, monkeypatch):
                             env=deployed, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "bits" in (result.stdout + result.stderr)
+
+
+def test_two_gpu_workers_run_two_variants_as_concurrent_flow_runs(deployed, worker, tiny_model, tmp_path, monkeypatch):
+    for key, value in deployed.items():
+        monkeypatch.setenv(key, value)
+    gpu_workers = [start_worker(deployed, "quantflow-gpu", tmp_path / f"gpu-worker-{i}.log") for i in range(2)]
+    try:
+        variants = [{"method": "rtn", "group_size": 32, "name": "rtn-g32"}, {"method": "rtn", "group_size": 16, "name": "rtn-g16"}]
+        spec = small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", variants)
+        parent, _ = asyncio.run(trigger_and_wait(spec, "quantflow/fan-out"))
+    finally:
+        for process in gpu_workers:
+            stop_group(process, signal.SIGKILL, 10)
+    assert parent.state.is_completed(), parent.state
+    children = {run.parameters["variant"]: run for run in asyncio.run(child_runs(parent.id))}
+    assert set(children) == {None, "rtn-g32", "rtn-g16"}
+    assert all(run.state.is_completed() for run in children.values())
+    a, b = children["rtn-g32"], children["rtn-g16"]
+    assert a.start_time < b.end_time and b.start_time < a.end_time, "the two variant flow runs did not overlap"
+    assert a.infrastructure_pid != b.infrastructure_pid
+    report = read_json(tmp_path / "out" / "report.json")
+    assert {row["name"] for row in report["rows"]} == {"baseline", "rtn-g32", "rtn-g16"}
+    assert (tmp_path / "out" / "rtn-g16" / "model.safetensors").is_file()
+
+
+def finished_steps(cache: Path) -> dict[str, float]:
+    return {str(path.relative_to(cache)): path.stat().st_mtime_ns for path in cache.glob("*/*/result.json")}
+
+
+def kill_run_and_worker(worker_process: subprocess.Popen, infrastructure_pid: str | None) -> None:
+    """What a host crash does: the worker, the flow-run process and its step process all die at once."""
+    if infrastructure_pid:
+        pid = int(str(infrastructure_pid).split(":")[-1])
+        try:
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    stop_group(worker_process, signal.SIGKILL, 10)
+
+
+def test_killed_worker_restarts_and_resumes_without_redoing_finished_steps(deployed, tiny_model, tmp_path, monkeypatch):
+    for key, value in deployed.items():
+        monkeypatch.setenv(key, value)
+    cache = tmp_path / "cache"
+    variants = [{"method": "rtn", "group_size": 32}, {"method": "gptq", "group_size": 32}]
+    spec = small_spec(tiny_model, tmp_path / "out", cache, variants)
+    first_worker = start_worker(deployed, "quantflow-local", tmp_path / "worker-1.log")
+    run = asyncio.run(trigger(spec))
+    deadline = time.monotonic() + 300
+    while not list((cache / "quantize").glob(".tmp-*")) or len(finished_steps(cache)) < 4:  # model, calibration, baseline, rtn done; gptq started
+        assert time.monotonic() < deadline, f"gptq never started; finished: {finished_steps(cache)}"
+        time.sleep(0.2)
+    killed_run = asyncio.run(read_run(run.id))
+    kill_run_and_worker(first_worker, killed_run.infrastructure_pid)
+    before = finished_steps(cache)
+    assert not (tmp_path / "out").exists(), "a killed run must not leave variant folders"
+    second_worker = start_worker(deployed, "quantflow-local", tmp_path / "worker-2.log")
+    try:
+        resumed, _ = asyncio.run(trigger_and_wait(spec))
+    finally:
+        stop_group(second_worker, signal.SIGKILL, 10)
+    assert resumed.state.is_completed(), resumed.state
+    after = finished_steps(cache)
+    assert {step: after[step] for step in before} == before, "finished steps were executed again"
+    assert len(after) == len(before) + 2  # gptq quantize + gptq evaluate
+    zombie = asyncio.run(wait_final(run.id, timeout=240))  # the automation notices the missing heartbeats
+    assert zombie.state.is_crashed(), zombie.state
+    clean = run_pipeline(parse_spec(small_spec(tiny_model, tmp_path / "clean-out", tmp_path / "clean-cache", variants)), progress=lambda _: None)
+    assert comparable(read_json(tmp_path / "out" / "report.json")) == comparable(read_json(clean / "report.json"))
+
+
+def comparable(report: dict) -> list[tuple]:
+    """The parts of a report that must not depend on how the run was scheduled (timings may)."""
+    return [(row["name"], row["perplexity"], row["kl_mean"], row["size_mb"], row["quantized_layers"]) for row in report["rows"]] + [report["generations"]]
+
+
+async def read_run(run_id):
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        return await client.read_flow_run(run_id)

@@ -61,6 +61,42 @@ def test_flipped_byte_is_detected_at_pull(s3_env, tmp_path):
     assert not (tmp_path / "pulled").exists() and not list(tmp_path.glob(".tmp-*"))
 
 
+def _small_disk() -> None:
+    """In the child: any file beyond 1 MiB fails with EFBIG, as a full disk fails writes (ENOSPC)."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
+
+
+def test_disk_full_while_pulling_fails_clearly_and_leaves_nothing(s3_env, tmp_path):
+    import subprocess
+    import sys
+
+    spec = bucket_spec()
+    prefix = artifact_prefix(spec, "m", "v", "h")
+    upload(artifact(tmp_path), spec, prefix, {})  # holds a 2 MB shard
+    dest = tmp_path / "landing" / "pulled"
+    result = subprocess.run([sys.executable, "-m", "deployments.cli", "pull", f"s3://{spec.bucket}/{prefix}", str(dest)],
+                            capture_output=True, text=True, timeout=120, preexec_fn=_small_disk, cwd=Path(__file__).parents[2])
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "writing" in result.stderr and "free disk space" in result.stderr and "Traceback" not in result.stderr
+    assert not dest.exists() and not list(dest.parent.glob(".tmp-*"))
+
+
+def test_pull_refuses_up_front_when_the_disk_is_too_small(s3_env, tmp_path, monkeypatch):
+    import shutil
+
+    spec = bucket_spec()
+    prefix = artifact_prefix(spec, "m", "v", "h")
+    upload(artifact(tmp_path), spec, prefix, {})
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 10**6, 10**6))  # 1 MB free
+    with pytest.raises(QuantflowError, match="needs 1.9 MiB but .* has 1.0 MiB free"):
+        pull(f"s3://{spec.bucket}/{prefix}", tmp_path / "pulled", spec)
+    assert not (tmp_path / "pulled").exists()
+
+
 def test_without_manifest_the_artifact_does_not_exist(s3_env, tmp_path):
     spec = bucket_spec()
     prefix = artifact_prefix(spec, "m", "v", "h")
@@ -144,10 +180,14 @@ def test_pipeline_stores_a_quantized_tiny_model_and_pull_reloads_it(s3_env, tiny
 
     raw = small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", [{"method": "rtn", "group_size": 32}])
     raw["output"]["store"] = {"uri": f"s3://qf-{uuid.uuid4().hex[:8]}/team", "create_bucket": True}
+    raw["output"]["store"]["roundtrip_windows"] = 2
     raw["evaluation"]["speed"] = None
-    out = pipeline.run(parse_spec(raw), progress=lambda _: None)
+    said = []
+    out = pipeline.run(parse_spec(raw), progress=said.append)
     row = next(r for r in load_report(out / "report.json").rows if r.name == "rtn")
     assert row.artifact_uri.startswith(raw["output"]["store"]["uri"] + "/")
+    assert any(m.startswith("uploading model.safetensors: 100% of") for m in said), said
+    assert row.roundtrip["windows"] == 2 and row.roundtrip["perplexity_pulled"] == row.roundtrip["perplexity_local"] > 1
     spec = StoreSpec(**raw["output"]["store"])
     stored = keys(spec)
     assert any(k.endswith("/reports/" + k.split("/reports/")[-1]) and k.endswith("report.json") for k in stored)

@@ -6,8 +6,8 @@ import sys
 from tests.conftest import small_spec
 
 
-def quantflow(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "quantflow.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+def quantflow(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, "-m", "deployments.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600, env=env)
 
 
 def test_unknown_method_exits_2_with_the_fix():
@@ -51,3 +51,19 @@ def test_run_from_yaml_then_report_with_new_constraints(tiny_model, tmp_path):
     assert result.returncode == 0 and "best: rtn" in result.stdout
     result = quantflow("report", str(tmp_path / "out" / "report.json"), "--max-size-ratio", "0.01")
     assert "best: None" in result.stdout and "size <= 0.01x baseline" in result.stdout
+
+
+def test_prefect_engine_records_the_run_and_prints_where_to_see_it(tiny_model, tmp_path):
+    """No PREFECT_API_URL: a temporary server on PREFECT_HOME's SQLite records the run for `quantflow serve`."""
+    import os
+
+    import yaml
+
+    spec = small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", [{"method": "rtn", "group_size": 32}])
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {"PREFECT_HOME": str(tmp_path / "prefect")}
+    result = quantflow("run", "--config", str(tmp_path / "spec.yaml"), env=env)
+    assert result.returncode == 0, result.stderr
+    assert f"is recorded in {tmp_path / 'prefect'}" in result.stdout and "http://127.0.0.1:4200/runs/flow-run/" in result.stdout
+    assert "quantflow-comparison" in result.stdout and "quantflow-report" in result.stdout
+    assert (tmp_path / "prefect" / "prefect.db").is_file() and (tmp_path / "out" / "rtn" / "model.safetensors").is_file()

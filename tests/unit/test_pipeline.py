@@ -66,6 +66,18 @@ def test_changing_one_variant_reruns_only_that_branch(finished):
     assert stage.cached and rtn.cached and not gptq.cached
 
 
+def test_gathering_a_result_no_worker_produced_fails_instead_of_recomputing(finished):
+    """A fan-out parent reads its children's results; a missing one means an unshared cache, not work to redo."""
+    spec, _, _ = finished
+    changed = parse_spec({**spec.model_dump(mode="json"), "variants": [{"method": "rtn", "group_size": 16}]})
+    gather = pipeline.plan(changed, progress=lambda _: None).model_copy(update={"gather_only": True})
+    stage = pipeline.baseline_and_calibration(gather)  # computed by the fixture's run: served from the cache
+    with pytest.raises(QuantflowError, match="share") as error:
+        pipeline.branch(gather, changed.variants[0], stage.calibration)
+    assert "output.cache_dir" in error.value.fix
+    assert not list((gather.cache.root / "quantize").glob(".tmp-*"))
+
+
 def test_saved_artifact_reproduces_its_perplexity_in_a_fresh_process(finished, tmp_path):
     spec, out, _ = finished
     report = load_report(out / "report.json")
@@ -121,3 +133,14 @@ def test_step_timeout_kills_the_child_process(tmp_path):
         steps.cached(StepCache(tmp_path), "calibration", "k", CalibrationRecord, sleepy_work, True, 3, seconds=120)
     assert time.perf_counter() - start < 60
     assert not (tmp_path / "calibration" / "k").exists()
+
+
+def test_local_engine_refuses_a_prefect_credentials_block(tiny_model, tmp_path):
+    raw = small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", [{"method": "rtn", "group_size": 32}])
+    raw["output"]["store"] = {"uri": "s3://team-bucket/models", "credentials_block": "aws-credentials/team"}
+    with pytest.raises(QuantflowError, match="read only when the run executes under Prefect"):
+        pipeline.run(parse_spec(raw), progress=lambda _: None)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+    raw["output"]["store"]["credentials_block"] = "team-keys"
+    with pytest.raises(QuantflowError, match="credentials_block"):
+        parse_spec(raw)

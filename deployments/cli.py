@@ -1,4 +1,9 @@
-"""The ``quantflow`` command line: run, demo, report, doctor."""
+"""The ``quantflow`` command line: run, demo, pull, storage, report, serve, doctor.
+
+It lives with the deployments because it sits on top of everything: by default it runs the
+Prefect flow (so a CLI run shows in the UI like any other), and ``serve`` starts a server.
+The core (``quantflow/``) never imports Prefect; ``--engine local`` runs the core alone.
+"""
 
 from __future__ import annotations
 
@@ -137,15 +142,21 @@ def _execute(spec, engine: str) -> None:
         from quantflow.pipeline import run as run_pipeline
 
         out = run_pipeline(spec, progress=lambda message: typer.echo(f"[quantflow] {message}", err=True))
+        where = None
     elif engine == "prefect":
-        from flows.quantize import quantflow_run
+        from flows.run import run_flow
 
-        out = Path(quantflow_run(spec))
+        out, where = run_flow(spec)
     else:
         raise QuantflowError(f"unknown engine '{engine}'", "use --engine prefect or --engine local")
     report = load_report(out / "report.json")
     typer.echo((out / "report.md").read_text().split("\n## Protocol")[0])
     typer.echo(f"artifacts: {out.resolve()}  best: {report.best}")
+    for row in report.rows:
+        if row.artifact_uri:
+            typer.echo(f"stored: {row.name} -> {row.artifact_uri}")
+    if where:
+        typer.echo(where)
 
 
 @app.command()

@@ -1,0 +1,150 @@
+"""Decode speed and memory: bf16 vs quantflow's saved W4 artifacts on int4 kernels, in one harness.
+
+For each Llama shape (random weights: speed does not depend on their values) this builds the
+bf16 model folder, quantizes it with quantflow's own quantize step (RTN, W4, group 128, with
+zero points: AWQ and GPTQ write the same packed format, so they decode at the same speed), then
+runs ``quantflow.decode.benchmark`` on:
+  - bf16: the baseline folder, dense;
+  - int4-tinygemm: the saved artifact through ``quantflow.int4`` (packed weights, PyTorch's int4 op);
+  - dense-decompressed: the same artifact as transformers loads it (compressed-tensors -> bf16).
+Before timing, the int4 model's logits are checked against the dequantized reference.
+
+    python bench/decode.py --shapes 1.1b,7b --out $OUT/decode.json      # on a GPU machine
+
+Prints a table; writes JSON with the card, versions and every record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+
+SHAPES = {  # Llama-3.2-1B-like width with a TinyLlama depth (1.1B), and Llama-2-7B
+    "1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4),
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
+}
+
+
+def build_baseline(folder: Path, shape: str) -> None:
+    """A random-weight bf16 Llama of the given shape, with a small tokenizer (quantize steps save one)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.conftest import make_tokenizer
+
+    tokenizer = make_tokenizer(folder)
+    config = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         **SHAPES[shape])
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    del model
+
+
+def quantize(baseline: Path, artifact: Path, group_size: int) -> dict:
+    from quantflow.quantize import quantize_weights
+    from quantflow.spec import RTNVariant
+
+    variant = RTNVariant(name="rtn", group_size=group_size, symmetric=False)
+    record = quantize_weights(str(baseline), variant, group_size, None, None, "bfloat16", "cuda", artifact, artifact)
+    return {"seconds": record.seconds, "peak_memory_mb": record.peak_memory_mb, "quantized_layers": len(record.quantized_layers)}
+
+
+@torch.no_grad()
+def check_int4(artifact: Path) -> float:
+    """Relative error of int4-kernel logits vs the dequantized dense reference, same prompt."""
+    from transformers import AutoModelForCausalLM
+
+    from quantflow.int4 import load_int4
+
+    ids = torch.randint(0, 32000, (1, 64), generator=torch.Generator().manual_seed(1)).cuda()
+    dense = AutoModelForCausalLM.from_pretrained(artifact, dtype=torch.bfloat16).cuda()
+    reference = dense(ids).logits.float()
+    del dense
+    torch.cuda.empty_cache()
+    packed = load_int4(artifact, "cuda")
+    return ((packed(ids).logits.float() - reference).norm() / reference.norm()).item()
+
+
+def measure(runtime: str, folder: str, batches: list[int], prompt_len: int, gen_len: int, repeats: int, tuned: bool) -> list[dict]:
+    """Load one runtime's model and time every batch size (run in a fresh process: clean peak memory, no leftover hooks)."""
+    from transformers import AutoModelForCausalLM
+
+    if tuned:  # gpt-fast's Inductor settings: autotune tile shapes of the decode kernels (longer compile)
+        torch._inductor.config.coordinate_descent_tuning = True
+        torch._inductor.config.triton.unique_kernel_names = True
+        runtime += ", Inductor coordinate-descent tuning"
+
+    from quantflow.decode import benchmark
+    from quantflow.int4 import load_int4
+
+    model = load_int4(folder, "cuda") if runtime.startswith("W4 int4") else AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).cuda()
+    return [benchmark(model, runtime, batch, prompt_len, gen_len, repeats=repeats).model_dump() for batch in batches]
+
+
+def run_shape(shape: str, work: Path, batches: list[int], prompt_len: int, gen_len: int, repeats: int, tuned: bool, chosen: list[str]) -> dict:
+    from quantflow.steps import isolated
+
+    baseline, artifact = work / f"{shape}-bf16", work / f"{shape}-w4g128"
+    start = time.perf_counter()
+    build_baseline(baseline, shape)
+    built = time.perf_counter() - start
+    quant = isolated("quantize", None, quantize, baseline, artifact, 128)
+    error = isolated("check", None, check_int4, artifact)
+    print(f"{shape}: built in {built:.0f} s, RTN W4 g128 in {quant['seconds']} s, int4 logits rel. error {error:.4f}", flush=True)
+    runtimes = {"bf16": baseline, "W4 int4 tinygemm": artifact, "W4 decompressed to bf16 by transformers": artifact}
+    records = []
+    for runtime, folder in ((name, runtimes[name]) for name in chosen):
+        for record in isolated(runtime, None, measure, runtime, str(folder), batches, prompt_len, gen_len, repeats, tuned):
+            records.append(record)
+            print(f"  {record['runtime']:80s} b{record['batch']}: {record['decode_tokens_per_s']:8.1f} tok/s, {record['decode_ms_per_step']:.3f} ms/step, "
+                  f"prefill {record['prefill_ms']:.2f} ms, peak {record['peak_memory_mb']:.0f} MiB, floor {record['bandwidth_floor_fraction']}", flush=True)
+    return {"shape": shape, "config": SHAPES[shape], "quantize": quant, "int4_logits_rel_error": error, "records": records}
+
+
+def summary(result: dict) -> list[str]:
+    """Speed-up and memory ratio of int4 vs bf16 per batch size."""
+    lines = []
+    by = {(r["runtime"].split(" [")[0].split(",")[0], r["batch"]): r for r in result["records"]}
+    for (runtime, batch), record in by.items():
+        if runtime.startswith("W4 int4"):
+            base = by[("bf16", batch)]
+            lines.append(f"{result['shape']} b{batch}: int4 {record['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x bf16 decode, "
+                         f"peak memory {record['peak_memory_mb'] / base['peak_memory_mb']:.2f}x; bf16 at {base['bandwidth_floor_fraction']} of the floor")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="1.1b,7b")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--gen-len", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tuned", action="store_true", help="Inductor coordinate-descent tuning (as gpt-fast)")
+    parser.add_argument("--runtimes", default="bf16,W4 int4 tinygemm,W4 decompressed to bf16 by transformers")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/quantflow-decode"))
+    parser.add_argument("--out", type=Path, default=Path("bench/results/decode.json"))
+    args = parser.parse_args()
+    from quantflow.environment import environment
+
+    results = {"environment": environment(), "card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+               "command": " ".join(sys.argv), "shapes": []}
+    for shape in args.shapes.split(","):
+        results["shapes"].append(run_shape(shape, args.work, [int(b) for b in args.batches.split(",")], args.prompt_len, args.gen_len, args.repeats,
+                                           args.tuned, args.runtimes.split(",")))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+    for result in results["shapes"]:
+        print("\n".join(summary(result)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Int4 execution of saved artifacts (PyTorch's CPU int4 kernel here; the CUDA twin in tests/gpu) and the decode harness."""
+
+import pytest
+import torch
+
+from quantflow import pipeline
+from quantflow.errors import QuantflowError
+from quantflow.spec import parse_spec
+from tests.conftest import make_model, small_spec
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    """Saved RTN artifacts, with zero points and symmetric, group 32, of a tiny Llama with 128-wide layers."""
+    root = tmp_path_factory.mktemp("int4")
+    model = make_model(root / "model", hidden=128)
+    variants = [{"method": "rtn", "group_size": 32, "name": "asym"}, {"method": "rtn", "group_size": 32, "symmetric": True, "name": "sym"},
+                {"method": "rtn", "group_size": None, "name": "channel"}]
+    raw = small_spec(model, root / "out", root / "cache", variants)
+    raw["evaluation"]["speed"] = None
+    return pipeline.run(parse_spec(raw), progress=lambda _: None)
+
+
+@pytest.mark.parametrize("name", ["asym", "sym"])
+def test_int4_layers_match_the_dequantized_reference(artifacts, name):
+    from transformers import AutoModelForCausalLM
+
+    from quantflow.int4 import Int4Linear, load_int4
+
+    dense = AutoModelForCausalLM.from_pretrained(artifacts / name, dtype=torch.bfloat16)  # transformers' dequantized weights
+    packed = load_int4(artifacts / name, "cpu")
+    ids = torch.randint(0, 300, (2, 16))
+    logits, reference = packed(ids).logits.float(), dense(ids).logits.float()  # the first forward also decompresses `dense`
+    assert ((logits - reference).norm() / reference.norm()).item() < 0.02
+    layers = {n: m for n, m in packed.named_modules() if isinstance(m, Int4Linear)}
+    assert len(layers) == 14 and isinstance(packed.lm_head, torch.nn.Linear)  # lm_head stays dense, as quantized
+    for layer_name, layer in layers.items():
+        x = torch.randn(5, layer.in_features)
+        reference = x @ dense.get_submodule(layer_name).weight.float().t()
+        error = ((layer(x).float() - reference).norm() / reference.norm()).item()
+        assert error < 0.01, (layer_name, error)  # bf16 activations and scales: ~0.2-0.4% expected
+
+
+def test_int4_refuses_a_scheme_its_kernels_do_not_cover(artifacts):
+    from quantflow.int4 import load_int4
+
+    with pytest.raises(QuantflowError, match="groups of"):
+        load_int4(artifacts / "channel", "cpu")
+    with pytest.raises(QuantflowError, match="not a compressed-tensors"):
+        load_int4(artifacts.parent / "model", "cpu")
+
+
+def test_decode_harness_times_dense_and_int4_alike(artifacts):
+    from transformers import AutoModelForCausalLM
+
+    from quantflow.decode import benchmark
+    from quantflow.int4 import load_int4
+
+    dense = AutoModelForCausalLM.from_pretrained(artifacts / "asym", dtype=torch.bfloat16)
+    records = [benchmark(model, label, batch=2, prompt_len=8, gen_len=5, warmup=1, repeats=3)
+               for model, label in ((dense, "dense"), (load_int4(artifacts / "asym", "cpu"), "int4"))]
+    for record in records:
+        assert record.decode_tokens_per_s == pytest.approx(2 / (record.decode_ms_per_step / 1e3), rel=0.01)
+        assert record.prefill_ms > 0 and record.repeats == 3 and record.bandwidth_floor_fraction is None  # no GPU, no floor
+    assert records[1].weight_bytes < 0.6 * records[0].weight_bytes
