@@ -54,8 +54,11 @@ def _sync() -> None:
 
 
 def benchmark(model: torch.nn.Module, runtime: str, batch: int, prompt_len: int, gen_len: int, warmup: int = 2, repeats: int = 5,
-              compile: bool = True, seed: int = 0) -> DecodeRecord:
-    """Time prefill and ``gen_len`` greedy decode steps of ``model`` on random prompts (same prompts for every model)."""
+              compile: bool = True, seed: int = 0, reset_peak: bool = True) -> DecodeRecord:
+    """Time prefill and ``gen_len`` greedy decode steps of ``model`` on random prompts (same prompts for every model).
+
+    ``reset_peak=False`` leaves the peak-memory counter alone, for callers that report one peak for a whole evaluation.
+    """
     from transformers import StaticCache
 
     device = next(model.parameters()).device
@@ -85,7 +88,7 @@ def benchmark(model: torch.nn.Module, runtime: str, batch: int, prompt_len: int,
         _sync()
         return prefill, (time.perf_counter() - start) / (gen_len - 1)
 
-    if torch.cuda.is_available():
+    if reset_peak and torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     label = f"{runtime} [static cache, {'CUDA graphs' if graphs else 'eager'}]"
     try:

@@ -11,7 +11,6 @@ scored token still has up to a full window of context.
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from pathlib import Path
 
@@ -41,6 +40,8 @@ class SpeedRecord(BaseModel):
     decode_tokens_per_s: float
     decode_ms_per_token: float
     repeats: int
+    bandwidth_floor_fraction: float | None = None
+    harness: str = ""
 
 
 class EvalRecord(BaseModel):
@@ -128,42 +129,22 @@ def score(model, ids: torch.Tensor, spec: EvaluationSpec, span: int, bos: int | 
     return nll_sum / count, count, kl, kl_count
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def measure_speed(model, spec: SpeedSpec) -> list[SpeedRecord]:
+    """Prefill and decode throughput with ``quantflow.decode``'s harness, the same for every variant.
 
-
-def _timed_generate(model, prompt: torch.Tensor, new_tokens: int) -> float:
-    device = prompt.device
-    _sync(device)
-    start = time.perf_counter()
-    model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                   do_sample=False, pad_token_id=model.generation_config.pad_token_id or 0)
-    _sync(device)
-    return time.perf_counter() - start
-
-
-@torch.no_grad()
-def measure_speed(model, ids: torch.Tensor, spec: SpeedSpec) -> list[SpeedRecord]:
-    """Prefill and decode throughput from two generate lengths, medians over repeats.
-
-    ``generate(1 token)`` times the prefill; ``generate(gen_len)`` minus that, spread over
-    ``gen_len - 1`` steps, times decoding. Same code path for every variant.
+    Static KV cache; on CUDA the decode step runs as a CUDA graph; synchronized timing, warm-up,
+    medians over repeats. The harness labels its mode in ``harness``.
     """
-    device = next(model.parameters()).device
+    from quantflow.decode import benchmark
+
     records = []
     for batch in spec.batch_sizes:
-        rows = [ids[(i * spec.prompt_len) % max(1, ids.numel() - spec.prompt_len):][: spec.prompt_len] for i in range(batch)]
-        prompt = torch.stack(rows).to(device)
-        for _ in range(spec.warmup):
-            _timed_generate(model, prompt, spec.gen_len)
-        prefill = statistics.median(_timed_generate(model, prompt, 1) for _ in range(spec.repeats))
-        full = statistics.median(_timed_generate(model, prompt, spec.gen_len) for _ in range(spec.repeats))
-        decode = max(full - prefill, 1e-9) / (spec.gen_len - 1)
+        run = benchmark(model, "", batch, spec.prompt_len, spec.gen_len, warmup=spec.warmup, repeats=spec.repeats, reset_peak=False)
         records.append(SpeedRecord(
             batch=batch, prompt_len=spec.prompt_len, gen_len=spec.gen_len, repeats=spec.repeats,
-            prefill_tokens_per_s=round(batch * spec.prompt_len / prefill, 1),
-            decode_tokens_per_s=round(batch / decode, 2), decode_ms_per_token=round(decode * 1000, 2),
+            prefill_tokens_per_s=round(batch * spec.prompt_len / (run.prefill_ms / 1e3), 1), decode_tokens_per_s=run.decode_tokens_per_s,
+            decode_ms_per_token=round(run.decode_ms_per_step, 3), bandwidth_floor_fraction=run.bandwidth_floor_fraction,
+            harness=run.runtime.strip(" []"),
         ))
     return records
 
@@ -191,7 +172,7 @@ def evaluate_model(model, tokenizer, name: str, texts: list[str], spec: Evaluati
     ids = eval_tokens(texts, tokenizer)
     span, bos = window_span(spec, model, tokenizer)
     nll, count, kl, kl_count = score(model, ids, spec, span, bos, baseline, save_baseline)
-    speed = measure_speed(model, ids, spec.speed) if spec.speed else []
+    speed = measure_speed(model, spec.speed) if spec.speed else []
     generations = greedy_samples(model, tokenizer, spec.prompts, spec.max_new_tokens)
     peak, kind = peak_memory_mb()
     device = next(model.parameters()).device

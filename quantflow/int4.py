@@ -87,6 +87,25 @@ def weight_scheme(config: dict) -> dict:
     return args
 
 
+def use_int4(model_path: str | Path, kernels: str, device: str) -> bool:
+    """Whether a model folder is evaluated on the int4 kernels: W4 artifacts under 'int4', and on CUDA under 'auto'.
+
+    Unquantized folders (the baseline) always run dense; under 'int4' an artifact the kernels cannot run is an error
+    (``pipeline.plan`` refuses such variants before any work).
+    """
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    if kernels == "dense" or not config.get("quantization_config"):
+        return False
+    if kernels == "int4":
+        weight_scheme(config)
+        return True
+    try:
+        weight_scheme(config)
+    except QuantflowError:
+        return False
+    return device == "cuda"
+
+
 def convert_layer(tensors: dict[str, torch.Tensor], args: dict, bias: torch.Tensor | None, device: torch.device) -> Int4Linear:
     """One compressed Linear (weight_packed, weight_scale, weight_shape[, weight_zero_point]) to an Int4Linear."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32

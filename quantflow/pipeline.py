@@ -19,6 +19,7 @@ from quantflow.cache import StepCache, content_key, default_cache_root
 from quantflow.calibration import CalibrationRecord
 from quantflow.errors import QuantflowError
 from quantflow.evaluate import EvalRecord
+from quantflow.int4 import GROUP_SIZES
 from quantflow.quantize import QuantizeRecord, check_ignore, resolve_group_size, weightless_model
 from quantflow.resources import pick_device
 from quantflow.sources import ModelRef, resolve_model
@@ -85,6 +86,9 @@ def plan(spec: RunSpec, progress: Progress = print) -> Plan:
             continue
         check_ignore(skeleton, variant)
         group_sizes[variant.name] = resolve_group_size(skeleton, variant)
+        if spec.evaluation.kernels == "int4" and (variant.bits != 4 or group_sizes[variant.name][0] not in GROUP_SIZES):
+            raise QuantflowError(f"variant '{variant.name}' ({variant.bits} bits, group size {group_sizes[variant.name][0]}) cannot run on the int4 "
+                                 f"kernels, which need 4 bits in groups of {GROUP_SIZES}", "set evaluation.kernels to 'auto' or 'dense', or change the variant")
     return Plan(spec=spec, model=model, device=device, cache_root=str(cache.root), group_sizes=group_sizes)
 
 

@@ -151,7 +151,8 @@ def markdown(report: Report) -> str:
     for r in report.rows:
         layers = "" if r.quantized_layers is None else f"; {r.quantized_layers} layers quantized, skipped: {', '.join(r.skipped_layers) or 'none'}"
         note = f"; {r.group_size_note}" if r.group_size_note else ""
-        lines.append(f"- **{r.name}**: {r.runtime}{layers}{note}")
+        harness = f"; timed with {r.speed[0]['harness']}" if r.speed and r.speed[0].get("harness") else ""
+        lines.append(f"- **{r.name}**: {r.runtime}{harness}{layers}{note}")
     lines += ["", "## Greedy samples", ""]
     for name, samples in report.generations.items():
         for sample in samples:

@@ -138,6 +138,9 @@ class EvaluationSpec(_Strict):
     bos: bool = Field(True, description="Prefix every window with the tokenizer's BOS token when it has one.")
     kl_tokens: int = Field(2048, ge=0, description="Tokens on which the KL divergence from the baseline is measured (0 = skip).")
     speed: SpeedSpec | None = Field(default_factory=SpeedSpec, description="Throughput settings; null skips timing.")
+    kernels: Literal["auto", "dense", "int4"] = Field(
+        "auto", description="How W4 artifacts execute: 'int4' = packed weights on PyTorch's int4 kernels (bf16 activations), 'dense' = "
+                            "decompressed by transformers, 'auto' = int4 on CUDA when the scheme allows, else dense.")
     prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), description="Prompts answered greedily by every variant.")
     max_new_tokens: int = Field(32, ge=1, description="Tokens generated per prompt.")
     lm_eval_tasks: list[str] = Field([], description="lm-evaluation-harness tasks (needs lm-eval and its data).")

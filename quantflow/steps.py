@@ -118,21 +118,29 @@ def evaluate(cache: StepCache, name: str, key: str, texts_from: RunSpec, model_p
 
 def _evaluate_work(out: Path, final: Path, name: str, run: RunSpec, model_path: str, device: str,
                    bnb: BnbVariant | None, baseline: str | None) -> EvalRecord:
+    from transformers import AutoTokenizer
+
     from quantflow.corpus import evaluation_documents
     from quantflow.environment import package_version
     from quantflow.evaluate import evaluate_model, folder_size, load_for_eval
+    from quantflow.int4 import load_int4, use_int4
     from quantflow.quantize import bnb_config
 
     compute = "float32" if device == "cpu" else run.model.dtype
     config = bnb_config(bnb) if bnb else None
-    model, tokenizer = load_for_eval(model_path, device, compute, config)
-    if bnb:
+    if not bnb and use_int4(model_path, run.evaluation.kernels, device):
+        model, tokenizer = load_int4(model_path, device), AutoTokenizer.from_pretrained(model_path)
+        size = (folder_size(Path(model_path)), "on_disk_safetensors")
+        runtime = f"PyTorch {package_version('torch')} int4 tinygemm kernels on the packed weights (bf16 activations)"
+    elif bnb:
+        model, tokenizer = load_for_eval(model_path, device, compute, config)
         size = (model.get_memory_footprint(), "in_memory_weights")
-        runtime = f"transformers {package_version('transformers')} + bitsandbytes {package_version('bitsandbytes')}, eager generate"
+        runtime = f"transformers {package_version('transformers')} + bitsandbytes {package_version('bitsandbytes')}"
     else:
+        model, tokenizer = load_for_eval(model_path, device, compute, config)
         size = (folder_size(Path(model_path)), "on_disk_safetensors")
         packed = (Path(model_path) / "config.json").read_text().count("compressed-tensors") > 0
-        runtime = f"transformers {package_version('transformers')}, eager generate" + (", compressed-tensors decompressed to dense at load" if packed else "")
+        runtime = f"transformers {package_version('transformers')}" + (", compressed-tensors decompressed to dense at load" if packed else "")
     texts = evaluation_documents(run.calibration, run.evaluation)
     return evaluate_model(model, tokenizer, name, texts, run.evaluation, runtime, size,
                           baseline=Path(baseline) if baseline else None,

@@ -63,3 +63,28 @@ def test_decode_harness_times_dense_and_int4_alike(artifacts):
         assert record.decode_tokens_per_s == pytest.approx(2 / (record.decode_ms_per_step / 1e3), rel=0.01)
         assert record.prefill_ms > 0 and record.repeats == 3 and record.bandwidth_floor_fraction is None  # no GPU, no floor
     assert records[1].weight_bytes < 0.6 * records[0].weight_bytes
+
+
+def test_pipeline_evaluates_w4_variants_on_int4_kernels_when_asked(tiny_model, tmp_path):
+    raw = small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", [{"method": "rtn", "group_size": 32}])
+    dense = {r.name: r for r in load(pipeline.run(parse_spec(raw), progress=lambda _: None))}
+    raw["evaluation"]["kernels"] = "int4"
+    raw["output"]["dir"] = str(tmp_path / "out-int4")
+    packed = {r.name: r for r in load(pipeline.run(parse_spec(raw), progress=lambda _: None))}
+    assert "int4 tinygemm" in packed["rtn"].runtime and "decompressed" in dense["rtn"].runtime
+    assert packed["baseline"].runtime == dense["baseline"].runtime  # the baseline has nothing to pack
+    assert packed["rtn"].perplexity == pytest.approx(dense["rtn"].perplexity, rel=0.02)  # bf16 activations vs float32 on CPU
+    assert [s["harness"] for s in packed["rtn"].speed] == ["static cache, eager"] * 2
+
+
+def test_int4_kernels_refuse_an_8_bit_variant_before_any_work(tiny_model, tmp_path):
+    raw = small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", [{"method": "gptq", "bits": 8, "group_size": 32}])
+    raw["evaluation"]["kernels"] = "int4"
+    with pytest.raises(QuantflowError, match="cannot run on the int4 kernels"):
+        pipeline.plan(parse_spec(raw), progress=lambda _: None)
+
+
+def load(out):
+    from quantflow.report import load_report
+
+    return load_report(out / "report.json").rows
