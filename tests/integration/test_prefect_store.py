@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 
 import pytest
@@ -22,6 +23,8 @@ def block_only(prefect_server, s3_server, monkeypatch):
 
     for key in ("PREFECT_API_URL", "PREFECT_HOME"):
         monkeypatch.setenv(key, prefect_server[key])
+    # an earlier in-process Prefect client may have configured logging under the servers' WARNING level; this test reads INFO lines
+    monkeypatch.setattr(logging.getLogger("prefect"), "level", logging.INFO)
     keys = s3_server.env()
     name = f"qf-{uuid.uuid4().hex[:8]}"
     credentials = AwsCredentials(aws_access_key_id=keys["AWS_ACCESS_KEY_ID"], aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"],
