@@ -169,8 +169,13 @@ def convert_gguf(gguf: Path, dtype: str, cache: StepCache, key: str) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with cache.writing("models", key) as scratch:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype))
+        except Exception as error:  # gguf/transformers raise many types for truncated or foreign files
+            detail = str(error).splitlines()[0][:200] if str(error) else ""
+            raise QuantflowError(f"{gguf.name} could not be read as a GGUF model ({type(error).__name__}: {detail})",
+                                 "pass a complete GGUF of an architecture transformers can load (llama, mistral, qwen2, ...)") from None
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config

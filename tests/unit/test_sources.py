@@ -1,6 +1,7 @@
 """Model sources: local folders are checked before anything loads them."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -62,3 +63,31 @@ def test_unreachable_hub_gives_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(QuantflowError, match="could not reach the Hugging Face hub|does not exist"):
         resolve_model(ModelSpec(source="facebook/opt-125m"), StepCache(tmp_path))
+
+
+def test_gguf_file_converts_to_an_identical_safetensors_model(tiny_model, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.gguf_writer import write_gguf
+
+    original = write_gguf(tiny_model, tmp_path / "tiny.gguf")
+    ref = resolve_model(ModelSpec(source=str(tmp_path / "tiny.gguf"), dtype="float32"), StepCache(tmp_path / "cache"))
+    assert (Path(ref.path) / "model.safetensors").is_file() and (Path(ref.path) / "tokenizer.json").is_file()
+    assert "quantization_config" not in (Path(ref.path) / "config.json").read_text()
+    converted = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch.float32)
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(converted(ids).logits, original(ids).logits)
+    assert resolve_model(ModelSpec(source=str(tmp_path / "tiny.gguf"), dtype="float32"), StepCache(tmp_path / "cache")) == ref  # cached
+
+
+def test_truncated_gguf_is_refused_and_leaves_nothing(tiny_model, tmp_path):
+    from tests.gguf_writer import write_gguf
+
+    write_gguf(tiny_model, tmp_path / "tiny.gguf")
+    data = (tmp_path / "tiny.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 3])
+    with pytest.raises(QuantflowError, match="could not be read as a GGUF model"):
+        resolve_model(ModelSpec(source=str(tmp_path / "cut.gguf")), StepCache(tmp_path / "cache"))
+    models = tmp_path / "cache" / "models"
+    assert not models.exists() or not list(models.iterdir())
