@@ -15,6 +15,7 @@ the Prefect UI renders a form with descriptions, dropdowns and validation at sub
 from __future__ import annotations
 
 from pathlib import Path
+from uuid import UUID
 
 from prefect import flow
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -37,8 +38,7 @@ def quantflow_run(spec: RunSpec = RunSpec(), variant_deployment: str | None = VA
     plan = plan_task(spec)
     progress = create_progress_artifact(0.0, key="quantflow-progress", description="variants finished (%)")
     if variant_deployment:
-        stage, branches = _fanned_out(plan, variant_deployment)
-        update_progress_artifact(progress, 100.0)
+        stage, branches = _fanned_out(plan, variant_deployment, progress)
     else:
         stage = baseline_task(plan)
         branches = []
@@ -50,12 +50,13 @@ def quantflow_run(spec: RunSpec = RunSpec(), variant_deployment: str | None = VA
     return out
 
 
-def _fanned_out(plan: Plan, deployment: str) -> tuple[Stage, list[BranchResult]]:
+def _fanned_out(plan: Plan, deployment: str, progress: UUID) -> tuple[Stage, list[BranchResult]]:
     """Baseline first (every variant's KL needs it), then all variants at once; then gather from the cache."""
     dispatch_task(deployment, plan.spec, None)
     futures = [dispatch_task.submit(deployment, plan.spec, variant.name) for variant in plan.spec.variants]
-    for future in futures:
+    for done, future in enumerate(futures, start=1):
         future.result()
+        update_progress_artifact(progress, 100.0 * done / len(futures))
     gather = plan.model_copy(update={"gather_only": True})
     stage = baseline_task(gather)
     return stage, [branch_task(gather, variant, stage.calibration) for variant in plan.spec.variants]
