@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,6 +45,32 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def host_tag() -> str:
+    """This host's name as a short dash-free tag (host names may contain dashes; scratch names are split on them)."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def remove_orphans(folder: Path) -> list[Path]:
+    """Delete scratch folders left by dead processes of this host (other hosts' are left alone)."""
+    removed = []
+    for scratch in folder.glob(".tmp-*"):
+        parts = scratch.name.rsplit("-", 3)  # .tmp-<key>-<host>-<pid>-<random>
+        if len(parts) == 4 and parts[1] == host_tag() and parts[2].isdigit() and not _alive(int(parts[2])):
+            shutil.rmtree(scratch, ignore_errors=True)
+            removed.append(scratch)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 class StepCache:
     """Finished step folders under ``root/<step>/<key>/`` with a ``result.json`` record.
 
@@ -66,10 +93,16 @@ class StepCache:
 
     @contextmanager
     def writing(self, step: str, key: str) -> Iterator[Path]:
-        """Yield a scratch folder; on success it becomes the step's folder atomically."""
+        """Yield a scratch folder; on success it becomes the step's folder atomically.
+
+        The scratch name carries this host and process id, so a later writer can remove
+        the scratch of a step whose process was killed (it cannot clean up after itself).
+        """
         final = self.folder(step, key)
-        scratch = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
-        scratch.mkdir(parents=True)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        remove_orphans(final.parent)
+        scratch = final.parent / f".tmp-{key}-{host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        scratch.mkdir()
         try:
             yield scratch
             if not (scratch / RESULT_FILE).is_file():
