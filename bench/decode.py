@@ -80,7 +80,6 @@ def measure(runtime: str, folder: str, batches: list[int], prompt_len: int, gen_
     if tuned:  # gpt-fast's Inductor settings: autotune tile shapes of the decode kernels (longer compile)
         torch._inductor.config.coordinate_descent_tuning = True
         torch._inductor.config.triton.unique_kernel_names = True
-        runtime += ", Inductor coordinate-descent tuning"
 
     from quantflow.decode import benchmark
     from quantflow.int4 import load_int4
@@ -104,15 +103,15 @@ def run_shape(shape: str, work: Path, batches: list[int], prompt_len: int, gen_l
     for runtime, folder in ((name, runtimes[name]) for name in chosen):
         for record in isolated(runtime, None, measure, runtime, str(folder), batches, prompt_len, gen_len, repeats, tuned):
             records.append(record)
-            print(f"  {record['runtime']:80s} b{record['batch']}: {record['decode_tokens_per_s']:8.1f} tok/s, {record['decode_ms_per_step']:.3f} ms/step, "
+            print(f"  {record['runtime'] + ' [' + record['harness'] + ']':80s} b{record['batch']}: {record['decode_tokens_per_s']:8.1f} tok/s, {record['decode_ms_per_step']:.3f} ms/step, "
                   f"prefill {record['prefill_ms']:.2f} ms, peak {record['peak_memory_mb']:.0f} MiB, floor {record['bandwidth_floor_fraction']}", flush=True)
-    return {"shape": shape, "config": SHAPES[shape], "quantize": quant, "int4_logits_rel_error": error, "records": records}
+    return {"shape": shape, "config": SHAPES[shape], "inductor_tuning": tuned, "quantize": quant, "int4_logits_rel_error": error, "records": records}
 
 
 def summary(result: dict) -> list[str]:
     """Speed-up and memory ratio of int4 vs bf16 per batch size."""
     lines = []
-    by = {(r["runtime"].split(" [")[0].split(",")[0], r["batch"]): r for r in result["records"]}
+    by = {(r["runtime"], r["batch"]): r for r in result["records"]}
     for (runtime, batch), record in by.items():
         if runtime.startswith("W4 int4"):
             base = by[("bf16", batch)]

@@ -58,6 +58,7 @@ def main() -> None:
     from quantflow import pipeline, steps
     from quantflow.calibration import load_samples
     from quantflow.demo import demo_spec
+    from quantflow.resources import compute_dtype
     from quantflow.spec import apply_overrides
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,7 +76,7 @@ def main() -> None:
     plan = pipeline.plan(spec)
     stage = pipeline.baseline_and_calibration(plan)
     samples = load_samples(stage.calibration)
-    compute = "float32" if plan.device == "cpu" else spec.model.dtype
+    compute = compute_dtype(plan.device, spec.model.dtype)
     rows = []
     for variant in spec.variants:
         ours = pipeline.branch(plan, variant, stage.calibration)

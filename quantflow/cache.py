@@ -52,10 +52,10 @@ def host_tag() -> str:
 
 def remove_orphans(folder: Path) -> list[Path]:
     """Delete scratch folders left by dead processes of this host (other hosts' are left alone)."""
-    removed = []
+    removed, here = [], host_tag()
     for scratch in folder.glob(".tmp-*"):
         parts = scratch.name.rsplit("-", 3)  # .tmp-<key>-<host>-<pid>-<random>
-        if len(parts) == 4 and parts[1] == host_tag() and parts[2].isdigit() and not _alive(int(parts[2])):
+        if len(parts) == 4 and parts[1] == here and parts[2].isdigit() and not _alive(int(parts[2])):
             shutil.rmtree(scratch, ignore_errors=True)
             removed.append(scratch)
     return removed

@@ -24,6 +24,7 @@ HBM_BANDWIDTH = {"H100 80GB HBM3": 3.35e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0
 
 class DecodeRecord(BaseModel):
     runtime: str
+    harness: str  # how the decode loop ran, e.g. "static cache, CUDA graphs"
     batch: int
     prompt_len: int
     gen_len: int
@@ -90,19 +91,19 @@ def benchmark(model: torch.nn.Module, runtime: str, batch: int, prompt_len: int,
 
     if reset_peak and torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    label = f"{runtime} [static cache, {'CUDA graphs' if graphs else 'eager'}]"
+    harness = f"static cache, {'CUDA graphs' if graphs else 'eager'}"
     try:
         once()
     except Exception as error:  # a model whose forward torch.compile cannot capture still gets measured, labelled eager
         if decode is step:
             raise
-        decode, label = step, f"{runtime} [static cache, eager: compile failed with {type(error).__name__}]"
+        decode, harness = step, f"static cache, eager: compile failed with {type(error).__name__}"
     for _ in range(warmup):
         once()
     timings = [once() for _ in range(repeats)]
     prefill, per_step = statistics.median(t[0] for t in timings), statistics.median(t[1] for t in timings)
     floor_bw, size = bandwidth(), weight_bytes(model)
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
-    return DecodeRecord(runtime=label, batch=batch, prompt_len=prompt_len, gen_len=gen_len, prefill_ms=round(prefill * 1e3, 3),
+    return DecodeRecord(runtime=runtime, harness=harness, batch=batch, prompt_len=prompt_len, gen_len=gen_len, prefill_ms=round(prefill * 1e3, 3),
                         decode_ms_per_step=round(per_step * 1e3, 4), decode_tokens_per_s=round(batch / per_step, 1), peak_memory_mb=round(peak, 1),
                         weight_bytes=size, bandwidth_floor_fraction=round(size / floor_bw / per_step, 3) if floor_bw else None, repeats=repeats)

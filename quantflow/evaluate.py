@@ -144,7 +144,7 @@ def measure_speed(model, spec: SpeedSpec) -> list[SpeedRecord]:
             batch=batch, prompt_len=spec.prompt_len, gen_len=spec.gen_len, repeats=spec.repeats,
             prefill_tokens_per_s=round(batch * spec.prompt_len / (run.prefill_ms / 1e3), 1), decode_tokens_per_s=run.decode_tokens_per_s,
             decode_ms_per_token=round(run.decode_ms_per_step, 3), bandwidth_floor_fraction=run.bandwidth_floor_fraction,
-            harness=run.runtime.strip(" []"),
+            harness=run.harness,
         ))
     return records
 

@@ -99,11 +99,13 @@ def use_int4(model_path: str | Path, kernels: str, device: str) -> bool:
     if kernels == "int4":
         weight_scheme(config)
         return True
+    if device != "cuda":
+        return False
     try:
         weight_scheme(config)
     except QuantflowError:
         return False
-    return device == "cuda"
+    return True
 
 
 def convert_layer(tensors: dict[str, torch.Tensor], args: dict, bias: torch.Tensor | None, device: torch.device) -> Int4Linear:

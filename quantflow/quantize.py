@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from quantflow.calibration import CalibrationRecord, load_samples
 from quantflow.errors import QuantflowError
-from quantflow.resources import peak_memory_mb, reset_peak_memory
+from quantflow.resources import compute_dtype, peak_memory_mb, reset_peak_memory
 from quantflow.spec import AWQVariant, BnbVariant, GPTQVariant, RTNVariant
 
 WeightVariant = RTNVariant | GPTQVariant | AWQVariant
@@ -163,7 +163,7 @@ def quantize_weights(model_path: str, variant: WeightVariant, group_size: int | 
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    compute = "float32" if device == "cpu" else dtype
+    compute = compute_dtype(device, dtype)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, compute), use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     recipe = recipe_for(variant, group_size, dtype)

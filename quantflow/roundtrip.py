@@ -29,12 +29,13 @@ def slice_perplexities(folders: list[str], run: RunSpec, device: str, windows: i
     """Perplexity of each folder on the first ``windows`` evaluation windows (one process, same tokens)."""
     from quantflow.corpus import evaluation_documents
     from quantflow.evaluate import eval_tokens, load_for_eval, score, window_span
+    from quantflow.resources import compute_dtype
 
     protocol = run.evaluation.model_copy(update={"max_windows": windows, "kl_tokens": 0})
     texts = evaluation_documents(run.calibration, run.evaluation)
     result = []
     for folder in folders:
-        model, tokenizer = load_for_eval(folder, device, "float32" if device == "cpu" else run.model.dtype)
+        model, tokenizer = load_for_eval(folder, device, compute_dtype(device, run.model.dtype))
         span, bos = window_span(protocol, model, tokenizer)
         nll, _, _, _ = score(model, eval_tokens(texts, tokenizer), protocol, span, bos, None, None)
         result.append(math.exp(nll))

@@ -125,8 +125,9 @@ def _evaluate_work(out: Path, final: Path, name: str, run: RunSpec, model_path: 
     from quantflow.evaluate import evaluate_model, folder_size, load_for_eval
     from quantflow.int4 import load_int4, use_int4
     from quantflow.quantize import bnb_config
+    from quantflow.resources import compute_dtype
 
-    compute = "float32" if device == "cpu" else run.model.dtype
+    compute = compute_dtype(device, run.model.dtype)
     config = bnb_config(bnb) if bnb else None
     if not bnb and use_int4(model_path, run.evaluation.kernels, device):
         model, tokenizer = load_int4(model_path, device), AutoTokenizer.from_pretrained(model_path)
