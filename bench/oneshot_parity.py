@@ -16,42 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
-import torch
-
-
-def direct_oneshot(model_path: str, variant, samples: list[torch.Tensor], compute: str, dtype: str, out: Path) -> float:
-    """The llm-compressor call a user would write by hand; returns its wall seconds."""
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-    from datasets import Dataset
-    from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
-    from llmcompressor.modifiers.transform.awq import AWQModifier
-    from llmcompressor.pipelines.cache import IntermediatesCache
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, compute))
-    weights = QuantizationArgs(num_bits=variant.bits, type="int", symmetric=variant.symmetric, strategy="group",
-                               group_size=variant.group_size, scale_dtype=getattr(torch, dtype), observer=variant.observer)
-    groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
-    if variant.method == "gptq":
-        recipe = [GPTQModifier(config_groups=groups, ignore=["lm_head"], block_size=variant.block_size,
-                               dampening_frac=variant.dampening_frac, actorder=variant.actorder)]
-    else:
-        recipe = [AWQModifier(n_grid=variant.n_grid, duo_scaling=variant.duo_scaling),
-                  QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
-    data = Dataset.from_dict({"input_ids": [s.tolist() for s in samples], "attention_mask": [[1] * len(s) for s in samples]})
-    if not torch.accelerator.is_available():  # the same CPU workaround quantflow applies (pinning needs an accelerator)
-        IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
-    start = time.perf_counter()
-    oneshot(model=model, recipe=recipe, dataset=data, num_calibration_samples=len(samples),
-            max_seq_length=max(len(s) for s in samples), shuffle_calibration_samples=False)
-    seconds = time.perf_counter() - start
-    model.to(getattr(torch, dtype)).save_pretrained(out, save_compressed=True)
-    AutoTokenizer.from_pretrained(model_path).save_pretrained(out)
-    return seconds
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from bench.direct import direct_oneshot  # noqa: E402
 
 
 def main() -> None:
@@ -81,7 +51,7 @@ def main() -> None:
     for variant in spec.variants:
         ours = pipeline.branch(plan, variant, stage.calibration)
         folder = args.work / f"direct-{variant.method}"
-        direct_seconds = direct_oneshot(plan.model.path, variant, samples, compute, spec.model.dtype, folder)
+        direct_seconds, _ = direct_oneshot(plan.model.path, variant, samples, compute, spec.model.dtype, folder)
         theirs, _ = steps.evaluate(plan.cache, f"direct-{variant.method}", f"direct-{variant.method}-{time.time_ns()}", spec,
                                    str(folder), plan.device, None, plan.baseline_key())
         gap = 100 * (ours.evaluation.perplexity / theirs.perplexity - 1)

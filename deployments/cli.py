@@ -36,6 +36,7 @@ def run(
     group_size: Optional[str] = typer.Option(None, help="Group size for rtn/awq/gptq variants made by --methods (int, 'auto' or 'none')."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder."),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
+    gpu_memory_gb: Optional[float] = typer.Option(None, help="GPU memory each step may use, per GPU (GiB)."),
     num_samples: Optional[int] = typer.Option(None, help="Calibration samples."),
     seq_len: Optional[int] = typer.Option(None, help="Calibration sequence length."),
     calibration: Optional[str] = typer.Option(None, help="Calibration source (builtin:pydoc, a file, hf:<name>)."),
@@ -51,7 +52,7 @@ def run(
         spec = load_spec(config) if config else RunSpec()
         overrides = _flag_overrides(**{
             "model.source": model, "model.revision": revision, "output.dir": str(output) if output else None, "device": device,
-            "calibration.num_samples": num_samples, "calibration.seq_len": seq_len, "calibration.source": calibration,
+            "gpu_memory_gb": gpu_memory_gb, "calibration.num_samples": num_samples, "calibration.seq_len": seq_len, "calibration.source": calibration,
             "evaluation.window": window, "evaluation.max_windows": max_windows, "output.cache_dir": str(cache_dir) if cache_dir else None,
         })
         if methods:

@@ -14,3 +14,6 @@ class QuantflowError(Exception):
         self.problem = problem
         self.fix = fix
         super().__init__(f"{problem}\n  fix: {fix}")
+
+    def __reduce__(self):  # steps run in child processes: the error must cross back intact
+        return type(self), (self.problem, self.fix)

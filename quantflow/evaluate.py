@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
 
 from quantflow.errors import QuantflowError
-from quantflow.resources import peak_memory_mb, reset_peak_memory
+from quantflow.resources import peak_memory_mb, placement_budget, reset_peak_memory
 from quantflow.spec import EvaluationSpec, SpeedSpec
 
 BASELINE_LOGPROBS = "baseline_logprobs.safetensors"
@@ -63,6 +63,7 @@ class EvalRecord(BaseModel):
     size_kind: str
     generations: list[dict]
     seconds: float
+    placement: dict[str, float] = {}
 
 
 def windows(total: int, span: int, stride: int, limit: int | None) -> list[Window]:
@@ -176,6 +177,7 @@ def evaluate_model(model, tokenizer, name: str, texts: list[str], spec: Evaluati
     generations = greedy_samples(model, tokenizer, spec.prompts, spec.max_new_tokens)
     peak, kind = peak_memory_mb()
     device = next(model.parameters()).device
+    spread = placement(model)
     return EvalRecord(
         variant=name, runtime=runtime, device=str(device), compute_dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
         perplexity=round(math.exp(nll), 4), nll_per_token=round(nll, 5),
@@ -183,8 +185,16 @@ def evaluate_model(model, tokenizer, name: str, texts: list[str], spec: Evaluati
                   "bos": bos is not None, "scored_tokens": count, "corpus_tokens": ids.numel()},
         kl_mean=round(kl, 6) if kl is not None else None, kl_tokens=kl_count if baseline or save_baseline else 0,
         speed=speed, peak_memory_mb=peak, memory_kind=kind, size_bytes=size[0], size_kind=size[1],
-        generations=generations, seconds=round(time.perf_counter() - start, 1),
+        generations=generations, seconds=round(time.perf_counter() - start, 1), placement=spread if len(spread) > 1 else {},
     )
+
+
+def placement(model) -> dict[str, float]:
+    """GiB of parameters on each device: shows how a model too big for one card was spread."""
+    sizes: dict[str, float] = {}
+    for parameter in model.parameters():
+        sizes[str(parameter.device)] = sizes.get(str(parameter.device), 0.0) + parameter.numel() * parameter.element_size() / 2**30
+    return {device: round(gib, 3) for device, gib in sorted(sizes.items())}
 
 
 def folder_size(path: Path) -> int:
@@ -192,11 +202,12 @@ def folder_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
 
 
-def load_for_eval(path: str, device: str, compute_dtype: str, quantization_config=None):
+def load_for_eval(path: str, device: str, compute_dtype: str, quantization_config=None, gpu_memory_gb: float | None = None):
     """Load a model folder for evaluation; ``reset_peak_memory`` first so loading counts toward the peak.
 
-    With several visible GPUs the layers are spread over them (``device_map="auto"``), so a model
-    bigger than one card still evaluates within one worker.
+    With several visible GPUs, or a GPU memory budget, accelerate places the layers
+    (``device_map="auto"``): a model bigger than one card spreads over the worker's GPUs, and
+    what exceeds them all stays in host memory and is streamed in layer by layer.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -204,8 +215,9 @@ def load_for_eval(path: str, device: str, compute_dtype: str, quantization_confi
     kwargs = {"dtype": getattr(torch, compute_dtype), "use_safetensors": True}
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
-    if device == "cuda" and torch.cuda.device_count() > 1:
+    if device == "cuda" and (torch.cuda.device_count() > 1 or gpu_memory_gb):
         kwargs["device_map"] = "auto"
+        kwargs["max_memory"] = placement_budget(gpu_memory_gb)
     elif quantization_config is not None:
         kwargs["device_map"] = device
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

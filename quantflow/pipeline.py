@@ -108,7 +108,7 @@ def branch(plan: Plan, variant: Variant, calibration: CalibrationRecord, isolate
         return BranchResult(name=variant.name, method=variant.method, quantize=None, evaluation=evaluation, artifact=None, cached=hit)
     group_size, note = plan.group_sizes[variant.name]
     record, q_hit = steps.quantize(plan.cache, plan.model, variant, group_size, note, calibration, plan.spec.model.dtype, plan.device,
-                                   isolate, plan.spec.step_timeout_s)
+                                   isolate, plan.spec.step_timeout_s, plan.spec.gpu_memory_gb)
     key = steps.eval_key(Path(record.path).name, plan.spec.evaluation, plan.device, plan.baseline_key())
     evaluation, e_hit = steps.evaluate(plan.cache, variant.name, key, plan.spec, record.path, plan.device, None, plan.baseline_key(), isolate)
     return BranchResult(name=variant.name, method=variant.method, quantize=record, evaluation=evaluation, artifact=record.path, cached=q_hit and e_hit)

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from quantflow.calibration import CalibrationRecord, load_samples
 from quantflow.errors import QuantflowError
-from quantflow.resources import compute_dtype, peak_memory_mb, reset_peak_memory
+from quantflow.resources import cap_gpu_memory, compute_dtype, over_budget, peak_memory_mb, reset_peak_memory
 from quantflow.spec import AWQVariant, BnbVariant, GPTQVariant, RTNVariant
 
 WeightVariant = RTNVariant | GPTQVariant | AWQVariant
@@ -152,8 +152,13 @@ def calibration_dataset(record: CalibrationRecord):
 
 
 def quantize_weights(model_path: str, variant: WeightVariant, group_size: int | None, note: str | None,
-                     calibration: CalibrationRecord | None, dtype: str, device: str, out: Path, final: Path) -> QuantizeRecord:
+                     calibration: CalibrationRecord | None, dtype: str, device: str, out: Path, final: Path,
+                     gpu_memory_gb: float | None = None) -> QuantizeRecord:
     """Run one llm-compressor recipe and save the compressed checkpoint (weights in ``dtype``) into ``out``.
+
+    The model is loaded into host memory; llm-compressor's sequential pipeline onloads one
+    decoder layer at a time to the GPU, so the GPU holds a layer, its calibration activations
+    and its GPTQ Hessians, never the whole model: ``gpu_memory_gb`` caps that.
 
     On CPU the calibration forward passes run in float32: CPUs without bf16 matrix units run
     bf16 matmuls an order of magnitude slower. Scales are kept in ``dtype`` throughout and
@@ -170,9 +175,12 @@ def quantize_weights(model_path: str, variant: WeightVariant, group_size: int | 
     data = {}
     if needs_calibration(variant):
         data = {"dataset": calibration_dataset(calibration), "num_calibration_samples": calibration.samples, "max_seq_length": calibration.max_len}
+    cap_gpu_memory(gpu_memory_gb)
+    if device == "cuda":
+        torch.cuda.init()  # creating the CUDA context is process start-up, not quantization time
     reset_peak_memory()
     start = time.perf_counter()
-    with cpu_safe_awq():
+    with cpu_safe_awq(), over_budget("quantize", gpu_memory_gb):
         oneshot(model=model, recipe=recipe, shuffle_calibration_samples=False, log_dir=None, **data)
     seconds = time.perf_counter() - start
     peak, kind = peak_memory_mb()

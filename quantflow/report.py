@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from quantflow.environment import environment
 from quantflow.spec import ConstraintsSpec
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 UNITS = {
     "perplexity": "exp(mean NLL per token), lower is better",
     "ppl_delta_pct": "% change vs baseline",
@@ -52,6 +52,7 @@ class Row(BaseModel):
     artifact: str | None
     artifact_uri: str | None = None
     roundtrip: dict | None = None
+    placement: dict[str, float] = {}
 
 
 class Report(BaseModel):
@@ -83,7 +84,7 @@ def _row(name: str, method: str, evaluation, baseline, quantize=None, artifact: 
         quantized_layers=len(quantize.quantized_layers) if quantize else None,
         skipped_layers=quantize.skipped_layers if quantize else [],
         group_size=quantize.group_size if quantize else None, group_size_note=quantize.group_size_note if quantize else None,
-        runtime=evaluation.runtime, artifact=artifact,
+        runtime=evaluation.runtime, artifact=artifact, placement=evaluation.placement,
     )
 
 

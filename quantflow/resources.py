@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import sys
+from collections.abc import Iterator
 
 import torch
 
@@ -47,3 +49,42 @@ def peak_memory_mb() -> tuple[float, str]:
         return round(peak / 2**20, 1), "cuda_max_allocated"
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, 1), "peak_rss"
+
+
+WEIGHT_SHARE = 0.8  # of a GPU memory budget, for weights placed at load; the rest is left for activations and KV cache
+
+
+def cap_gpu_memory(gb: float | None) -> None:
+    """Hold this process to ``gb`` GiB on every visible GPU (the spec's ``gpu_memory_gb``).
+
+    PyTorch's caching allocator then refuses to grow past the cap, so a step that needs more
+    fails here, with ``over_budget``'s message, instead of crowding out another job on a shared card.
+    """
+    if gb is None or not torch.cuda.is_available():
+        return
+    for index in range(torch.cuda.device_count()):
+        total = torch.cuda.get_device_properties(index).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gb * 2**30 / total), index)
+
+
+def placement_budget(gb: float | None) -> dict[int | str, int] | None:
+    """``max_memory`` for ``from_pretrained(device_map="auto")``: each GPU's weight share of the budget, the rest in host RAM."""
+    if gb is None:
+        return None
+    import psutil
+
+    budget: dict[int | str, int] = {index: int(gb * WEIGHT_SHARE * 2**30) for index in range(torch.cuda.device_count())}
+    budget["cpu"] = psutil.virtual_memory().available
+    return budget
+
+
+@contextlib.contextmanager
+def over_budget(step: str, gb: float | None) -> Iterator[None]:
+    """Turn a CUDA out-of-memory error under a configured budget into the fix."""
+    try:
+        yield
+    except torch.OutOfMemoryError as error:
+        limit = f"the configured gpu_memory_gb of {gb:g} GiB" if gb else "the GPU's memory"
+        raise QuantflowError(f"step '{step}' needed more than {limit} ({str(error).splitlines()[0]})",
+                             "raise gpu_memory_gb, or lower calibration.num_samples / calibration.seq_len "
+                             "(quantization) or evaluation.window and the speed batch sizes (evaluation)") from None

@@ -199,6 +199,10 @@ class RunSpec(_Strict):
     output: OutputSpec = Field(default_factory=OutputSpec)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks CUDA when present.")
     step_timeout_s: float | None = Field(None, gt=0, description="Kill any one heavy step (calibrate, quantize, evaluate) that runs longer.")
+    gpu_memory_gb: float | None = Field(
+        None, gt=0, description="GPU memory each step may use, per GPU (GiB; null = all). Quantization keeps the weights in host "
+        "memory and onloads one layer at a time; evaluation places what does not fit on further GPUs, then in host memory.",
+    )
 
     @model_validator(mode="after")
     def _name_variants(self) -> "RunSpec":

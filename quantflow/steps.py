@@ -93,12 +93,13 @@ def quantize_key(model: ModelRef, variant: Variant, group_size: int | None, cali
 
 def quantize(cache: StepCache, model: ModelRef, variant: Variant, group_size: int | None, note: str | None,
              calibration: CalibrationRecord, dtype: str, device: str, isolate: bool = True,
-             timeout: float | None = None) -> tuple[QuantizeRecord, bool]:
+             timeout: float | None = None, gpu_memory_gb: float | None = None) -> tuple[QuantizeRecord, bool]:
     from quantflow.quantize import needs_calibration, quantize_weights
 
     key = quantize_key(model, variant, group_size, calibration if needs_calibration(variant) else None, dtype, device)
     record, hit = cached(cache, "quantize", key, QuantizeRecord, quantize_weights, isolate, timeout, model_path=model.path, variant=variant,
-                         group_size=group_size, note=note, calibration=calibration, dtype=dtype, device=device)
+                         group_size=group_size, note=note, calibration=calibration, dtype=dtype, device=device,
+                         gpu_memory_gb=gpu_memory_gb)
     return record.model_copy(update={"variant": variant.name}), hit
 
 
@@ -118,27 +119,36 @@ def evaluate(cache: StepCache, name: str, key: str, texts_from: RunSpec, model_p
 
 def _evaluate_work(out: Path, final: Path, name: str, run: RunSpec, model_path: str, device: str,
                    bnb: BnbVariant | None, baseline: str | None) -> EvalRecord:
+    from quantflow.quantize import bnb_config
+    from quantflow.resources import cap_gpu_memory, compute_dtype, over_budget
+
+    compute = compute_dtype(device, run.model.dtype)
+    config = bnb_config(bnb) if bnb else None
+    cap_gpu_memory(run.gpu_memory_gb)
+    with over_budget("evaluate", run.gpu_memory_gb):
+        return _evaluate_loaded(out, name, run, model_path, device, bnb, baseline, compute, config)
+
+
+def _evaluate_loaded(out: Path, name: str, run: RunSpec, model_path: str, device: str, bnb: BnbVariant | None,
+                     baseline: str | None, compute: str, config) -> EvalRecord:
     from transformers import AutoTokenizer
 
     from quantflow.corpus import evaluation_documents
     from quantflow.environment import package_version
     from quantflow.evaluate import evaluate_model, folder_size, load_for_eval
     from quantflow.int4 import load_int4, use_int4
-    from quantflow.quantize import bnb_config
-    from quantflow.resources import compute_dtype
 
-    compute = compute_dtype(device, run.model.dtype)
-    config = bnb_config(bnb) if bnb else None
+    budget = run.gpu_memory_gb
     if not bnb and use_int4(model_path, run.evaluation.kernels, device):
         model, tokenizer = load_int4(model_path, device), AutoTokenizer.from_pretrained(model_path)
         size = (folder_size(Path(model_path)), "on_disk_safetensors")
         runtime = f"PyTorch {package_version('torch')} int4 tinygemm kernels on the packed weights (bf16 activations)"
     elif bnb:
-        model, tokenizer = load_for_eval(model_path, device, compute, config)
+        model, tokenizer = load_for_eval(model_path, device, compute, config, budget)
         size = (model.get_memory_footprint(), "in_memory_weights")
         runtime = f"transformers {package_version('transformers')} + bitsandbytes {package_version('bitsandbytes')}"
     else:
-        model, tokenizer = load_for_eval(model_path, device, compute, config)
+        model, tokenizer = load_for_eval(model_path, device, compute, config, budget)
         size = (folder_size(Path(model_path)), "on_disk_safetensors")
         packed = (Path(model_path) / "config.json").read_text().count("compressed-tensors") > 0
         runtime = f"transformers {package_version('transformers')}" + (", compressed-tensors decompressed to dense at load" if packed else "")

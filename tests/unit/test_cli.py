@@ -29,6 +29,11 @@ def test_bad_yaml_field(tmp_path):
     assert result.returncode == 2 and "variants.0.gptq.bits" in result.stderr
 
 
+def test_a_non_positive_gpu_budget_is_refused_with_the_field_named():
+    result = quantflow("run", "--gpu-memory-gb", "0")
+    assert result.returncode == 2 and "gpu_memory_gb" in result.stderr and "greater than 0" in result.stderr
+
+
 def test_doctor_prints_the_matrix():
     result = quantflow("doctor")
     assert "llmcompressor" in result.stdout and "bitsandbytes variants" in result.stdout

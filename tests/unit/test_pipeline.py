@@ -135,6 +135,19 @@ def test_step_timeout_kills_the_child_process(tmp_path):
     assert not (tmp_path / "calibration" / "k").exists()
 
 
+def refusing_work(out, final):
+    raise QuantflowError("step needed more than the configured gpu_memory_gb of 8 GiB", "raise gpu_memory_gb")
+
+
+def test_a_child_steps_error_reaches_the_caller_with_its_fix(tmp_path):
+    from quantflow.calibration import CalibrationRecord
+
+    with pytest.raises(QuantflowError, match="gpu_memory_gb of 8 GiB") as error:
+        steps.cached(StepCache(tmp_path), "calibration", "k", CalibrationRecord, refusing_work, True)
+    assert error.value.fix == "raise gpu_memory_gb"
+    assert not (tmp_path / "calibration" / "k").exists()
+
+
 def test_local_engine_refuses_a_prefect_credentials_block(tiny_model, tmp_path):
     raw = small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", [{"method": "rtn", "group_size": 32}])
     raw["output"]["store"] = {"uri": "s3://team-bucket/models", "credentials_block": "aws-credentials/team"}

@@ -91,3 +91,22 @@ def test_spec_file_errors(tmp_path):
 def test_slug_cannot_escape(text, expected):
     assert slug(text) == expected
     assert "/" not in slug(text) and ".." not in slug(text)
+
+
+def test_gpu_memory_budget_must_be_positive():
+    from quantflow.spec import parse_spec
+
+    assert parse_spec({"gpu_memory_gb": 8}).gpu_memory_gb == 8
+    with pytest.raises(QuantflowError, match="gpu_memory_gb"):
+        parse_spec({"gpu_memory_gb": 0})
+
+
+def test_out_of_memory_under_a_budget_becomes_the_fix():
+    import torch
+
+    from quantflow.resources import over_budget
+
+    with pytest.raises(QuantflowError, match="step 'quantize' needed more than the configured gpu_memory_gb of 8 GiB") as error:
+        with over_budget("quantize", 8.0):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert "raise gpu_memory_gb" in error.value.fix
