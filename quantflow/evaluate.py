@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
 
 from quantflow.errors import QuantflowError
+from quantflow.lm_eval_tasks import run_tasks
 from quantflow.resources import peak_memory_mb, placement_budget, reset_peak_memory
 from quantflow.spec import EvaluationSpec, SpeedSpec
 
@@ -64,6 +65,7 @@ class EvalRecord(BaseModel):
     generations: list[dict]
     seconds: float
     placement: dict[str, float] = {}
+    lm_eval: dict[str, dict[str, float]] = {}
 
 
 def windows(total: int, span: int, stride: int, limit: int | None) -> list[Window]:
@@ -175,6 +177,7 @@ def evaluate_model(model, tokenizer, name: str, texts: list[str], spec: Evaluati
     nll, count, kl, kl_count = score(model, ids, spec, span, bos, baseline, save_baseline)
     speed = measure_speed(model, spec.speed) if spec.speed else []
     generations = greedy_samples(model, tokenizer, spec.prompts, spec.max_new_tokens)
+    tasks = run_tasks(model, tokenizer, spec.lm_eval) if spec.lm_eval else {}
     peak, kind = peak_memory_mb()
     device = next(model.parameters()).device
     spread = placement(model)
@@ -186,6 +189,7 @@ def evaluate_model(model, tokenizer, name: str, texts: list[str], spec: Evaluati
         kl_mean=round(kl, 6) if kl is not None else None, kl_tokens=kl_count if baseline or save_baseline else 0,
         speed=speed, peak_memory_mb=peak, memory_kind=kind, size_bytes=size[0], size_kind=size[1],
         generations=generations, seconds=round(time.perf_counter() - start, 1), placement=spread if len(spread) > 1 else {},
+        lm_eval=tasks,
     )
 
 

@@ -68,8 +68,10 @@ def check_environment(spec: RunSpec) -> None:
     bnb = [v.name for v in spec.variants if isinstance(v, BnbVariant)]
     if bnb and package_version("bitsandbytes") is None:
         raise QuantflowError(f"variants {', '.join(bnb)} need bitsandbytes, which is not installed", "pip install 'quantflow[bnb]' or drop those variants")
-    if spec.evaluation.lm_eval_tasks:
-        raise QuantflowError("evaluation.lm_eval_tasks is not supported by this version of quantflow", "remove lm_eval_tasks from the spec")
+    if spec.evaluation.lm_eval:
+        from quantflow.lm_eval_tasks import check_tasks
+
+        check_tasks(spec.evaluation.lm_eval)
 
 
 def plan(spec: RunSpec, progress: Progress = print) -> Plan:

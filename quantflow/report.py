@@ -53,6 +53,7 @@ class Row(BaseModel):
     artifact_uri: str | None = None
     roundtrip: dict | None = None
     placement: dict[str, float] = {}
+    lm_eval: dict[str, dict[str, float]] = {}
 
 
 class Report(BaseModel):
@@ -85,6 +86,7 @@ def _row(name: str, method: str, evaluation, baseline, quantize=None, artifact: 
         skipped_layers=quantize.skipped_layers if quantize else [],
         group_size=quantize.group_size if quantize else None, group_size_note=quantize.group_size_note if quantize else None,
         runtime=evaluation.runtime, artifact=artifact, placement=evaluation.placement,
+        lm_eval=evaluation.lm_eval,
     )
 
 
@@ -154,6 +156,7 @@ def markdown(report: Report) -> str:
         note = f"; {r.group_size_note}" if r.group_size_note else ""
         harness = f"; timed with {r.speed[0]['harness']}" if r.speed and r.speed[0].get("harness") else ""
         lines.append(f"- **{r.name}**: {r.runtime}{harness}{layers}{note}")
+    lines += _lm_eval_table(report.rows)
     lines += ["", "## Greedy samples", ""]
     for name, samples in report.generations.items():
         for sample in samples:
@@ -163,6 +166,31 @@ def markdown(report: Report) -> str:
               f"bitsandbytes {env['packages']['bitsandbytes']}, CUDA {env['cuda']}, GPU {env['gpu']}, {env['cpu_count']} CPUs, "
               f"Python {env['python']}. Report schema {report.schema_version}.", ""]
     return "\n".join(lines)
+
+
+def headline_metric(metrics: dict[str, float]) -> str | None:
+    """The metric a task is usually quoted by: acc_norm, else acc, else its first non-stderr metric."""
+    for name in ("acc_norm", "acc"):
+        if name in metrics:
+            return name
+    return next((name for name in metrics if "stderr" not in name), None)
+
+
+def _lm_eval_table(rows: list[Row]) -> list[str]:
+    tasks = sorted({task for r in rows for task in r.lm_eval})
+    if not tasks:
+        return []
+    metric = {task: headline_metric(next(r.lm_eval[task] for r in rows if task in r.lm_eval)) for task in tasks}
+    lines = ["", "## lm-evaluation-harness", "", "| variant | " + " | ".join(f"{t} ({metric[t]})" for t in tasks) + " |",
+             "|---|" + "---|" * len(tasks)]
+    for r in rows:
+        cells = []
+        for task in tasks:
+            values = r.lm_eval.get(task, {})
+            err = values.get(f"{metric[task]}_stderr")
+            cells.append("–" if metric[task] not in values else f"{values[metric[task]]:.4f}" + (f" ± {err:.4f}" if err is not None else ""))
+        lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plots(report: Report, out: Path) -> list[Path]:

@@ -97,7 +97,10 @@ class AWQVariant(_WeightOnly):
         "imatrix_mse", description="'imatrix_mse' (activation-weighted clipping search) plays the role of the AWQ paper's clipping search."
     )
     n_grid: int = Field(20, ge=2, le=100, description="Grid points of the per-layer scale search (cost grows linearly).")
-    duo_scaling: bool = Field(True, description="Use weight as well as activation magnitudes for the scales.")
+    duo_scaling: bool | Literal["both"] = Field(
+        True, description="Use weight as well as activation magnitudes for the scales; 'both' searches with and without them "
+        "(half the grid each): best on SmolLM2-135M (docs/demo.md).",
+    )
 
 
 class BnbVariant(_Strict):
@@ -129,6 +132,16 @@ DEFAULT_PROMPTS = [
 ]
 
 
+class LmEvalSpec(_Strict):
+    """lm-evaluation-harness tasks run on every variant (needs ``pip install 'quantflow[lm-eval]'`` and the tasks' data)."""
+
+    tasks: list[str] = Field(..., min_length=1, description="Task, group or tag names, e.g. [hellaswag, arc_easy].")
+    include_path: Path | None = Field(None, description="Folder of your own task YAMLs (e.g. over local JSONL files), searched first.")
+    limit: int | None = Field(None, ge=1, description="Examples per task (null = all); a limit makes scores rough.")
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples (null = each task's default).")
+    batch_size: int = Field(8, ge=1, description="Requests per forward pass.")
+
+
 class EvaluationSpec(_Strict):
     corpus: str = Field(PYDOC_CORPUS, description="Held-out text for perplexity; same source kinds as calibration.")
     text_column: str = Field("text", description="Text column for table-like corpora.")
@@ -143,7 +156,7 @@ class EvaluationSpec(_Strict):
                             "decompressed by transformers, 'auto' = int4 on CUDA when the scheme allows, else dense.")
     prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), description="Prompts answered greedily by every variant.")
     max_new_tokens: int = Field(32, ge=1, description="Tokens generated per prompt.")
-    lm_eval_tasks: list[str] = Field([], description="lm-evaluation-harness tasks (needs lm-eval and its data).")
+    lm_eval: LmEvalSpec | None = Field(None, description="lm-evaluation-harness tasks scored on every variant (null = none).")
 
 
 class ConstraintsSpec(_Strict):

@@ -31,7 +31,7 @@ from quantflow.spec import BnbVariant, CalibrationSpec, EvaluationSpec, RunSpec,
 R = TypeVar("R", bound=BaseModel)
 T = TypeVar("T")
 QUANT_PACKAGES = ("torch", "transformers", "llmcompressor", "compressed-tensors")
-EVAL_PACKAGES = ("torch", "transformers", "compressed-tensors", "bitsandbytes")
+EVAL_PACKAGES = ("torch", "transformers", "compressed-tensors", "bitsandbytes", "lm-eval")
 
 
 def _child(root: str, step: str, key: str, work: Callable[..., BaseModel], kwargs: dict[str, Any]) -> BaseModel:
