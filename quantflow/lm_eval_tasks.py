@@ -27,12 +27,18 @@ def _require_harness() -> None:
 
 
 def task_manager(spec: LmEvalSpec):
+    """lm-eval's task index; only ``include_path`` when it holds every task (indexing the ~15k built-ins takes seconds)."""
     from lm_eval.tasks import TaskManager
 
-    if spec.include_path is not None and not spec.include_path.is_dir():
+    if spec.include_path is None:
+        return TaskManager()
+    if not spec.include_path.is_dir():
         raise QuantflowError(f"evaluation.lm_eval.include_path {spec.include_path} is not a folder",
                              "point it at a folder of lm-eval task YAML files, or remove it")
-    return TaskManager(include_path=str(spec.include_path) if spec.include_path else None)
+    own = TaskManager(include_path=str(spec.include_path), include_defaults=False)
+    if set(spec.tasks) <= set(own.all_tasks):
+        return own
+    return TaskManager(include_path=str(spec.include_path))
 
 
 def check_tasks(spec: LmEvalSpec) -> None:
