@@ -194,10 +194,15 @@ def evaluate_model(model, tokenizer, name: str, texts: list[str], spec: Evaluati
 
 
 def placement(model) -> dict[str, float]:
-    """GiB of parameters on each device: shows how a model too big for one card was spread."""
+    """GiB of parameters on each device: shows how a model too big for one card was spread.
+
+    accelerate leaves weights it offloaded to host memory as ``meta`` placeholders on the module
+    (the real tensors sit in its hooks); they are reported as ``cpu``.
+    """
     sizes: dict[str, float] = {}
     for parameter in model.parameters():
-        sizes[str(parameter.device)] = sizes.get(str(parameter.device), 0.0) + parameter.numel() * parameter.element_size() / 2**30
+        device = "cpu" if parameter.device.type == "meta" else str(parameter.device)
+        sizes[device] = sizes.get(device, 0.0) + parameter.numel() * parameter.element_size() / 2**30
     return {device: round(gib, 3) for device, gib in sorted(sizes.items())}
 
 

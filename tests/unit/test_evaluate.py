@@ -67,3 +67,11 @@ def test_evaluate_model_record(loaded):
     assert all(s.decode_tokens_per_s > 0 and s.prefill_tokens_per_s > 0 for s in record.speed)
     assert [g["prompt"] for g in record.generations] == ["Hello", "Bye"]
     assert record.peak_memory_mb > 0 and record.size_bytes == 123
+
+
+def test_placement_counts_weights_accelerate_offloaded_as_host_memory():
+    from quantflow.evaluate import placement
+
+    offloaded = torch.nn.Linear(8192, 8192, bias=False, dtype=torch.bfloat16, device="meta")  # 0.125 GiB
+    resident = torch.nn.Linear(8192, 4096, bias=False, dtype=torch.bfloat16)  # 0.0625 GiB
+    assert placement(torch.nn.Sequential(offloaded, resident)) == {"cpu": 0.188}
