@@ -5,7 +5,7 @@ bf16 model folder, quantizes it with quantflow's own quantize step (RTN, W4, gro
 zero points: AWQ and GPTQ write the same packed format, so they decode at the same speed), then
 runs ``quantflow.decode.benchmark`` on:
   - bf16: the baseline folder, dense;
-  - int4-tinygemm: the saved artifact through ``quantflow.int4`` (packed weights, PyTorch's int4 op);
+  - W4 int4 tinygemm: the saved artifact through ``quantflow.int4`` (packed weights, PyTorch's int4 op);
   - dense-decompressed: the same artifact as transformers loads it (compressed-tensors -> bf16).
 Before timing, the int4 model's logits are checked against the dequantized reference.
 

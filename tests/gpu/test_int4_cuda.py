@@ -1,5 +1,7 @@
 """The CUDA int4 kernel on saved artifacts: numerically the dequantized reference (GPU machines only)."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -22,8 +24,28 @@ def test_cuda_int4_matches_dequantized_reference(tmp_path, symmetric, group_size
     dense = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).cuda()  # transformers' dequantized weights
     packed = load_int4(out, "cuda")
     dense(torch.tensor([[1, 2, 3]], device="cuda"))  # transformers decompresses on the first forward
-    for name, width in (("model.layers.0.self_attn.q_proj", 256), ("model.layers.1.mlp.down_proj", 512)):
-        inputs = torch.randn(3, width, device="cuda")
+    for (name, width), rows in itertools.product((("model.layers.0.self_attn.q_proj", 256), ("model.layers.1.mlp.down_proj", 512)), (1, 3, 8, 16)):
+        inputs = torch.randn(rows, width, device="cuda")  # tinygemm tiles rows by 16: 1, 3, 8 and 16 rows take different paths
         reference = inputs @ dense.get_submodule(name).weight.float().t()
         error = ((packed.get_submodule(name)(inputs).float() - reference).norm() / reference.norm()).item()
-        assert error < 0.01, (name, error)
+        assert error < 0.01, (name, rows, error)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("shape", [(11008, 4096), (4096, 11008), (300, 5632)])
+def test_triton_gemv_matches_dense_at_real_shapes(shape, group_size):
+    """Real 7B / 1.1B layer shapes (and an output width no block size divides): GEMV vs the layer's own dense weight."""
+    from quantflow.int4 import Int4Linear
+
+    out_features, in_features = shape
+    torch.manual_seed(0)
+    unsigned = torch.randint(0, 16, shape, dtype=torch.int32)
+    scale = torch.rand(out_features, in_features // group_size) * 0.02 + 0.001
+    zero = torch.randn(out_features, in_features // group_size) * 0.01
+    layer = Int4Linear.from_unsigned(unsigned, scale, zero, group_size, None, torch.device("cuda"))
+    reference_weight = ((unsigned - 8) * scale.repeat_interleave(group_size, 1) + zero.repeat_interleave(group_size, 1)).cuda()
+    for rows in (1, 2, 8):
+        x = torch.randn(rows, in_features, device="cuda", dtype=torch.bfloat16)
+        reference = x.float() @ reference_weight.t()
+        error = ((layer(x).float() - reference).norm() / reference.norm()).item()
+        assert error < 0.01, (rows, error)

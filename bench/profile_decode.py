@@ -1,0 +1,166 @@
+"""Where a decode step's time goes: GPU kernel time vs wall time, per harness variant.
+
+Builds a random-weight Llama of a real shape in bf16 (optionally with every decoder Linear
+swapped for random packed int4 weights as ``quantflow.int4.Int4Linear`` (``--int4 quantflow``) or on
+PyTorch's tinygemm op directly (``--int4 tinygemm``): speed does not depend on the values),
+then times one-token decode steps three ways:
+  - ``compile``: the harness's ``torch.compile(mode="reduce-overhead")`` step;
+  - ``graph``: the eager step captured once into a ``torch.cuda.CUDAGraph`` and replayed;
+  - ``compile+graph``: the step compiled without CUDA graphs (Inductor fusion), then captured.
+For each it prints ms per step and, from ``torch.profiler``, the summed kernel time per step,
+the kernel count per step and the top kernels.
+
+    python3 bench/profile_decode.py --shape 1.1b --int4 quantflow --batches 1,8 --out $OUT/profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from bench.models import SHAPES  # noqa: E402
+
+
+class TinygemmLinear(torch.nn.Module):
+    """PyTorch's built-in int4 op (``aten._weight_int4pack_mm``) on its own, the reference for other int4 kernels."""
+
+    def __init__(self, unsigned: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> None:
+        super().__init__()
+        self.out_features, self.in_features, self.group_size = *unsigned.shape, group_size
+        nibbles = (unsigned[:, ::2] << 4 | unsigned[:, 1::2]).to(torch.uint8)
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack(nibbles, 8))
+        self.register_buffer("scales_and_zeros", torch.stack([scale, zero], dim=2).transpose(0, 1).contiguous().to(torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, self.in_features), self.packed, self.group_size, self.scales_and_zeros)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def build(shape: str, int4: str, group_size: int = 128) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from quantflow.int4 import Int4Linear
+
+    config = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, **SHAPES[shape])
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    if int4 != "none":
+        for name, module in list(model.model.layers.named_modules()):
+            if isinstance(module, torch.nn.Linear):
+                out_f, in_f = module.weight.shape
+                unsigned = torch.randint(0, 16, (out_f, in_f), dtype=torch.int32, device="cuda")
+                scale = torch.rand(out_f, in_f // group_size, device="cuda") * 0.01
+                if int4 == "tinygemm":
+                    layer = TinygemmLinear(unsigned, scale, torch.zeros_like(scale), group_size)
+                else:
+                    layer = Int4Linear.from_unsigned(unsigned, scale, torch.zeros_like(scale), group_size, None, torch.device("cuda"))
+                parent, _, child = name.rpartition(".")
+                model.model.layers.get_submodule(parent).register_module(child, layer)
+    return model
+
+
+def make_step(model, cache, batch):
+    def step(token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        logits = model(token, past_key_values=cache, cache_position=position, position_ids=position.expand(batch, -1), use_cache=True).logits
+        return logits[:, -1].argmax(-1, keepdim=True)
+    return step
+
+
+@torch.no_grad()
+def run_variant(model, variant: str, batch: int, prompt_len: int, gen_len: int, repeats: int, mode: str) -> dict:
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=prompt_len + gen_len)
+    step = make_step(model, cache, batch)
+    prompt = torch.randint(0, 32000, (batch, prompt_len), device="cuda")
+    token = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
+    position = torch.zeros(1, dtype=torch.long, device="cuda")
+
+    def prefill():
+        cache.reset()
+        token.copy_(step(prompt, torch.arange(prompt_len, device="cuda")))
+
+    prefill()
+    if variant == "compile":
+        compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+
+        def decode(index):
+            torch.compiler.cudagraph_mark_step_begin()
+            token.copy_(compiled(token.clone(), torch.tensor([prompt_len + index], device="cuda")))
+    else:
+        inner = torch.compile(step, mode=mode, fullgraph=True) if variant == "compile+graph" else step
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                position.fill_(prompt_len)
+                inner(token, position)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = inner(token, position)
+
+        def decode(index):
+            position.fill_(prompt_len + index)
+            graph.replay()
+            token.copy_(out)
+
+    def once() -> float:
+        prefill()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for index in range(gen_len - 1):
+            decode(index)
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) / (gen_len - 1)
+
+    for _ in range(3):
+        once()
+    per_step = statistics.median(once() for _ in range(repeats))
+    prefill()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for index in range(16):
+            decode(index)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total_us = sum(e.self_device_time_total for e in events) / 16
+    kernels = sum(e.count for e in events) / 16
+    top = sorted(events, key=lambda e: -e.self_device_time_total)[:8]
+    return {"variant": variant, "batch": batch, "peak_mb": round(torch.cuda.max_memory_allocated() / 2**20), "ms_per_step": round(per_step * 1e3, 4), "kernel_ms_per_step": round(total_us / 1e3, 4), "kernels_per_step": kernels,
+            "top": [(e.key[:90], round(e.self_device_time_total / 16, 1), e.count // 16) for e in top]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="1.1b")
+    parser.add_argument("--int4", choices=["none", "tinygemm", "quantflow"], default="none")
+    parser.add_argument("--batches", default="1")
+    parser.add_argument("--mode", default="max-autotune-no-cudagraphs", help="torch.compile mode of the compile+graph variant")
+    parser.add_argument("--variants", default="compile,graph,compile+graph")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    model = build(args.shape, args.int4)
+    results = []
+    for variant, batch in ((v, int(b)) for b in args.batches.split(",") for v in args.variants.split(",")):
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            result = run_variant(model, variant, batch, 64, 128, 5, args.mode)
+        except Exception as error:  # one variant failing (capture, compile) should not hide the others
+            result = {"variant": variant, "error": f"{type(error).__name__}: {str(error)[:300]}"}
+        results.append(result)
+        print(json.dumps(result, indent=1), flush=True)
+        torch._dynamo.reset()
+    if args.out:
+        args.out.write_text(json.dumps({"shape": args.shape, "int4": args.int4, "card": torch.cuda.get_device_name(), "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
