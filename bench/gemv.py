@@ -1,4 +1,4 @@
-"""Int4 GEMV kernel speed per layer shape: a candidate Triton GEMV vs PyTorch's tinygemm (quantflow's) vs dense bf16.
+"""Int4 GEMV kernel speed per layer shape: candidate Triton GEMVs vs PyTorch's tinygemm (quantflow's) vs dense bf16.
 
 For each Linear shape of the 1.1B and 7B Llama shapes, and batch 1 and 8, times one call with
 ``triton.testing.do_bench_cudagraph`` (the call captured in a CUDA graph and replayed, as the
@@ -29,7 +29,7 @@ SHAPES = {  # (out, in) of each decoder Linear
 def main() -> None:
     from triton.testing import do_bench_cudagraph
 
-    from bench.int4_gemv_candidate import CandidateLinear
+    from bench.int4_gemv_candidate import CandidateLinear, InterleavedLinear
     from quantflow.decode import bandwidth
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -44,20 +44,25 @@ def main() -> None:
             scale = torch.rand(out_features, in_features // args.group_size, device="cuda") * 0.01
             zero = torch.randn_like(scale) * 0.01
             kernels = {"triton-candidate": CandidateLinear(unsigned, scale, zero, args.group_size),
+                       "triton-interleaved": InterleavedLinear(unsigned, scale, zero, args.group_size),
                        "tinygemm": TinygemmLinear(unsigned, scale, zero, args.group_size),
                        "bf16": torch.nn.Linear(in_features, out_features, bias=False, device="cuda", dtype=torch.bfloat16)}
             int4_bytes = out_features * in_features // 2 + 2 * scale.numel() * 2
+            dense = (unsigned - 8) * scale.repeat_interleave(args.group_size, 1) + zero.repeat_interleave(args.group_size, 1)
             for batch in (int(b) for b in args.batches.split(",")):
                 x = torch.randn(batch, in_features, device="cuda", dtype=torch.bfloat16)
                 row = {"shape": shape, "out": out_features, "in": in_features, "batch": batch}
+                reference = x.float() @ dense.t()
                 for name, layer in kernels.items():
                     with torch.no_grad():
-                        layer(x)  # autotune outside the capture
+                        y = layer(x).float()  # also autotunes, outside the capture
+                        error = ((y - reference).norm() / reference.norm()).item() if name != "bf16" else 0.0
                         us = do_bench_cudagraph(lambda: layer(x), rep=50) * 1e3
                     size = out_features * in_features * 2 if name == "bf16" else int4_bytes
-                    row[name] = {"us": round(us, 2), "bandwidth_fraction": round(size / us / 1e-6 / peak, 3) if peak else None}
+                    row[name] = {"us": round(us, 2), "bandwidth_fraction": round(size / us / 1e-6 / peak, 3) if peak else None,
+                                 "rel_error": round(error, 4)}
                 rows.append(row)
-                print(f"{shape} {out_features}x{in_features} b{batch}: " + ", ".join(f"{n} {row[n]['us']:.1f} us ({row[n]['bandwidth_fraction']})"
+                print(f"{shape} {out_features}x{in_features} b{batch}: " + ", ".join(f"{n} {row[n]['us']:.1f} us ({row[n]['bandwidth_fraction']}, err {row[n]['rel_error']})"
                                                                                   for n in kernels), flush=True)
     if args.out:
         args.out.write_text(json.dumps({"card": torch.cuda.get_device_name(), "group_size": args.group_size, "rows": rows}, indent=1))

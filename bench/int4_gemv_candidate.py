@@ -1,20 +1,23 @@
-"""A candidate Triton int4 GEMV for batch-1 decode: NOT used by quantflow yet (slower than tinygemm, see below).
+"""Candidate Triton int4 GEMVs for batch-1 decode: NOT used by quantflow yet (see the status below).
 
 Why try one: at one token per step a decoder is bound by reading its weights, and PyTorch's
 tinygemm op, which ``quantflow.int4`` uses, reads them at about half an H100's bandwidth
-(``bench/gemv.py``). This is the textbook weight-only GEMV (as GemLite's) on compressed-tensors'
-own layout (int32 ``[N, K / 8]``, eight nibbles along K, lowest first, stored as q + 8; per group
-``w = (u - 8) * scale + zero``): each program owns ``BLOCK_N`` output rows and walks K in
-``BLOCK_K`` steps, loading each int32 once and taking its eight nibbles in turn against the
-matching activations.
+(``bench/gemv.py``). Both kernels here are the textbook weight-only GEMV (as GemLite's): each
+program owns ``BLOCK_N`` output rows, walks K, and applies per-group scales and zeros
+(``w = (u - 8) * scale + zero``, u the stored nibble).
 
-Status, measured 2026-11-26 on an H100 (bench/results/gemv-h100.json):
-- 30-35% of the bandwidth on the 7B shapes at batch 1 vs tinygemm's 53-55%; far slower at batch 8.
-- Correct against the dequantized reference under ``TRITON_INTERPRET=1`` on CPU, but on the GPU
-  a tiny 256-wide layer (group 32, zero points) gave 30% relative error: not yet found why.
-- Likely next steps: the stride-8 activation loads (one per weight value) and the per-block
-  scale gathers dominate; a block-interleaved packing (nibble j of word w holds k = j * GROUP + w
-  within a block of 8 groups) makes activation loads contiguous and scales one per row and nibble.
+``CandidateLinear`` (v1) reads compressed-tensors' own layout (int32 ``[N, K / 8]``, eight nibbles
+along K, lowest first) and takes each word's eight nibbles in turn. Measured 2026-11-26 on an H100
+(bench/results/gemv-h100.json): 30-35% of the bandwidth on the 7B shapes at batch 1 vs tinygemm's
+44-55%, far slower at batch 8. Correct under ``TRITON_INTERPRET=1`` on CPU, but on the GPU a tiny
+256-wide layer (group 32, zero points) gave 30% relative error: not yet found why.
+
+``InterleavedLinear`` (v2, not yet run on a GPU; correct under the CPU interpreter) repacks for
+the kernel: K is cut into blocks of eight groups, and nibble j of word w in a block holds value
+``j * group + w``. Each nibble of a block then covers one whole group, so the activations it
+multiplies are one contiguous load and its scale and zero are one value per row, where v1 needs
+a strided activation load per weight value and a scale gather per word. K is padded to a multiple
+of 8 groups (2% at the 7B shapes, more for narrow models).
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ def _gemv(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, GROUP: tl.constexpr, BLOCK
 
 
 class CandidateLinear(torch.nn.Module):
-    """The candidate kernel behind a Linear's interface, built like ``quantflow.int4.Int4Linear.from_unsigned``."""
+    """v1 behind a Linear's interface, built like ``quantflow.int4.Int4Linear.from_unsigned``."""
 
     def __init__(self, unsigned: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> None:
         super().__init__()
@@ -73,4 +76,56 @@ class CandidateLinear(torch.nn.Module):
         y = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
         _gemv[lambda meta: (x.shape[0], triton.cdiv(self.out_features, meta["BLOCK_N"]))](
             x, self.packed, self.scale, self.zero, y, x.shape[0], self.out_features, self.in_features, GROUP=self.group_size)
+        return y
+
+
+def _interleaved_configs() -> list[triton.Config]:
+    return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st) for n in (2, 4, 8, 16) for w in (1, 2, 4) for st in (2, 3)]
+
+
+@triton.autotune(configs=_interleaved_configs(), key=["M", "N", "K"])
+@triton.jit
+def _gemv_interleaved(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, PADDED_K, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    lanes = tl.arange(0, GROUP)
+    groups = PADDED_K // GROUP
+    acc = tl.zeros([BLOCK_N, GROUP], dtype=tl.float32)
+    zero_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for block in tl.range(0, PADDED_K // (8 * GROUP)):
+        words = tl.load(w_ptr + cols[:, None] * (PADDED_K // 8) + (block * GROUP + lanes)[None, :], mask=col_mask[:, None], other=0)
+        for nibble in tl.static_range(8):
+            k = block * 8 * GROUP + nibble * GROUP + lanes
+            x = tl.load(x_ptr + row * K + k, mask=k < K, other=0).to(tl.float32)
+            group = cols * groups + block * 8 + nibble
+            scale = tl.load(s_ptr + group, mask=col_mask, other=0).to(tl.float32)
+            zero = tl.load(z_ptr + group, mask=col_mask, other=0).to(tl.float32)
+            acc += ((words >> (4 * nibble)) & 0xF).to(tl.float32) * (x[None, :] * scale[:, None])
+            zero_acc += (zero - 8.0 * scale) * tl.sum(x, axis=0)
+    tl.store(y_ptr + row * N + cols, (tl.sum(acc, axis=1) + zero_acc).to(y_ptr.dtype.element_ty), mask=col_mask)
+
+
+class InterleavedLinear(torch.nn.Module):
+    """v2 behind a Linear's interface: repacks u ([out, in], 0..15) into blocks of eight groups, one group per nibble."""
+
+    def __init__(self, unsigned: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> None:
+        super().__init__()
+        self.out_features, self.in_features, self.group_size = *unsigned.shape, group_size
+        block = 8 * group_size
+        self.padded = -(-self.in_features // block) * block
+        pad = self.padded - self.in_features
+        values = torch.nn.functional.pad(unsigned.to(torch.int32), (0, pad)).view(self.out_features, -1, 8, group_size)
+        packed = torch.zeros(self.out_features, self.padded // block, group_size, dtype=torch.int32, device=unsigned.device)
+        for nibble in range(8):
+            packed |= values[:, :, nibble, :] << (4 * nibble)
+        self.register_buffer("packed", packed.view(self.out_features, -1))
+        self.register_buffer("scale", torch.nn.functional.pad(scale, (0, pad // group_size)).to(torch.bfloat16).contiguous())
+        self.register_buffer("zero", torch.nn.functional.pad(zero, (0, pad // group_size)).to(torch.bfloat16).contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(-1, self.in_features).contiguous()
+        y = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+        _gemv_interleaved[lambda meta: (x.shape[0], triton.cdiv(self.out_features, meta["BLOCK_N"]))](
+            x, self.packed, self.scale, self.zero, y, x.shape[0], self.out_features, self.in_features, self.padded, GROUP=self.group_size)
         return y
