@@ -40,6 +40,21 @@ def start_server(port: int, home: Path) -> subprocess.Popen:
     raise QuantflowError(f"the Prefect server did not answer on port {port} within 90 s", f"see {home}/server.log")
 
 
+def stop_server(server: subprocess.Popen, grace: float = 20) -> None:
+    """SIGTERM the server's process group and wait until it has exited (SIGKILL after ``grace``).
+
+    Waiting matters: the server runs in its own session, so Ctrl-C on ``quantflow serve`` does not
+    reach it, and a ``serve`` that returned before its server was gone would leave the port
+    answering for a few more seconds.
+    """
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(10)
+
+
 def serve_locally(port: int, home: Path, announce: Callable[[str], None]) -> None:
     server = start_server(port, home)
     os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
@@ -51,4 +66,4 @@ def serve_locally(port: int, home: Path, announce: Callable[[str], None]) -> Non
 
         quantflow_run.serve(name="quantflow-local", tags=["quantflow", "local"])
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        stop_server(server)

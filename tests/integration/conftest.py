@@ -46,7 +46,7 @@ def stop_group(process: subprocess.Popen, sig: int, grace: float) -> None:
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
     """A real `prefect server start` on a free loopback port (started as `quantflow serve` does); yields its environment."""
-    from deployments.local import start_server
+    from deployments.local import start_server, stop_server
 
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
@@ -55,7 +55,7 @@ def prefect_server(tmp_path_factory):
         yield {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
                "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_LOGGING_LEVEL": "WARNING"}
     finally:
-        stop_group(server, signal.SIGTERM, 20)
+        stop_server(server)
 
 
 @pytest.fixture(scope="session")
