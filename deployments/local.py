@@ -40,7 +40,7 @@ def start_server(port: int, home: Path) -> subprocess.Popen:
     raise QuantflowError(f"the Prefect server did not answer on port {port} within 90 s", f"see {home}/server.log")
 
 
-def stop_server(server: subprocess.Popen, grace: float = 20) -> None:
+def stop_server(server: subprocess.Popen, grace: float = 10) -> None:
     """SIGTERM the server's process group and wait until it has exited (SIGKILL after ``grace``).
 
     Waiting matters: the server runs in its own session, so Ctrl-C on ``quantflow serve`` does not

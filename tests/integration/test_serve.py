@@ -19,8 +19,9 @@ pytestmark = pytest.mark.integration
 def test_serve_starts_a_server_and_registers_the_deployment(tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    log = (tmp_path / "serve.log").open("w")  # a file, not a pipe nobody reads: a full pipe blocks `serve` mid-shutdown
     process = subprocess.Popen([str(BIN / "quantflow"), "serve", "--port", str(port), "--home", str(tmp_path / "prefect")],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True)
+                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, text=True)
     try:
         wait_http(f"http://127.0.0.1:{port}/api/health", 90)
         deadline = time.monotonic() + 60
@@ -33,6 +34,7 @@ def test_serve_starts_a_server_and_registers_the_deployment(tmp_path):
             time.sleep(1)
         assert "quantflow-local" in names
     finally:
-        stop_group(process, signal.SIGINT, 30)
+        stop_group(process, signal.SIGINT, 60)  # the runner pauses its deployment, then the server gets up to 10 s
+    assert process.returncode != -signal.SIGKILL, (tmp_path / "serve.log").read_text()[-3000:]  # it stopped on Ctrl-C
     with pytest.raises(TimeoutError):  # Ctrl-C also stopped the server it started, before `serve` returned
         wait_http(f"http://127.0.0.1:{port}/api/health", 5)
