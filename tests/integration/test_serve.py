@@ -21,7 +21,9 @@ def test_serve_starts_a_server_and_registers_the_deployment(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     log = (tmp_path / "serve.log").open("w")  # a file, not a pipe nobody reads: a full pipe blocks `serve` mid-shutdown
     process = subprocess.Popen([str(BIN / "quantflow"), "serve", "--port", str(port), "--home", str(tmp_path / "prefect")],
-                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, text=True)
+                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, text=True,
+                               # as from a terminal: a test run started in the background (`cmd &`) inherits SIGINT ignored
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         wait_http(f"http://127.0.0.1:{port}/api/health", 90)
         deadline = time.monotonic() + 60
