@@ -40,6 +40,16 @@ def start_server(port: int, home: Path) -> subprocess.Popen:
     raise QuantflowError(f"the Prefect server did not answer on port {port} within 90 s", f"see {home}/server.log")
 
 
+def stop_group(process: subprocess.Popen, sig: int, grace: float) -> None:
+    """Signal a process group started with start_new_session; SIGKILL it if it outlives ``grace``."""
+    os.killpg(process.pid, sig)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+
+
 def stop_server(server: subprocess.Popen, grace: float = 10) -> None:
     """SIGTERM the server's process group and wait until it has exited (SIGKILL after ``grace``).
 
@@ -47,12 +57,7 @@ def stop_server(server: subprocess.Popen, grace: float = 10) -> None:
     reach it, and a ``serve`` that returned before its server was gone would leave the port
     answering for a few more seconds.
     """
-    os.killpg(server.pid, signal.SIGTERM)
-    try:
-        server.wait(grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait(10)
+    stop_group(server, signal.SIGTERM, grace)
 
 
 def serve_locally(port: int, home: Path, announce: Callable[[str], None]) -> None:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import subprocess
 import sys
 import time
 import urllib.request
@@ -31,16 +29,6 @@ def wait_http(url: str, seconds: float) -> None:
         except OSError:
             time.sleep(0.5)
     raise TimeoutError(f"{url} did not answer within {seconds}s")
-
-
-def stop_group(process: subprocess.Popen, sig: int, grace: float) -> None:
-    """Signal a process group started with start_new_session; SIGKILL it if it outlives ``grace``."""
-    os.killpg(process.pid, sig)
-    try:
-        process.wait(grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(10)
 
 
 @pytest.fixture(scope="session")

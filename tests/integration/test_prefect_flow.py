@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from deployments.local import stop_group
 from quantflow.pipeline import run as run_pipeline
 from quantflow.spec import parse_spec
 from tests.conftest import read_json, small_spec
-from tests.integration.conftest import BIN, stop_group
+from tests.integration.conftest import BIN
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]

@@ -11,7 +11,8 @@ import urllib.request
 
 import pytest
 
-from tests.integration.conftest import BIN, free_port, stop_group, wait_http
+from deployments.local import stop_group
+from tests.integration.conftest import BIN, free_port, wait_http
 
 pytestmark = pytest.mark.integration
 
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.integration
 def test_serve_starts_a_server_and_registers_the_deployment(tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    log = (tmp_path / "serve.log").open("w")  # a file, not a pipe nobody reads: a full pipe blocks `serve` mid-shutdown
+    log = (tmp_path / "serve.log").open("w")  # shown below if `serve` ignored Ctrl-C and had to be killed
     process = subprocess.Popen([str(BIN / "quantflow"), "serve", "--port", str(port), "--home", str(tmp_path / "prefect")],
                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, text=True,
                                # as from a terminal: a test run started in the background (`cmd &`) inherits SIGINT ignored
@@ -37,6 +38,7 @@ def test_serve_starts_a_server_and_registers_the_deployment(tmp_path):
         assert "quantflow-local" in names
     finally:
         stop_group(process, signal.SIGINT, 60)  # the runner pauses its deployment, then the server gets up to 10 s
+        log.close()
     assert process.returncode != -signal.SIGKILL, (tmp_path / "serve.log").read_text()[-3000:]  # it stopped on Ctrl-C
     with pytest.raises(TimeoutError):  # Ctrl-C also stopped the server it started, before `serve` returned
         wait_http(f"http://127.0.0.1:{port}/api/health", 5)
