@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from bench.profile_decode import TinygemmLinear  # noqa: E402
 
 SHAPES = {  # (out, in) of each decoder Linear
     "1.1b": [(2048, 2048), (256, 2048), (5632, 2048), (2048, 5632)],
@@ -31,6 +30,7 @@ def main() -> None:
 
     from bench.int4_gemv_candidate import CandidateLinear, InterleavedLinear
     from quantflow.decode import bandwidth
+    from quantflow.int4 import Int4Linear
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--group-size", type=int, default=128)
@@ -45,7 +45,7 @@ def main() -> None:
             zero = torch.randn_like(scale) * 0.01
             kernels = {"triton-candidate": CandidateLinear(unsigned, scale, zero, args.group_size),
                        "triton-interleaved": InterleavedLinear(unsigned, scale, zero, args.group_size),
-                       "tinygemm": TinygemmLinear(unsigned, scale, zero, args.group_size),
+                       "tinygemm": Int4Linear.from_unsigned(unsigned, scale, zero, args.group_size, None, torch.device("cuda")),
                        "bf16": torch.nn.Linear(in_features, out_features, bias=False, device="cuda", dtype=torch.bfloat16)}
             int4_bytes = out_features * in_features // 2 + 2 * scale.numel() * 2
             dense = (unsigned - 8) * scale.repeat_interleave(args.group_size, 1) + zero.repeat_interleave(args.group_size, 1)

@@ -64,10 +64,9 @@ class CandidateLinear(torch.nn.Module):
     def __init__(self, unsigned: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> None:
         super().__init__()
         self.out_features, self.in_features, self.group_size = *unsigned.shape, group_size
-        packed = torch.zeros(self.out_features, self.in_features // 8, dtype=torch.int32, device=unsigned.device)
-        for nibble in range(8):
-            packed |= unsigned.to(torch.int32)[:, nibble::8] << (4 * nibble)
-        self.register_buffer("packed", packed)
+        from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+        self.register_buffer("packed", pack_to_int32((unsigned - 8).to(torch.int8), 4))  # the library's own layout
         self.register_buffer("scale", scale.to(torch.bfloat16))
         self.register_buffer("zero", zero.to(torch.bfloat16))
 

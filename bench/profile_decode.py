@@ -1,8 +1,8 @@
 """Where a decode step's time goes: GPU kernel time vs wall time, per harness variant.
 
 Builds a random-weight Llama of a real shape in bf16 (optionally with every decoder Linear
-swapped for random packed int4 weights as ``quantflow.int4.Int4Linear`` (``--int4 quantflow``) or on
-PyTorch's tinygemm op directly (``--int4 tinygemm``): speed does not depend on the values),
+swapped for random packed int4 weights as ``quantflow.int4.Int4Linear``, i.e. PyTorch's tinygemm op
+(``--int4 quantflow``): speed does not depend on the values),
 then times one-token decode steps three ways:
   - ``compile``: the harness's ``torch.compile(mode="reduce-overhead")`` step;
   - ``graph``: the eager step captured once into a ``torch.cuda.CUDAGraph`` and replayed;
@@ -28,21 +28,6 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 from bench.models import SHAPES  # noqa: E402
 
 
-class TinygemmLinear(torch.nn.Module):
-    """PyTorch's built-in int4 op (``aten._weight_int4pack_mm``) on its own, the reference for other int4 kernels."""
-
-    def __init__(self, unsigned: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> None:
-        super().__init__()
-        self.out_features, self.in_features, self.group_size = *unsigned.shape, group_size
-        nibbles = (unsigned[:, ::2] << 4 | unsigned[:, 1::2]).to(torch.uint8)
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack(nibbles, 8))
-        self.register_buffer("scales_and_zeros", torch.stack([scale, zero], dim=2).transpose(0, 1).contiguous().to(torch.bfloat16))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, self.in_features), self.packed, self.group_size, self.scales_and_zeros)
-        return y.reshape(*x.shape[:-1], self.out_features)
-
-
 def build(shape: str, int4: str, group_size: int = 128) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -58,10 +43,7 @@ def build(shape: str, int4: str, group_size: int = 128) -> torch.nn.Module:
                 out_f, in_f = module.weight.shape
                 unsigned = torch.randint(0, 16, (out_f, in_f), dtype=torch.int32, device="cuda")
                 scale = torch.rand(out_f, in_f // group_size, device="cuda") * 0.01
-                if int4 == "tinygemm":
-                    layer = TinygemmLinear(unsigned, scale, torch.zeros_like(scale), group_size)
-                else:
-                    layer = Int4Linear.from_unsigned(unsigned, scale, torch.zeros_like(scale), group_size, None, torch.device("cuda"))
+                layer = Int4Linear.from_unsigned(unsigned, scale, torch.zeros_like(scale), group_size, None, torch.device("cuda"))
                 parent, _, child = name.rpartition(".")
                 model.model.layers.get_submodule(parent).register_module(child, layer)
     return model
@@ -141,7 +123,7 @@ def run_variant(model, variant: str, batch: int, prompt_len: int, gen_len: int, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="1.1b")
-    parser.add_argument("--int4", choices=["none", "tinygemm", "quantflow"], default="none")
+    parser.add_argument("--int4", choices=["none", "quantflow"], default="none")
     parser.add_argument("--batches", default="1")
     parser.add_argument("--mode", default="max-autotune-no-cudagraphs", help="torch.compile mode of the compile+graph variant")
     parser.add_argument("--variants", default="compile,graph,compile+graph")
