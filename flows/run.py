@@ -7,6 +7,7 @@ the UI. Either way the user is told the run's URL and its artifacts.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from prefect.client.orchestration import get_client
@@ -21,6 +22,10 @@ LOCAL_UI = "http://127.0.0.1:4200"
 
 def run_flow(spec: RunSpec) -> tuple[Path, str]:
     """Run the flow; return the output folder and a few lines naming the run, its UI URL and artifacts."""
+    # The temporary server inherits this environment. Its telemetry heartbeat cannot reach the internet
+    # from an offline machine, and it raced the server's first writes on SQLite ("database is locked"
+    # traceback in the demo's output), so it is off, as `quantflow serve` starts its server with --analytics-off.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     state = quantflow_run(spec, return_state=True)
     out = Path(state.result())  # re-raises the flow's error (a QuantflowError reaches the CLI intact)
     run_id = state.state_details.flow_run_id
