@@ -1,4 +1,4 @@
-"""Candidate Triton int4 GEMVs for batch-1 decode: NOT used by quantflow yet (see the status below).
+"""Candidate Triton int4 GEMVs for batch-1 decode: measured, slower than tinygemm, NOT used by quantflow.
 
 Why try one: at one token per step a decoder is bound by reading its weights, and PyTorch's
 tinygemm op, which ``quantflow.int4`` uses, reads them at about half an H100's bandwidth
@@ -12,12 +12,18 @@ along K, lowest first) and takes each word's eight nibbles in turn. Measured 202
 44-55%, far slower at batch 8. Correct under ``TRITON_INTERPRET=1`` on CPU, but on the GPU a tiny
 256-wide layer (group 32, zero points) gave 30% relative error: not yet found why.
 
-``InterleavedLinear`` (v2, not yet run on a GPU; correct under the CPU interpreter) repacks for
+``InterleavedLinear`` (v2) repacks for
 the kernel: K is cut into blocks of eight groups, and nibble j of word w in a block holds value
 ``j * group + w``. Each nibble of a block then covers one whole group, so the activations it
 multiplies are one contiguous load and its scale and zero are one value per row, where v1 needs
 a strided activation load per weight value and a scale gather per word. K is padded to a multiple
 of 8 groups (2% at the 7B shapes, more for narrow models).
+
+Status, 2026-11-26, H100 (bench/results/gemv-survey-h100.json, docs/benchmarks.md "Int4 kernel
+survey"): at group 128 both are correct on the GPU (0.24% error) and both are slower than tinygemm
+at batch 1 (4096 x 4096: v1 8.9 us, v2 10.3 us, tinygemm 5.9 us) and far slower at batch 8.
+Kept as the bench's record of what was tried. The next thing to try would be splitting the input
+dimension across programs, as GemLite's batch-1 kernel does.
 """
 
 from __future__ import annotations
