@@ -8,6 +8,7 @@ runs ``quantflow.decode.benchmark`` on:
   - W4 int4 tinygemm: the saved artifact through ``quantflow.int4`` (packed weights, PyTorch's int4 op);
   - dense-decompressed: the same artifact as transformers loads it (compressed-tensors -> bf16).
 Before timing, the int4 model's logits are checked against the dequantized reference.
+``--fuse both`` times each runtime with separate and with fused q/k/v and gate/up projections.
 
     python bench/decode.py --shapes 1.1b,7b --out $OUT/decode.json      # on a GPU machine
 
@@ -53,7 +54,7 @@ def check_int4(artifact: Path) -> float:
     return ((packed(ids).logits.float() - reference).norm() / reference.norm()).item()
 
 
-def measure(runtime: str, folder: str, batches: list[int], prompt_len: int, gen_len: int, repeats: int, tuned: bool) -> list[dict]:
+def measure(runtime: str, folder: str, batches: list[int], prompt_len: int, gen_len: int, repeats: int, tuned: bool, fuse: bool) -> list[dict]:
     """Load one runtime's model and time every batch size (run in a fresh process: clean peak memory, no leftover hooks)."""
     from transformers import AutoModelForCausalLM
 
@@ -65,10 +66,11 @@ def measure(runtime: str, folder: str, batches: list[int], prompt_len: int, gen_
     from quantflow.int4 import load_int4
 
     model = load_int4(folder, "cuda") if runtime.startswith("W4 int4") else AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).cuda()
-    return [benchmark(model, runtime, batch, prompt_len, gen_len, repeats=repeats).model_dump() for batch in batches]
+    return [benchmark(model, runtime, batch, prompt_len, gen_len, repeats=repeats, fuse=fuse).model_dump() for batch in batches]
 
 
-def run_shape(shape: str, work: Path, batches: list[int], prompt_len: int, gen_len: int, repeats: int, tuned: bool, chosen: list[str]) -> dict:
+def run_shape(shape: str, work: Path, batches: list[int], prompt_len: int, gen_len: int, repeats: int, tuned: bool, chosen: list[str],
+              fusions: list[bool]) -> dict:
     from quantflow.steps import isolated
 
     baseline, artifact = work / f"{shape}-bf16", work / f"{shape}-w4g128"
@@ -80,22 +82,22 @@ def run_shape(shape: str, work: Path, batches: list[int], prompt_len: int, gen_l
     print(f"{shape}: built in {built:.0f} s, RTN W4 g128 in {quant['seconds']} s, int4 logits rel. error {error:.4f}", flush=True)
     runtimes = {"bf16": baseline, "W4 int4 tinygemm": artifact, "W4 decompressed to bf16 by transformers": artifact}
     records = []
-    for runtime, folder in ((name, runtimes[name]) for name in chosen):
-        for record in isolated(runtime, None, measure, runtime, str(folder), batches, prompt_len, gen_len, repeats, tuned):
+    for runtime, fuse in ((name, fuse) for fuse in fusions for name in chosen):
+        for record in isolated(runtime, None, measure, runtime, str(runtimes[runtime]), batches, prompt_len, gen_len, repeats, tuned, fuse):
             records.append(record)
-            print(f"  {record['runtime'] + ' [' + record['harness'] + ']':80s} b{record['batch']}: {record['decode_tokens_per_s']:8.1f} tok/s, {record['decode_ms_per_step']:.3f} ms/step, "
+            print(f"  {record['runtime'] + ' [' + record['harness'] + ']':100s} b{record['batch']}: {record['decode_tokens_per_s']:8.1f} tok/s, {record['decode_ms_per_step']:.3f} ms/step, "
                   f"prefill {record['prefill_ms']:.2f} ms, peak {record['peak_memory_mb']:.0f} MiB, floor {record['bandwidth_floor_fraction']}", flush=True)
     return {"shape": shape, "config": SHAPES[shape], "inductor_tuning": tuned, "quantize": quant, "int4_logits_rel_error": error, "records": records}
 
 
 def summary(result: dict) -> list[str]:
-    """Speed-up and memory ratio of int4 vs bf16 per batch size."""
+    """Speed-up and memory ratio of int4 vs bf16 per batch size, each against bf16 in the same harness (fused or not)."""
     lines = []
-    by = {(r["runtime"], r["batch"]): r for r in result["records"]}
-    for (runtime, batch), record in by.items():
-        if runtime.startswith("W4 int4"):
-            base = by[("bf16", batch)]
-            lines.append(f"{result['shape']} b{batch}: int4 {record['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x bf16 decode, "
+    by = {(r["runtime"], r["batch"], "fused" in r["harness"]): r for r in result["records"]}
+    for (runtime, batch, fused), record in by.items():
+        if runtime.startswith("W4 int4") and ("bf16", batch, fused) in by:
+            base = by[("bf16", batch, fused)]
+            lines.append(f"{result['shape']} b{batch}{' fused' if fused else ''}: int4 {record['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x bf16 decode, "
                          f"peak memory {record['peak_memory_mb'] / base['peak_memory_mb']:.2f}x; bf16 at {base['bandwidth_floor_fraction']} of the floor")
     return lines
 
@@ -109,6 +111,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tuned", action="store_true", help="Inductor coordinate-descent tuning (as gpt-fast)")
     parser.add_argument("--runtimes", default="bf16,W4 int4 tinygemm,W4 decompressed to bf16 by transformers")
+    parser.add_argument("--fuse", default="on", choices=["on", "off", "both"], help="fused q/k/v and gate/up (quantflow.fuse) for every runtime")
     parser.add_argument("--work", type=Path, default=Path("/tmp/quantflow-decode"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/decode.json"))
     args = parser.parse_args()
@@ -118,7 +121,7 @@ def main() -> None:
                "command": " ".join(sys.argv), "shapes": []}
     for shape in args.shapes.split(","):
         results["shapes"].append(run_shape(shape, args.work, [int(b) for b in args.batches.split(",")], args.prompt_len, args.gen_len, args.repeats,
-                                           args.tuned, args.runtimes.split(",")))
+                                           args.tuned, args.runtimes.split(","), {"on": [True], "off": [False], "both": [False, True]}[args.fuse]))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2))
     for result in results["shapes"]:

@@ -18,6 +18,8 @@ from collections.abc import Callable
 import torch
 from pydantic import BaseModel
 
+from quantflow.fuse import FusedProjections, fuse_projections
+
 # Peak HBM bandwidth (bytes/s) by device name fragment; the floor is weights / bandwidth per step.
 HBM_BANDWIDTH = {"H100 80GB HBM3": 3.35e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12, "H200": 4.8e12, "A100-SXM4-80GB": 2.04e12,
                  "A100 80GB PCIe": 1.94e12, "A100-SXM4-40GB": 1.56e12, "L40S": 0.864e12}
@@ -84,10 +86,13 @@ def _captured(step: Callable, prefill: Callable[[], None], token: torch.Tensor, 
 
 
 def benchmark(model: torch.nn.Module, runtime: str, batch: int, prompt_len: int, gen_len: int, warmup: int = 2, repeats: int = 5,
-              compile: bool = True, seed: int = 0, reset_peak: bool = True, compile_mode: str = "max-autotune-no-cudagraphs") -> DecodeRecord:
+              compile: bool = True, seed: int = 0, reset_peak: bool = True, compile_mode: str = "max-autotune-no-cudagraphs",
+              fuse: bool = True) -> DecodeRecord:
     """Time prefill and ``gen_len`` greedy decode steps of ``model`` on random prompts (same prompts for every model).
 
-    ``reset_peak=False`` leaves the peak-memory counter alone, for callers that report one peak for a whole evaluation.
+    On CUDA, ``fuse`` first joins q/k/v and gate/up into one matmul each (``quantflow.fuse``, in place, for
+    dense and int4 models alike). ``reset_peak=False`` leaves the peak-memory counter alone, for callers
+    that report one peak for a whole evaluation.
     """
     from transformers import StaticCache
 
@@ -124,10 +129,12 @@ def benchmark(model: torch.nn.Module, runtime: str, batch: int, prompt_len: int,
 
     decode, harness = eager, "static cache, eager"
     if compile and device.type == "cuda":
+        fused = fuse and (fuse_projections(model) > 0 or any(isinstance(m, FusedProjections) for m in model.modules()))
         try:
             with torch.no_grad():
                 prefill()  # allocates the cache's buffers, which the graph then uses by address
-            decode, harness = _captured(step, prefill, token, position, prompt_len, compile_mode), f"static cache, torch.compile ({compile_mode}) + CUDA graph"
+            decode = _captured(step, prefill, token, position, prompt_len, compile_mode)
+            harness = f"static cache{', fused q/k/v and gate/up' if fused else ''}, torch.compile ({compile_mode}) + CUDA graph"
         except Exception as error:  # a model whose step cannot be compiled or captured still gets measured, labelled eager
             torch._dynamo.reset()
             harness = f"static cache, eager: compile/capture failed with {type(error).__name__}"

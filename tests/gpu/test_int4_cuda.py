@@ -49,3 +49,19 @@ def test_int4_layer_matches_dense_at_real_shapes(shape, group_size):
         reference = x.float() @ reference_weight.t()
         error = ((layer(x).float() - reference).norm() / reference.norm()).item()
         assert error < 0.01, (rows, error)
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_concatenated_int4_layers_compute_each_part(group_size):
+    """quantflow.fuse stacks tinygemm's packed tiles along the output: q (2048), k and v (256 each) of the 1.1B shape."""
+    from quantflow.int4 import Int4Linear
+
+    torch.manual_seed(0)
+    parts = []
+    for out_features in (2048, 256, 256):
+        unsigned = torch.randint(0, 16, (out_features, 2048), dtype=torch.int32)
+        scale, zero = torch.rand(out_features, 2048 // group_size) * 0.02 + 0.001, torch.randn(out_features, 2048 // group_size) * 0.01
+        parts.append(Int4Linear.from_unsigned(unsigned, scale, zero, group_size, torch.randn(out_features), torch.device("cuda")))
+    joined = Int4Linear.concat(parts)
+    x = torch.randn(3, 2048, device="cuda", dtype=torch.bfloat16)
+    torch.testing.assert_close(joined(x), torch.cat([part(x) for part in parts], dim=-1), rtol=0.01, atol=0.01)

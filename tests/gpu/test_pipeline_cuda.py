@@ -18,5 +18,6 @@ def test_pipeline_on_cuda_uses_int4_kernels_and_cuda_graphs(tmp_path):
     rows = {r.name: r for r in load_report(pipeline.run(parse_spec(raw), progress=lambda _: None) / "report.json").rows}
     assert all("int4 tinygemm" in rows[name].runtime for name in ("rtn", "gptq"))
     assert all(s["harness"].endswith("+ CUDA graph") for r in rows.values() for s in r.speed)
+    assert all("fused q/k/v and gate/up" in s["harness"] for r in rows.values() for s in r.speed)  # dense and int4 alike
     assert all(r.memory_kind == "cuda_max_allocated" for r in rows.values())
     assert rows["gptq"].kl_mean > 0 and rows["rtn"].perplexity > 1

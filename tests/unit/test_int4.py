@@ -65,6 +65,32 @@ def test_decode_harness_times_dense_and_int4_alike(artifacts):
     assert records[1].weight_bytes < 0.6 * records[0].weight_bytes
 
 
+@pytest.mark.parametrize("runtime", ["dense", "int4"])
+def test_fused_projections_give_the_same_logits_in_one_matmul_each(artifacts, runtime):
+    from transformers import AutoModelForCausalLM
+
+    from quantflow.decode import weight_bytes
+    from quantflow.fuse import FusedProjections, fuse_projections
+    from quantflow.int4 import Int4Linear, load_int4
+
+    model = load_int4(artifacts / "asym", "cpu") if runtime == "int4" else AutoModelForCausalLM.from_pretrained(artifacts.parent / "model")
+    ids, size = torch.randint(0, 300, (2, 16)), weight_bytes(model)
+    with torch.no_grad():
+        reference = model(ids).logits
+        assert fuse_projections(model) == 2 * model.config.num_hidden_layers and fuse_projections(model) == 0  # q/k/v and gate/up; once
+        fused = model(ids).logits
+        attention = model.model.layers[0].self_attn
+        x, y = torch.randn(2, 3, attention.fused_q.linear.in_features, dtype=model.dtype)
+        q_size, k_size, _ = attention.fused_q.sizes
+        attention.q_proj(x)
+        other = attention.k_proj(y)  # another input: the slice recomputes instead of returning x's part
+        assert torch.equal(other, attention.fused_q.linear(y)[:, q_size:q_size + k_size])
+    groups = [m for m in model.modules() if isinstance(m, FusedProjections)]
+    assert len(groups) == 4 and all(isinstance(g.linear, Int4Linear if runtime == "int4" else torch.nn.Linear) for g in groups)
+    assert weight_bytes(model) == size  # the same weights, stored once
+    torch.testing.assert_close(fused, reference, rtol=1e-3, atol=1e-3)
+
+
 def test_pipeline_evaluates_w4_variants_on_int4_kernels_when_asked(tiny_model, tmp_path):
     raw = small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", [{"method": "rtn", "group_size": 32}])
     dense = {r.name: r for r in load(pipeline.run(parse_spec(raw), progress=lambda _: None))}
