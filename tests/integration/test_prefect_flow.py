@@ -194,10 +194,11 @@ def test_killed_worker_restarts_and_resumes_without_redoing_finished_steps(deplo
     assert {step: after[step] for step in before} == before, "finished steps were executed again"
     assert len(after) == len(before) + 2  # gptq quantize + gptq evaluate
     assert not list((cache / "quantize").glob(".tmp-*")), "the killed step's scratch folder should be removed by the resumed run"
-    zombie = asyncio.run(wait_final(run.id, timeout=240))  # the automation notices the missing heartbeats
-    assert zombie.state.is_crashed(), zombie.state
+    # an uninterrupted run to compare with, made while the automation's heartbeat timeout runs out
     clean = run_pipeline(parse_spec(small_spec(tiny_model, tmp_path / "clean-out", tmp_path / "clean-cache", variants)), progress=lambda _: None)
     assert comparable(read_json(tmp_path / "out" / "report.json")) == comparable(read_json(clean / "report.json"))
+    zombie = asyncio.run(wait_final(run.id, timeout=240))  # the automation notices the missing heartbeats
+    assert zombie.state.is_crashed(), zombie.state
 
 
 def comparable(report: dict) -> list[tuple]:
