@@ -9,6 +9,8 @@ fused matmul and keeps its parts; the others return theirs. Called in any other 
 different inputs, a slice recomputes: the result is the same, only the saving is lost.
 
 The decode harness applies this to every runtime alike (bf16 and int4), so the comparison stays fair.
+It works in place and renames the weights (``fused_q.linear.weight``), so a fused model is for
+running, not for saving.
 """
 
 from __future__ import annotations
