@@ -4,9 +4,10 @@ Builds a random-weight Llama of a real shape in bf16 (optionally with every deco
 swapped for random packed int4 weights as ``quantflow.int4.Int4Linear``, i.e. PyTorch's tinygemm op
 (``--int4 quantflow``): speed does not depend on the values),
 then times one-token decode steps three ways:
-  - ``compile``: the harness's ``torch.compile(mode="reduce-overhead")`` step;
-  - ``graph``: the eager step captured once into a ``torch.cuda.CUDAGraph`` and replayed;
-  - ``compile+graph``: the step compiled without CUDA graphs (Inductor fusion), then captured.
+  - ``compile``: ``torch.compile(mode="reduce-overhead")``, the harness before 2026-11-26;
+  - ``graph``: the eager step captured once into a ``torch.cuda.CUDAGraph`` by ``quantflow.decode.captured``;
+  - ``compile+graph``: the harness now: the step compiled without CUDA graphs (Inductor fusion), then
+    captured by the same function.
 For each it prints ms per step and, from ``torch.profiler``, the summed kernel time per step,
 the kernel count per step and the top kernels.
 
@@ -60,6 +61,8 @@ def make_step(model, cache, batch):
 def run_variant(model, variant: str, batch: int, prompt_len: int, gen_len: int, repeats: int, mode: str) -> dict:
     from transformers import StaticCache
 
+    from quantflow.decode import captured
+
     cache = StaticCache(config=model.config, max_cache_len=prompt_len + gen_len)
     step = make_step(model, cache, batch)
     prompt = torch.randint(0, 32000, (batch, prompt_len), device="cuda")
@@ -77,23 +80,8 @@ def run_variant(model, variant: str, batch: int, prompt_len: int, gen_len: int, 
         def decode(index):
             torch.compiler.cudagraph_mark_step_begin()
             token.copy_(compiled(token.clone(), torch.tensor([prompt_len + index], device="cuda")))
-    else:
-        inner = torch.compile(step, mode=mode, fullgraph=True) if variant == "compile+graph" else step
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                position.fill_(prompt_len)
-                inner(token, position)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = inner(token, position)
-
-        def decode(index):
-            position.fill_(prompt_len + index)
-            graph.replay()
-            token.copy_(out)
+    else:  # the harness's own capture (quantflow.decode), of the compiled or the eager step
+        decode = captured(step, prefill, token, position, prompt_len, mode if variant == "compile+graph" else None)
 
     def once() -> float:
         prefill()

@@ -57,15 +57,16 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _captured(step: Callable, prefill: Callable[[], None], token: torch.Tensor, position: torch.Tensor, start: int, mode: str
-              ) -> Callable[[int], None]:
+def captured(step: Callable, prefill: Callable[[], None], token: torch.Tensor, position: torch.Tensor, start: int, mode: str | None
+             ) -> Callable[[int], None]:
     """The decode step compiled by Inductor (fused kernels, no CUDA graphs of its own) and captured once into a CUDA graph.
 
     Captured by hand rather than with ``mode="reduce-overhead"``: torch.compile's CUDA-graph trees
     check and copy every input on each call, about 0.4 ms per step on an H200, a fifth of a 1.1B
     bf16 step (bench/profile_decode.py). Here a step is one ``position`` fill, one replay and one copy.
+    ``mode=None`` captures the eager step (bench/profile_decode.py compares the two).
     """
-    compiled = torch.compile(step, mode=mode, fullgraph=True)
+    compiled = torch.compile(step, mode=mode, fullgraph=True) if mode else step
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side), torch.no_grad():  # compile, autotune and warm up outside the capture
@@ -133,7 +134,7 @@ def benchmark(model: torch.nn.Module, runtime: str, batch: int, prompt_len: int,
         try:
             with torch.no_grad():
                 prefill()  # allocates the cache's buffers, which the graph then uses by address
-            decode = _captured(step, prefill, token, position, prompt_len, compile_mode)
+            decode = captured(step, prefill, token, position, prompt_len, compile_mode)
             harness = f"static cache{', fused q/k/v and gate/up' if fused else ''}, torch.compile ({compile_mode}) + CUDA graph"
         except Exception as error:  # a model whose step cannot be compiled or captured still gets measured, labelled eager
             torch._dynamo.reset()
