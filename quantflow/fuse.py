@@ -53,18 +53,25 @@ class ProjectionSlice(nn.Module):
         return self.fused.part(x, self.index)
 
 
+def joined_bias(layers: list[nn.Module], like: torch.Tensor) -> torch.Tensor | None:
+    """The layers' biases end to end (zeros for a layer without one), or None if none has a bias."""
+    if all(layer.bias is None for layer in layers):
+        return None
+    return torch.cat([layer.bias if layer.bias is not None else like.new_zeros(layer.out_features) for layer in layers])
+
+
 def concat(layers: list[nn.Module]) -> nn.Module | None:
     """One layer computing all of ``layers`` (same input width) side by side, or None if they cannot be joined."""
     if all(type(layer) is nn.Linear for layer in layers):  # exact type: bitsandbytes' 4-bit Linears subclass it
         weight = layers[0].weight
         joined = nn.Linear(layers[0].in_features, sum(layer.out_features for layer in layers), bias=False, device="meta", dtype=weight.dtype)
         joined.weight = nn.Parameter(torch.cat([layer.weight for layer in layers]), requires_grad=False)
-        if any(layer.bias is not None for layer in layers):
-            joined.bias = nn.Parameter(torch.cat([layer.bias if layer.bias is not None else weight.new_zeros(layer.out_features) for layer in layers]),
-                                       requires_grad=False)
+        if (bias := joined_bias(layers, weight)) is not None:
+            joined.bias = nn.Parameter(bias, requires_grad=False)
         return joined
     if all(isinstance(layer, Int4Linear) for layer in layers) and len({(layer.group_size, layer.packed.shape[1:]) for layer in layers}) == 1:
-        return Int4Linear.concat(layers)
+        like = torch.empty(0, dtype=torch.bfloat16, device=layers[0].packed.device)  # Int4Linear keeps its bias in bf16
+        return Int4Linear.concat(layers, joined_bias(layers, like))
     return None
 
 

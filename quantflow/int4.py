@@ -62,15 +62,12 @@ class Int4Linear(nn.Module):
         return cls(packed, scales_and_zeros, group_size, in_features, out_features, bias.to(device, torch.bfloat16) if bias is not None else None)
 
     @classmethod
-    def concat(cls, layers: list[Int4Linear]) -> Int4Linear:
-        """Layers of one input width and group size as one, outputs side by side (``quantflow.fuse``).
+    def concat(cls, layers: list[Int4Linear], bias: torch.Tensor | None) -> Int4Linear:
+        """Layers of one input width and group size as one, outputs side by side (``quantflow.fuse``, which joins the biases).
 
         Both packed layouts stack along the output dimension: CUDA's is [out / 8, in / (16 * tiles), 32, tiles / 2]
         (tiles of 8 output rows, which tinygemm needs anyway), the CPU's [out, in / 2]; scales and zeros are [in / group, out, 2].
         """
-        biases = [layer.bias for layer in layers]
-        bias = torch.cat([b if b is not None else torch.zeros(layer.out_features, dtype=torch.bfloat16, device=layer.packed.device)
-                          for b, layer in zip(biases, layers)]) if any(b is not None for b in biases) else None
         return cls(torch.cat([layer.packed for layer in layers]), torch.cat([layer.scales_and_zeros for layer in layers], dim=1),
                    layers[0].group_size, layers[0].in_features, sum(layer.out_features for layer in layers), bias)
 

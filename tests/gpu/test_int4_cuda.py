@@ -62,6 +62,6 @@ def test_concatenated_int4_layers_compute_each_part(group_size):
         unsigned = torch.randint(0, 16, (out_features, 2048), dtype=torch.int32)
         scale, zero = torch.rand(out_features, 2048 // group_size) * 0.02 + 0.001, torch.randn(out_features, 2048 // group_size) * 0.01
         parts.append(Int4Linear.from_unsigned(unsigned, scale, zero, group_size, torch.randn(out_features), torch.device("cuda")))
-    joined = Int4Linear.concat(parts)
+    joined = Int4Linear.concat(parts, torch.cat([part.bias for part in parts]))
     x = torch.randn(3, 2048, device="cuda", dtype=torch.bfloat16)
     torch.testing.assert_close(joined(x), torch.cat([part(x) for part in parts], dim=-1), rtol=0.01, atol=0.01)
