@@ -24,7 +24,7 @@ def _fail(error: QuantflowError) -> None:
 
 
 def _flag_overrides(**flags: Any) -> dict[str, Any]:
-    return {path: value for path, value in flags.items() if value is not None}
+    return {path: str(value) if isinstance(value, Path) else value for path, value in flags.items() if value is not None}
 
 
 @app.command()
@@ -49,21 +49,38 @@ def run(
     from quantflow.spec import RunSpec, apply_overrides, load_spec, variant_for
 
     try:
+        _check_engine(engine)
         spec = load_spec(config) if config else RunSpec()
         overrides = _flag_overrides(**{
-            "model.source": model, "model.revision": revision, "output.dir": str(output) if output else None, "device": device,
-            "gpu_memory_gb": gpu_memory_gb, "calibration.num_samples": num_samples, "calibration.seq_len": seq_len, "calibration.source": calibration,
-            "evaluation.window": window, "evaluation.max_windows": max_windows, "output.cache_dir": str(cache_dir) if cache_dir else None,
+            "model.source": model, "model.revision": revision, "output.dir": output, "device": device,
+            "gpu_memory_gb": gpu_memory_gb, "calibration.num_samples": num_samples, "calibration.seq_len": seq_len,
+            "calibration.source": calibration, "evaluation.window": window, "evaluation.max_windows": max_windows,
+            "output.cache_dir": cache_dir,
         })
         if methods:
-            size = None if group_size in (None, "none", "null") else (group_size if group_size == "auto" else int(group_size))
-            extra = {} if group_size is None else {"group_size": size}
-            overrides["variants"] = [variant_for(m, **(extra if m in ("rtn", "gptq", "awq") else {})).model_dump(mode="json")
+            extra = {} if group_size is None else {"group_size": _group_size(group_size)}
+            overrides["variants"] = [variant_for(m, **(extra if m.strip().lower() in ("rtn", "gptq", "awq") else {}))
                                      for m in methods.split(",") if m.strip()]
-        spec = apply_overrides(spec, overrides)
+        elif group_size is not None:
+            raise QuantflowError("--group-size applies to the variants made by --methods", "pass --methods too, or set "
+                                 "group_size on each variant in the --config file")
+        spec = apply_overrides(spec, overrides, RUN_FLAGS)
         _execute(spec, engine)
     except QuantflowError as error:
         _fail(error)
+
+
+RUN_FLAGS = {"model.source": "--model", "model.revision": "--revision", "output.dir": "--output", "device": "--device",
+             "gpu_memory_gb": "--gpu-memory-gb", "calibration.num_samples": "--num-samples", "calibration.seq_len": "--seq-len",
+             "calibration.source": "--calibration", "evaluation.window": "--window", "evaluation.max_windows": "--max-windows",
+             "output.cache_dir": "--cache-dir", "variants": "--methods/--group-size"}
+
+
+def _group_size(text: str) -> int | str | None:
+    """'--group-size' as the spec takes it: an int, 'auto', or none/null for per-channel; anything else is left for the spec to refuse."""
+    if text.lower() in ("none", "null"):
+        return None
+    return int(text) if text.lstrip("-").isdigit() else text
 
 
 @app.command()
@@ -81,6 +98,7 @@ def demo(
     from quantflow.spec import StoreSpec, apply_overrides
 
     try:
+        _check_engine(engine)
         server = s3server.start(storage)
         os.environ.update(server.env())
         typer.echo(f"[quantflow] local S3 (SeaweedFS) at {server.endpoint_url}, data in {storage}", err=True)
@@ -136,6 +154,11 @@ def storage(
         _fail(error)
 
 
+def _check_engine(engine: str) -> None:
+    if engine not in ("prefect", "local"):
+        raise QuantflowError(f"unknown engine '{engine}'", "use --engine prefect or --engine local")
+
+
 def _execute(spec, engine: str) -> None:
     from quantflow.report import load_report
 
@@ -149,7 +172,7 @@ def _execute(spec, engine: str) -> None:
 
         out, where = run_flow(spec)
     else:
-        raise QuantflowError(f"unknown engine '{engine}'", "use --engine prefect or --engine local")
+        raise AssertionError(engine)  # _check_engine ran first
     report = load_report(out / "report.json")
     typer.echo((out / "report.md").read_text().split("\n## Protocol")[0])
     typer.echo(f"artifacts: {out.resolve()}  best: {report.best}")
@@ -167,7 +190,10 @@ def report(
     max_size_ratio: Optional[float] = typer.Option(None, help="...and at most this fraction of the baseline's size."),
 ) -> None:
     """Re-render report.md and plots from report.json, optionally under new constraints."""
+    from pydantic import ValidationError
+
     from quantflow.report import load_report, pareto, pick_best, write_report
+    from quantflow.spec import ConstraintsSpec, explain
 
     if not path.is_file():
         _fail(QuantflowError(f"{path} does not exist", "pass the report.json written by `quantflow run`"))
@@ -175,7 +201,11 @@ def report(
         data = load_report(path)
     except ValueError as error:
         _fail(QuantflowError(f"{path} is not a quantflow report ({str(error).splitlines()[0]})", "pass the report.json written by `quantflow run`"))
-    constraints = data.constraints.model_copy(update=_flag_overrides(max_ppl_increase_pct=max_ppl_increase, max_size_ratio=max_size_ratio))
+    try:
+        constraints = ConstraintsSpec.model_validate({**data.constraints.model_dump(), **_flag_overrides(
+            max_ppl_increase_pct=max_ppl_increase, max_size_ratio=max_size_ratio)})
+    except ValidationError as error:
+        _fail(explain(error, "command-line flags", {"max_ppl_increase_pct": "--max-ppl-increase", "max_size_ratio": "--max-size-ratio"}))
     best, reason = pick_best(data.rows, constraints)
     data = data.model_copy(update={"constraints": constraints, "best": best, "best_reason": reason, "pareto": pareto(data.rows)})
     write_report(data, path.parent)

@@ -5,12 +5,18 @@
 parts and writes ``deployments/pools/<type>-gpu.json``, which a team passes to
 ``prefect work-pool create quantflow-gpu --type <type> --base-job-template <file>``.
 
-- process: one worker per GPU host and card; ``CUDA_VISIBLE_DEVICES`` defaults to "0" and is a
-  job variable, so each worker/deployment pins its card.
-- docker: ``container_create_kwargs.device_requests`` asks the NVIDIA runtime for GPUs
-  (``gpu_count`` variable, -1 = all).
-- kubernetes: ``nvidia.com/gpu`` limits (``gpu_count``), a node selector and a toleration for
-  GPU nodes' taint, each a job variable.
+A worker's card is the worker's, not the deployment's: each GPU worker is started with its own
+``CUDA_VISIBLE_DEVICES`` and every flow run it takes must use that card. So no template or
+deployment sets ``CUDA_VISIBLE_DEVICES`` as a job variable (Prefect's process worker builds a run's
+environment as ``{**os.environ, **job_env}``: a job variable would override every worker's card).
+
+- process: the flow-run process inherits the worker's ``CUDA_VISIBLE_DEVICES``.
+- docker: ``container_create_kwargs.device_requests`` asks the NVIDIA runtime for the cards in the
+  ``gpu_ids`` job variable (default ``["0"]``). A docker worker's environment does not reach its
+  containers, and Prefect 3.9's server refuses templates that read it (``{{ $VAR }}``), so a host
+  with several cards runs one docker pool per card, each with its own ``gpu_ids`` default.
+- kubernetes: ``nvidia.com/gpu`` limits (``gpu_count``, default 1: the device plugin gives each
+  pod its own card), a node selector and a toleration for GPU nodes' taint, each a job variable.
 
     python -m deployments.pools     # regenerate the *-gpu.json files
 """
@@ -29,16 +35,15 @@ def _variable(template: dict, name: str, schema: dict) -> None:
 
 
 def process_gpu(base: dict) -> dict:
-    template = copy.deepcopy(base)
-    template["variables"]["properties"]["env"]["default"] = {"CUDA_VISIBLE_DEVICES": "0"}
-    return template
+    return copy.deepcopy(base)  # the worker's own environment, CUDA_VISIBLE_DEVICES included, reaches its runs
 
 
 def docker_gpu(base: dict) -> dict:
     template = copy.deepcopy(base)
-    _variable(template, "gpu_count", {"type": "integer", "default": -1, "title": "GPUs", "description": "GPUs to expose (-1 = all)."})
+    _variable(template, "gpu_ids", {"type": "array", "items": {"type": "string"}, "default": ["0"], "title": "GPUs",
+                                    "description": "NVIDIA device ids (or UUIDs) the container gets: one pool per card."})
     template["job_configuration"]["container_create_kwargs"] = {
-        "device_requests": [{"Driver": "nvidia", "Count": "{{ gpu_count }}", "Capabilities": [["gpu"]]}]}
+        "device_requests": [{"Driver": "nvidia", "DeviceIDs": "{{ gpu_ids }}", "Capabilities": [["gpu"]]}]}
     return template
 
 

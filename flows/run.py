@@ -7,17 +7,40 @@ the UI. Either way the user is told the run's URL and its artifacts.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_UI_URL
+from prefect.logging.handlers import PrefectConsoleHandler
+from prefect.settings import (
+    PREFECT_API_URL,
+    PREFECT_HOME,
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+    PREFECT_UI_URL,
+)
 
 from flows.quantize import quantflow_run
+from quantflow.errors import QuantflowError
 from quantflow.spec import RunSpec
 
 LOCAL_UI = "http://127.0.0.1:4200"
+STARTUP_WAIT_S = 180
+
+
+def _no_user_error_traceback(record: logging.LogRecord) -> bool:
+    """Prefect logs a failed task or flow with its traceback; for bad input (a QuantflowError) the console shows the message only."""
+    if record.exc_info and isinstance(record.exc_info[1], QuantflowError):
+        record.exc_info, record.exc_text = None, None
+    return True
+
+
+def quiet_user_errors() -> None:
+    """Keep tracebacks of user errors off the console (the run's logs on the server keep them)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and _no_user_error_traceback not in handler.filters:
+            handler.addFilter(_no_user_error_traceback)
 
 
 def run_flow(spec: RunSpec) -> tuple[Path, str]:
@@ -26,7 +49,18 @@ def run_flow(spec: RunSpec) -> tuple[Path, str]:
     # from an offline machine, and it raced the server's first writes on SQLite ("database is locked"
     # traceback in the demo's output), so it is off, as `quantflow serve` starts its server with --analytics-off.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    state = quantflow_run(spec, return_state=True)
+    # Prefect waits 20 s for it by default; a busy 2-core machine was seen to need longer (the wait is a bound, not a delay)
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(STARTUP_WAIT_S))
+    quiet_user_errors()
+    try:
+        state = quantflow_run(spec, return_state=True)
+    except RuntimeError as error:
+        if "ephemeral Prefect API" not in str(error):
+            raise
+        raise QuantflowError(
+            f"the temporary Prefect server did not answer within {PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()} s "
+            "(a busy machine?)", "start a server once with `quantflow serve` (or point PREFECT_API_URL at one) and run again, "
+            "raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or use --engine local") from None
     out = Path(state.result())  # re-raises the flow's error (a QuantflowError reaches the CLI intact)
     run_id = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from quantflow.corpus import calibration_documents
 from quantflow.errors import QuantflowError
-from quantflow.spec import CalibrationSpec, EvaluationSpec
+from quantflow.spec import DEFAULT_CALIBRATION_SAMPLES, CalibrationSpec, EvaluationSpec
 
 SAMPLES_FILE = "samples.safetensors"
 MIN_CHUNK_FRACTION = 4  # a trailing chunk shorter than seq_len / 4 adds little signal; drop it
@@ -37,6 +37,7 @@ class CalibrationRecord(BaseModel):
     max_len: int
     mean_len: float
     histogram: dict[str, int]
+    note: str | None = None
 
 
 def _chunks(ids: list[int], seq_len: int) -> list[list[int]]:
@@ -56,13 +57,21 @@ def tokenize_samples(texts: list[str], tokenizer, spec: CalibrationSpec) -> list
         else:
             samples.extend(_chunks(tokenizer(text, add_special_tokens=False)["input_ids"], spec.seq_len))
     random.Random(spec.seed).shuffle(samples)
-    if len(samples) < spec.num_samples:
-        raise QuantflowError(
-            f"calibration source {spec.source} gives only {len(samples)} usable samples of <= {spec.seq_len} tokens "
-            f"(after min_chars={spec.min_chars}, dedup and the calibration/evaluation split); {spec.num_samples} were asked",
-            f"lower calibration.num_samples to {len(samples)} or less, lower seq_len, or add more text",
-        )
-    return samples[: spec.num_samples]
+    usable = (f"calibration source {spec.source} gives only {len(samples)} usable samples of <= {spec.seq_len} tokens "
+              f"(after min_chars={spec.min_chars}, dedup and the calibration/evaluation split)")
+    if not samples or (spec.num_samples is not None and len(samples) < spec.num_samples):
+        raise QuantflowError(f"{usable}; {spec.num_samples or DEFAULT_CALIBRATION_SAMPLES} were asked",
+                             f"lower calibration.num_samples to {len(samples)} or less, lower seq_len, or add more text"
+                             if samples else "lower min_chars or seq_len, or pass a calibration source with more text")
+    return samples[: spec.num_samples or DEFAULT_CALIBRATION_SAMPLES]
+
+
+def shortfall(spec: CalibrationSpec, samples: int) -> str | None:
+    """The warning for a default sample count the source could not fill (None when nothing is short)."""
+    if spec.num_samples is None and samples < DEFAULT_CALIBRATION_SAMPLES:
+        return (f"calibration uses {samples} samples, fewer than the default {DEFAULT_CALIBRATION_SAMPLES}: "
+                f"that is all {spec.source} holds at seq_len {spec.seq_len}")
+    return None
 
 
 def _histogram(lengths: list[int], seq_len: int) -> dict[str, int]:
@@ -89,7 +98,7 @@ def build_calibration(spec: CalibrationSpec, evaluation: EvaluationSpec, tokeniz
     record = CalibrationRecord(
         path=str(final), hash=samples_hash(samples), source=spec.source, samples=len(samples), tokens=sum(lengths),
         min_len=min(lengths), max_len=max(lengths), mean_len=round(sum(lengths) / len(lengths), 1),
-        histogram=_histogram(lengths, spec.seq_len),
+        histogram=_histogram(lengths, spec.seq_len), note=shortfall(spec, len(samples)),
     )
     (out / "stats.json").write_text(json.dumps(record.model_dump(exclude={"path"}), indent=2))
     return record

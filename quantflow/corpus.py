@@ -21,6 +21,17 @@ Role = Literal["calibration", "evaluation"]
 TABLE_SUFFIXES = {".jsonl", ".parquet", ".csv"}
 
 
+def check_source(field: str, source: str) -> None:
+    """A cheap plan-time check of a local text source, so a typo fails before the model is even loaded."""
+    if source == "builtin:pydoc" or source.startswith("hf:"):
+        return
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise QuantflowError(f"{field}: text source {source} does not exist",
+                             "pass an existing .txt/.jsonl/.parquet/.csv file, builtin:pydoc or hf:<dataset>")
+    _refuse_binary(path)
+
+
 def load_texts(source: str, text_column: str = "text") -> list[str]:
     """All documents of a source, in a stable order."""
     if source == "builtin:pydoc":

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from quantflow.errors import QuantflowError
 from quantflow.lm_eval_tasks import run_tasks
-from quantflow.resources import peak_memory_mb, placement_budget, reset_peak_memory
+from quantflow.resources import peak_memory_mb, placement_budget, reset_peak_memory, visible_devices
 from quantflow.spec import EvaluationSpec, SpeedSpec
 
 BASELINE_LOGPROBS = "baseline_logprobs.safetensors"
@@ -66,6 +66,7 @@ class EvalRecord(BaseModel):
     seconds: float
     placement: dict[str, float] = {}
     lm_eval: dict[str, dict[str, float]] = {}
+    visible_devices: str | None = None
 
 
 def windows(total: int, span: int, stride: int, limit: int | None) -> list[Window]:
@@ -189,7 +190,7 @@ def evaluate_model(model, tokenizer, name: str, texts: list[str], spec: Evaluati
         kl_mean=round(kl, 6) if kl is not None else None, kl_tokens=kl_count if baseline or save_baseline else 0,
         speed=speed, peak_memory_mb=peak, memory_kind=kind, size_bytes=size[0], size_kind=size[1],
         generations=generations, seconds=round(time.perf_counter() - start, 1), placement=spread if len(spread) > 1 else {},
-        lm_eval=tasks,
+        lm_eval=tasks, visible_devices=visible_devices(),
     )
 
 

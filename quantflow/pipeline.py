@@ -7,23 +7,30 @@ artifacts and share one cache.
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from pydantic import BaseModel
 
 from quantflow import steps
 from quantflow.cache import StepCache, content_key, default_cache_root
 from quantflow.calibration import CalibrationRecord
+from quantflow.corpus import check_source
 from quantflow.errors import QuantflowError
 from quantflow.evaluate import EvalRecord
 from quantflow.int4 import GROUP_SIZES
-from quantflow.quantize import QuantizeRecord, check_ignore, resolve_group_size, weightless_model
+from quantflow.quantize import QuantizeRecord, check_ignore, needs_calibration, resolve_group_size, weightless_model
 from quantflow.resources import pick_device
 from quantflow.sources import ModelRef, resolve_model
 from quantflow.spec import BnbVariant, RunSpec, Variant
+from quantflow.steps import StepRun
+
+R = TypeVar("R")
 
 Progress = Callable[[str], None]
 
@@ -52,13 +59,28 @@ class BranchResult(BaseModel):
     quantize: QuantizeRecord | None
     evaluation: EvalRecord
     artifact: str | None
-    cached: bool
+    steps: list[StepRun]
+
+    @property
+    def cached(self) -> bool:
+        return all(step.cached for step in self.steps)
 
 
 class Stage(BaseModel):
     baseline: EvalRecord
     calibration: CalibrationRecord
-    cached: bool
+    steps: list[StepRun]
+
+    @property
+    def cached(self) -> bool:
+        return all(step.cached for step in self.steps)
+
+
+def timed(step: str, variant: str, key: str, call: Callable[[], tuple[R, bool]]) -> tuple[R, StepRun]:
+    """Run one step call and say what it did (cache hit or computed) and how long the call took."""
+    start = time.perf_counter()
+    record, hit = call()
+    return record, StepRun(step=step, variant=variant, key=key, cached=hit, seconds=round(time.perf_counter() - start, 3))
 
 
 def check_environment(spec: RunSpec) -> None:
@@ -74,11 +96,28 @@ def check_environment(spec: RunSpec) -> None:
         check_tasks(spec.evaluation.lm_eval)
 
 
+def check_folder(field: str, folder: Path) -> None:
+    """A folder the run will write must be a folder, or creatable: found now, not after an hour of GPU work."""
+    existing = next((p for p in [folder, *folder.parents] if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise QuantflowError(f"{field} {folder} cannot be a folder: {existing} is a file", f"point {field} at a folder")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise QuantflowError(f"{field} {folder} is not writable ({existing} is read-only for this user)", f"point {field} at a writable folder")
+
+
 def plan(spec: RunSpec, progress: Progress = print) -> Plan:
     """Validate the spec against this machine and the model's shapes; resolve the model source."""
     device = pick_device(spec.device)
     check_environment(spec)
     cache = StepCache(spec.output.cache_dir or default_cache_root())
+    check_folder("output.dir", Path(spec.output.dir))
+    check_folder("output.cache_dir", cache.root)
+    check_source("calibration.source", spec.calibration.source)
+    check_source("evaluation.corpus", spec.evaluation.corpus)
+    if spec.output.store:
+        from quantflow.store import check_access
+
+        check_access(spec.output.store)
     progress(f"model: resolving {spec.model.source}")
     model = resolve_model(spec.model, cache)
     skeleton = weightless_model(model.path, spec.model.trust_remote_code)
@@ -95,25 +134,33 @@ def plan(spec: RunSpec, progress: Progress = print) -> Plan:
 
 
 def baseline_and_calibration(plan: Plan, isolate: bool = True) -> Stage:
-    calibration, cal_hit = steps.calibrate(plan.cache, plan.model, plan.spec, isolate)
-    baseline, base_hit = steps.evaluate(plan.cache, "baseline", plan.baseline_key(), plan.spec, plan.model.path, plan.device,
-                                        None, None, isolate)
-    return Stage(baseline=baseline, calibration=calibration, cached=cal_hit and base_hit)
+    key = steps.calibration_key(plan.model, plan.spec.calibration, plan.spec.evaluation)
+    calibration, cal_run = timed("calibration", "baseline", key, lambda: steps.calibrate(plan.cache, plan.model, plan.spec, isolate))
+    baseline, base_run = timed("evaluate", "baseline", plan.baseline_key(), lambda: steps.evaluate(
+        plan.cache, "baseline", plan.baseline_key(), plan.spec, plan.model.path, plan.device, None, None, isolate))
+    return Stage(baseline=baseline, calibration=calibration, steps=[cal_run, base_run])
 
 
 def branch(plan: Plan, variant: Variant, calibration: CalibrationRecord, isolate: bool = True) -> BranchResult:
     """Quantize (unless load-time) and evaluate one variant."""
+    spec, name = plan.spec, variant.name
     if isinstance(variant, BnbVariant):
         subject = content_key("bnb", plan.model.fingerprint, variant.model_dump(exclude={"name", "save"}))
-        key = steps.eval_key(subject, plan.spec.evaluation, plan.device, plan.baseline_key())
-        evaluation, hit = steps.evaluate(plan.cache, variant.name, key, plan.spec, plan.model.path, plan.device, variant, plan.baseline_key(), isolate)
-        return BranchResult(name=variant.name, method=variant.method, quantize=None, evaluation=evaluation, artifact=None, cached=hit)
-    group_size, note = plan.group_sizes[variant.name]
-    record, q_hit = steps.quantize(plan.cache, plan.model, variant, group_size, note, calibration, plan.spec.model.dtype, plan.device,
-                                   isolate, plan.spec.step_timeout_s, plan.spec.gpu_memory_gb)
-    key = steps.eval_key(Path(record.path).name, plan.spec.evaluation, plan.device, plan.baseline_key())
-    evaluation, e_hit = steps.evaluate(plan.cache, variant.name, key, plan.spec, record.path, plan.device, None, plan.baseline_key(), isolate)
-    return BranchResult(name=variant.name, method=variant.method, quantize=record, evaluation=evaluation, artifact=record.path, cached=q_hit and e_hit)
+        key = steps.eval_key(subject, spec.evaluation, plan.device, plan.baseline_key())
+        evaluation, run = timed("evaluate", name, key, lambda: steps.evaluate(
+            plan.cache, name, key, spec, plan.model.path, plan.device, variant, plan.baseline_key(), isolate))
+        return BranchResult(name=name, method=variant.method, quantize=None, evaluation=evaluation, artifact=None, steps=[run])
+    group_size, note = plan.group_sizes[name]
+    q_key = steps.quantize_key(plan.model, variant, group_size, calibration if needs_calibration(variant) else None,
+                               spec.model.dtype, plan.device)
+    record, q_run = timed("quantize", name, q_key, lambda: steps.quantize(
+        plan.cache, plan.model, variant, group_size, note, calibration, spec.model.dtype, plan.device, isolate,
+        spec.step_timeout_s, spec.gpu_memory_gb))
+    key = steps.eval_key(Path(record.path).name, spec.evaluation, plan.device, plan.baseline_key())
+    evaluation, e_run = timed("evaluate", name, key, lambda: steps.evaluate(
+        plan.cache, name, key, spec, record.path, plan.device, None, plan.baseline_key(), isolate))
+    return BranchResult(name=name, method=variant.method, quantize=record, evaluation=evaluation, artifact=record.path,
+                        steps=[q_run, e_run])
 
 
 def publish_folder(source: Path, target: Path, extra: dict[str, str]) -> None:
@@ -204,6 +251,8 @@ def run(spec: RunSpec, progress: Progress = print) -> Path:
     progress("baseline + calibration")
     stage = baseline_and_calibration(the_plan)
     progress(f"baseline perplexity {stage.baseline.perplexity:.3f} ({'cached' if stage.cached else 'computed'})")
+    if stage.calibration.note:
+        progress(f"warning: {stage.calibration.note}")
     branches = []
     for variant in spec.variants:
         progress(f"variant {variant.name}: quantize + evaluate")

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from quantflow.calibration import CalibrationRecord, load_samples
 from quantflow.errors import QuantflowError
-from quantflow.resources import cap_gpu_memory, compute_dtype, over_budget, peak_memory_mb, reset_peak_memory
+from quantflow.resources import cap_gpu_memory, compute_dtype, over_budget, peak_memory_mb, reset_peak_memory, visible_devices
 from quantflow.spec import AWQVariant, BnbVariant, GPTQVariant, RTNVariant
 
 WeightVariant = RTNVariant | GPTQVariant | AWQVariant
@@ -39,6 +39,7 @@ class QuantizeRecord(BaseModel):
     quantized_layers: list[str]
     skipped_layers: list[str]
     recipe: str
+    visible_devices: str | None = None
 
 
 def target_layers(model: torch.nn.Module, ignore: list[str]) -> tuple[list[str], list[str]]:
@@ -62,9 +63,10 @@ def weightless_model(model_path: str, trust_remote_code: bool = False) -> torch.
 def resolve_group_size(model: torch.nn.Module, variant: WeightVariant) -> tuple[int | None, str | None]:
     """Check the group size against every targeted layer; resolve 'auto' by the documented rule.
 
-    Rule for 'auto': the largest of 128, 64, 32 that divides the input width of every
-    quantized layer. An explicit size that does not divide some width fails here, naming
-    the layers and the sizes that would work.
+    Rule for 'auto' (the default, so a default run fits any model): the largest of 128, 64, 32
+    that divides the input width of every quantized layer, else per output channel. An
+    explicit size that does not divide some width fails here, naming the layers and the sizes
+    that would work: a user who chose a size gets it or an error, never a silent substitute.
     """
     quantized, _ = target_layers(model, variant.ignore)
     widths = {name: model.get_submodule(name).in_features for name in quantized}
@@ -74,10 +76,7 @@ def resolve_group_size(model: torch.nn.Module, variant: WeightVariant) -> tuple[
         for size in AUTO_GROUP_SIZES:
             if all(width % size == 0 for width in widths.values()):
                 return size, f"group_size auto -> {size} (largest of 128/64/32 dividing all {len(widths)} layer widths)"
-        raise QuantflowError(
-            f"variant '{variant.name}': no group size in 128/64/32 divides every layer width ({sorted(set(widths.values()))})",
-            f"set group_size to null (per-channel) for '{variant.name}'",
-        )
+        return None, f"group_size auto -> per output channel (no size in 128/64/32 divides every width: {sorted(set(widths.values()))})"
     bad = {name: width for name, width in widths.items() if width % variant.group_size}
     if bad:
         valid = [s for s in (256, 128, 64, 32, 16, 8) if all(w % s == 0 for w in widths.values())]
@@ -193,6 +192,7 @@ def quantize_weights(model_path: str, variant: WeightVariant, group_size: int | 
         variant=variant.name, method=variant.method, path=str(final), seconds=round(seconds, 2), peak_memory_mb=peak,
         memory_kind=kind, group_size=group_size, group_size_note=note, quantized_layers=quantized,
         skipped_layers=skipped, recipe=yaml.safe_dump([type(m).__name__ + ": " + m.model_dump_json(exclude_none=True) for m in recipe]),
+        visible_devices=visible_devices(),
     )
 
 

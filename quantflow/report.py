@@ -15,8 +15,9 @@ from pydantic import BaseModel
 
 from quantflow.environment import environment
 from quantflow.spec import ConstraintsSpec
+from quantflow.steps import StepRun
 
-SCHEMA_VERSION = "1.2"
+SCHEMA_VERSION = "1.3"
 UNITS = {
     "perplexity": "exp(mean NLL per token), lower is better",
     "ppl_delta_pct": "% change vs baseline",
@@ -54,6 +55,7 @@ class Row(BaseModel):
     roundtrip: dict | None = None
     placement: dict[str, float] = {}
     lm_eval: dict[str, dict[str, float]] = {}
+    visible_devices: str | None = None
 
 
 class Report(BaseModel):
@@ -71,6 +73,7 @@ class Report(BaseModel):
     generations: dict[str, list[dict]]
     environment: dict
     spec: dict
+    steps: list[StepRun] = []
 
 
 def _row(name: str, method: str, evaluation, baseline, quantize=None, artifact: str | None = None) -> Row:
@@ -86,7 +89,7 @@ def _row(name: str, method: str, evaluation, baseline, quantize=None, artifact: 
         skipped_layers=quantize.skipped_layers if quantize else [],
         group_size=quantize.group_size if quantize else None, group_size_note=quantize.group_size_note if quantize else None,
         runtime=evaluation.runtime, artifact=artifact, placement=evaluation.placement,
-        lm_eval=evaluation.lm_eval,
+        lm_eval=evaluation.lm_eval, visible_devices=evaluation.visible_devices,
     )
 
 
@@ -121,6 +124,7 @@ def build_report(plan, stage, branches) -> Report:
         constraints=plan.spec.constraints, units=UNITS, rows=rows, best=best, best_reason=reason, pareto=pareto(rows),
         generations={"baseline": baseline.generations, **{b.name: b.evaluation.generations for b in branches}},
         environment=environment(), spec=plan.spec.model_dump(mode="json"),
+        steps=stage.steps + [step for b in branches for step in b.steps],
     )
 
 
@@ -150,12 +154,14 @@ def markdown(report: Report) -> str:
               f"KL: mean per-token KL(baseline ‖ variant) on the first scored tokens. Sizes: on-disk safetensors, or in-memory "
               "weights for load-time bitsandbytes variants. Memory: " + UNITS["peak_memory_mb"] + ".",
               f"Calibration: {report.calibration['samples']} samples, {report.calibration['tokens']} tokens from {report.calibration['source']} "
-              f"(hash {report.calibration['hash']}).", "", "## Runtimes and layers", ""]
+              f"(hash {report.calibration['hash']})." + (f" Warning: {report.calibration['note']}." if report.calibration.get("note") else ""),
+              "", "## Runtimes and layers", ""]
     for r in report.rows:
         layers = "" if r.quantized_layers is None else f"; {r.quantized_layers} layers quantized, skipped: {', '.join(r.skipped_layers) or 'none'}"
         note = f"; {r.group_size_note}" if r.group_size_note else ""
         harness = f"; timed with {r.speed[0]['harness']}" if r.speed and r.speed[0].get("harness") else ""
-        lines.append(f"- **{r.name}**: {r.runtime}{harness}{layers}{note}")
+        card = f"; CUDA_VISIBLE_DEVICES={r.visible_devices}" if r.visible_devices is not None else ""
+        lines.append(f"- **{r.name}**: {r.runtime}{harness}{layers}{note}{card}")
     lines += _lm_eval_table(report.rows)
     lines += ["", "## Greedy samples", ""]
     for name, samples in report.generations.items():

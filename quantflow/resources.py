@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import sys
 from collections.abc import Iterator
@@ -18,6 +19,15 @@ def pick_device(requested: str) -> str:
     if requested == "cuda" and not has_cuda:
         raise QuantflowError("device 'cuda' was requested but no CUDA device is visible", "set device: auto or cpu, or run on a GPU machine")
     return "cuda" if requested == "auto" and has_cuda else ("cpu" if requested == "auto" else requested)
+
+
+def visible_devices() -> str | None:
+    """This process's CUDA_VISIBLE_DEVICES (None: unset, every card visible).
+
+    Recorded with every measured step: on a host with several GPU workers it shows which card
+    quantized or timed a variant, the check that each worker's card assignment reached its run.
+    """
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
 
 
 def compute_dtype(device: str, dtype: str) -> str:

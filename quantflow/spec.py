@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from quantflow.errors import QuantflowError
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 DEMO_MODEL = "demo:smollm2-135m"
 PYDOC_CORPUS = "builtin:pydoc"
+DEFAULT_CALIBRATION_SAMPLES = 128
 
 
 class _Strict(BaseModel):
@@ -45,7 +46,11 @@ class CalibrationSpec(_Strict):
         "or 'hf:<dataset>[:<config>][:<split>]'.",
     )
     text_column: str = Field("text", description="Column holding the text in JSONL/Parquet/CSV/HF sources.")
-    num_samples: int = Field(128, ge=1, le=100_000, description="Calibration samples to use.")
+    num_samples: int | None = Field(
+        None, ge=1, le=100_000,
+        description=f"Calibration samples to use. Null = up to {DEFAULT_CALIBRATION_SAMPLES}, fewer when the source holds fewer "
+        "(a warning and the report say how many); a number the source cannot give is an error.",
+    )
     seq_len: int = Field(512, ge=16, le=32_768, description="Maximum tokens per calibration sample.")
     seed: int = Field(0, description="Seed of the sample shuffle.")
     chat_template: bool = Field(False, description="Wrap each text as a user turn with the tokenizer's chat template.")
@@ -53,15 +58,19 @@ class CalibrationSpec(_Strict):
     min_chars: int = Field(200, ge=0, description="Drop texts shorter than this many characters.")
 
 
+# the allowed sizes as an enum, so the UI form offers them in a list and refuses anything else at submission, like YAML and flags
+GroupSize = Literal[8, 16, 32, 64, 128, 256, 512, 1024, "auto"]
+
+
 class _WeightOnly(_Strict):
     """Shared options of the weight-only integer schemes that llm-compressor applies."""
 
     name: str = Field("", pattern=r"^$|" + NAME_PATTERN, description="Variant name (folder name); defaults to the method.")
     bits: Literal[2, 3, 4, 8] = Field(4, description="Weight bits.")
-    group_size: int | Literal["auto"] | None = Field(
-        128,
-        description="Columns sharing one scale. None = per output channel; 'auto' = largest of 128/64/32 "
-        "that divides every quantized layer's input width.",
+    group_size: GroupSize | None = Field(
+        "auto",
+        description="Columns sharing one scale (a power of two). None = per output channel; 'auto' = largest of 128/64/32 "
+        "that divides every quantized layer's input width (per output channel when none does).",
     )
     symmetric: bool = Field(True, description="Symmetric (no zero point) if true, else asymmetric with a zero point.")
     ignore: list[str] = Field(["lm_head"], description="Layers left in full precision (names or 're:' patterns). Embeddings are never quantized.")
@@ -69,13 +78,6 @@ class _WeightOnly(_Strict):
         "minmax", description="How final scales are chosen: 'minmax' (plain range), 'mse' (clipping that minimizes weight error) "
         "or 'imatrix_mse' (the same, weighted by calibration activations; needs calibration data)."
     )
-
-    @field_validator("group_size")
-    @classmethod
-    def _group_size_positive(cls, value: int | str | None) -> int | str | None:
-        if isinstance(value, int) and (value < 8 or value & (value - 1)):
-            raise ValueError(f"group_size {value} must be a power of two >= 8 (e.g. 32, 64, 128), 'auto' or null")
-        return value
 
 
 class RTNVariant(_WeightOnly):
@@ -231,34 +233,35 @@ class RunSpec(_Strict):
         return self
 
 
-def variant_for(method: str, **overrides: Any) -> Variant:
-    """Build a default variant of ``method``, e.g. from ``--methods awq,gptq``."""
+def variant_for(method: str, **overrides: Any) -> dict[str, Any]:
+    """The spec entry of a default variant of ``method``, e.g. from ``--methods awq,gptq`` (validated with the spec)."""
     method = method.strip().lower()
     if method not in METHODS:
         raise QuantflowError(f"unknown variant method '{method}'", f"use one of: {', '.join(METHODS)}")
-    kinds = {"rtn": RTNVariant, "gptq": GPTQVariant, "awq": AWQVariant}
-    if method in kinds:
-        return kinds[method](**overrides)
-    return BnbVariant(method=method, **overrides)
+    return {"method": method, **overrides}
 
 
-def _explain(error: ValidationError, origin: str) -> QuantflowError:
-    lines = []
+def explain(error: ValidationError, origin: str, aliases: dict[str, str] | None = None) -> QuantflowError:
+    """Pydantic's errors as one line per spec: each field's dotted path (and the flag that set it) and why.
+
+    The same text comes out whether the value came from YAML, a CLI flag or the UI form, so a
+    user can search for it; ``aliases`` maps a dotted path prefix to the CLI flag that sets it.
+    """
+    problems = []
     for item in error.errors():
         where = ".".join(str(part) for part in item["loc"]) or "(spec)"
-        lines.append(f"  {where}: {item['msg']}")
-    return QuantflowError(
-        f"invalid run spec in {origin}:\n" + "\n".join(lines),
-        "correct the named fields (see `quantflow run --help` and examples/*.yaml)",
-    )
+        flag = next((name for prefix, name in (aliases or {}).items() if where == prefix or where.startswith(prefix + ".")), None)
+        problems.append(f"{where}{f' ({flag})' if flag else ''}: {item['msg']}")
+    return QuantflowError(f"invalid run spec in {origin}: " + "; ".join(problems),
+                          "correct the named fields (see `quantflow run --help` and examples/*.yaml)")
 
 
-def parse_spec(data: dict[str, Any], origin: str = "input") -> RunSpec:
+def parse_spec(data: dict[str, Any], origin: str = "input", aliases: dict[str, str] | None = None) -> RunSpec:
     """Validate a spec dictionary, turning Pydantic's errors into one readable message."""
     try:
         return RunSpec.model_validate(data)
     except ValidationError as error:
-        raise _explain(error, origin) from None
+        raise explain(error, origin, aliases) from None
 
 
 def load_spec(path: Path) -> RunSpec:
@@ -274,16 +277,16 @@ def load_spec(path: Path) -> RunSpec:
     return parse_spec(data, str(path))
 
 
-def apply_overrides(spec: RunSpec, overrides: dict[str, Any]) -> RunSpec:
+def apply_overrides(spec: RunSpec, overrides: dict[str, Any], aliases: dict[str, str] | None = None) -> RunSpec:
     """Return a copy of ``spec`` with dotted-path overrides (``{'model.source': 'x'}``) applied and re-validated."""
-    data = spec.model_dump(mode="json")
+    data = spec.model_dump(mode="json", exclude_unset=True)
     for dotted, value in overrides.items():
         node = data
         *parents, leaf = dotted.split(".")
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
-    return parse_spec(data, "command-line flags")
+    return parse_spec(data, "command-line flags", aliases)
 
 
 def slug(text: str) -> str:

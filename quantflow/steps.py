@@ -34,6 +34,16 @@ QUANT_PACKAGES = ("torch", "transformers", "llmcompressor", "compressed-tensors"
 EVAL_PACKAGES = ("torch", "transformers", "compressed-tensors", "bitsandbytes", "lm-eval")
 
 
+class StepRun(BaseModel):
+    """What one step call did: found its result in the cache, or computed it. Runs are proven by these, not by clocks."""
+
+    step: str
+    variant: str
+    key: str
+    cached: bool
+    seconds: float
+
+
 def _child(root: str, step: str, key: str, work: Callable[..., BaseModel], kwargs: dict[str, Any]) -> BaseModel:
     cache = StepCache(Path(root))
     with cache.writing(step, key) as scratch:

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pydantic import BaseModel, SecretStr
@@ -34,11 +34,14 @@ SHA_META = "sha256"
 
 
 class TransferRecord(BaseModel):
+    """What an upload did: ``files_skipped`` were found whole in the store (by size and sha256) and not sent again."""
+
     uri: str
     files: int
     bytes_sent: int
     files_skipped: int
     already_complete: bool
+    repaired: list[str] = []
 
 
 Progress = Callable[[str, int, int], None]
@@ -168,6 +171,19 @@ def ensure_bucket(s3, spec: StoreSpec) -> None:
             raise
 
 
+def check_access(spec: StoreSpec) -> None:
+    """Reach the store with the run's credentials before any heavy work: wrong keys or a missing bucket fail at plan time."""
+    from botocore.exceptions import ClientError
+
+    try:
+        client(spec).head_bucket(Bucket=spec.bucket)
+    except ClientError as error:
+        if not (error.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket") and spec.create_bucket):
+            raise _explain(error, spec) from None
+    except Exception as error:
+        raise _explain(error, spec) from None
+
+
 def upload_progress(say: Callable[[str], None], every_pct: int = 25) -> Progress:
     """A boto3-callback adapter that says '<file>: 25% of N MiB' as each file passes each quarter."""
     import threading
@@ -198,12 +214,16 @@ def upload(folder: Path, spec: StoreSpec, prefix: str, meta: dict[str, Any], pro
     try:
         ensure_bucket(s3, spec)
         remote = _remote_manifest(s3, spec, prefix)
-        if remote and remote["files"] == manifest["files"]:
-            return TransferRecord(uri=uri, files=len(manifest["files"]), bytes_sent=0, files_skipped=len(manifest["files"]), already_complete=True)
+        # a manifest only says the upload once finished: objects can be deleted or overwritten behind it, so every
+        # object it lists is checked (HEAD: size and the sha256 kept in its metadata) before the artifact counts as whole
+        finished = remote is not None and remote["files"] == manifest["files"]
+        whole = {e["name"] for e in manifest["files"] if _remote_matches(s3, spec, prefix + e["name"], e)}
+        if finished and len(whole) == len(manifest["files"]):
+            return TransferRecord(uri=uri, files=len(whole), bytes_sent=0, files_skipped=len(whole), already_complete=True)
         uploaded: list[dict] = []
         for entry in manifest["files"]:
             key = prefix + entry["name"]
-            if _remote_matches(s3, spec, key, entry):
+            if entry["name"] in whole:
                 continue
             s3.upload_file(str(folder / entry["name"]), spec.bucket, key, Config=transfer, ExtraArgs={"Metadata": {SHA_META: entry["sha256"]}},
                            Callback=(lambda n, name=entry["name"], size=entry["size"]: progress(name, n, size)) if progress else None)
@@ -218,7 +238,8 @@ def upload(folder: Path, spec: StoreSpec, prefix: str, meta: dict[str, Any], pro
     except Exception as error:
         raise _explain(error, spec) from None
     return TransferRecord(uri=uri, files=len(manifest["files"]), bytes_sent=sum(e["size"] for e in uploaded),
-                          files_skipped=len(manifest["files"]) - len(uploaded), already_complete=False)
+                          files_skipped=len(manifest["files"]) - len(uploaded), already_complete=False,
+                          repaired=[e["name"] for e in uploaded] if finished else [])
 
 
 def parse_uri(uri: str) -> tuple[str, str]:
@@ -239,6 +260,8 @@ def pull(uri: str, dest: Path, spec: StoreSpec | None = None) -> dict:
         manifest = _remote_manifest(s3, spec, prefix)
         if manifest is None:
             raise QuantflowError(f"no manifest.json under {uri}: the artifact does not exist or its upload never finished", "check the URI, or re-run the upload")
+        _check_manifest(manifest, uri)
+        _check_objects(s3, spec, prefix, manifest, uri)
         dest.parent.mkdir(parents=True, exist_ok=True)
         need, free = sum(e["size"] for e in manifest["files"]), shutil.disk_usage(dest.parent).free
         if need > free:
@@ -246,8 +269,6 @@ def pull(uri: str, dest: Path, spec: StoreSpec | None = None) -> dict:
                                  "free disk space or pull into a folder on a bigger disk")
         for entry in manifest["files"]:
             target = scratch / entry["name"]
-            if not target.resolve().is_relative_to(scratch.resolve()):
-                raise QuantflowError(f"manifest under {uri} names a file outside the artifact: {entry['name']}", "do not use this artifact")
             target.parent.mkdir(parents=True, exist_ok=True)
             s3.download_file(bucket, prefix + entry["name"], str(target))
             if target.stat().st_size != entry["size"] or file_sha256(target) != entry["sha256"]:
@@ -265,6 +286,29 @@ def pull(uri: str, dest: Path, spec: StoreSpec | None = None) -> dict:
         raise _explain(error, spec) from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _check_manifest(manifest: dict, uri: str) -> None:
+    """Refuse a manifest whose file names could write outside the destination folder (absolute, '..', backslashes)."""
+    entries = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and {"name", "size", "sha256"} <= set(e) for e in entries):
+        raise QuantflowError(f"manifest under {uri} is not a quantflow manifest (no list of files with name, size, sha256)",
+                             "do not use this artifact; re-upload it from its source")
+    for entry in entries:
+        name = str(entry["name"])
+        parts = PurePosixPath(name).parts
+        if not name or name.startswith(("/", "\\")) or "\\" in name or ".." in parts or ":" in parts[0]:
+            raise QuantflowError(f"manifest under {uri} names a file outside the artifact: {name!r}",
+                                 "do not use this artifact: its manifest was written by something other than quantflow")
+
+
+def _check_objects(s3, spec: StoreSpec, prefix: str, manifest: dict, uri: str) -> None:
+    """Every object the manifest lists must be in the store with its size and checksum, before anything is downloaded."""
+    bad = [e["name"] for e in manifest["files"] if not _remote_matches(s3, spec, prefix + e["name"], e)]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise QuantflowError(f"{uri}: {len(bad)} of the {len(manifest['files'])} files its manifest lists are missing from the store "
+                             f"or differ from it: {shown}", "re-upload the artifact from its source (an upload repairs what is missing)")
 
 
 def content_hash_of(manifest_files: list[dict]) -> str:

@@ -50,6 +50,8 @@ def baseline_task(plan: pipeline.Plan) -> pipeline.Stage:
     stage = pipeline.baseline_and_calibration(plan)
     get_run_logger().info("baseline perplexity %.4f, calibration %s (%s)", stage.baseline.perplexity, stage.calibration.hash,
                           "cached" if stage.cached else "computed")
+    if stage.calibration.note:
+        get_run_logger().warning(stage.calibration.note)
     return stage
 
 

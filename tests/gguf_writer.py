@@ -1,4 +1,4 @@
-"""Write a tiny Llama as a real GGUF file (float32 tensors, GPT-2 BPE tokenizer), laid out as llama.cpp's converter does.
+"""Write a tiny Llama as a real GGUF file (float32 tensors; GPT-2 BPE or SentencePiece vocabulary), laid out as llama.cpp's converter does.
 
 Hand-written because the converter ships with llama.cpp, not with the ``gguf`` package. It
 follows the converter: llama.cpp's tensor names, and Q/K rows permuted for its rotary
@@ -32,15 +32,57 @@ def gguf_names(layers: int) -> dict[str, str]:
     return names
 
 
-def write_gguf(model_dir: Path, path: Path) -> torch.nn.Module:
-    """Write the Llama saved in ``model_dir`` to ``path``; return it in float32 for comparison."""
+def spm_vocab(size: int = 400) -> tuple[list[str], list[float], list[int]]:
+    """A SentencePiece-style vocabulary as llama GGUFs carry it: '▁' word marks, scores (higher = merged first), <0xNN> bytes."""
+    from pydoc_data.topics import topics
+    from tokenizers import SentencePieceBPETokenizer
+
+    spm = SentencePieceBPETokenizer(replacement="▁", add_prefix_space=True)
+    spm.train_from_iterator([topics[k] for k in sorted(topics)][:80], vocab_size=size, special_tokens=["<unk>", "<s>", "</s>"])
+    bpe = json.loads(spm.to_str())["model"]
+    learned = [t for t, _ in sorted(bpe["vocab"].items(), key=lambda item: item[1])][3:]
+    rank = {"".join(m) if isinstance(m, list) else m.replace(" ", ""): i for i, m in enumerate(bpe["merges"])}
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    tokens = ["<unk>", "<s>", "</s>"] + byte_tokens + learned
+    scores = [0.0] * (3 + 256) + [-float(rank.get(t, len(rank) + i)) for i, t in enumerate(learned)]
+    types = [2, 3, 3] + [6] * 256 + [1] * len(learned)
+    return tokens, scores, types
+
+
+def write_gguf(model_dir: Path, path: Path, vocab: str = "gpt2", add_bos: bool | None = None, keep_merges: float = 1.0) -> torch.nn.Module:
+    """Write the Llama saved in ``model_dir`` to ``path``; return it in float32 for comparison.
+
+    ``vocab="spm"`` writes a SentencePiece-style vocabulary (tokens, scores, types, no merges) and resizes the
+    embeddings to it; ``keep_merges`` < 1 drops the later GPT-2 merges, so whole-word tokens become unreachable.
+    """
     import gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     config = model.config
     writer = gguf.GGUFWriter(str(path), "llama")
+    if vocab == "spm":
+        tokens, scores, types = spm_vocab()
+        model.resize_token_embeddings(len(tokens))
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        writer.add_unk_token_id(0)
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        bpe = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+        merges = [" ".join(merge) if isinstance(merge, list) else merge for merge in bpe["merges"]]
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list([token for token, _ in sorted(bpe["vocab"].items(), key=lambda item: item[1])])
+        writer.add_token_types([1] * len(bpe["vocab"]))
+        writer.add_token_merges(merges[: int(len(merges) * keep_merges)])
+        writer.add_bos_token_id(tokenizer.bos_token_id)
+        writer.add_eos_token_id(tokenizer.eos_token_id)
+    if add_bos is not None:
+        writer.add_add_bos_token(add_bos)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -49,15 +91,8 @@ def write_gguf(model_dir: Path, path: Path) -> torch.nn.Module:
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_vocab_size(config.vocab_size)
-    bpe = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list([token for token, _ in sorted(bpe["vocab"].items(), key=lambda item: item[1])])
-    writer.add_token_types([1] * len(bpe["vocab"]))
-    writer.add_token_merges([" ".join(merge) if isinstance(merge, list) else merge for merge in bpe["merges"]])
-    writer.add_bos_token_id(tokenizer.bos_token_id)
-    writer.add_eos_token_id(tokenizer.eos_token_id)
-    state = {key: value.numpy() for key, value in model.state_dict().items()}
+    writer.add_vocab_size(model.get_input_embeddings().weight.shape[0])
+    state = {key: value.detach().numpy() for key, value in model.state_dict().items()}
     for ours, theirs in gguf_names(config.num_hidden_layers).items():
         tensor = state[ours]
         if theirs.endswith("attn_q.weight"):

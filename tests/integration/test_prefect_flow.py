@@ -110,6 +110,8 @@ def test_deployment_ui_trigger_worker_artifacts_and_cache(deployed, worker, tiny
     spec = small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", [{"method": "rtn", "group_size": 32}, {"method": "bnb-int8"}])
     first, first_seconds = asyncio.run(trigger_and_wait(spec))
     assert first.state.is_completed(), first.state
+    computed = read_json(tmp_path / "out" / "report.json")["steps"]
+    assert len(computed) == 5 and not any(step["cached"] for step in computed)  # calibration, baseline, rtn x2, bnb-int8
     assert (tmp_path / "out" / "rtn" / "model.safetensors").is_file() and (tmp_path / "out" / "report.json").is_file()
     artifacts = {a.key: a for a in asyncio.run(run_artifacts(first.id)) if a.key}
     assert artifacts["quantflow-comparison"].type == "table" and "rtn" in str(artifacts["quantflow-comparison"].data)
@@ -118,22 +120,28 @@ def test_deployment_ui_trigger_worker_artifacts_and_cache(deployed, worker, tiny
     assert artifacts["quantflow-progress"].type == "progress" and artifacts["quantflow-progress"].data == 100
     second, second_seconds = asyncio.run(trigger_and_wait(spec))
     assert second.state.is_completed()
-    assert second_seconds < 0.5 * first_seconds, (first_seconds, second_seconds)
+    again = read_json(tmp_path / "out" / "report.json")["steps"]
+    assert [s["key"] for s in again] == [s["key"] for s in computed] and all(s["cached"] for s in again), again
+    print(f"re-run through the deployment: {second_seconds:.1f} s vs {first_seconds:.1f} s (a figure, not a check)")
 
 
-def test_invalid_spec_is_refused_at_submission(deployed, monkeypatch):
+@pytest.mark.parametrize("variant, field", [('{"method": "gptq", "bits": 5}', "bits"), ('{"method": "rtn", "group_size": 100}', "group_size")])
+def test_invalid_spec_is_refused_at_submission(deployed, monkeypatch, variant, field):
+    """What the UI form submits is checked against the spec's schema before any run is created."""
     for key, value in deployed.items():
         monkeypatch.setenv(key, value)
-    result = subprocess.run([str(BIN / "prefect"), "deployment", "run", "quantflow/local", "--param", 'spec={"variants": [{"method": "gptq", "bits": 5}]}'],
+    result = subprocess.run([str(BIN / "prefect"), "deployment", "run", "quantflow/local", "--param", f'spec={{"variants": [{variant}]}}'],
                             env=deployed, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
-    assert "bits" in (result.stdout + result.stderr)
+    assert field in (result.stdout + result.stderr) and "Created flow run" not in result.stdout
 
 
 def test_two_gpu_workers_run_two_variants_as_concurrent_flow_runs(deployed, worker, tiny_model, tmp_path, monkeypatch):
     for key, value in deployed.items():
         monkeypatch.setenv(key, value)
-    gpu_workers = [start_worker(deployed, "quantflow-gpu", tmp_path / f"gpu-worker-{i}.log") for i in range(2)]
+    cards = ("5", "7")  # each worker's own card, as docs/operations.md starts them (no GPU is needed to see where it goes)
+    gpu_workers = [start_worker({**deployed, "CUDA_VISIBLE_DEVICES": card}, "quantflow-gpu", tmp_path / f"gpu-worker-{card}.log")
+                   for card in cards]
     try:
         variants = [{"method": "rtn", "group_size": 32, "name": "rtn-g32"}, {"method": "rtn", "group_size": 16, "name": "rtn-g16"}]
         spec = small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", variants)
@@ -150,6 +158,8 @@ def test_two_gpu_workers_run_two_variants_as_concurrent_flow_runs(deployed, work
     assert a.infrastructure_pid != b.infrastructure_pid
     report = read_json(tmp_path / "out" / "report.json")
     assert {row["name"] for row in report["rows"]} == {"baseline", "rtn-g32", "rtn-g16"}
+    devices = {row["name"]: row["visible_devices"] for row in report["rows"]}
+    assert {devices["rtn-g32"], devices["rtn-g16"]} == set(cards), devices  # two workers, two cards: each run used its worker's
     assert (tmp_path / "out" / "rtn-g16" / "model.safetensors").is_file()
 
 
@@ -190,9 +200,10 @@ def test_killed_worker_restarts_and_resumes_without_redoing_finished_steps(deplo
     finally:
         stop_group(second_worker, signal.SIGKILL, 10)
     assert resumed.state.is_completed(), resumed.state
-    after = finished_steps(cache)
-    assert {step: after[step] for step in before} == before, "finished steps were executed again"
-    assert len(after) == len(before) + 2  # gptq quantize + gptq evaluate
+    did = {(s["step"], s["variant"]): s["cached"] for s in read_json(tmp_path / "out" / "report.json")["steps"]}
+    assert did == {("calibration", "baseline"): True, ("evaluate", "baseline"): True, ("quantize", "rtn"): True,
+                   ("evaluate", "rtn"): True, ("quantize", "gptq"): False, ("evaluate", "gptq"): False}, did
+    assert len(finished_steps(cache)) == len(before) + 2  # gptq quantize + gptq evaluate
     assert not list((cache / "quantize").glob(".tmp-*")), "the killed step's scratch folder should be removed by the resumed run"
     # an uninterrupted run to compare with, made while the automation's heartbeat timeout runs out
     clean = run_pipeline(parse_spec(small_spec(tiny_model, tmp_path / "clean-out", tmp_path / "clean-cache", variants)), progress=lambda _: None)

@@ -56,9 +56,70 @@ def test_flipped_byte_is_detected_at_pull(s3_env, tmp_path):
     data = bytearray((folder / "model-00001.safetensors").read_bytes())
     data[12345] ^= 0x01
     client(spec).put_object(Bucket=spec.bucket, Key=prefix + "model-00001.safetensors", Body=bytes(data))
+    with pytest.raises(QuantflowError, match="1 of the 3 files its manifest lists are missing from the store or differ"):
+        pull(f"s3://{spec.bucket}/{prefix}", tmp_path / "pulled", spec)
+    assert not (tmp_path / "pulled").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_flipped_byte_behind_intact_metadata_is_caught_by_the_download_checksum(s3_env, tmp_path):
+    spec = bucket_spec()
+    folder = artifact(tmp_path)
+    prefix = artifact_prefix(spec, "m", "v", "h")
+    upload(folder, spec, prefix, {})
+    s3 = client(spec)
+    key = prefix + "model-00001.safetensors"
+    data = bytearray((folder / "model-00001.safetensors").read_bytes())
+    data[12345] ^= 0x01
+    metadata = s3.head_object(Bucket=spec.bucket, Key=key)["Metadata"]  # same size, the old checksum copied over
+    s3.put_object(Bucket=spec.bucket, Key=key, Body=bytes(data), Metadata=metadata)
     with pytest.raises(QuantflowError, match="does not match its manifest"):
         pull(f"s3://{spec.bucket}/{prefix}", tmp_path / "pulled", spec)
     assert not (tmp_path / "pulled").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_upload_behind_a_finished_manifest_repairs_a_deleted_or_short_shard(s3_env, tmp_path):
+    spec = bucket_spec()
+    folder = artifact(tmp_path, sizes=(1000, 2_000_000, 300_000))
+    prefix = artifact_prefix(spec, "m", "v", "h")
+    upload(folder, spec, prefix, {})
+    s3 = client(spec)
+    s3.delete_object(Bucket=spec.bucket, Key=prefix + "model-00001.safetensors")
+    short = (folder / "model-00002.safetensors").read_bytes()[:1000]
+    metadata = s3.head_object(Bucket=spec.bucket, Key=prefix + "model-00002.safetensors")["Metadata"]
+    s3.put_object(Bucket=spec.bucket, Key=prefix + "model-00002.safetensors", Body=short, Metadata=metadata)
+    repaired = upload(folder, spec, prefix, {})
+    assert not repaired.already_complete
+    assert repaired.repaired == ["model-00001.safetensors", "model-00002.safetensors"]
+    assert repaired.bytes_sent == 2_300_000 and repaired.files_skipped == 2  # config.json and the first shard
+    assert upload(folder, spec, prefix, {}).already_complete
+    pull(f"s3://{spec.bucket}/{prefix}", tmp_path / "pulled", spec)
+    assert (tmp_path / "pulled" / "model-00002.safetensors").read_bytes() == (folder / "model-00002.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("name", ["../escaped.txt", "/tmp/absolute.txt", "sub/../../escaped.txt", "..\\escaped.txt"])
+def test_pull_refuses_a_hostile_manifest_before_downloading(s3_env, tmp_path, name):
+    import json
+
+    spec = bucket_spec()
+    prefix = artifact_prefix(spec, "m", "v", "h")
+    s3 = client(spec)
+    s3.put_object(Bucket=spec.bucket, Key=prefix + "x", Body=b"payload", Metadata={"sha256": "0" * 64})
+    manifest = {"manifest_version": "1.0", "files": [{"name": name, "size": 7, "sha256": "0" * 64}]}
+    s3.put_object(Bucket=spec.bucket, Key=prefix + MANIFEST, Body=json.dumps(manifest).encode())
+    dest = tmp_path / "landing" / "pulled"
+    with pytest.raises(QuantflowError, match="names a file outside the artifact"):
+        pull(f"s3://{spec.bucket}/{prefix}", dest, spec)
+    assert not (tmp_path / "landing").exists() and not (tmp_path / "escaped.txt").exists()
+
+
+def test_pull_refuses_a_manifest_that_lists_a_missing_object(s3_env, tmp_path):
+    spec = bucket_spec()
+    prefix = artifact_prefix(spec, "m", "v", "h")
+    upload(artifact(tmp_path), spec, prefix, {})
+    client(spec).delete_object(Bucket=spec.bucket, Key=prefix + "model-00001.safetensors")
+    with pytest.raises(QuantflowError, match="missing from the store or differ from it: model-00001.safetensors"):
+        pull(f"s3://{spec.bucket}/{prefix}", tmp_path / "landing" / "pulled", spec)
+    assert not (tmp_path / "landing").exists()
 
 
 def _small_disk() -> None:
@@ -157,8 +218,10 @@ def test_server_killed_mid_upload_then_restarted_resumes(tmp_path, monkeypatch):
         assert isinstance(error, QuantflowError) and sent["model-00001.safetensors"] < 80 * 2**20
         server = s3server.start(data, ports=server.ports)
         assert MANIFEST not in " ".join(keys(spec))
-        result = upload(folder, spec, prefix, {})  # resumes (skips verified files) or restarts
-        assert not result.already_complete
+        result = upload(folder, spec, prefix, {})  # resumes: files already whole in the store are not sent again
+        total = sum(p.stat().st_size for p in folder.iterdir())
+        assert not result.already_complete and result.files_skipped >= 2  # config.json and the 3 MiB shard
+        assert result.bytes_sent == total - 3 * 2**20 - (folder / "config.json").stat().st_size < total
         pull(f"s3://{spec.bucket}/{prefix}", tmp_path / "pulled", spec)
     finally:
         s3server.stop(data)

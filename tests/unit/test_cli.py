@@ -56,6 +56,9 @@ def test_run_from_yaml_then_report_with_new_constraints(tiny_model, tmp_path):
     assert result.returncode == 0 and "best: rtn" in result.stdout
     result = quantflow("report", str(tmp_path / "out" / "report.json"), "--max-size-ratio", "0.01")
     assert "best: None" in result.stdout and "size <= 0.01x baseline" in result.stdout
+    for flag, value, words in (("--max-size-ratio", "5", "less than or equal to 1"), ("--max-ppl-increase", "-1", "greater than or equal to 0")):
+        result = quantflow("report", str(tmp_path / "out" / "report.json"), flag, value)
+        assert result.returncode == 2 and f"({flag}): Input should be {words}" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_prefect_engine_records_the_run_and_prints_where_to_see_it(tiny_model, tmp_path):
@@ -73,3 +76,20 @@ def test_prefect_engine_records_the_run_and_prints_where_to_see_it(tiny_model, t
     assert f"is recorded in {tmp_path / 'prefect'}" in result.stdout and "http://127.0.0.1:4200/runs/flow-run/" in result.stdout
     assert "quantflow-comparison" in result.stdout and "quantflow-report" in result.stdout
     assert (tmp_path / "prefect" / "prefect.db").is_file() and (tmp_path / "out" / "rtn" / "model.safetensors").is_file()
+
+
+def test_a_temporary_prefect_server_that_does_not_answer_is_one_clear_error(tiny_model, tmp_path):
+    """What a loaded machine did: the temporary server answered after Prefect stopped waiting (forced here with a 0 s wait)."""
+    import os
+
+    import yaml
+
+    spec = small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", [{"method": "rtn", "group_size": 32}])
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {
+        "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "0"}
+    result = quantflow("run", "--config", str(tmp_path / "spec.yaml"), env=env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "did not answer within 0 s" in result.stderr and "quantflow serve" in result.stderr and "PREFECT_API_URL" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()

@@ -105,3 +105,18 @@ def test_build_saves_samples_stats_and_hash(tiny_model, tmp_path):
     other.mkdir()
     changed = build_calibration(spec.model_copy(update={"seed": 9}), EvaluationSpec(), str(tiny_model), other, other)
     assert changed.hash != record.hash
+
+
+def test_the_default_sample_count_takes_what_the_source_holds_and_says_so(tiny_model):
+    from transformers import AutoTokenizer
+
+    from quantflow.calibration import shortfall
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    spec = CalibrationSpec(seq_len=512)  # num_samples left at its default
+    samples = tokenize_samples(["short text one " * 30, "short text two " * 30], tokenizer, spec)
+    assert len(samples) == 2
+    assert "2 samples, fewer than the default 128" in shortfall(spec, len(samples))
+    assert shortfall(spec.model_copy(update={"num_samples": 2}), 2) is None  # a count the user chose and got: no warning
+    with pytest.raises(QuantflowError, match="gives only 0 usable samples"):
+        tokenize_samples(["x"], tokenizer, spec)

@@ -1,8 +1,14 @@
-"""GPU work-pool templates: generated from Prefect's defaults, with the GPU parts in place."""
+"""GPU work-pool templates: generated from Prefect's defaults, with the GPU parts in place, and each GPU
+worker's own card (its CUDA_VISIBLE_DEVICES) reaching the runs it takes."""
 
 import json
+from pathlib import Path
+
+import yaml
 
 from deployments.pools import BUILDERS, POOLS
+
+ROOT = Path(__file__).parents[2]
 
 
 def load(kind):
@@ -15,9 +21,32 @@ def test_committed_templates_are_current():
 
 
 def test_gpu_parts():
-    assert load("process")["variables"]["properties"]["env"]["default"] == {"CUDA_VISIBLE_DEVICES": "0"}
     docker = load("docker")
     assert docker["job_configuration"]["container_create_kwargs"]["device_requests"][0]["Capabilities"] == [["gpu"]]
     pod = load("kubernetes")["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpu_count }}"
+    assert load("kubernetes")["variables"]["properties"]["gpu_count"]["default"] == 1  # the device plugin: one card per pod
     assert pod["nodeSelector"] == "{{ node_selector }}" and pod["tolerations"] == "{{ tolerations }}"
+
+
+def test_no_job_variable_overrides_the_workers_card():
+    """Prefect's process worker runs a flow with {**os.environ, **job_env}: a CUDA_VISIBLE_DEVICES job variable would put every
+    worker's runs on that one card."""
+    deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+    for deployment in deployments:
+        env = (deployment.get("work_pool") or {}).get("job_variables", {}).get("env", {})
+        assert "CUDA_VISIBLE_DEVICES" not in env, deployment["name"]
+    for kind in BUILDERS:
+        variables = load(kind)["variables"]["properties"]
+        assert "CUDA_VISIBLE_DEVICES" not in json.dumps(variables.get("env", {}).get("default", {})), kind
+
+
+def test_a_docker_pool_requests_its_own_cards():
+    """Rendered with Prefect's own templating, as the worker does."""
+    from prefect.utilities.templating import apply_values
+
+    template = load("docker")
+    values = {name: spec.get("default") for name, spec in template["variables"]["properties"].items()}
+    rendered = apply_values(template["job_configuration"], {**values, "gpu_ids": ["1"]})
+    assert rendered["container_create_kwargs"]["device_requests"][0]["DeviceIDs"] == ["1"]
+    assert apply_values(template["job_configuration"], values)["container_create_kwargs"]["device_requests"][0]["DeviceIDs"] == ["0"]

@@ -25,6 +25,17 @@ def test_auto_group_size_rule_is_reported(tiny_model_96):
     assert size == 32 and "largest of 128/64/32" in note
 
 
+def test_the_default_group_size_fits_any_width(tiny_model, tiny_model_96, tmp_path):
+    """The default is 'auto': 64 for width 64, 32 for width 96, per output channel when no size of 128/64/32 divides."""
+    from tests.conftest import make_model
+
+    assert resolve_group_size(weightless_model(str(tiny_model)), RTNVariant(name="rtn"))[0] == 64
+    assert resolve_group_size(weightless_model(str(tiny_model_96)), GPTQVariant(name="gptq"))[0] == 32
+    odd = make_model(tmp_path / "odd", hidden=40)
+    size, note = resolve_group_size(weightless_model(str(odd)), RTNVariant(name="rtn"))
+    assert size is None and "per output channel" in note
+
+
 def test_per_channel_needs_no_division(tiny_model_96):
     assert resolve_group_size(weightless_model(str(tiny_model_96)), RTNVariant(name="rtn", group_size=None)) == (None, None)
 

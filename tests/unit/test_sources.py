@@ -91,3 +91,49 @@ def test_truncated_gguf_is_refused_and_leaves_nothing(tiny_model, tmp_path):
         resolve_model(ModelSpec(source=str(tmp_path / "cut.gguf")), StepCache(tmp_path / "cache"))
     models = tmp_path / "cache" / "models"
     assert not models.exists() or not list(models.iterdir())
+
+
+def test_a_sentencepiece_gguf_gets_a_tokenizer_that_matches_its_vocabulary(tiny_model, tmp_path):
+    """transformers' own tokenizer for such a GGUF round-trips text but drops the BOS the GGUF asks for and takes EOS from
+    the BOS id; the converted folder's tokenizer (saved and reloaded) tokenizes as llama.cpp does with the same vocabulary."""
+    from transformers import AutoTokenizer
+
+    from quantflow.gguf_tokenizer import PROBES, problems, read_vocab, spm_reference
+    from tests.gguf_writer import write_gguf
+
+    write_gguf(tiny_model, tmp_path / "spm.gguf", vocab="spm")
+    vocab = read_vocab(tmp_path / "spm.gguf")
+    theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file="spm.gguf")
+    found = problems(theirs, vocab)
+    assert any("BOS" in problem for problem in found), found  # the check catches what transformers gets wrong
+    ref = resolve_model(ModelSpec(source=str(tmp_path / "spm.gguf"), dtype="float32"), StepCache(tmp_path / "cache"))
+    ours = AutoTokenizer.from_pretrained(ref.path)
+    assert problems(ours, vocab) == []
+    text = PROBES[2]
+    assert ours(text)["input_ids"] == [1] + spm_reference(vocab, text)
+    assert ours.convert_ids_to_tokens(ours("the value")["input_ids"]) == ["<s>", "▁the", "▁value"]
+    assert ours.decode(ours(text, add_special_tokens=False)["input_ids"]) == text
+    assert ours.eos_token == "</s>" and ours.bos_token == "<s>"
+
+
+def test_the_sentencepiece_reference_splits_like_llama_cpp():
+    """Highest-scoring adjacent pair first; characters outside the vocabulary fall back to byte tokens."""
+    from quantflow.gguf_tokenizer import GGUFVocab, spm_reference
+
+    tokens = ["<unk>", "<s>", "</s>", "<0xC3>", "<0xA9>", "▁", "a", "b", "▁a", "ab"]
+    scores = [0, 0, 0, 0, 0, -1, -1, -1, -3, -2]
+    vocab = GGUFVocab(model="llama", tokens=tokens, scores=scores, types=[2, 3, 3, 6, 6] + [1] * 5, merges=[], bos_id=1, eos_id=2,
+                      unk_id=0, add_bos=True, add_space_prefix=True)
+    assert [tokens[i] for i in spm_reference(vocab, "ab")] == ["▁", "ab"]  # 'ab' (-2) merges before '▁a' (-3)
+    assert [tokens[i] for i in spm_reference(vocab, "a é")] == ["▁a", "▁", "<0xC3>", "<0xA9>"]
+
+
+def test_a_gguf_whose_tokenizer_cannot_be_rebuilt_is_refused_and_leaves_nothing(tiny_model, tmp_path):
+    """A GPT-2 style GGUF whose merges cannot reach its own whole-word tokens: no correct tokenizer can be made from it."""
+    from tests.gguf_writer import write_gguf
+
+    write_gguf(tiny_model, tmp_path / "broken.gguf", keep_merges=0.2)
+    with pytest.raises(QuantflowError, match="disagrees with the GGUF's vocabulary: it splits the words"):
+        resolve_model(ModelSpec(source=str(tmp_path / "broken.gguf")), StepCache(tmp_path / "cache"))
+    models = tmp_path / "cache" / "models"
+    assert not models.exists() or not list(models.iterdir())

@@ -40,7 +40,7 @@ def test_yaml_round_trip(tmp_path):
     "variant, field, words",
     [
         ({"method": "gptq", "bits": 5}, "variants.0.gptq.bits", "2, 3, 4 or 8"),
-        ({"method": "gptq", "group_size": 48}, "variants.0.gptq.group_size", "power of two"),
+        ({"method": "gptq", "group_size": 48}, "variants.0.gptq.group_size", "Input should be 8, 16, 32, 64, 128, 256, 512, 1024 or 'auto'"),
         ({"method": "awq", "bits": 3}, "variants.0.awq.bits", "4"),
         ({"method": "fp3"}, "variants.0", "does not match any of the expected tags"),
         ({"method": "rtn", "colour": "red"}, "variants.0.rtn.colour", "Extra inputs are not permitted"),
@@ -64,7 +64,7 @@ def test_duplicate_and_reserved_names_rejected():
 def test_unknown_method_lists_the_valid_ones():
     with pytest.raises(QuantflowError, match="rtn, gptq, awq, bnb-nf4, bnb-fp4, bnb-int8"):
         variant_for("squeeze")
-    assert isinstance(variant_for("AWQ "), AWQVariant)
+    assert isinstance(parse_spec({"variants": [variant_for("AWQ ")]}).variants[0], AWQVariant)
 
 
 def test_overrides_apply_and_revalidate():
