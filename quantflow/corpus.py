@@ -27,7 +27,7 @@ def check_source(field: str, source: str) -> None:
         return
     path = Path(source).expanduser()
     if not path.is_file():
-        raise QuantflowError(f"{field}: text source {source} does not exist",
+        raise QuantflowError(f"{field} {source} does not exist",
                              "pass an existing .txt/.jsonl/.parquet/.csv file, builtin:pydoc or hf:<dataset>")
     _refuse_binary(path)
 
@@ -40,10 +40,8 @@ def load_texts(source: str, text_column: str = "text") -> list[str]:
         return [topics[key] for key in sorted(topics)]
     if source.startswith("hf:"):
         return _hub_texts(source[3:], text_column)
+    check_source("text source", source)
     path = Path(source).expanduser()
-    if not path.is_file():
-        raise QuantflowError(f"text source {source} does not exist", "pass an existing .txt/.jsonl/.parquet/.csv file, builtin:pydoc or hf:<dataset>")
-    _refuse_binary(path)
     texts = _file_texts(path, text_column)
     texts = [text for text in texts if text.strip()]
     if not texts:

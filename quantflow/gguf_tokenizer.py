@@ -45,12 +45,14 @@ class GGUFVocab(BaseModel):
     tokens: list[str]
     scores: list[float]
     types: list[int]
-    merges: list[str]
     bos_id: int | None
     eos_id: int | None
     unk_id: int | None
     add_bos: bool
     add_space_prefix: bool
+
+    def index(self) -> dict[str, int]:
+        return {token: i for i, token in enumerate(self.tokens)}
 
 
 def read_vocab(path: Path) -> GGUFVocab:
@@ -65,14 +67,14 @@ def read_vocab(path: Path) -> GGUFVocab:
     model = value("model", "")
     tokens = value("tokens", [])
     return GGUFVocab(model=model, tokens=tokens, scores=value("scores", [0.0] * len(tokens)), types=value("token_type", [1] * len(tokens)),
-                     merges=value("merges", []), bos_id=value("bos_token_id"), eos_id=value("eos_token_id"),
+                     bos_id=value("bos_token_id"), eos_id=value("eos_token_id"),
                      unk_id=value("unknown_token_id"), add_bos=bool(value("add_bos_token", model == "llama")),
                      add_space_prefix=bool(value("add_space_prefix", True)))
 
 
-def spm_reference(vocab: GGUFVocab, text: str) -> list[int]:
-    """llama.cpp's SentencePiece tokenization of ``text`` (no special tokens)."""
-    ids = {token: i for i, token in enumerate(vocab.tokens)}
+def spm_reference(vocab: GGUFVocab, text: str, ids: dict[str, int] | None = None) -> list[int]:
+    """llama.cpp's SentencePiece tokenization of ``text`` (no special tokens); ``ids`` is ``vocab.index()`` if already built."""
+    ids = ids or vocab.index()
     symbols = list((SPACE if vocab.add_space_prefix else "") + text.replace(" ", SPACE))
     while True:
         best, best_score = None, None
@@ -104,21 +106,22 @@ def problems(tokenizer, vocab: GGUFVocab) -> list[str]:
         actual = getattr(tokenizer, f"{role}_token_id")
         if wanted is not None and actual is not None and actual != wanted:
             found.append(f"its {role.upper()} token is {tokenizer.convert_ids_to_tokens(actual)!r}, the GGUF's is {vocab.tokens[wanted]!r}")
+    index = vocab.index()
     for text in PROBES:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if vocab.model == "llama" and ids != spm_reference(vocab, text):
-            wanted = [vocab.tokens[i] for i in spm_reference(vocab, text)]
-            found.append(f"it splits {text[:40]!r} as {tokenizer.convert_ids_to_tokens(ids)[:12]}, the GGUF's vocabulary as {wanted[:12]}")
+        wanted = spm_reference(vocab, text, index) if vocab.model == "llama" else ids
+        if ids != wanted:
+            shown = [vocab.tokens[i] for i in wanted][:12]
+            found.append(f"it splits {text[:40]!r} as {tokenizer.convert_ids_to_tokens(ids)[:12]}, the GGUF's vocabulary as {shown}")
             break
-        if vocab.model != "llama" and (split := split_words(vocab, text, ids)):
+        if vocab.model != "llama" and (split := split_words(index, text, ids)):
             found.append(f"it splits the words {split[:5]} of {text[:40]!r}, which the GGUF's vocabulary holds as single tokens")
             break
     return found
 
 
-def split_words(vocab: GGUFVocab, text: str, ids: list[int]) -> list[str]:
+def split_words(index: dict[str, int], text: str, ids: list[int]) -> list[str]:
     """GPT-2 style vocabularies: the words of ``text`` that the vocabulary holds whole ('Ġword') but ``ids`` do not contain."""
-    index = {token: i for i, token in enumerate(vocab.tokens)}
     return [word for word in re.findall(r"(?<= )[A-Za-z]+", text) if index.get("Ġ" + word, -1) not in (-1, *ids)]
 
 
@@ -128,7 +131,7 @@ def rebuild_spm(vocab: GGUFVocab):
     from tokenizers.models import BPE
     from transformers import PreTrainedTokenizerFast
 
-    index = {token: i for i, token in enumerate(vocab.tokens)}
+    index = vocab.index()
     pairs = [(token[:cut], token[cut:], vocab.scores[i]) for i, token in enumerate(vocab.tokens) if vocab.types[i] == 1
              for cut in range(1, len(token)) if token[:cut] in index and token[cut:] in index]
     merges = [(left, right) for left, right, _ in sorted(pairs, key=lambda pair: -pair[2])]

@@ -24,7 +24,7 @@ from quantflow.corpus import check_source
 from quantflow.errors import QuantflowError
 from quantflow.evaluate import EvalRecord
 from quantflow.int4 import GROUP_SIZES
-from quantflow.quantize import QuantizeRecord, check_ignore, needs_calibration, resolve_group_size, weightless_model
+from quantflow.quantize import QuantizeRecord, check_ignore, resolve_group_size, weightless_model
 from quantflow.resources import pick_device
 from quantflow.sources import ModelRef, resolve_model
 from quantflow.spec import BnbVariant, RunSpec, Variant
@@ -151,8 +151,7 @@ def branch(plan: Plan, variant: Variant, calibration: CalibrationRecord, isolate
             plan.cache, name, key, spec, plan.model.path, plan.device, variant, plan.baseline_key(), isolate))
         return BranchResult(name=name, method=variant.method, quantize=None, evaluation=evaluation, artifact=None, steps=[run])
     group_size, note = plan.group_sizes[name]
-    q_key = steps.quantize_key(plan.model, variant, group_size, calibration if needs_calibration(variant) else None,
-                               spec.model.dtype, plan.device)
+    q_key = steps.quantize_key(plan.model, variant, group_size, calibration, spec.model.dtype, plan.device)
     record, q_run = timed("quantize", name, q_key, lambda: steps.quantize(
         plan.cache, plan.model, variant, group_size, note, calibration, spec.model.dtype, plan.device, isolate,
         spec.step_timeout_s, spec.gpu_memory_gb))

@@ -96,17 +96,20 @@ def calibrate(cache: StepCache, model: ModelRef, spec: RunSpec, isolate: bool = 
                   spec=spec.calibration, evaluation=spec.evaluation, tokenizer_path=model.path)
 
 
-def quantize_key(model: ModelRef, variant: Variant, group_size: int | None, calibration: CalibrationRecord | None, dtype: str, device: str) -> str:
-    return content_key("quantize", model.fingerprint, variant.model_dump(exclude={"name"}), group_size,
-                       calibration.hash if calibration else None, dtype, device, code_version(*QUANT_PACKAGES))
+def quantize_key(model: ModelRef, variant: Variant, group_size: int | None, calibration: CalibrationRecord, dtype: str, device: str) -> str:
+    from quantflow.quantize import needs_calibration
+
+    used = calibration.hash if needs_calibration(variant) else None  # RTN's result does not depend on the calibration set
+    return content_key("quantize", model.fingerprint, variant.model_dump(exclude={"name"}), group_size, used, dtype, device,
+                       code_version(*QUANT_PACKAGES))
 
 
 def quantize(cache: StepCache, model: ModelRef, variant: Variant, group_size: int | None, note: str | None,
              calibration: CalibrationRecord, dtype: str, device: str, isolate: bool = True,
              timeout: float | None = None, gpu_memory_gb: float | None = None) -> tuple[QuantizeRecord, bool]:
-    from quantflow.quantize import needs_calibration, quantize_weights
+    from quantflow.quantize import quantize_weights
 
-    key = quantize_key(model, variant, group_size, calibration if needs_calibration(variant) else None, dtype, device)
+    key = quantize_key(model, variant, group_size, calibration, dtype, device)
     record, hit = cached(cache, "quantize", key, QuantizeRecord, quantize_weights, isolate, timeout, model_path=model.path, variant=variant,
                          group_size=group_size, note=note, calibration=calibration, dtype=dtype, device=device,
                          gpu_memory_gb=gpu_memory_gb)
