@@ -279,7 +279,7 @@ def load_spec(path: Path) -> RunSpec:
 
 def apply_overrides(spec: RunSpec, overrides: dict[str, Any], aliases: dict[str, str] | None = None) -> RunSpec:
     """Return a copy of ``spec`` with dotted-path overrides (``{'model.source': 'x'}``) applied and re-validated."""
-    data = spec.model_dump(mode="json", exclude_unset=True)
+    data = spec.model_dump(mode="json")
     for dotted, value in overrides.items():
         node = data
         *parents, leaf = dotted.split(".")

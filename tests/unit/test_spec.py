@@ -110,3 +110,11 @@ def test_out_of_memory_under_a_budget_becomes_the_fix():
         with over_budget("quantize", 8.0):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     assert "raise gpu_memory_gb" in error.value.fix
+
+
+def test_overrides_keep_variants_built_in_code():
+    """The demo's spec is built from models (methods left at their defaults); the CLI's overrides must not drop them."""
+    from quantflow.demo import demo_spec
+
+    spec = apply_overrides(demo_spec(Path("out")), {"output.dir": "elsewhere"})
+    assert [v.method for v in spec.variants] == ["rtn", "awq", "gptq", "bnb-nf4"] and str(spec.output.dir) == "elsewhere"
