@@ -3,9 +3,9 @@
 For each Llama shape (random weights: speed does not depend on their values) this builds the
 bf16 model folder, quantizes it with quantflow's own quantize step (RTN, W4, group 128, with
 zero points: AWQ and GPTQ write the same packed format, so they decode at the same speed), then
-runs ``quantflow.decode.benchmark`` on:
+runs ``quantflow.evaluation.decode.benchmark`` on:
   - bf16: the baseline folder, dense;
-  - W4 int4 tinygemm: the saved artifact through ``quantflow.int4`` (packed weights, PyTorch's int4 op);
+  - W4 int4 tinygemm: the saved artifact through ``quantflow.evaluation.int4`` (packed weights, PyTorch's int4 op);
   - dense-decompressed: the same artifact as transformers loads it (compressed-tensors -> bf16).
 Before timing, the int4 model's logits are checked against the dequantized reference.
 ``--fuse both`` times each runtime with separate and with fused q/k/v and gate/up projections.
@@ -30,12 +30,19 @@ from bench.models import SHAPES, build_baseline  # noqa: E402
 
 
 def quantize(baseline: Path, artifact: Path, group_size: int) -> dict:
-    from quantflow.quantize import quantize_weights
+    from quantflow.infra.resources import Resources
+    from quantflow.quantization.quantize import Scheme, quantize_weights
     from quantflow.spec import RTNVariant
 
     variant = RTNVariant(name="rtn", group_size=group_size, symmetric=False)
-    record = quantize_weights(str(baseline), variant, group_size, None, None, "bfloat16", "cuda", artifact, artifact)
-    return {"seconds": record.seconds, "peak_memory_mb": record.peak_memory_mb, "quantized_layers": len(record.quantized_layers)}
+    record = quantize_weights(
+        str(baseline), variant, Scheme(group_size=group_size), None, Resources(device="cuda"), artifact, artifact
+    )
+    return {
+        "seconds": record.seconds,
+        "peak_memory_mb": record.peak_memory_mb,
+        "quantized_layers": len(record.quantized_layers),
+    }
 
 
 @torch.no_grad()
@@ -43,7 +50,7 @@ def check_int4(artifact: Path) -> float:
     """Relative error of int4-kernel logits vs the dequantized dense reference, same prompt."""
     from transformers import AutoModelForCausalLM
 
-    from quantflow.int4 import load_int4
+    from quantflow.evaluation.int4 import load_int4
 
     ids = torch.randint(0, 32000, (1, 64), generator=torch.Generator().manual_seed(1)).cuda()
     dense = AutoModelForCausalLM.from_pretrained(artifact, dtype=torch.bfloat16).cuda()
@@ -54,24 +61,50 @@ def check_int4(artifact: Path) -> float:
     return ((packed(ids).logits.float() - reference).norm() / reference.norm()).item()
 
 
-def measure(runtime: str, folder: str, batches: list[int], prompt_len: int, gen_len: int, repeats: int, tuned: bool, fuse: bool) -> list[dict]:
-    """Load one runtime's model and time every batch size (run in a fresh process: clean peak memory, no leftover hooks)."""
+def measure(
+    runtime: str, folder: str, batches: list[int], prompt_len: int, gen_len: int, repeats: int, tuned: bool, fuse: bool
+) -> list[dict]:
+    """Load one runtime's model and time every batch size (run in a fresh process: clean peak memory, no leftover
+    hooks)."""
     from transformers import AutoModelForCausalLM
 
     if tuned:  # gpt-fast's Inductor settings: autotune tile shapes of the decode kernels (longer compile)
         torch._inductor.config.coordinate_descent_tuning = True
         torch._inductor.config.triton.unique_kernel_names = True
 
-    from quantflow.decode import benchmark
-    from quantflow.int4 import load_int4
+    from quantflow.evaluation.decode import benchmark
+    from quantflow.evaluation.int4 import load_int4
+    from quantflow.spec import SpeedSpec
 
-    model = load_int4(folder, "cuda") if runtime.startswith("W4 int4") else AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).cuda()
-    return [benchmark(model, runtime, batch, prompt_len, gen_len, repeats=repeats, fuse=fuse).model_dump() for batch in batches]
+    model = (
+        load_int4(folder, "cuda")
+        if runtime.startswith("W4 int4")
+        else AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).cuda()
+    )
+    return [
+        benchmark(
+            model,
+            runtime,
+            batch,
+            SpeedSpec(batch_sizes=[batch], prompt_len=prompt_len, gen_len=gen_len, warmup=2, repeats=repeats),
+            fuse=fuse,
+        ).model_dump()
+        for batch in batches
+    ]
 
 
-def run_shape(shape: str, work: Path, batches: list[int], prompt_len: int, gen_len: int, repeats: int, tuned: bool, chosen: list[str],
-              fusions: list[bool]) -> dict:
-    from quantflow.steps import isolated
+def run_shape(
+    shape: str,
+    work: Path,
+    batches: list[int],
+    prompt_len: int,
+    gen_len: int,
+    repeats: int,
+    tuned: bool,
+    chosen: list[str],
+    fusions: list[bool],
+) -> dict:
+    from quantflow.infra.steps import isolated
 
     baseline, artifact = work / f"{shape}-bf16", work / f"{shape}-w4g128"
     start = time.perf_counter()
@@ -79,26 +112,48 @@ def run_shape(shape: str, work: Path, batches: list[int], prompt_len: int, gen_l
     built = time.perf_counter() - start
     quant = isolated("quantize", None, quantize, baseline, artifact, 128)
     error = isolated("check", None, check_int4, artifact)
-    print(f"{shape}: built in {built:.0f} s, RTN W4 g128 in {quant['seconds']} s, int4 logits rel. error {error:.4f}", flush=True)
+    print(
+        f"{shape}: built in {built:.0f} s, RTN W4 g128 in {quant['seconds']} s, int4 logits rel. error {error:.4f}",
+        flush=True,
+    )
     runtimes = {"bf16": baseline, "W4 int4 tinygemm": artifact, "W4 decompressed to bf16 by transformers": artifact}
     records = []
     for runtime, fuse in ((name, fuse) for fuse in fusions for name in chosen):
-        for record in isolated(runtime, None, measure, runtime, str(runtimes[runtime]), batches, prompt_len, gen_len, repeats, tuned, fuse):
+        for record in isolated(
+            runtime, None, measure, runtime, str(runtimes[runtime]), batches, prompt_len, gen_len, repeats, tuned, fuse
+        ):
             records.append(record)
-            print(f"  {record['runtime'] + ' [' + record['harness'] + ']':100s} b{record['batch']}: {record['decode_tokens_per_s']:8.1f} tok/s, {record['decode_ms_per_step']:.3f} ms/step, "
-                  f"prefill {record['prefill_ms']:.2f} ms, peak {record['peak_memory_mb']:.0f} MiB, floor {record['bandwidth_floor_fraction']}", flush=True)
-    return {"shape": shape, "config": SHAPES[shape], "inductor_tuning": tuned, "quantize": quant, "int4_logits_rel_error": error, "records": records}
+            print(
+                f"  {record['runtime'] + ' [' + record['harness'] + ']':100s} b{record['batch']}: "
+                f"{record['decode_tokens_per_s']:8.1f} tok/s, {record['decode_ms_per_step']:.3f} ms/step, "
+                f"prefill {record['prefill_ms']:.2f} ms, peak {record['peak_memory_mb']:.0f} MiB, floor "
+                f"{record['bandwidth_floor_fraction']}",
+                flush=True,
+            )
+    return {
+        "shape": shape,
+        "config": SHAPES[shape],
+        "inductor_tuning": tuned,
+        "quantize": quant,
+        "int4_logits_rel_error": error,
+        "records": records,
+    }
 
 
 def summary(result: dict) -> list[str]:
-    """Speed-up and memory ratio of int4 vs bf16 per batch size, each against bf16 in the same harness (fused or not)."""
+    """Speed-up and memory ratio of int4 vs bf16 per batch size, each against bf16 in the same harness (fused or
+    not)."""
     lines = []
     by = {(r["runtime"], r["batch"], "fused" in r["harness"]): r for r in result["records"]}
     for (runtime, batch, fused), record in by.items():
         if runtime.startswith("W4 int4") and ("bf16", batch, fused) in by:
             base = by[("bf16", batch, fused)]
-            lines.append(f"{result['shape']} b{batch}{' fused' if fused else ''}: int4 {record['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x bf16 decode, "
-                         f"peak memory {record['peak_memory_mb'] / base['peak_memory_mb']:.2f}x; bf16 at {base['bandwidth_floor_fraction']} of the floor")
+            lines.append(
+                f"{result['shape']} b{batch}{' fused' if fused else ''}: int4 "
+                f"{record['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x bf16 decode, "
+                f"peak memory {record['peak_memory_mb'] / base['peak_memory_mb']:.2f}x; bf16 at "
+                f"{base['bandwidth_floor_fraction']} of the floor"
+            )
     return lines
 
 
@@ -111,17 +166,38 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tuned", action="store_true", help="Inductor coordinate-descent tuning (as gpt-fast)")
     parser.add_argument("--runtimes", default="bf16,W4 int4 tinygemm,W4 decompressed to bf16 by transformers")
-    parser.add_argument("--fuse", default="on", choices=["on", "off", "both"], help="fused q/k/v and gate/up (quantflow.fuse) for every runtime")
+    parser.add_argument(
+        "--fuse",
+        default="on",
+        choices=["on", "off", "both"],
+        help="fused q/k/v and gate/up (quantflow.evaluation.fuse) for every runtime",
+    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/quantflow-decode"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/decode.json"))
     args = parser.parse_args()
-    from quantflow.environment import environment
+    from quantflow.infra.environment import environment
 
-    results = {"environment": environment(), "card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
-               "command": " ".join(sys.argv), "shapes": []}
+    results = {
+        "environment": environment(),
+        "card": torch.cuda.get_device_name(),
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(sys.argv),
+        "shapes": [],
+    }
     for shape in args.shapes.split(","):
-        results["shapes"].append(run_shape(shape, args.work, [int(b) for b in args.batches.split(",")], args.prompt_len, args.gen_len, args.repeats,
-                                           args.tuned, args.runtimes.split(","), {"on": [True], "off": [False], "both": [False, True]}[args.fuse]))
+        results["shapes"].append(
+            run_shape(
+                shape,
+                args.work,
+                [int(b) for b in args.batches.split(",")],
+                args.prompt_len,
+                args.gen_len,
+                args.repeats,
+                args.tuned,
+                args.runtimes.split(","),
+                {"on": [True], "off": [False], "both": [False, True]}[args.fuse],
+            )
+        )
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2))
     for result in results["shapes"]:

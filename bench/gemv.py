@@ -1,4 +1,4 @@
-"""Int4 GEMV kernel speed per layer shape: GemLite and candidate Triton GEMVs vs PyTorch's tinygemm vs dense bf16.
+"""Int4 GEMV kernel speed per layer shape: GemLite and fbgemm vs PyTorch's tinygemm vs dense bf16.
 
 For each Linear shape of the 1.1B and 7B Llama shapes (and their q+k+v and gate+up fused into one
 Linear), and batch 1 and 8, times one call with
@@ -33,10 +33,13 @@ SHAPES = {  # (out, in) of each decoder Linear
 
 
 def gemlite_layer(unsigned: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.nn.Module:
-    """GemLite's A16W4 layer for w = (u - 8) * scale + zero; GemLite dequantizes (u - z) * scale, so z = 8 - zero / scale."""
+    """GemLite's A16W4 layer for w = (u - 8) * scale + zero; GemLite dequantizes (u - z) * scale, so z = 8 - zero /
+    scale."""
     from gemlite.helper import A16W4_HQQ_INT
 
-    return A16W4_HQQ_INT(device="cuda", dtype=torch.bfloat16).from_weights(unsigned.to(torch.uint8), scale, 8 - zero / scale)
+    return A16W4_HQQ_INT(device="cuda", dtype=torch.bfloat16).from_weights(
+        unsigned.to(torch.uint8), scale, 8 - zero / scale
+    )
 
 
 class FbgemmLinear(torch.nn.Module):
@@ -50,7 +53,9 @@ class FbgemmLinear(torch.nn.Module):
         super().__init__()
         from fbgemm_gpu.experimental.gen_ai.quantize import pack_int4
 
-        packed, scale_t = torch.ops.fbgemm.preshuffle_i4(pack_int4((unsigned - 8).to(torch.int8)), scale.t().contiguous().to(torch.bfloat16))
+        packed, scale_t = torch.ops.fbgemm.preshuffle_i4(
+            pack_int4((unsigned - 8).to(torch.int8)), scale.t().contiguous().to(torch.bfloat16)
+        )
         self.register_buffer("packed", packed)
         self.register_buffer("scale", scale_t)
         self.register_buffer("zero", zero.t().contiguous().to(torch.bfloat16))
@@ -59,7 +64,9 @@ class FbgemmLinear(torch.nn.Module):
         return torch.ops.fbgemm.bf16i4bf16_shuffled(x, self.packed, self.scale, self.zero)
 
 
-def optional_kernels(unsigned: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> dict[str, torch.nn.Module]:
+def optional_kernels(
+    unsigned: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int
+) -> dict[str, torch.nn.Module]:
     """Kernels from packages the GPU machine may lack (carried wheels): timed where installed."""
     kernels = {}
     try:
@@ -75,9 +82,8 @@ def optional_kernels(unsigned: torch.Tensor, scale: torch.Tensor, zero: torch.Te
 def main() -> None:
     from triton.testing import do_bench_cudagraph
 
-    from bench.int4_gemv_candidate import CandidateLinear, InterleavedLinear
-    from quantflow.decode import bandwidth
-    from quantflow.int4 import Int4Linear
+    from quantflow.evaluation.decode import bandwidth
+    from quantflow.evaluation.int4 import Int4Linear
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--group-size", type=int, default=128)
@@ -92,14 +98,18 @@ def main() -> None:
             unsigned = torch.randint(0, 16, (out_features, in_features), dtype=torch.int32, device="cuda")
             scale = torch.rand(out_features, in_features // args.group_size, device="cuda") * 0.01 + 0.002
             zero = torch.randn_like(scale) * 0.01
-            kernels = {"triton-candidate": CandidateLinear(unsigned, scale, zero, args.group_size),
-                       "triton-interleaved": InterleavedLinear(unsigned, scale, zero, args.group_size),
-                       "gemlite": gemlite_layer(unsigned, scale, zero),
-                       "tinygemm": Int4Linear.from_unsigned(unsigned, scale, zero, args.group_size, None, torch.device("cuda")),
-                       **optional_kernels(unsigned, scale, zero, args.group_size),
-                       "bf16": torch.nn.Linear(in_features, out_features, bias=False, device="cuda", dtype=torch.bfloat16)}
+            kernels = {
+                "gemlite": gemlite_layer(unsigned, scale, zero),
+                "tinygemm": Int4Linear.from_unsigned(
+                    unsigned, scale, zero, args.group_size, None, torch.device("cuda")
+                ),
+                **optional_kernels(unsigned, scale, zero, args.group_size),
+                "bf16": torch.nn.Linear(in_features, out_features, bias=False, device="cuda", dtype=torch.bfloat16),
+            }
             int4_bytes = out_features * in_features // 2 + 2 * scale.numel() * 2
-            dense = (unsigned - 8) * scale.repeat_interleave(args.group_size, 1) + zero.repeat_interleave(args.group_size, 1)
+            dense = (unsigned - 8) * scale.repeat_interleave(args.group_size, 1) + zero.repeat_interleave(
+                args.group_size, 1
+            )
             for batch in (int(b) for b in args.batches.split(",")):
                 x = torch.randn(batch, in_features, device="cuda", dtype=torch.bfloat16)
                 row = {"shape": shape, "out": out_features, "in": in_features, "batch": batch}
@@ -110,13 +120,24 @@ def main() -> None:
                         error = ((y - reference).norm() / reference.norm()).item() if name != "bf16" else 0.0
                         us = do_bench_cudagraph(lambda: layer(x), rep=50) * 1e3
                     size = out_features * in_features * 2 if name == "bf16" else int4_bytes
-                    row[name] = {"us": round(us, 2), "bandwidth_fraction": round(size / us / 1e-6 / peak, 3) if peak else None,
-                                 "rel_error": round(error, 4)}
+                    row[name] = {
+                        "us": round(us, 2),
+                        "bandwidth_fraction": round(size / us / 1e-6 / peak, 3) if peak else None,
+                        "rel_error": round(error, 4),
+                    }
                 rows.append(row)
-                print(f"{shape} {out_features}x{in_features} b{batch}: " + ", ".join(f"{n} {row[n]['us']:.1f} us ({row[n]['bandwidth_fraction']}, err {row[n]['rel_error']})"
-                                                                                  for n in kernels), flush=True)
+                print(
+                    f"{shape} {out_features}x{in_features} b{batch}: "
+                    + ", ".join(
+                        f"{n} {row[n]['us']:.1f} us ({row[n]['bandwidth_fraction']}, err {row[n]['rel_error']})"
+                        for n in kernels
+                    ),
+                    flush=True,
+                )
     if args.out:
-        args.out.write_text(json.dumps({"card": torch.cuda.get_device_name(), "group_size": args.group_size, "rows": rows}, indent=1))
+        args.out.write_text(
+            json.dumps({"card": torch.cuda.get_device_name(), "group_size": args.group_size, "rows": rows}, indent=1)
+        )
 
 
 if __name__ == "__main__":

@@ -25,10 +25,12 @@ from bench.direct import direct_oneshot  # noqa: E402
 
 
 def main() -> None:
-    from quantflow import pipeline, steps
-    from quantflow.calibration import load_samples
-    from quantflow.demo import demo_spec
-    from quantflow.resources import compute_dtype
+    from quantflow import pipeline
+    from quantflow.devtools.demo import demo_spec
+    from quantflow.evaluation.runtime import Subject
+    from quantflow.infra.resources import compute_dtype
+    from quantflow.inputs.calibration import load_samples
+    from quantflow.pipeline import steps
     from quantflow.spec import apply_overrides
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,33 +42,56 @@ def main() -> None:
 
     spec = demo_spec(args.work / "quantflow")
     chosen = [v for v in spec.variants if v.method in args.methods.split(",")]
-    spec = apply_overrides(spec, {"model.source": args.model, "evaluation.speed": None,
-                                  "variants": [v.model_dump(mode="json") for v in chosen],
-                                  "output.cache_dir": str(args.work / "cache")})
+    spec = apply_overrides(
+        spec,
+        {
+            "model.source": args.model,
+            "evaluation.speed": None,
+            "variants": [v.model_dump(mode="json") for v in chosen],
+            "output.cache_dir": str(args.work / "cache"),
+        },
+    )
     plan = pipeline.plan(spec)
-    stage = pipeline.baseline_and_calibration(plan)
-    samples = load_samples(stage.calibration)
+    calibration, baseline = steps.calibrate(plan), steps.evaluate_baseline(plan)
+    samples = load_samples(calibration.record)
     compute = compute_dtype(plan.device, spec.model.dtype)
     rows = []
     for variant in spec.variants:
-        ours = pipeline.branch(plan, variant, stage.calibration)
+        ours = steps.evaluate(plan, variant, steps.quantize(plan, variant, calibration.record), baseline)
         folder = args.work / f"direct-{variant.method}"
         direct_seconds, _ = direct_oneshot(plan.model.path, variant, samples, compute, spec.model.dtype, folder)
-        theirs, _ = steps.evaluate(plan.cache, f"direct-{variant.method}", f"direct-{variant.method}-{time.time_ns()}", spec,
-                                   str(folder), plan.device, None, plan.baseline_key())
+        subject = Subject(name=f"direct-{variant.method}", model_path=str(folder))
+        theirs, _ = steps.evaluate_subject_once(
+            plan, f"direct-{variant.method}-{time.time_ns()}", subject, baseline.key
+        )
         gap = 100 * (ours.evaluation.perplexity / theirs.perplexity - 1)
-        rows.append({"method": variant.method, "quantflow_ppl": ours.evaluation.perplexity, "direct_ppl": theirs.perplexity,
-                     "gap_pct": round(gap, 3), "quantflow_seconds": ours.quantize.seconds, "direct_seconds": round(direct_seconds, 2),
-                     "time_ratio": round(ours.quantize.seconds / direct_seconds, 3)})
-    result = {"model": args.model, "device": plan.device, "baseline_ppl": stage.baseline.perplexity,
-              "calibration": stage.calibration.model_dump(exclude={"path"}), "rows": rows}
+        rows.append(
+            {
+                "method": variant.method,
+                "quantflow_ppl": ours.evaluation.perplexity,
+                "direct_ppl": theirs.perplexity,
+                "gap_pct": round(gap, 3),
+                "quantflow_seconds": ours.quantize.seconds,
+                "direct_seconds": round(direct_seconds, 2),
+                "time_ratio": round(ours.quantize.seconds / direct_seconds, 3),
+            }
+        )
+    result = {
+        "model": args.model,
+        "device": plan.device,
+        "baseline_ppl": baseline.evaluation.perplexity,
+        "calibration": calibration.record.model_dump(exclude={"path"}),
+        "rows": rows,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-    print(f"baseline ppl {stage.baseline.perplexity:.4f} on {plan.device}")
+    print(f"baseline ppl {baseline.evaluation.perplexity:.4f} on {plan.device}")
     print("method  quantflow_ppl  direct_ppl  gap%    quantflow_s  direct_s")
     for r in rows:
-        print(f"{r['method']:<7} {r['quantflow_ppl']:<14.4f} {r['direct_ppl']:<11.4f} {r['gap_pct']:<+7.3f} "
-              f"{r['quantflow_seconds']:<12.1f} {r['direct_seconds']:.1f}")
+        print(
+            f"{r['method']:<7} {r['quantflow_ppl']:<14.4f} {r['direct_ppl']:<11.4f} {r['gap_pct']:<+7.3f} "
+            f"{r['quantflow_seconds']:<12.1f} {r['direct_seconds']:.1f}"
+        )
 
 
 if __name__ == "__main__":

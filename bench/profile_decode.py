@@ -1,11 +1,11 @@
 """Where a decode step's time goes: GPU kernel time vs wall time, per harness variant.
 
 Builds a random-weight Llama of a real shape in bf16 (optionally with every decoder Linear
-swapped for random packed int4 weights as ``quantflow.int4.Int4Linear``, i.e. PyTorch's tinygemm op
+swapped for random packed int4 weights as ``quantflow.evaluation.int4.Int4Linear``, i.e. PyTorch's tinygemm op
 (``--int4 quantflow``): speed does not depend on the values),
 then times one-token decode steps three ways:
   - ``compile``: ``torch.compile(mode="reduce-overhead")``, the harness before 2026-11-26;
-  - ``graph``: the eager step captured once into a ``torch.cuda.CUDAGraph`` by ``quantflow.decode.captured``;
+  - ``graph``: the eager step captured once into a ``torch.cuda.CUDAGraph`` by ``quantflow.evaluation.decode.captured``;
   - ``compile+graph``: the harness now: the step compiled without CUDA graphs (Inductor fusion), then
     captured by the same function.
 For each it prints ms per step and, from ``torch.profiler``, the summed kernel time per step,
@@ -32,7 +32,7 @@ from bench.models import SHAPES  # noqa: E402
 def build(shape: str, int4: str, group_size: int = 128) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from quantflow.int4 import Int4Linear
+    from quantflow.evaluation.int4 import Int4Linear
 
     config = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, **SHAPES[shape])
     torch.manual_seed(0)
@@ -44,7 +44,9 @@ def build(shape: str, int4: str, group_size: int = 128) -> torch.nn.Module:
                 out_f, in_f = module.weight.shape
                 unsigned = torch.randint(0, 16, (out_f, in_f), dtype=torch.int32, device="cuda")
                 scale = torch.rand(out_f, in_f // group_size, device="cuda") * 0.01
-                layer = Int4Linear.from_unsigned(unsigned, scale, torch.zeros_like(scale), group_size, None, torch.device("cuda"))
+                layer = Int4Linear.from_unsigned(
+                    unsigned, scale, torch.zeros_like(scale), group_size, None, torch.device("cuda")
+                )
                 parent, _, child = name.rpartition(".")
                 model.model.layers.get_submodule(parent).register_module(child, layer)
     return model
@@ -52,8 +54,15 @@ def build(shape: str, int4: str, group_size: int = 128) -> torch.nn.Module:
 
 def make_step(model, cache, batch):
     def step(token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        logits = model(token, past_key_values=cache, cache_position=position, position_ids=position.expand(batch, -1), use_cache=True).logits
+        logits = model(
+            token,
+            past_key_values=cache,
+            cache_position=position,
+            position_ids=position.expand(batch, -1),
+            use_cache=True,
+        ).logits
         return logits[:, -1].argmax(-1, keepdim=True)
+
     return step
 
 
@@ -61,7 +70,7 @@ def make_step(model, cache, batch):
 def run_variant(model, variant: str, batch: int, prompt_len: int, gen_len: int, repeats: int, mode: str) -> dict:
     from transformers import StaticCache
 
-    from quantflow.decode import captured
+    from quantflow.evaluation.decode import captured
 
     cache = StaticCache(config=model.config, max_cache_len=prompt_len + gen_len)
     step = make_step(model, cache, batch)
@@ -80,7 +89,7 @@ def run_variant(model, variant: str, batch: int, prompt_len: int, gen_len: int, 
         def decode(index):
             torch.compiler.cudagraph_mark_step_begin()
             token.copy_(compiled(token.clone(), torch.tensor([prompt_len + index], device="cuda")))
-    else:  # the harness's own capture (quantflow.decode), of the compiled or the eager step
+    else:  # the harness's own capture (quantflow.evaluation.decode), of the compiled or the eager step
         decode = captured(step, prefill, token, position, prompt_len, mode if variant == "compile+graph" else None)
 
     def once() -> float:
@@ -104,8 +113,15 @@ def run_variant(model, variant: str, batch: int, prompt_len: int, gen_len: int, 
     total_us = sum(e.self_device_time_total for e in events) / 16
     kernels = sum(e.count for e in events) / 16
     top = sorted(events, key=lambda e: -e.self_device_time_total)[:8]
-    return {"variant": variant, "batch": batch, "peak_mb": round(torch.cuda.max_memory_allocated() / 2**20), "ms_per_step": round(per_step * 1e3, 4), "kernel_ms_per_step": round(total_us / 1e3, 4), "kernels_per_step": kernels,
-            "top": [(e.key[:90], round(e.self_device_time_total / 16, 1), e.count // 16) for e in top]}
+    return {
+        "variant": variant,
+        "batch": batch,
+        "peak_mb": round(torch.cuda.max_memory_allocated() / 2**20),
+        "ms_per_step": round(per_step * 1e3, 4),
+        "kernel_ms_per_step": round(total_us / 1e3, 4),
+        "kernels_per_step": kernels,
+        "top": [(e.key[:90], round(e.self_device_time_total / 16, 1), e.count // 16) for e in top],
+    }
 
 
 def main() -> None:
@@ -113,7 +129,9 @@ def main() -> None:
     parser.add_argument("--shape", default="1.1b")
     parser.add_argument("--int4", choices=["none", "quantflow"], default="none")
     parser.add_argument("--batches", default="1")
-    parser.add_argument("--mode", default="max-autotune-no-cudagraphs", help="torch.compile mode of the compile+graph variant")
+    parser.add_argument(
+        "--mode", default="max-autotune-no-cudagraphs", help="torch.compile mode of the compile+graph variant"
+    )
     parser.add_argument("--variants", default="compile,graph,compile+graph")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -129,7 +147,12 @@ def main() -> None:
         print(json.dumps(result, indent=1), flush=True)
         torch._dynamo.reset()
     if args.out:
-        args.out.write_text(json.dumps({"shape": args.shape, "int4": args.int4, "card": torch.cuda.get_device_name(), "results": results}, indent=1))
+        args.out.write_text(
+            json.dumps(
+                {"shape": args.shape, "int4": args.int4, "card": torch.cuda.get_device_name(), "results": results},
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

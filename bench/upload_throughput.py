@@ -1,7 +1,7 @@
 """Upload throughput of quantflow's store vs a plain ``boto3 upload_file`` with default settings.
 
 Starts a local SeaweedFS, writes an artifact of ``--gb`` GiB of random safetensors-sized shards,
-and times, in the same run and alternating order, (a) ``quantflow.store.upload`` (tuned parts
+and times, in the same run and alternating order, (a) ``quantflow.delivery.store.upload`` (tuned parts
 and concurrency, sha256 metadata, HEAD verification, manifest) and (b) ``upload_file`` of the
 same files with boto3's defaults. Reports MB/s medians over ``--repeats``.
 
@@ -36,9 +36,9 @@ def write_artifact(folder: Path, gib: float, shard_mib: int = 256) -> int:
 
 
 def main() -> None:
-    from quantflow import s3server
+    from quantflow.delivery.store import upload
+    from quantflow.devtools import s3server
     from quantflow.spec import StoreSpec
-    from quantflow.store import upload
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gb", type=float, default=1.0)
@@ -70,9 +70,19 @@ def main() -> None:
                     times[name].append(time.perf_counter() - start)
         finally:
             s3server.stop(tmp / "weed")
-    result = {"bytes": size, "repeats": args.repeats, "cpu_count": os.cpu_count(),
-              **{name: {"median_s": round(statistics.median(t), 2), "mb_per_s": round(size / 1e6 / statistics.median(t), 1), "runs_s": [round(x, 2) for x in t]}
-                 for name, t in times.items()}}
+    result = {
+        "bytes": size,
+        "repeats": args.repeats,
+        "cpu_count": os.cpu_count(),
+        **{
+            name: {
+                "median_s": round(statistics.median(t), 2),
+                "mb_per_s": round(size / 1e6 / statistics.median(t), 1),
+                "runs_s": [round(x, 2) for x in t],
+            }
+            for name, t in times.items()
+        },
+    }
     result["speedup"] = round(result["boto3_default"]["median_s"] / result["quantflow"]["median_s"], 3)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

@@ -34,11 +34,20 @@ def ensure_zombie_automation() -> bool:
         name=ZOMBIE_AUTOMATION,
         description=f"Mark a flow run Crashed when it sent no heartbeat for {MISSING_AFTER.seconds} s (its host died).",
         trigger=EventTrigger(
-            after={"prefect.flow-run.heartbeat"}, expect={"prefect.flow-run.heartbeat", *ends},
-            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}), for_each={"prefect.resource.id"},
-            posture=Posture.Proactive, threshold=1, within=MISSING_AFTER,
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", *ends},
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=MISSING_AFTER,
         ),
-        actions=[ChangeFlowRunState(state=StateType.CRASHED, message="quantflow: no heartbeat from the flow run's host; re-run to resume from cache")],
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message="quantflow: no heartbeat from the flow run's host; re-run to resume from cache",
+            )
+        ],
     ).create()
     return True
 

@@ -15,7 +15,11 @@ import typer
 
 from quantflow.errors import QuantflowError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Quantize an LLM (AWQ, GPTQ, RTN, bitsandbytes), evaluate every variant, report.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Quantize an LLM (AWQ, GPTQ, RTN, bitsandbytes), evaluate every variant, report.",
+)
 
 
 def _fail(error: QuantflowError) -> None:
@@ -24,7 +28,9 @@ def _fail(error: QuantflowError) -> None:
 
 
 def _flag_overrides(**flags: Any) -> dict[str, Any]:
-    return {path: str(value) if isinstance(value, Path) else value for path, value in flags.items() if value is not None}
+    return {
+        path: str(value) if isinstance(value, Path) else value for path, value in flags.items() if value is not None
+    }
 
 
 @app.command()
@@ -32,8 +38,12 @@ def run(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run spec; flags below override it."),
     model: Optional[str] = typer.Option(None, help="Model source: hub id, folder, .gguf, or demo:smollm2-135m."),
     revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag, commit)."),
-    methods: Optional[str] = typer.Option(None, help="Comma-separated variants with default settings: rtn,awq,gptq,bnb-nf4,bnb-fp4,bnb-int8."),
-    group_size: Optional[str] = typer.Option(None, help="Group size for rtn/awq/gptq variants made by --methods (int, 'auto' or 'none')."),
+    methods: Optional[str] = typer.Option(
+        None, help="Comma-separated variants with default settings: rtn,awq,gptq,bnb-nf4,bnb-fp4,bnb-int8."
+    ),
+    group_size: Optional[str] = typer.Option(
+        None, help="Group size for rtn/awq/gptq variants made by --methods (int, 'auto' or 'none')."
+    ),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder."),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
     gpu_memory_gb: Optional[float] = typer.Option(None, help="GPU memory each step may use, per GPU (GiB)."),
@@ -43,7 +53,9 @@ def run(
     window: Optional[int] = typer.Option(None, help="Perplexity window in tokens."),
     max_windows: Optional[int] = typer.Option(None, help="Evaluate at most this many windows."),
     cache_dir: Optional[Path] = typer.Option(None, help="Step cache folder."),
-    engine: str = typer.Option("prefect", help="'prefect' runs the Prefect flow (shows in the UI); 'local' runs the core pipeline in-process."),
+    engine: str = typer.Option(
+        "prefect", help="'prefect' runs the Prefect flow (shows in the UI); 'local' runs the core pipeline in-process."
+    ),
 ) -> None:
     """Run the whole pipeline from a spec file and/or flags."""
     from quantflow.spec import RunSpec, apply_overrides, load_spec, variant_for
@@ -51,33 +63,58 @@ def run(
     try:
         _check_engine(engine)
         spec = load_spec(config) if config else RunSpec()
-        overrides = _flag_overrides(**{
-            "model.source": model, "model.revision": revision, "output.dir": output, "device": device,
-            "gpu_memory_gb": gpu_memory_gb, "calibration.num_samples": num_samples, "calibration.seq_len": seq_len,
-            "calibration.source": calibration, "evaluation.window": window, "evaluation.max_windows": max_windows,
-            "output.cache_dir": cache_dir,
-        })
+        overrides = _flag_overrides(
+            **{
+                "model.source": model,
+                "model.revision": revision,
+                "output.dir": output,
+                "device": device,
+                "gpu_memory_gb": gpu_memory_gb,
+                "calibration.num_samples": num_samples,
+                "calibration.seq_len": seq_len,
+                "calibration.source": calibration,
+                "evaluation.window": window,
+                "evaluation.max_windows": max_windows,
+                "output.cache_dir": cache_dir,
+            }
+        )
         if methods:
             extra = {} if group_size is None else {"group_size": _group_size(group_size)}
-            overrides["variants"] = [variant_for(m, **(extra if m.strip().lower() in ("rtn", "gptq", "awq") else {}))
-                                     for m in methods.split(",") if m.strip()]
+            overrides["variants"] = [
+                variant_for(m, **(extra if m.strip().lower() in ("rtn", "gptq", "awq") else {}))
+                for m in methods.split(",")
+                if m.strip()
+            ]
         elif group_size is not None:
-            raise QuantflowError("--group-size applies to the variants made by --methods", "pass --methods too, or set "
-                                 "group_size on each variant in the --config file")
+            raise QuantflowError(
+                "--group-size applies to the variants made by --methods",
+                "pass --methods too, or set group_size on each variant in the --config file",
+            )
         spec = apply_overrides(spec, overrides, RUN_FLAGS)
         _execute(spec, engine)
     except QuantflowError as error:
         _fail(error)
 
 
-RUN_FLAGS = {"model.source": "--model", "model.revision": "--revision", "output.dir": "--output", "device": "--device",
-             "gpu_memory_gb": "--gpu-memory-gb", "calibration.num_samples": "--num-samples", "calibration.seq_len": "--seq-len",
-             "calibration.source": "--calibration", "evaluation.window": "--window", "evaluation.max_windows": "--max-windows",
-             "output.cache_dir": "--cache-dir", "variants": "--methods/--group-size"}
+RUN_FLAGS = {
+    "model.source": "--model",
+    "model.revision": "--revision",
+    "output.dir": "--output",
+    "device": "--device",
+    "gpu_memory_gb": "--gpu-memory-gb",
+    "calibration.num_samples": "--num-samples",
+    "calibration.seq_len": "--seq-len",
+    "calibration.source": "--calibration",
+    "evaluation.window": "--window",
+    "evaluation.max_windows": "--max-windows",
+    "output.cache_dir": "--cache-dir",
+    "variants": "--methods/--group-size",
+}
 
 
 def _group_size(text: str) -> int | str | None:
-    """'--group-size' as the spec takes it: an int, 'auto', or none/null for per-channel; anything else is left for the spec to refuse."""
+    """'--group-size' as the spec takes it: an int, 'auto', or none/null for per-channel; anything else is left for the
+    spec to refuse."""
     if text.lower() in ("none", "null"):
         return None
     return int(text) if text.lstrip("-").isdigit() else text
@@ -90,11 +127,12 @@ def demo(
     storage: Path = typer.Option(Path(".quantflow/s3"), help="Data folder of the local S3 server the demo uploads to."),
     keep_storage: bool = typer.Option(False, help="Leave the local S3 server running afterwards."),
 ) -> None:
-    """The embedded default: SmolLM2-135M, pydoc corpus, RTN/AWQ/GPTQ W4 g64 + bnb-nf4, offline on a CPU, stored to a local S3."""
+    """The embedded default: SmolLM2-135M, pydoc corpus, RTN/AWQ/GPTQ W4 g64 + bnb-nf4, offline on a CPU, stored to a
+    local S3."""
     import os
 
-    from quantflow import s3server
-    from quantflow.demo import demo_spec
+    from quantflow.devtools import s3server
+    from quantflow.devtools.demo import demo_spec
     from quantflow.spec import StoreSpec, apply_overrides
 
     try:
@@ -116,12 +154,14 @@ def demo(
 def pull(
     uri: str = typer.Argument(..., help="s3://bucket/prefix/model/variant/hash/ of a stored artifact."),
     dest: Path = typer.Argument(..., help="New local folder to create."),
-    endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint (MinIO/SeaweedFS/Ceph); else AWS_ENDPOINT_URL_S3 or AWS."),
+    endpoint_url: Optional[str] = typer.Option(
+        None, help="S3 endpoint (MinIO/SeaweedFS/Ceph); else AWS_ENDPOINT_URL_S3 or AWS."
+    ),
 ) -> None:
     """Download a stored artifact and verify every file against its manifest (all or nothing)."""
+    from quantflow.delivery.store import parse_uri
+    from quantflow.delivery.store import pull as pull_artifact
     from quantflow.spec import StoreSpec
-    from quantflow.store import parse_uri
-    from quantflow.store import pull as pull_artifact
 
     try:
         bucket, _ = parse_uri(uri)
@@ -137,7 +177,7 @@ def storage(
     data: Path = typer.Option(Path(".quantflow/s3"), help="Data folder of the local S3 server."),
 ) -> None:
     """Start, stop or show the local SeaweedFS S3 server (credentials are printed as shell exports)."""
-    from quantflow import s3server
+    from quantflow.devtools import s3server
 
     try:
         if action == "up":
@@ -160,7 +200,7 @@ def _check_engine(engine: str) -> None:
 
 
 def _execute(spec, engine: str) -> None:
-    from quantflow.report import load_report
+    from quantflow.reporting.report import load_report
 
     if engine == "local":
         from quantflow.pipeline import run as run_pipeline
@@ -186,13 +226,15 @@ def _execute(spec, engine: str) -> None:
 @app.command()
 def report(
     path: Path = typer.Argument(..., help="report.json of an earlier run."),
-    max_ppl_increase: Optional[float] = typer.Option(None, help="Re-pick the best variant under this perplexity increase (%)."),
+    max_ppl_increase: Optional[float] = typer.Option(
+        None, help="Re-pick the best variant under this perplexity increase (%)."
+    ),
     max_size_ratio: Optional[float] = typer.Option(None, help="...and at most this fraction of the baseline's size."),
 ) -> None:
     """Re-render report.md and plots from report.json, optionally under new constraints."""
     from pydantic import ValidationError
 
-    from quantflow.report import load_report, pareto, pick_best, write_report
+    from quantflow.reporting.report import load_report, pareto, pick_best, write_report
     from quantflow.spec import ConstraintsSpec, explain
 
     if not path.is_file():
@@ -200,14 +242,31 @@ def report(
     try:
         data = load_report(path)
     except ValueError as error:
-        _fail(QuantflowError(f"{path} is not a quantflow report ({str(error).splitlines()[0]})", "pass the report.json written by `quantflow run`"))
+        _fail(
+            QuantflowError(
+                f"{path} is not a quantflow report ({str(error).splitlines()[0]})",
+                "pass the report.json written by `quantflow run`",
+            )
+        )
     try:
-        constraints = ConstraintsSpec.model_validate({**data.constraints.model_dump(), **_flag_overrides(
-            max_ppl_increase_pct=max_ppl_increase, max_size_ratio=max_size_ratio)})
+        constraints = ConstraintsSpec.model_validate(
+            {
+                **data.constraints.model_dump(),
+                **_flag_overrides(max_ppl_increase_pct=max_ppl_increase, max_size_ratio=max_size_ratio),
+            }
+        )
     except ValidationError as error:
-        _fail(explain(error, "command-line flags", {"max_ppl_increase_pct": "--max-ppl-increase", "max_size_ratio": "--max-size-ratio"}))
+        _fail(
+            explain(
+                error,
+                "command-line flags",
+                {"max_ppl_increase_pct": "--max-ppl-increase", "max_size_ratio": "--max-size-ratio"},
+            )
+        )
     best, reason = pick_best(data.rows, constraints)
-    data = data.model_copy(update={"constraints": constraints, "best": best, "best_reason": reason, "pareto": pareto(data.rows)})
+    data = data.model_copy(
+        update={"constraints": constraints, "best": best, "best_reason": reason, "pareto": pareto(data.rows)}
+    )
     write_report(data, path.parent)
     typer.echo(f"best: {best} ({reason}); wrote {path.parent / 'report.md'}")
 
@@ -215,7 +274,10 @@ def report(
 @app.command()
 def serve(
     port: int = typer.Option(4200, help="Port of the local Prefect server (UI at http://127.0.0.1:PORT)."),
-    home: Path = typer.Option(Path(".quantflow/prefect"), help="PREFECT_HOME of the local server (SQLite database; scripts/demo uses the same)."),
+    home: Path = typer.Option(
+        Path(".quantflow/prefect"),
+        help="PREFECT_HOME of the local server (SQLite database; scripts/demo uses the same).",
+    ),
 ) -> None:
     """Start a local Prefect server and serve the quantflow flow, so the UI's Run button works on a laptop."""
     from deployments.local import serve_locally
@@ -229,7 +291,7 @@ def serve(
 @app.command()
 def doctor() -> None:
     """Print the version matrix and what will and won't work on this machine."""
-    from quantflow.doctor import checks
+    from quantflow.devtools.doctor import checks
 
     failed = 0
     for name, ok, detail in checks():

@@ -25,12 +25,19 @@ def start_server(port: int, home: Path) -> subprocess.Popen:
     env = {**os.environ, "PREFECT_HOME": str(home.resolve())}
     log = (home / "server.log").open("a")
     prefect = str(Path(sys.executable).parent / "prefect")
-    server = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--analytics-off"],
-                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(
+        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--analytics-off"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise QuantflowError(f"the Prefect server exited at start (see {home}/server.log)", f"is port {port} taken? pass --port")
+            raise QuantflowError(
+                f"the Prefect server exited at start (see {home}/server.log)", f"is port {port} taken? pass --port"
+            )
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2):
                 return server

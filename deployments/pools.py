@@ -40,19 +40,44 @@ def process_gpu(base: dict) -> dict:
 
 def docker_gpu(base: dict) -> dict:
     template = copy.deepcopy(base)
-    _variable(template, "gpu_ids", {"type": "array", "items": {"type": "string"}, "default": ["0"], "title": "GPUs",
-                                    "description": "NVIDIA device ids (or UUIDs) the container gets: one pool per card."})
+    _variable(
+        template,
+        "gpu_ids",
+        {
+            "type": "array",
+            "items": {"type": "string"},
+            "default": ["0"],
+            "title": "GPUs",
+            "description": "NVIDIA device ids (or UUIDs) the container gets: one pool per card.",
+        },
+    )
     template["job_configuration"]["container_create_kwargs"] = {
-        "device_requests": [{"Driver": "nvidia", "DeviceIDs": "{{ gpu_ids }}", "Capabilities": [["gpu"]]}]}
+        "device_requests": [{"Driver": "nvidia", "DeviceIDs": "{{ gpu_ids }}", "Capabilities": [["gpu"]]}]
+    }
     return template
 
 
 def kubernetes_gpu(base: dict) -> dict:
     template = copy.deepcopy(base)
-    _variable(template, "gpu_count", {"type": "integer", "default": 1, "title": "GPUs", "description": "nvidia.com/gpu per job."})
-    _variable(template, "node_selector", {"type": "object", "default": {"nvidia.com/gpu.present": "true"}, "title": "Node selector"})
-    _variable(template, "tolerations", {"type": "array", "title": "Tolerations",
-                                        "default": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]})
+    _variable(
+        template,
+        "gpu_count",
+        {"type": "integer", "default": 1, "title": "GPUs", "description": "nvidia.com/gpu per job."},
+    )
+    _variable(
+        template,
+        "node_selector",
+        {"type": "object", "default": {"nvidia.com/gpu.present": "true"}, "title": "Node selector"},
+    )
+    _variable(
+        template,
+        "tolerations",
+        {
+            "type": "array",
+            "title": "Tolerations",
+            "default": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        },
+    )
     pod = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
     pod["nodeSelector"] = "{{ node_selector }}"
     pod["tolerations"] = "{{ tolerations }}"

@@ -1,75 +1,105 @@
-"""The quantflow DAG as Prefect flows.
+"""The quantflow DAG as Prefect flows, one task per stage.
 
-plan -> baseline + calibration -> one branch per variant (quantize -> evaluate) -> deliver
-(variant folders, report, upload) -> artifacts.
+plan -> calibration | baseline (concurrent) -> per variant: quantize -> evaluate -> report
+-> per variant: upload -> store-report (with a store) -> artifacts.
 
-By default one flow run does the branches in turn: one worker owns one accelerator, and
+By default one flow run builds the variants in turn: one worker owns one accelerator, and
 timings taken while another variant computes on the same card would be wrong. With
 ``variant_deployment`` set, the baseline and then every variant run as separate flow runs
 of ``quantflow-variant`` on that deployment's pool, so each idle GPU worker takes one; the
-parent then gathers their results from the shared cache (a gather that finds a result
-missing fails instead of redoing it) and delivers. The parameters are Pydantic models, so
-the Prefect UI renders a form with descriptions, dropdowns and validation at submit time.
+parent then gathers their records from the shared cache by their content keys and delivers.
+The parameters are Pydantic models, so the Prefect UI renders a form with descriptions,
+dropdowns and validation at submit time.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from uuid import UUID
 
 from prefect import flow
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from pydantic import Field
 
-from quantflow.pipeline import BranchResult, Plan, Stage
+from quantflow.pipeline import steps
+from quantflow.pipeline.planning import Plan
+from quantflow.reporting.report import VariantResult
 from quantflow.spec import RunSpec
-from tasks.artifacts import publish_run_artifacts
+from tasks.artifacts import publish_run_artifacts, run_name
 from tasks.dispatch import dispatch_task
-from tasks.pipeline import baseline_task, branch_task, deliver_task, plan_task
+from tasks.stages import (
+    baseline_task,
+    calibration_task,
+    evaluate_task,
+    gather_task,
+    plan_task,
+    quantize_task,
+    report_task,
+    store_report_task,
+    upload_task,
+)
 
 VARIANT_DEPLOYMENT = Field(
-    None, description="Fan out: run the baseline and each variant as a flow run of this deployment (e.g. 'quantflow-variant/variant'), "
-                      "one per idle worker. Needs output.cache_dir on storage all workers share. Empty: variants run in turn here.")
+    None,
+    description="Fan out: run the baseline and each variant as a flow run of this deployment (e.g. "
+    "'quantflow-variant/variant'), "
+    "one per idle worker. Needs output.cache_dir on storage all workers share. Empty: variants run in turn here.",
+)
 
 
-@flow(name="quantflow", log_prints=True, validate_parameters=True)
+@flow(name="quantflow", flow_run_name=run_name, log_prints=True, validate_parameters=True)
 def quantflow_run(spec: RunSpec = RunSpec(), variant_deployment: str | None = VARIANT_DEPLOYMENT) -> str:
-    """Quantize a model into every variant of the spec, evaluate them all, write the report."""
+    """Quantize a model into every variant of the spec, evaluate them all, write the report, upload."""
     plan = plan_task(spec)
     progress = create_progress_artifact(0.0, key="quantflow-progress", description="variants finished (%)")
     if variant_deployment:
-        stage, branches = _fanned_out(plan, variant_deployment, progress)
+        gathered = _fanned_out(plan, variant_deployment, progress)
+        calibration, baseline, variants = gathered.calibration, gathered.baseline, gathered.variants
     else:
-        stage = baseline_task(plan)
-        branches = []
-        for variant in spec.variants:
-            branches.append(branch_task(plan, variant, stage.calibration))
-            update_progress_artifact(progress, 100.0 * len(branches) / len(spec.variants))
-    out = deliver_task(plan, stage, branches)
-    publish_run_artifacts(Path(out))
+        calibration, baseline = calibration_task.submit(plan), baseline_task.submit(plan)
+        baseline.wait()  # variants share the accelerator with the baseline: they start once it is measured
+        variants = _in_turn(plan, calibration, baseline, progress)
+    out = report_task(plan, calibration, baseline, variants)
+    if spec.output.store:
+        stored = [upload_task.submit(plan, v, out) for v in variants if v.artifact]
+        report_uri = store_report_task(plan, calibration, baseline, variants, stored)
+    publish_run_artifacts(out, spec, report_uri if spec.output.store else None)
     return out
 
 
-def _fanned_out(plan: Plan, deployment: str, progress: UUID) -> tuple[Stage, list[BranchResult]]:
-    """Baseline first (every variant's KL needs it), then all variants at once; then gather from the cache."""
+def _in_turn(plan: Plan, calibration, baseline, progress: UUID) -> list[VariantResult]:
+    variants = []
+    for variant in plan.spec.variants:
+        quantized = (
+            steps.unquantized(variant) if steps.load_time(variant) else quantize_task(plan, variant, calibration)
+        )
+        variants.append(evaluate_task(plan, variant, quantized, baseline))
+        update_progress_artifact(progress, 100.0 * len(variants) / len(plan.spec.variants))
+    return variants
+
+
+def _fanned_out(plan: Plan, deployment: str, progress: UUID):
+    """Baseline first (every variant's KL needs it), then all variants at once; then gather their records by key."""
     dispatch_task(deployment, plan.spec, None)
     futures = [dispatch_task.submit(deployment, plan.spec, variant.name) for variant in plan.spec.variants]
     for done, future in enumerate(futures, start=1):
         future.result()
         update_progress_artifact(progress, 100.0 * done / len(futures))
-    gather = plan.model_copy(update={"gather_only": True})
-    stage = baseline_task(gather)
-    return stage, [branch_task(gather, variant, stage.calibration) for variant in plan.spec.variants]
+    return gather_task(plan, wait_for=futures)
 
 
-@flow(name="quantflow-variant", log_prints=True, validate_parameters=True)
-def quantflow_variant(spec: RunSpec, variant: str | None = Field(None, description="Variant name from the spec; empty: baseline only.")) -> None:
-    """One branch of a fanned-out run: baseline + calibration (a cache hit after the first), then one variant."""
-    plan = plan_task(spec)
-    stage = baseline_task(plan)
-    if variant is None:
-        return
+@flow(name="quantflow-variant", flow_run_name=run_name, log_prints=True, validate_parameters=True)
+def quantflow_variant(
+    spec: RunSpec, variant: str | None = Field(None, description="Variant name from the spec; empty: baseline only.")
+) -> None:
+    """One branch of a fanned-out run: calibration and baseline (cache hits after the first), then one variant."""
     chosen = [v for v in spec.variants if v.name == variant]
-    if not chosen:
+    if variant is not None and not chosen:
         raise ValueError(f"variant '{variant}' is not in the spec (it has {', '.join(v.name for v in spec.variants)})")
-    branch_task(plan, chosen[0], stage.calibration)
+    plan = plan_task(spec)
+    calibration, baseline = calibration_task.submit(plan), baseline_task.submit(plan)
+    baseline.wait()
+    if chosen:
+        quantized = (
+            steps.unquantized(chosen[0]) if steps.load_time(chosen[0]) else quantize_task(plan, chosen[0], calibration)
+        )
+        evaluate_task(plan, chosen[0], quantized, baseline)

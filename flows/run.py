@@ -30,7 +30,8 @@ STARTUP_WAIT_S = 180
 
 
 def _no_user_error_traceback(record: logging.LogRecord) -> bool:
-    """Prefect logs a failed task or flow with its traceback; for bad input (a QuantflowError) the console shows the message only."""
+    """Prefect logs a failed task or flow with its traceback; for bad input (a QuantflowError) the console shows the
+    message only."""
     if record.exc_info and isinstance(record.exc_info[1], QuantflowError):
         record.exc_info, record.exc_text = None, None
     return True
@@ -49,7 +50,8 @@ def run_flow(spec: RunSpec) -> tuple[Path, str]:
     # from an offline machine, and it raced the server's first writes on SQLite ("database is locked"
     # traceback in the demo's output), so it is off, as `quantflow serve` starts its server with --analytics-off.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # Prefect waits 20 s for it by default; a busy 2-core machine was seen to need longer (the wait is a bound, not a delay)
+    # Prefect waits 20 s for it by default; a busy 2-core machine was seen to need longer (the wait is a bound, not a
+    # delay)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(STARTUP_WAIT_S))
     quiet_user_errors()
     try:
@@ -58,19 +60,26 @@ def run_flow(spec: RunSpec) -> tuple[Path, str]:
         if "ephemeral Prefect API" not in str(error):
             raise
         raise QuantflowError(
-            f"the temporary Prefect server did not answer within {PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()} s "
-            "(a busy machine?)", "start a server once with `quantflow serve` (or point PREFECT_API_URL at one) and run again, "
-            "raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or use --engine local") from None
+            "the temporary Prefect server did not answer within "
+            f"{PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()} s "
+            "(a busy machine?)",
+            "start a server once with `quantflow serve` (or point PREFECT_API_URL at one) and run again, "
+            "raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or use --engine local",
+        ) from None
     out = Path(state.result())  # re-raises the flow's error (a QuantflowError reaches the CLI intact)
     run_id = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(run_id)
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+        )
     if PREFECT_API_URL.value():
         ui = f"{PREFECT_UI_URL.value() or PREFECT_API_URL.value().removesuffix('/api')}/runs/flow-run/{run_id}"
         where = f"Prefect flow run '{run.name}': {ui}"
     else:
-        where = (f"Prefect flow run '{run.name}' is recorded in {PREFECT_HOME.value()}; "
-                 f"`quantflow serve` shows it at {LOCAL_UI}/runs/flow-run/{run_id}")
+        where = (
+            f"Prefect flow run '{run.name}' is recorded in {PREFECT_HOME.value()}; "
+            f"`quantflow serve` shows it at {LOCAL_UI}/runs/flow-run/{run_id}"
+        )
     keys = ", ".join(sorted(a.key for a in artifacts if a.key))
     return out, f"{where}\nPrefect artifacts: {keys}"

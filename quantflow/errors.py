@@ -17,3 +17,7 @@ class QuantflowError(Exception):
 
     def __reduce__(self):  # steps run in child processes: the error must cross back intact
         return type(self), (self.problem, self.fix)
+
+
+class TransientError(QuantflowError):
+    """A failure a retry may cure (a store that did not answer, a dropped connection); bad input never is one."""

@@ -36,7 +36,9 @@ class ModelSpec(_Strict):
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="Dtype of the full-precision weights and of saved artifacts."
     )
-    trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint. Off unless you trust it.")
+    trust_remote_code: bool = Field(
+        False, description="Run model code shipped with the checkpoint. Off unless you trust it."
+    )
 
 
 class CalibrationSpec(_Strict):
@@ -47,8 +49,11 @@ class CalibrationSpec(_Strict):
     )
     text_column: str = Field("text", description="Column holding the text in JSONL/Parquet/CSV/HF sources.")
     num_samples: int | None = Field(
-        None, ge=1, le=100_000,
-        description=f"Calibration samples to use. Null = up to {DEFAULT_CALIBRATION_SAMPLES}, fewer when the source holds fewer "
+        None,
+        ge=1,
+        le=100_000,
+        description=f"Calibration samples to use. Null = up to {DEFAULT_CALIBRATION_SAMPLES}, fewer when the source "
+        "holds fewer "
         "(a warning and the report say how many); a number the source cannot give is an error.",
     )
     seq_len: int = Field(512, ge=16, le=32_768, description="Maximum tokens per calibration sample.")
@@ -58,25 +63,33 @@ class CalibrationSpec(_Strict):
     min_chars: int = Field(200, ge=0, description="Drop texts shorter than this many characters.")
 
 
-# the allowed sizes as an enum, so the UI form offers them in a list and refuses anything else at submission, like YAML and flags
+# the allowed sizes as an enum, so the UI form offers them in a list and refuses anything else at submission, like YAML
+# and flags
 GroupSize = Literal[8, 16, 32, 64, 128, 256, 512, 1024, "auto"]
 
 
 class _WeightOnly(_Strict):
     """Shared options of the weight-only integer schemes that llm-compressor applies."""
 
-    name: str = Field("", pattern=r"^$|" + NAME_PATTERN, description="Variant name (folder name); defaults to the method.")
+    name: str = Field(
+        "", pattern=r"^$|" + NAME_PATTERN, description="Variant name (folder name); defaults to the method."
+    )
     bits: Literal[2, 3, 4, 8] = Field(4, description="Weight bits.")
     group_size: GroupSize | None = Field(
         "auto",
-        description="Columns sharing one scale (a power of two). None = per output channel; 'auto' = largest of 128/64/32 "
+        description="Columns sharing one scale (a power of two). None = per output channel; 'auto' = largest of "
+        "128/64/32 "
         "that divides every quantized layer's input width (per output channel when none does).",
     )
     symmetric: bool = Field(True, description="Symmetric (no zero point) if true, else asymmetric with a zero point.")
-    ignore: list[str] = Field(["lm_head"], description="Layers left in full precision (names or 're:' patterns). Embeddings are never quantized.")
+    ignore: list[str] = Field(
+        ["lm_head"],
+        description="Layers left in full precision (names or 're:' patterns). Embeddings are never quantized.",
+    )
     observer: Literal["minmax", "mse", "imatrix_mse"] = Field(
-        "minmax", description="How final scales are chosen: 'minmax' (plain range), 'mse' (clipping that minimizes weight error) "
-        "or 'imatrix_mse' (the same, weighted by calibration activations; needs calibration data)."
+        "minmax",
+        description="How final scales are chosen: 'minmax' (plain range), 'mse' (clipping that minimizes weight error) "
+        "or 'imatrix_mse' (the same, weighted by calibration activations; needs calibration data).",
     )
 
 
@@ -87,7 +100,9 @@ class RTNVariant(_WeightOnly):
 class GPTQVariant(_WeightOnly):
     method: Literal["gptq"] = "gptq"
     dampening_frac: float = Field(0.01, gt=0, lt=1, description="Hessian dampening as a fraction of its mean diagonal.")
-    actorder: Literal["static", "group", "weight"] | None = Field("static", description="Activation ordering of columns; null disables it.")
+    actorder: Literal["static", "group", "weight"] | None = Field(
+        "static", description="Activation ordering of columns; null disables it."
+    )
     block_size: int = Field(128, ge=1, description="Columns quantized per GPTQ block.")
 
 
@@ -96,11 +111,16 @@ class AWQVariant(_WeightOnly):
     bits: Literal[4] = Field(4, description="AWQ here is W4A16.")
     symmetric: bool = Field(False, description="AWQ's paper scheme is asymmetric (zero point).")
     observer: Literal["minmax", "mse", "imatrix_mse"] = Field(
-        "imatrix_mse", description="'imatrix_mse' (activation-weighted clipping search) plays the role of the AWQ paper's clipping search."
+        "imatrix_mse",
+        description="'imatrix_mse' (activation-weighted clipping search) plays the role of the AWQ paper's clipping "
+        "search.",
     )
-    n_grid: int = Field(20, ge=2, le=100, description="Grid points of the per-layer scale search (cost grows linearly).")
+    n_grid: int = Field(
+        20, ge=2, le=100, description="Grid points of the per-layer scale search (cost grows linearly)."
+    )
     duo_scaling: bool | Literal["both"] = Field(
-        True, description="Use weight as well as activation magnitudes for the scales; 'both' searches with and without them "
+        True,
+        description="Use weight as well as activation magnitudes for the scales; 'both' searches with and without them "
         "(half the grid each): best on SmolLM2-135M (docs/demo.md).",
     )
 
@@ -110,8 +130,12 @@ class BnbVariant(_Strict):
 
     name: str = Field("", pattern=r"^$|" + NAME_PATTERN, description="Variant name; defaults to the method.")
     method: Literal["bnb-nf4", "bnb-fp4", "bnb-int8"]
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="4-bit matmul compute dtype.")
-    double_quant: bool = Field(True, description="Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="4-bit matmul compute dtype."
+    )
+    double_quant: bool = Field(
+        True, description="Quantize the 4-bit quantization constants too (saves ~0.4 bit/param)."
+    )
     save: bool = Field(False, description="Also write the bitsandbytes-serialized weights as an artifact.")
 
 
@@ -135,10 +159,13 @@ DEFAULT_PROMPTS = [
 
 
 class LmEvalSpec(_Strict):
-    """lm-evaluation-harness tasks run on every variant (needs ``pip install 'quantflow[lm-eval]'`` and the tasks' data)."""
+    """lm-evaluation-harness tasks run on every variant (needs ``pip install 'quantflow[lm-eval]'`` and the tasks'
+    data)."""
 
     tasks: list[str] = Field(..., min_length=1, description="Task, group or tag names, e.g. [hellaswag, arc_easy].")
-    include_path: Path | None = Field(None, description="Folder of your own task YAMLs (e.g. over local JSONL files), searched first.")
+    include_path: Path | None = Field(
+        None, description="Folder of your own task YAMLs (e.g. over local JSONL files), searched first."
+    )
     limit: int | None = Field(None, ge=1, description="Examples per task (null = all); a limit makes scores rough.")
     num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples (null = each task's default).")
     batch_size: int = Field(8, ge=1, description="Requests per forward pass.")
@@ -148,41 +175,69 @@ class EvaluationSpec(_Strict):
     corpus: str = Field(PYDOC_CORPUS, description="Held-out text for perplexity; same source kinds as calibration.")
     text_column: str = Field("text", description="Text column for table-like corpora.")
     window: int = Field(2048, ge=16, description="Tokens per perplexity window (clamped to the model's context).")
-    stride: int | None = Field(None, ge=1, description="Window step; null = window (non-overlapping, the GPTQ/AWQ papers' protocol).")
+    stride: int | None = Field(
+        None, ge=1, description="Window step; null = window (non-overlapping, the GPTQ/AWQ papers' protocol)."
+    )
     max_windows: int | None = Field(None, ge=1, description="Evaluate at most this many windows (null = all).")
     bos: bool = Field(True, description="Prefix every window with the tokenizer's BOS token when it has one.")
-    kl_tokens: int = Field(2048, ge=0, description="Tokens on which the KL divergence from the baseline is measured (0 = skip).")
+    kl_tokens: int = Field(
+        2048, ge=0, description="Tokens on which the KL divergence from the baseline is measured (0 = skip)."
+    )
     speed: SpeedSpec | None = Field(default_factory=SpeedSpec, description="Throughput settings; null skips timing.")
     kernels: Literal["auto", "dense", "int4"] = Field(
-        "auto", description="How W4 artifacts execute: 'int4' = packed weights on PyTorch's int4 kernels (bf16 activations), 'dense' = "
-                            "decompressed by transformers, 'auto' = int4 on CUDA when the scheme allows, else dense.")
-    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), description="Prompts answered greedily by every variant.")
+        "auto",
+        description="How W4 artifacts execute: 'int4' = packed weights on PyTorch's int4 kernels (bf16 activations), "
+        "'dense' = "
+        "decompressed by transformers, 'auto' = int4 on CUDA when the scheme allows, else dense.",
+    )
+    prompts: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_PROMPTS), description="Prompts answered greedily by every variant."
+    )
     max_new_tokens: int = Field(32, ge=1, description="Tokens generated per prompt.")
-    lm_eval: LmEvalSpec | None = Field(None, description="lm-evaluation-harness tasks scored on every variant (null = none).")
+    lm_eval: LmEvalSpec | None = Field(
+        None, description="lm-evaluation-harness tasks scored on every variant (null = none)."
+    )
 
 
 class ConstraintsSpec(_Strict):
-    max_ppl_increase_pct: float = Field(5.0, ge=0, description="Best variant must stay within this perplexity increase over the baseline.")
-    max_size_ratio: float | None = Field(None, gt=0, le=1, description="Best variant must be at most this fraction of the baseline's size.")
+    max_ppl_increase_pct: float = Field(
+        5.0, ge=0, description="Best variant must stay within this perplexity increase over the baseline."
+    )
+    max_size_ratio: float | None = Field(
+        None, gt=0, le=1, description="Best variant must be at most this fraction of the baseline's size."
+    )
 
 
 class StoreSpec(_Strict):
-    """Where artifacts go. Credentials come from the standard AWS chain (env, profile, roles) or a Prefect block, never from here."""
+    """Where artifacts go. Credentials come from the standard AWS chain (env, profile, roles) or a Prefect block, never
+    from here."""
 
     uri: str = Field(..., pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$", description="s3://bucket[/prefix]")
-    endpoint_url: str | None = Field(None, description="Custom endpoint for MinIO/SeaweedFS/Ceph (else AWS_ENDPOINT_URL_S3 or AWS).")
+    endpoint_url: str | None = Field(
+        None, description="Custom endpoint for MinIO/SeaweedFS/Ceph (else AWS_ENDPOINT_URL_S3 or AWS)."
+    )
     region: str | None = Field(None, description="Region (else the AWS chain's default).")
     profile: str | None = Field(None, description="AWS profile name.")
     path_style: bool = Field(True, description="Path-style addressing (needed by most self-hosted servers).")
     create_bucket: bool = Field(False, description="Create the bucket if it is missing (otherwise that is an error).")
     part_size_mb: int = Field(64, ge=5, le=5120, description="Multipart part size.")
     concurrency: int = Field(8, ge=1, le=64, description="Parallel part transfers per file.")
-    max_attempts: int = Field(8, ge=1, le=20, description="Attempts per request (adaptive backoff) before a transfer fails.")
+    max_attempts: int = Field(
+        8, ge=1, le=20, description="Attempts per request (adaptive backoff) before a transfer fails."
+    )
     credentials_block: str | None = Field(
-        None, pattern=r"^(aws-credentials|s3-bucket)/[A-Za-z0-9_-]+$",
-        description="Prefect block holding the keys and endpoint: 'aws-credentials/<name>' or 's3-bucket/<name>'. Read only under Prefect.")
-    roundtrip_windows: int = Field(0, ge=0, le=64, description="After upload, pull each variant into a fresh folder, reload it and "
-                                   "check its perplexity on this many evaluation windows against the local copy (0: off).")
+        None,
+        pattern=r"^(aws-credentials|s3-bucket)/[A-Za-z0-9_-]+$",
+        description="Prefect block holding the keys and endpoint: 'aws-credentials/<name>' or 's3-bucket/<name>'. "
+        "Read only under Prefect.",
+    )
+    roundtrip_windows: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="After upload, pull each variant into a fresh folder, reload it and "
+        "check its perplexity on this many evaluation windows against the local copy (0: off).",
+    )
 
     @property
     def bucket(self) -> str:
@@ -196,8 +251,12 @@ class StoreSpec(_Strict):
 
 class OutputSpec(_Strict):
     dir: Path = Field(Path("runs/latest"), description="Where variant folders, report.json, report.md and plots go.")
-    cache_dir: Path | None = Field(None, description="Content-addressed step cache; default $QUANTFLOW_HOME/cache or ~/.cache/quantflow/cache.")
-    store: StoreSpec | None = Field(None, description="Also upload variants and the report to this S3-compatible store.")
+    cache_dir: Path | None = Field(
+        None, description="Content-addressed step cache; default $QUANTFLOW_HOME/cache or ~/.cache/quantflow/cache."
+    )
+    store: StoreSpec | None = Field(
+        None, description="Also upload variants and the report to this S3-compatible store."
+    )
 
 
 class RunSpec(_Strict):
@@ -206,17 +265,23 @@ class RunSpec(_Strict):
     model: ModelSpec = Field(default_factory=ModelSpec)
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     variants: list[Variant] = Field(
-        default_factory=lambda: [RTNVariant(), AWQVariant(), GPTQVariant()], min_length=1,
+        default_factory=lambda: [RTNVariant(), AWQVariant(), GPTQVariant()],
+        min_length=1,
         description="Quantized variants to build and evaluate against the baseline.",
     )
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     constraints: ConstraintsSpec = Field(default_factory=ConstraintsSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks CUDA when present.")
-    step_timeout_s: float | None = Field(None, gt=0, description="Kill any one heavy step (calibrate, quantize, evaluate) that runs longer.")
+    step_timeout_s: float | None = Field(
+        None, gt=0, description="Kill any one heavy step (calibrate, quantize, evaluate) that runs longer."
+    )
     gpu_memory_gb: float | None = Field(
-        None, gt=0, description="GPU memory each step may use, per GPU (GiB; null = all). Quantization keeps the weights in host "
-        "memory and onloads one layer at a time; evaluation places what does not fit on further GPUs, then in host memory.",
+        None,
+        gt=0,
+        description="GPU memory each step may use, per GPU (GiB; null = all). Quantization keeps the weights in host "
+        "memory and onloads one layer at a time; evaluation places what does not fit on further GPUs, then in host "
+        "memory.",
     )
 
     @model_validator(mode="after")
@@ -227,7 +292,9 @@ class RunSpec(_Strict):
         names = [variant.name for variant in self.variants]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"variant names must be unique; repeated: {', '.join(duplicates)} (set a distinct 'name' on each)")
+            raise ValueError(
+                f"variant names must be unique; repeated: {', '.join(duplicates)} (set a distinct 'name' on each)"
+            )
         if "baseline" in names:
             raise ValueError("'baseline' is reserved for the unquantized model; rename that variant")
         return self
@@ -250,10 +317,15 @@ def explain(error: ValidationError, origin: str, aliases: dict[str, str] | None 
     problems = []
     for item in error.errors():
         where = ".".join(str(part) for part in item["loc"]) or "(spec)"
-        flag = next((name for prefix, name in (aliases or {}).items() if where == prefix or where.startswith(prefix + ".")), None)
+        flag = next(
+            (name for prefix, name in (aliases or {}).items() if where == prefix or where.startswith(prefix + ".")),
+            None,
+        )
         problems.append(f"{where}{f' ({flag})' if flag else ''}: {item['msg']}")
-    return QuantflowError(f"invalid run spec in {origin}: " + "; ".join(problems),
-                          "correct the named fields (see `quantflow run --help` and examples/*.yaml)")
+    return QuantflowError(
+        f"invalid run spec in {origin}: " + "; ".join(problems),
+        "correct the named fields (see `quantflow run --help` and examples/*.yaml)",
+    )
 
 
 def parse_spec(data: dict[str, Any], origin: str = "input", aliases: dict[str, str] | None = None) -> RunSpec:
@@ -267,13 +339,17 @@ def parse_spec(data: dict[str, Any], origin: str = "input", aliases: dict[str, s
 def load_spec(path: Path) -> RunSpec:
     """Read a YAML spec file."""
     if not path.is_file():
-        raise QuantflowError(f"spec file {path} does not exist", "pass the path of a YAML run spec, e.g. examples/opt-125m.yaml")
+        raise QuantflowError(
+            f"spec file {path} does not exist", "pass the path of a YAML run spec, e.g. examples/opt-125m.yaml"
+        )
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise QuantflowError(f"{path} is not valid YAML: {error}", "fix the YAML syntax") from None
     if not isinstance(data, dict):
-        raise QuantflowError(f"{path} must hold a mapping of spec fields", "start the file with keys like 'model:' and 'variants:'")
+        raise QuantflowError(
+            f"{path} must hold a mapping of spec fields", "start the file with keys like 'model:' and 'variants:'"
+        )
     return parse_spec(data, str(path))
 
 

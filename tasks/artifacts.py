@@ -1,23 +1,119 @@
-"""Prefect artifacts for a finished run: comparison table, report markdown, links to outputs."""
+"""What the Prefect UI shows of a run: its name, a comparison table, the report with its plots, links and samples.
+
+The UI renders artifacts in a browser that cannot open ``file://`` links, so the plots are
+embedded in the report's markdown as PNG data, and links (with a store) are presigned URLs.
+"""
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from quantflow.report import load_report
+from quantflow.reporting.report import PLOTS, Report, load_report
+from quantflow.spec import RunSpec
+from tasks.credentials import store_credentials
+
+KEY = "quantflow"
 
 
-def publish_run_artifacts(out: Path) -> None:
-    report = load_report(out / "report.json")
-    table = [{"variant": r.name, "method": r.method, "perplexity": r.perplexity, "ppl_delta_pct": r.ppl_delta_pct,
-              "kl_mean_nats": r.kl_mean, "size_mib": r.size_mb, "peak_memory_mib": r.peak_memory_mb,
-              "decode_tok_s_b1": next((s["decode_tokens_per_s"] for s in r.speed if s["batch"] == 1), None)} for r in report.rows]
-    slug = "quantflow"
-    create_table_artifact(table, key=f"{slug}-comparison", description=f"Variants of {report.model['source']}; best: {report.best}")
-    create_markdown_artifact((out / "report.md").read_text(), key=f"{slug}-report", description="quantflow report.md")
-    for name in ("report.json", "quality_vs_size.png", "throughput_vs_memory.png"):
+def short_model_name(source: str) -> str:
+    """'facebook/opt-125m' -> 'opt-125m', 'demo:smollm2-135m' -> 'smollm2-135m', a folder -> its name."""
+    return source.rstrip("/").split("/")[-1].split(":")[-1] or source
+
+
+def run_name() -> str:
+    """Flow runs named for what they do, e.g. 'smollm2-135m: rtn, gptq' (a variant run: 'smollm2-135m: gptq')."""
+    from prefect.runtime import flow_run
+
+    parameters = flow_run.parameters
+    spec = (
+        parameters["spec"]
+        if isinstance(parameters.get("spec"), RunSpec)
+        else RunSpec.model_validate(parameters.get("spec") or {})
+    )
+    if "variant" in parameters:
+        what = parameters["variant"] or "baseline"
+    else:
+        what = ", ".join(v.name for v in spec.variants)
+    return f"{short_model_name(spec.model.source)}: {what}"
+
+
+def comparison_rows(report: Report) -> list[dict]:
+    """One row per variant with the headers a reader expects, best first marked."""
+    rows = []
+    for r in report.rows:
+        decode = next((s["decode_tokens_per_s"] for s in r.speed if s["batch"] == 1), None)
+        rows.append(
+            {
+                "Variant": r.name + (" (best)" if r.name == report.best else ""),
+                "Method": r.method,
+                "Perplexity": r.perplexity,
+                "Δ perplexity %": r.ppl_delta_pct,
+                "KL (nats/token)": r.kl_mean,
+                "Size (MiB)": r.size_mb,
+                "Size vs baseline": r.size_ratio,
+                "Peak memory (MiB)": r.peak_memory_mb,
+                "Decode tok/s (batch 1)": decode,
+                "Quantize (s)": r.quantize_seconds,
+            }
+        )
+    return rows
+
+
+def best_sentence(report: Report) -> str:
+    if report.best is None:
+        return f"No variant qualifies: {report.best_reason}."
+    row = next(r for r in report.rows if r.name == report.best)
+    return (
+        f"Best: {row.name} ({report.best_reason}): perplexity {row.perplexity:.3f} ({row.ppl_delta_pct:+.2f}%), "
+        f"{row.size_mb:.1f} MiB ({row.size_ratio:.2f}x the baseline)."
+    )
+
+
+def embedded_plots(out: Path) -> list[str]:
+    """Markdown images of the report's plots as PNG data, so the UI shows them inline."""
+    lines = []
+    for name, title in PLOTS.items():
         if (out / name).exists():
-            key = f"{slug}-" + name.replace(".", "-").replace("_", "-")
-            create_link_artifact(f"file://{(out / name).resolve()}", link_text=name, key=key, description=f"run output {name}")
+            data = base64.b64encode((out / name).read_bytes()).decode()
+            lines += [f"![{title}](data:image/png;base64,{data})", ""]
+    return lines
+
+
+def publish_run_artifacts(out: str | Path, spec: RunSpec, report_uri: str | None) -> None:
+    out = Path(out)
+    report = load_report(out / "report.json")
+    sentence = best_sentence(report)
+    create_table_artifact(
+        comparison_rows(report), key=f"{KEY}-comparison", description=f"{report.model['source']}. {sentence}"
+    )
+    markdown = (out / "report.md").read_text()
+    head, _, rest = markdown.partition("\n## Protocol")
+    body = "\n".join([head, *embedded_plots(out), "## Protocol" + rest if rest else ""])
+    create_markdown_artifact(body, key=f"{KEY}-report", description=sentence)
+    if report_uri:
+        _store_links(spec, report, report_uri)
+
+
+def _store_links(spec: RunSpec, report: Report, report_uri: str) -> None:
+    """Presigned links to the stored report and each variant's manifest, which a browser opens as they are."""
+    from quantflow.delivery.store import presigned_url
+
+    store = spec.output.store
+    with store_credentials(spec):
+        create_link_artifact(
+            presigned_url(store, report_uri, "report.md"),
+            link_text="report.md in the store",
+            key=f"{KEY}-report-link",
+            description=f"{report_uri} (link valid for 7 days)",
+        )
+        for row in report.rows:
+            if row.artifact_uri:
+                create_link_artifact(
+                    presigned_url(store, row.artifact_uri, "manifest.json"),
+                    link_text=f"{row.name} manifest.json",
+                    key=f"{KEY}-{row.name}-manifest".replace(".", "-").replace("_", "-"),
+                    description=row.artifact_uri,
+                )

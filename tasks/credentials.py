@@ -2,7 +2,7 @@
 
 A team stores its keys once as an ``AwsCredentials`` block (or an ``S3Bucket`` block that
 holds one); the spec names the block, never the keys. The keys reach boto3 through
-``quantflow.store.using_credentials`` as ``SecretStr`` values, so they do not appear in logs,
+``quantflow.delivery.store.using_credentials`` as ``SecretStr`` values, so they do not appear in logs,
 reports, manifests or exceptions.
 """
 
@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from quantflow.delivery.store import S3Credentials, using_credentials
 from quantflow.errors import QuantflowError
 from quantflow.spec import RunSpec
-from quantflow.store import S3Credentials, using_credentials
 
 
 def block_credentials(ref: str) -> S3Credentials:
@@ -23,12 +23,20 @@ def block_credentials(ref: str) -> S3Credentials:
     try:
         block = Block.load(ref)
     except ValueError:
-        raise QuantflowError(f"the Prefect block '{ref}' does not exist on this Prefect server",
-                             "create it (UI: Blocks -> AWS Credentials / S3 Bucket) or fix output.store.credentials_block") from None
+        raise QuantflowError(
+            f"the Prefect block '{ref}' does not exist on this Prefect server",
+            "create it (UI: Blocks -> AWS Credentials / S3 Bucket) or fix output.store.credentials_block",
+        ) from None
     aws = getattr(block, "credentials", block)  # an S3Bucket block wraps an AwsCredentials block
     client = aws.aws_client_parameters
-    return S3Credentials(access_key_id=aws.aws_access_key_id, secret_access_key=aws.aws_secret_access_key, session_token=aws.aws_session_token,
-                         region=aws.region_name, profile=aws.profile_name, endpoint_url=client.endpoint_url if client else None)
+    return S3Credentials(
+        access_key_id=aws.aws_access_key_id,
+        secret_access_key=aws.aws_secret_access_key,
+        session_token=aws.aws_session_token,
+        region=aws.region_name,
+        profile=aws.profile_name,
+        endpoint_url=client.endpoint_url if client else None,
+    )
 
 
 @contextmanager

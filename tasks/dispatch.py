@@ -15,6 +15,7 @@ from prefect.deployments import run_deployment
 from prefect.logging import get_run_logger
 
 from quantflow.spec import RunSpec
+from tasks.artifacts import short_model_name
 
 POLL_SECONDS = 2
 
@@ -23,10 +24,17 @@ POLL_SECONDS = 2
 def dispatch_task(deployment: str, spec: RunSpec, variant: str | None) -> str:
     """Start ``deployment`` for one variant (None: baseline + calibration only) and wait for it to finish."""
     parent = get_run_context().task_run.flow_run_id
-    child = run_deployment(deployment, parameters={"spec": spec.model_dump(mode="json"), "variant": variant},
-                           poll_interval=POLL_SECONDS, idempotency_key=f"{parent}-{variant or 'baseline'}",
-                           flow_run_name=f"{spec.model.source.split('/')[-1]}-{variant or 'baseline'}")
+    child = run_deployment(
+        deployment,
+        parameters={"spec": spec.model_dump(mode="json"), "variant": variant},
+        poll_interval=POLL_SECONDS,
+        idempotency_key=f"{parent}-{variant or 'baseline'}",
+        flow_run_name=f"{short_model_name(spec.model.source)}: {variant or 'baseline'}",
+    )
     if not child.state or not child.state.is_completed():
-        raise RuntimeError(f"flow run {child.name} ({child.id}) for {variant or 'the baseline'} ended {child.state.name if child.state else 'without a state'}")
+        raise RuntimeError(
+            f"flow run {child.name} ({child.id}) for {variant or 'the baseline'} ended "
+            f"{child.state.name if child.state else 'without a state'}"
+        )
     get_run_logger().info("%s finished in flow run %s", variant or "baseline", child.name)
     return str(child.id)

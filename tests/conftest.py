@@ -21,9 +21,13 @@ def make_tokenizer(folder: Path):
     core = Tokenizer(models.BPE(unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=384, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     core.train_from_iterator([topics[k] for k in sorted(topics)][:60], trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
+    )
     tokenizer.save_pretrained(folder)
     return tokenizer
 
@@ -34,9 +38,19 @@ def make_model(folder: Path, hidden: int = 64, layers: int = 2, tie: bool = Fals
 
     tokenizer = make_tokenizer(folder)
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tie,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(folder, safe_serialization=True)
     return folder
@@ -64,8 +78,15 @@ def small_spec(model: Path, out: Path, cache: Path, variants: list[dict], **eval
         "model": {"source": str(model)},
         "calibration": {"num_samples": 8, "seq_len": 64, "min_chars": 200},
         "variants": variants,
-        "evaluation": {"window": 64, "max_windows": 4, "kl_tokens": 64, "max_new_tokens": 4, "prompts": ["Hello"],
-                       "speed": {"batch_sizes": [1, 2], "prompt_len": 8, "gen_len": 4, "warmup": 0, "repeats": 1}, **evaluation},
+        "evaluation": {
+            "window": 64,
+            "max_windows": 4,
+            "kl_tokens": 64,
+            "max_new_tokens": 4,
+            "prompts": ["Hello"],
+            "speed": {"batch_sizes": [1, 2], "prompt_len": 8, "gen_len": 4, "warmup": 0, "repeats": 1},
+            **evaluation,
+        },
         "output": {"dir": str(out), "cache_dir": str(cache)},
         "device": "cpu",
     }

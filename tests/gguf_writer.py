@@ -1,4 +1,5 @@
-"""Write a tiny Llama as a real GGUF file (float32 tensors; GPT-2 BPE or SentencePiece vocabulary), laid out as llama.cpp's converter does.
+"""Write a tiny Llama as a real GGUF file (float32 tensors; GPT-2 BPE or SentencePiece vocabulary), laid out as
+llama.cpp's converter does.
 
 Hand-written because the converter ships with llama.cpp, not with the ``gguf`` package. It
 follows the converter: llama.cpp's tensor names, and Q/K rows permuted for its rotary
@@ -14,31 +15,52 @@ import numpy as np
 import torch
 
 LAYER_NAMES = {
-    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
 
 
 def permute(weight: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's Q/K row order: the two rotary halves of each head interleaved."""
-    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    return (
+        weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    )
 
 
 def gguf_names(layers: int) -> dict[str, str]:
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
     for index in range(layers):
-        names.update({f"model.layers.{index}.{ours}.weight": f"blk.{index}.{theirs}.weight" for ours, theirs in LAYER_NAMES.items()})
+        names.update(
+            {
+                f"model.layers.{index}.{ours}.weight": f"blk.{index}.{theirs}.weight"
+                for ours, theirs in LAYER_NAMES.items()
+            }
+        )
     return names
 
 
 def spm_vocab(size: int = 400) -> tuple[list[str], list[float], list[int]]:
-    """A SentencePiece-style vocabulary as llama GGUFs carry it: '▁' word marks, scores (higher = merged first), <0xNN> bytes."""
+    """A SentencePiece-style vocabulary as llama GGUFs carry it: '▁' word marks, scores (higher = merged first), <0xNN>
+    bytes."""
     from pydoc_data.topics import topics
+
     from tokenizers import SentencePieceBPETokenizer
 
     spm = SentencePieceBPETokenizer(replacement="▁", add_prefix_space=True)
-    spm.train_from_iterator([topics[k] for k in sorted(topics)][:80], vocab_size=size, special_tokens=["<unk>", "<s>", "</s>"])
+    spm.train_from_iterator(
+        [topics[k] for k in sorted(topics)][:80], vocab_size=size, special_tokens=["<unk>", "<s>", "</s>"]
+    )
     bpe = json.loads(spm.to_str())["model"]
     learned = [t for t, _ in sorted(bpe["vocab"].items(), key=lambda item: item[1])][3:]
     rank = {"".join(m) if isinstance(m, list) else m.replace(" ", ""): i for i, m in enumerate(bpe["merges"])}
@@ -49,7 +71,9 @@ def spm_vocab(size: int = 400) -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
-def write_gguf(model_dir: Path, path: Path, vocab: str = "gpt2", add_bos: bool | None = None, keep_merges: float = 1.0) -> torch.nn.Module:
+def write_gguf(
+    model_dir: Path, path: Path, vocab: str = "gpt2", add_bos: bool | None = None, keep_merges: float = 1.0
+) -> torch.nn.Module:
     """Write the Llama saved in ``model_dir`` to ``path``; return it in float32 for comparison.
 
     ``vocab="spm"`` writes a SentencePiece-style vocabulary (tokens, scores, types, no merges) and resizes the

@@ -11,12 +11,17 @@ two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two C
 
 def _run(tmp_path, model, tag: str, variants: list[dict], **top):
     from quantflow import pipeline
-    from quantflow.report import load_report
+    from quantflow.reporting.report import load_report
     from quantflow.spec import parse_spec
     from tests.conftest import small_spec
 
-    raw = small_spec(model, tmp_path / f"out-{tag}", tmp_path / f"cache-{tag}", variants, speed={"batch_sizes": [1], "prompt_len": 8,
-                     "gen_len": 4, "warmup": 0, "repeats": 1})
+    raw = small_spec(
+        model,
+        tmp_path / f"out-{tag}",
+        tmp_path / f"cache-{tag}",
+        variants,
+        speed={"batch_sizes": [1], "prompt_len": 8, "gen_len": 4, "warmup": 0, "repeats": 1},
+    )
     raw.update(device="cuda", **top)
     report = load_report(pipeline.run(parse_spec(raw), progress=lambda _: None) / "report.json")
     return {r.name: r for r in report.rows}

@@ -33,15 +33,21 @@ def wait_http(url: str, seconds: float) -> None:
 
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
-    """A real `prefect server start` on a free loopback port (started as `quantflow serve` does); yields its environment."""
+    """A real `prefect server start` on a free loopback port (started as `quantflow serve` does); yields its
+    environment."""
     from deployments.local import start_server, stop_server
 
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
     server = start_server(port, home)
     try:
-        yield {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-               "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_LOGGING_LEVEL": "WARNING"}
+        yield {
+            **os.environ,
+            "PREFECT_HOME": str(home),
+            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+            "PREFECT_WORKER_QUERY_SECONDS": "2",
+            "PREFECT_LOGGING_LEVEL": "WARNING",
+        }
     finally:
         stop_server(server)
 
@@ -49,7 +55,7 @@ def prefect_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real SeaweedFS server with an S3 gateway and access keys, on loopback."""
-    from quantflow import s3server
+    from quantflow.devtools import s3server
 
     data = tmp_path_factory.mktemp("seaweedfs")
     server = s3server.start(data)

@@ -4,7 +4,9 @@ a real process worker runs it, artifacts appear, and a repeat run is served from
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -23,13 +25,17 @@ ROOT = Path(__file__).parents[2]
 
 
 def prefect(env, *args, timeout=180):
-    result = subprocess.run([str(BIN / "prefect"), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [str(BIN / "prefect"), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
 
 def prefect_module(env, module: str) -> str:
-    result = subprocess.run([str(BIN / "python"), "-m", module], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [str(BIN / "python"), "-m", module], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
@@ -37,7 +43,12 @@ def prefect_module(env, module: str) -> str:
 @pytest.fixture(scope="module")
 def deployed(prefect_server):
     env = {**prefect_server, "QUANTFLOW_ROOT": str(ROOT)}
-    pools = {"quantflow-gpu": "process", "quantflow-local": "process", "quantflow-docker": "docker", "quantflow-k8s": "kubernetes"}
+    pools = {
+        "quantflow-gpu": "process",
+        "quantflow-local": "process",
+        "quantflow-docker": "docker",
+        "quantflow-k8s": "kubernetes",
+    }
     for pool, kind in pools.items():
         template = ["--base-job-template", f"deployments/pools/{kind}-gpu.json"] if pool != "quantflow-local" else []
         prefect(env, "work-pool", "create", pool, "--type", kind, "--overwrite", *template)
@@ -49,8 +60,14 @@ def deployed(prefect_server):
 
 def start_worker(env: dict, pool: str, log: Path) -> subprocess.Popen:
     """A real `prefect worker start` taking one flow run at a time, in its own process group."""
-    return subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", pool, "--limit", "1"],
-                            env=env, cwd=ROOT, stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--limit", "1"],
+        env=env,
+        cwd=ROOT,
+        stdout=log.open("a"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 @pytest.fixture
@@ -93,7 +110,9 @@ async def child_runs(parent_id):
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 
     async with get_client() as client:
-        return await client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_id])))
+        return await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_id]))
+        )
 
 
 async def run_artifacts(flow_run_id):
@@ -101,22 +120,85 @@ async def run_artifacts(flow_run_id):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     async with get_client() as client:
-        return await client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        return await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+
+
+async def task_graph(flow_run_id) -> tuple[dict, set]:
+    """The run's task runs by name and the edges the UI draws between them (upstream name, downstream name)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async with get_client() as client:
+        runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    names = {
+        run.id: re.sub(r"^(plan|calibration|baseline|report|gather|store-report)-[0-9a-f]{3}$", r"\1", run.name)
+        for run in runs
+    }
+    edges = {
+        (names[upstream.id], names[run.id])
+        for run in runs
+        for inputs in run.task_inputs.values()
+        for upstream in inputs
+        if getattr(upstream, "id", None) in names
+    }
+    return {names[run.id]: run for run in runs}, edges
 
 
 def test_deployment_ui_trigger_worker_artifacts_and_cache(deployed, worker, tiny_model, tmp_path, monkeypatch):
     for key, value in deployed.items():
         monkeypatch.setenv(key, value)
-    spec = small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", [{"method": "rtn", "group_size": 32}, {"method": "bnb-int8"}])
+    spec = small_spec(
+        tiny_model, tmp_path / "out", tmp_path / "cache", [{"method": "rtn", "group_size": 32}, {"method": "bnb-int8"}]
+    )
     first, first_seconds = asyncio.run(trigger_and_wait(spec))
     assert first.state.is_completed(), first.state
+    assert first.name == f"{tiny_model.name}: rtn, bnb-int8"
     computed = read_json(tmp_path / "out" / "report.json")["steps"]
-    assert len(computed) == 5 and not any(step["cached"] for step in computed)  # calibration, baseline, rtn x2, bnb-int8
+    # calibration, baseline, rtn x2, bnb-int8
+    assert len(computed) == 5 and not any(step["cached"] for step in computed)
     assert (tmp_path / "out" / "rtn" / "model.safetensors").is_file() and (tmp_path / "out" / "report.json").is_file()
+    tasks, edges = asyncio.run(task_graph(first.id))
+    assert set(tasks) == {
+        "plan",
+        "calibration",
+        "baseline",
+        "quantize-rtn",
+        "evaluate-rtn",
+        "evaluate-bnb-int8",
+        "report",
+    }
+    assert edges == {
+        ("plan", "calibration"),
+        ("plan", "baseline"),
+        ("plan", "quantize-rtn"),
+        ("calibration", "quantize-rtn"),
+        ("plan", "evaluate-rtn"),
+        ("quantize-rtn", "evaluate-rtn"),
+        ("baseline", "evaluate-rtn"),
+        ("plan", "evaluate-bnb-int8"),
+        ("baseline", "evaluate-bnb-int8"),
+        ("plan", "report"),
+        ("calibration", "report"),
+        ("baseline", "report"),
+        ("evaluate-rtn", "report"),
+        ("evaluate-bnb-int8", "report"),
+    }, edges
+    calibration, baseline = tasks["calibration"], tasks["baseline"]
+    assert calibration.start_time < baseline.end_time and baseline.start_time < calibration.end_time, "no overlap"
     artifacts = {a.key: a for a in asyncio.run(run_artifacts(first.id)) if a.key}
-    assert artifacts["quantflow-comparison"].type == "table" and "rtn" in str(artifacts["quantflow-comparison"].data)
-    assert "quantflow report" in artifacts["quantflow-report"].data
-    assert "report.json" in artifacts["quantflow-report-json"].data
+    table = artifacts["quantflow-comparison"]
+    assert table.type == "table" and "Best: " in table.description
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert [row["Variant"].split(" ")[0] for row in rows] == [
+        "baseline",
+        "rtn",
+        "bnb-int8",
+    ] and "Δ perplexity %" in rows[0]
+    report = artifacts["quantflow-report"].data
+    assert "quantflow report" in report and report.count("](data:image/png;base64,") == 2
+    assert "```text" in report and "\\n" not in report  # samples are text blocks, not quoted one-liners
     assert artifacts["quantflow-progress"].type == "progress" and artifacts["quantflow-progress"].data == 100
     second, second_seconds = asyncio.run(trigger_and_wait(spec))
     assert second.state.is_completed()
@@ -125,13 +207,22 @@ def test_deployment_ui_trigger_worker_artifacts_and_cache(deployed, worker, tiny
     print(f"re-run through the deployment: {second_seconds:.1f} s vs {first_seconds:.1f} s (a figure, not a check)")
 
 
-@pytest.mark.parametrize("variant, field", [('{"method": "gptq", "bits": 5}', "bits"), ('{"method": "rtn", "group_size": 100}', "group_size")])
+@pytest.mark.parametrize(
+    "variant, field",
+    [('{"method": "gptq", "bits": 5}', "bits"), ('{"method": "rtn", "group_size": 100}', "group_size")],
+)
 def test_invalid_spec_is_refused_at_submission(deployed, monkeypatch, variant, field):
     """What the UI form submits is checked against the spec's schema before any run is created."""
     for key, value in deployed.items():
         monkeypatch.setenv(key, value)
-    result = subprocess.run([str(BIN / "prefect"), "deployment", "run", "quantflow/local", "--param", f'spec={{"variants": [{variant}]}}'],
-                            env=deployed, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [str(BIN / "prefect"), "deployment", "run", "quantflow/local", "--param", f'spec={{"variants": [{variant}]}}'],
+        env=deployed,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0
     assert field in (result.stdout + result.stderr) and "Created flow run" not in result.stdout
 
@@ -139,11 +230,19 @@ def test_invalid_spec_is_refused_at_submission(deployed, monkeypatch, variant, f
 def test_two_gpu_workers_run_two_variants_as_concurrent_flow_runs(deployed, worker, tiny_model, tmp_path, monkeypatch):
     for key, value in deployed.items():
         monkeypatch.setenv(key, value)
-    cards = ("5", "7")  # each worker's own card, as docs/operations.md starts them (no GPU is needed to see where it goes)
-    gpu_workers = [start_worker({**deployed, "CUDA_VISIBLE_DEVICES": card}, "quantflow-gpu", tmp_path / f"gpu-worker-{card}.log")
-                   for card in cards]
+    cards = (
+        "5",
+        "7",
+    )  # each worker's own card, as docs/operations.md starts them (no GPU is needed to see where it goes)
+    gpu_workers = [
+        start_worker({**deployed, "CUDA_VISIBLE_DEVICES": card}, "quantflow-gpu", tmp_path / f"gpu-worker-{card}.log")
+        for card in cards
+    ]
     try:
-        variants = [{"method": "rtn", "group_size": 32, "name": "rtn-g32"}, {"method": "rtn", "group_size": 16, "name": "rtn-g16"}]
+        variants = [
+            {"method": "rtn", "group_size": 32, "name": "rtn-g32"},
+            {"method": "rtn", "group_size": 16, "name": "rtn-g16"},
+        ]
         spec = small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", variants)
         parent, _ = asyncio.run(trigger_and_wait(spec, "quantflow/fan-out"))
     finally:
@@ -159,7 +258,9 @@ def test_two_gpu_workers_run_two_variants_as_concurrent_flow_runs(deployed, work
     report = read_json(tmp_path / "out" / "report.json")
     assert {row["name"] for row in report["rows"]} == {"baseline", "rtn-g32", "rtn-g16"}
     devices = {row["name"]: row["visible_devices"] for row in report["rows"]}
-    assert {devices["rtn-g32"], devices["rtn-g16"]} == set(cards), devices  # two workers, two cards: each run used its worker's
+    assert {devices["rtn-g32"], devices["rtn-g16"]} == set(cards), (
+        devices
+    )  # two workers, two cards: each run used its worker's
     assert (tmp_path / "out" / "rtn-g16" / "model.safetensors").is_file()
 
 
@@ -187,7 +288,9 @@ def test_killed_worker_restarts_and_resumes_without_redoing_finished_steps(deplo
     first_worker = start_worker(deployed, "quantflow-local", tmp_path / "worker-1.log")
     run = asyncio.run(trigger(spec))
     deadline = time.monotonic() + 300
-    while not list((cache / "quantize").glob(".tmp-*")) or len(finished_steps(cache)) < 4:  # model, calibration, baseline, rtn done; gptq started
+    while (
+        not list((cache / "quantize").glob(".tmp-*")) or len(finished_steps(cache)) < 4
+    ):  # model, calibration, baseline, rtn done; gptq started
         assert time.monotonic() < deadline, f"gptq never started; finished: {finished_steps(cache)}"
         time.sleep(0.2)
     killed_run = asyncio.run(read_run(run.id))
@@ -201,12 +304,23 @@ def test_killed_worker_restarts_and_resumes_without_redoing_finished_steps(deplo
         stop_group(second_worker, signal.SIGKILL, 10)
     assert resumed.state.is_completed(), resumed.state
     did = {(s["step"], s["variant"]): s["cached"] for s in read_json(tmp_path / "out" / "report.json")["steps"]}
-    assert did == {("calibration", "baseline"): True, ("evaluate", "baseline"): True, ("quantize", "rtn"): True,
-                   ("evaluate", "rtn"): True, ("quantize", "gptq"): False, ("evaluate", "gptq"): False}, did
+    assert did == {
+        ("calibration", "baseline"): True,
+        ("evaluate", "baseline"): True,
+        ("quantize", "rtn"): True,
+        ("evaluate", "rtn"): True,
+        ("quantize", "gptq"): False,
+        ("evaluate", "gptq"): False,
+    }, did
     assert len(finished_steps(cache)) == len(before) + 2  # gptq quantize + gptq evaluate
-    assert not list((cache / "quantize").glob(".tmp-*")), "the killed step's scratch folder should be removed by the resumed run"
+    assert not list((cache / "quantize").glob(".tmp-*")), (
+        "the killed step's scratch folder should be removed by the resumed run"
+    )
     # an uninterrupted run to compare with, made while the automation's heartbeat timeout runs out
-    clean = run_pipeline(parse_spec(small_spec(tiny_model, tmp_path / "clean-out", tmp_path / "clean-cache", variants)), progress=lambda _: None)
+    clean = run_pipeline(
+        parse_spec(small_spec(tiny_model, tmp_path / "clean-out", tmp_path / "clean-cache", variants)),
+        progress=lambda _: None,
+    )
     assert comparable(read_json(tmp_path / "out" / "report.json")) == comparable(read_json(clean / "report.json"))
     zombie = asyncio.run(wait_final(run.id, timeout=240))  # the automation notices the missing heartbeats
     assert zombie.state.is_crashed(), zombie.state
@@ -214,7 +328,10 @@ def test_killed_worker_restarts_and_resumes_without_redoing_finished_steps(deplo
 
 def comparable(report: dict) -> list[tuple]:
     """The parts of a report that must not depend on how the run was scheduled (timings may)."""
-    return [(row["name"], row["perplexity"], row["kl_mean"], row["size_mb"], row["quantized_layers"]) for row in report["rows"]] + [report["generations"]]
+    return [
+        (row["name"], row["perplexity"], row["kl_mean"], row["size_mb"], row["quantized_layers"])
+        for row in report["rows"]
+    ] + [report["generations"]]
 
 
 async def read_run(run_id):

@@ -23,12 +23,17 @@ def block_only(prefect_server, s3_server, monkeypatch):
 
     for key in ("PREFECT_API_URL", "PREFECT_HOME"):
         monkeypatch.setenv(key, prefect_server[key])
-    # an earlier in-process Prefect client may have configured logging under the servers' WARNING level; this test reads INFO lines
+    # an earlier in-process Prefect client may have configured logging under the servers' WARNING level; this test reads
+    # INFO lines
     monkeypatch.setattr(logging.getLogger("prefect"), "level", logging.INFO)
     keys = s3_server.env()
     name = f"qf-{uuid.uuid4().hex[:8]}"
-    credentials = AwsCredentials(aws_access_key_id=keys["AWS_ACCESS_KEY_ID"], aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"],
-                                 region_name="us-east-1", aws_client_parameters=AwsClientParameters(endpoint_url=s3_server.endpoint_url))
+    credentials = AwsCredentials(
+        aws_access_key_id=keys["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"],
+        region_name="us-east-1",
+        aws_client_parameters=AwsClientParameters(endpoint_url=s3_server.endpoint_url),
+    )
     credentials.save(name)
     S3Bucket(bucket_name=name, credentials=credentials).save(name)
     for key in AWS_VARIABLES:
@@ -38,13 +43,17 @@ def block_only(prefect_server, s3_server, monkeypatch):
 
 def test_flow_uploads_with_a_credentials_block_and_never_shows_the_secret(block_only, tiny_model, tmp_path):
     from flows.quantize import quantflow_run
-    from quantflow.store import pull, using_credentials
+    from quantflow.delivery.store import pull, using_credentials
     from tasks.credentials import block_credentials
 
     name, secret = block_only
     raw = small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", [{"method": "rtn", "group_size": 32}])
     raw["evaluation"]["speed"] = None
-    raw["output"]["store"] = {"uri": f"s3://{name}/team", "create_bucket": True, "credentials_block": f"s3-bucket/{name}"}
+    raw["output"]["store"] = {
+        "uri": f"s3://{name}/team",
+        "create_bucket": True,
+        "credentials_block": f"s3-bucket/{name}",
+    }
     state = quantflow_run(parse_spec(raw), return_state=True)
     assert state.is_completed(), state
     report = read_json(tmp_path / "out" / "report.json")
@@ -53,7 +62,11 @@ def test_flow_uploads_with_a_credentials_block_and_never_shows_the_secret(block_
         manifest = pull(uri, tmp_path / "pulled", parse_spec(raw).output.store)
     assert manifest["files"]
     logs = asyncio.run(flow_logs(state.state_details.flow_run_id, until="stored report: s3://"))
-    for text in (logs, (tmp_path / "out" / "report.json").read_text(), (tmp_path / "pulled" / "manifest.json").read_text()):
+    for text in (
+        logs,
+        (tmp_path / "out" / "report.json").read_text(),
+        (tmp_path / "pulled" / "manifest.json").read_text(),
+    ):
         assert secret not in text
 
 

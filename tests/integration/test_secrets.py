@@ -24,8 +24,14 @@ ROOT = Path(__file__).parents[2]
 
 def cli_run(spec: dict, folder: Path, env: dict, *flags: str) -> subprocess.CompletedProcess:
     (folder / "spec.yaml").write_text(yaml.safe_dump(spec))
-    return subprocess.run([sys.executable, "-m", "deployments.cli", "run", "--config", str(folder / "spec.yaml"), *flags],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "deployments.cli", "run", "--config", str(folder / "spec.yaml"), *flags],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env=env,
+    )
 
 
 async def everything_prefect_kept() -> str:
@@ -37,29 +43,39 @@ async def everything_prefect_kept() -> str:
         runs = await client.read_flow_runs()
         ids = [run.id for run in runs]
         logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)))
-        artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids)))
+        artifacts = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids))
+        )
         states = [str(run.state.message) for run in runs if run.state]
     assert logs and artifacts, "nothing to scan: the runs left no logs or artifacts on the server"
     return "\n".join([log.message for log in logs] + [f"{a.data} {a.description}" for a in artifacts] + states)
 
 
 def stored_manifests(spec: dict) -> str:
+    from quantflow.delivery.store import client
     from quantflow.spec import StoreSpec
-    from quantflow.store import client
 
     store = StoreSpec(**spec["output"]["store"])
     s3 = client(store)
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=store.bucket).get("Contents", [])]
-    manifests = [s3.get_object(Bucket=store.bucket, Key=k)["Body"].read().decode() for k in keys if k.endswith("manifest.json")]
+    manifests = [
+        s3.get_object(Bucket=store.bucket, Key=k)["Body"].read().decode() for k in keys if k.endswith("manifest.json")
+    ]
     assert manifests, "the run stored no manifest"
     return "\n".join(manifests)
 
 
 def output_files(folder: Path) -> str:
-    return "\n".join(p.read_text(errors="replace") for p in folder.rglob("*") if p.is_file() and p.suffix in (".json", ".md", ".yaml"))
+    return "\n".join(
+        p.read_text(errors="replace")
+        for p in folder.rglob("*")
+        if p.is_file() and p.suffix in (".json", ".md", ".yaml")
+    )
 
 
-def test_the_secret_key_appears_nowhere_on_success_or_failure(prefect_server, s3_server, tiny_model, tmp_path, monkeypatch):
+def test_the_secret_key_appears_nowhere_on_success_or_failure(
+    prefect_server, s3_server, tiny_model, tmp_path, monkeypatch
+):
     keys = s3_server.env()
     secret = keys["AWS_SECRET_ACCESS_KEY"]
     env = {**prefect_server, **keys, "PREFECT_LOGGING_LEVEL": "INFO"}
@@ -73,7 +89,10 @@ def test_the_secret_key_appears_nowhere_on_success_or_failure(prefect_server, s3
 
     wrong = f"wrong-secret-{uuid.uuid4().hex}"
     bad_spec = {**spec, "output": {**spec["output"], "dir": str(tmp_path / "bad-out")}}
-    failures = [cli_run(bad_spec, tmp_path, {**env, "AWS_SECRET_ACCESS_KEY": wrong}, "--engine", engine) for engine in ("prefect", "local")]
+    failures = [
+        cli_run(bad_spec, tmp_path, {**env, "AWS_SECRET_ACCESS_KEY": wrong}, "--engine", engine)
+        for engine in ("prefect", "local")
+    ]
     for failure in failures:
         assert failure.returncode == 2 and "refused the credentials" in failure.stderr, failure.stderr
         assert "Traceback" not in failure.stdout + failure.stderr

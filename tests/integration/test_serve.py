@@ -21,16 +21,26 @@ def test_serve_starts_a_server_and_registers_the_deployment(tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     log = (tmp_path / "serve.log").open("w")  # shown below if `serve` ignored Ctrl-C and had to be killed
-    process = subprocess.Popen([str(BIN / "quantflow"), "serve", "--port", str(port), "--home", str(tmp_path / "prefect")],
-                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, text=True,
-                               # as from a terminal: a test run started in the background (`cmd &`) inherits SIGINT ignored
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    process = subprocess.Popen(
+        [str(BIN / "quantflow"), "serve", "--port", str(port), "--home", str(tmp_path / "prefect")],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        text=True,
+        # as from a terminal: a test run started in the background (`cmd &`) inherits SIGINT ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/api/health", 90)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            request = urllib.request.Request(f"http://127.0.0.1:{port}/api/deployments/filter", data=b"{}",
-                                             headers={"Content-Type": "application/json"}, method="POST")
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/api/deployments/filter",
+                data=b"{}",
+                headers={"Content-Type": "application/json"},
+                method="POST",
+            )
             names = [d["name"] for d in json.loads(urllib.request.urlopen(request, timeout=5).read())]
             if "quantflow-local" in names:
                 break

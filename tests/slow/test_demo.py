@@ -7,8 +7,8 @@ calibration or evaluation code.
 import pytest
 
 from quantflow import pipeline
-from quantflow.demo import demo_spec
-from quantflow.report import load_report
+from quantflow.devtools.demo import demo_spec
+from quantflow.reporting.report import load_report
 
 pytestmark = pytest.mark.slow
 

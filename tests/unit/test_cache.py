@@ -1,14 +1,15 @@
-"""The step cache: a killed step's scratch folder is removed by the next writer on the same host, a live one's is kept."""
+"""The step cache: a killed step's scratch folder is removed by the next writer on the same host, a live one's is
+kept."""
 
 import signal
 import subprocess
 import sys
 
-from quantflow.cache import StepCache
+from quantflow.infra.cache import StepCache
 
 HOLD_SCRATCH = """
 import sys, time
-from quantflow.cache import StepCache
+from quantflow.infra.cache import StepCache
 with StepCache(sys.argv[1]).writing("quantize", sys.argv[2]):
     print("writing", flush=True)
     time.sleep(120)

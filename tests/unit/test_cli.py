@@ -7,13 +7,19 @@ from tests.conftest import small_spec
 
 
 def quantflow(*args, cwd=None, env=None):
-    return subprocess.run([sys.executable, "-m", "deployments.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "deployments.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600, env=env
+    )
 
 
 def test_unknown_method_exits_2_with_the_fix():
     result = quantflow("run", "--methods", "gptq,squeeze")
     assert result.returncode == 2
-    assert "unknown variant method 'squeeze'" in result.stderr and "fix:" in result.stderr and "Traceback" not in result.stderr
+    assert (
+        "unknown variant method 'squeeze'" in result.stderr
+        and "fix:" in result.stderr
+        and "Traceback" not in result.stderr
+    )
 
 
 def test_missing_model_folder(tmp_path):
@@ -49,16 +55,23 @@ def test_run_from_yaml_then_report_with_new_constraints(tiny_model, tmp_path):
     result = quantflow("run", "--config", str(tmp_path / "spec.yaml"), "--engine", "local")
     assert result.returncode == 0, result.stderr
     assert "| rtn | rtn |" in result.stdout
-    from quantflow.report import load_report
+    from quantflow.reporting.report import load_report
 
     assert [r.kl_mean for r in load_report(tmp_path / "out" / "report.json").rows] == [None, None]
     result = quantflow("report", str(tmp_path / "out" / "report.json"), "--max-ppl-increase", "1000")
     assert result.returncode == 0 and "best: rtn" in result.stdout
     result = quantflow("report", str(tmp_path / "out" / "report.json"), "--max-size-ratio", "0.01")
     assert "best: None" in result.stdout and "size <= 0.01x baseline" in result.stdout
-    for flag, value, words in (("--max-size-ratio", "5", "less than or equal to 1"), ("--max-ppl-increase", "-1", "greater than or equal to 0")):
+    for flag, value, words in (
+        ("--max-size-ratio", "5", "less than or equal to 1"),
+        ("--max-ppl-increase", "-1", "greater than or equal to 0"),
+    ):
         result = quantflow("report", str(tmp_path / "out" / "report.json"), flag, value)
-        assert result.returncode == 2 and f"({flag}): Input should be {words}" in result.stderr and "Traceback" not in result.stderr
+        assert (
+            result.returncode == 2
+            and f"({flag}): Input should be {words}" in result.stderr
+            and "Traceback" not in result.stderr
+        )
 
 
 def test_prefect_engine_records_the_run_and_prints_where_to_see_it(tiny_model, tmp_path):
@@ -69,17 +82,25 @@ def test_prefect_engine_records_the_run_and_prints_where_to_see_it(tiny_model, t
 
     spec = small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", [{"method": "rtn", "group_size": 32}])
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {"PREFECT_HOME": str(tmp_path / "prefect")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {
+        "PREFECT_HOME": str(tmp_path / "prefect")
+    }
     result = quantflow("run", "--config", str(tmp_path / "spec.yaml"), env=env)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stdout + result.stderr  # e.g. the server's telemetry heartbeat racing SQLite
-    assert f"is recorded in {tmp_path / 'prefect'}" in result.stdout and "http://127.0.0.1:4200/runs/flow-run/" in result.stdout
+    assert (
+        f"is recorded in {tmp_path / 'prefect'}" in result.stdout
+        and "http://127.0.0.1:4200/runs/flow-run/" in result.stdout
+    )
     assert "quantflow-comparison" in result.stdout and "quantflow-report" in result.stdout
-    assert (tmp_path / "prefect" / "prefect.db").is_file() and (tmp_path / "out" / "rtn" / "model.safetensors").is_file()
+    assert (tmp_path / "prefect" / "prefect.db").is_file() and (
+        tmp_path / "out" / "rtn" / "model.safetensors"
+    ).is_file()
 
 
 def test_a_temporary_prefect_server_that_does_not_answer_is_one_clear_error(tiny_model, tmp_path):
-    """What a loaded machine did: the temporary server answered after Prefect stopped waiting (forced here with a 0 s wait)."""
+    """What a loaded machine did: the temporary server answered after Prefect stopped waiting (forced here with a 0 s
+    wait)."""
     import os
 
     import yaml
@@ -87,9 +108,15 @@ def test_a_temporary_prefect_server_that_does_not_answer_is_one_clear_error(tiny
     spec = small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", [{"method": "rtn", "group_size": 32}])
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {
-        "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "0"}
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "0",
+    }
     result = quantflow("run", "--config", str(tmp_path / "spec.yaml"), env=env)
     assert result.returncode == 2, result.stdout + result.stderr
-    assert "did not answer within 0 s" in result.stderr and "quantflow serve" in result.stderr and "PREFECT_API_URL" in result.stderr
+    assert (
+        "did not answer within 0 s" in result.stderr
+        and "quantflow serve" in result.stderr
+        and "PREFECT_API_URL" in result.stderr
+    )
     assert "Traceback" not in result.stdout + result.stderr, result.stderr
     assert not (tmp_path / "out").exists()

@@ -26,11 +26,17 @@ CASES = {
     "--output": (a_file, "output.dir"),
     "--device": (lambda t: "gpu", "device (--device): Input should be 'auto', 'cpu' or 'cuda'"),
     "--gpu-memory-gb": (lambda t: "0", "gpu_memory_gb (--gpu-memory-gb): Input should be greater than 0"),
-    "--num-samples": (lambda t: "0", "calibration.num_samples (--num-samples): Input should be greater than or equal to 1"),
+    "--num-samples": (
+        lambda t: "0",
+        "calibration.num_samples (--num-samples): Input should be greater than or equal to 1",
+    ),
     "--seq-len": (lambda t: "8", "calibration.seq_len (--seq-len): Input should be greater than or equal to 16"),
     "--calibration": (lambda t: str(t / "missing.txt"), "does not exist"),
     "--window": (lambda t: "4", "evaluation.window (--window): Input should be greater than or equal to 16"),
-    "--max-windows": (lambda t: "0", "evaluation.max_windows (--max-windows): Input should be greater than or equal to 1"),
+    "--max-windows": (
+        lambda t: "0",
+        "evaluation.max_windows (--max-windows): Input should be greater than or equal to 1",
+    ),
     "--cache-dir": (a_file, "output.cache_dir"),
     "--engine": (lambda t: "spark", "unknown engine 'spark'"),
 }
@@ -62,7 +68,12 @@ def test_an_invalid_flag_value_gives_one_clear_error(flag, tmp_path, monkeypatch
 
 
 def test_a_refused_flag_prints_no_traceback_from_a_real_process(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "deployments.cli", "run", "--methods", "gptq", "--group-size", "48"],
-                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "deployments.cli", "run", "--methods", "gptq", "--group-size", "48"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr + result.stdout
     assert result.stderr.count("\n") == 2, result.stderr  # the error line and its fix line

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from quantflow.calibration import build_calibration, load_samples, tokenize_samples
-from quantflow.corpus import calibration_documents, evaluation_documents, load_texts, prepare
 from quantflow.errors import QuantflowError
+from quantflow.inputs.calibration import build_calibration, load_samples, tokenize_samples
+from quantflow.inputs.corpus import calibration_documents, evaluation_documents, load_texts, prepare
 from quantflow.spec import CalibrationSpec, EvaluationSpec
 
 
@@ -43,8 +43,14 @@ def test_file_formats(tmp_path):
         load_texts(str(tmp_path / "a.parquet"))
 
 
-@pytest.mark.parametrize("content, words", [(b"", "holds no text"), (b"\n\n  \n", "holds no text"),
-                                            (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" * 20, "binary|not UTF-8")])
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (b"", "holds no text"),
+        (b"\n\n  \n", "holds no text"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" * 20, "binary|not UTF-8"),
+    ],
+)
 def test_empty_or_binary_files_are_refused(tmp_path, content, words):
     path = tmp_path / "data.txt"
     path.write_bytes(content)
@@ -79,7 +85,9 @@ def test_too_few_samples_names_the_number(tiny_model):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     with pytest.raises(QuantflowError, match=r"(?s)gives only 2 usable samples.*lower calibration.num_samples to 2"):
-        tokenize_samples(["short text one " * 30, "short text two " * 30], tokenizer, CalibrationSpec(num_samples=5, seq_len=512))
+        tokenize_samples(
+            ["short text one " * 30, "short text two " * 30], tokenizer, CalibrationSpec(num_samples=5, seq_len=512)
+        )
 
 
 def test_chat_template_needs_a_template(tiny_model):
@@ -110,13 +118,15 @@ def test_build_saves_samples_stats_and_hash(tiny_model, tmp_path):
 def test_the_default_sample_count_takes_what_the_source_holds_and_says_so(tiny_model):
     from transformers import AutoTokenizer
 
-    from quantflow.calibration import shortfall
+    from quantflow.inputs.calibration import shortfall
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     spec = CalibrationSpec(seq_len=512)  # num_samples left at its default
     samples = tokenize_samples(["short text one " * 30, "short text two " * 30], tokenizer, spec)
     assert len(samples) == 2
     assert "2 samples, fewer than the default 128" in shortfall(spec, len(samples))
-    assert shortfall(spec.model_copy(update={"num_samples": 2}), 2) is None  # a count the user chose and got: no warning
+    assert (
+        shortfall(spec.model_copy(update={"num_samples": 2}), 2) is None
+    )  # a count the user chose and got: no warning
     with pytest.raises(QuantflowError, match="gives only 0 usable samples"):
         tokenize_samples(["x"], tokenizer, spec)

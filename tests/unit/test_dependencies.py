@@ -41,6 +41,9 @@ def normal(name: str) -> str:
 
 def test_every_imported_package_is_declared():
     owners = importlib.metadata.packages_distributions()
-    undeclared = {module: owners.get(module, ["?"]) for module in imported_modules()
-                  if not {normal(dist) for dist in owners.get(module, [module])} & declared()}
+    undeclared = {
+        module: owners.get(module, ["?"])
+        for module in imported_modules()
+        if not {normal(dist) for dist in owners.get(module, [module])} & declared()
+    }
     assert not undeclared, f"imported but not declared in pyproject.toml: {undeclared}"

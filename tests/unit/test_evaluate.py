@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quantflow.evaluate import evaluate_model, load_for_eval, score, windows
+from quantflow.evaluation.evaluate import evaluate_model, load_for_eval, score, windows
 from quantflow.spec import EvaluationSpec, SpeedSpec
 
 
@@ -45,22 +45,42 @@ def manual_nll(model, ids, span, bos):
 
 def test_perplexity_matches_a_direct_computation(loaded, tmp_path):
     model, tokenizer = loaded
-    ids = tokenizer("The quick brown fox jumps over the lazy dog. " * 12, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    ids = tokenizer(
+        "The quick brown fox jumps over the lazy dog. " * 12, add_special_tokens=False, return_tensors="pt"
+    )["input_ids"][0]
     spec = EvaluationSpec(window=32, kl_tokens=40)
     with torch.no_grad():
         expected, count = manual_nll(model, ids, 31, tokenizer.bos_token_id)
         nll, scored, kl, _ = score(model, ids, spec, 31, tokenizer.bos_token_id, None, tmp_path / "base.safetensors")
         assert scored == count == ids.numel()
         assert nll == pytest.approx(expected, rel=1e-5)
-        _, _, self_kl, kl_tokens = score(model, ids, spec, 31, tokenizer.bos_token_id, tmp_path / "base.safetensors", None)
+        _, _, self_kl, kl_tokens = score(
+            model, ids, spec, 31, tokenizer.bos_token_id, tmp_path / "base.safetensors", None
+        )
     assert kl is None and kl_tokens == 40 and abs(self_kl) < 1e-3
 
 
 def test_evaluate_model_record(loaded):
     model, tokenizer = loaded
-    spec = EvaluationSpec(window=64, max_windows=2, kl_tokens=0, prompts=["Hello", "Bye"], max_new_tokens=3,
-                          speed=SpeedSpec(batch_sizes=[1, 2], prompt_len=8, gen_len=4, warmup=0, repeats=2))
-    record = evaluate_model(model, tokenizer, "baseline", ["some text to evaluate on " * 40], spec, "test runtime", (123, "on_disk"), None, None)
+    spec = EvaluationSpec(
+        window=64,
+        max_windows=2,
+        kl_tokens=0,
+        prompts=["Hello", "Bye"],
+        max_new_tokens=3,
+        speed=SpeedSpec(batch_sizes=[1, 2], prompt_len=8, gen_len=4, warmup=0, repeats=2),
+    )
+    record = evaluate_model(
+        model,
+        tokenizer,
+        "baseline",
+        ["some text to evaluate on " * 40],
+        spec,
+        "test runtime",
+        (123, "on_disk"),
+        None,
+        None,
+    )
     assert record.protocol["scored_tokens"] == 2 * 63 and record.protocol["window_tokens"] == 64
     assert math.isclose(record.perplexity, math.exp(record.nll_per_token), rel_tol=1e-3)
     assert [s.batch for s in record.speed] == [1, 2]
@@ -70,7 +90,7 @@ def test_evaluate_model_record(loaded):
 
 
 def test_placement_counts_weights_accelerate_offloaded_as_host_memory():
-    from quantflow.evaluate import placement
+    from quantflow.evaluation.evaluate import placement
 
     offloaded = torch.nn.Linear(8192, 8192, bias=False, dtype=torch.bfloat16, device="meta")  # 0.125 GiB
     resident = torch.nn.Linear(8192, 4096, bias=False, dtype=torch.bfloat16)  # 0.0625 GiB

@@ -4,15 +4,24 @@ import time
 
 import pytest
 
-from quantflow import pipeline, steps
-from quantflow.cache import StepCache
+from quantflow import pipeline
 from quantflow.errors import QuantflowError
-from quantflow.report import load_report
+from quantflow.evaluation.evaluate import EvalRecord
+from quantflow.evaluation.runtime import Protocol, Subject, evaluate_subject
+from quantflow.infra.cache import StepCache
+from quantflow.infra.resources import Resources
+from quantflow.infra.steps import cached
+from quantflow.pipeline import steps
+from quantflow.reporting.report import load_report
 from quantflow.spec import parse_spec
 from tests.conftest import read_json, small_spec
 
-VARIANTS = [{"method": "rtn", "group_size": 32}, {"method": "gptq", "group_size": 32},
-            {"method": "awq", "group_size": 32, "n_grid": 4}, {"method": "bnb-int8"}]
+VARIANTS = [
+    {"method": "rtn", "group_size": 32},
+    {"method": "gptq", "group_size": 32},
+    {"method": "awq", "group_size": 32, "n_grid": 4},
+    {"method": "bnb-int8"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +37,22 @@ def test_outputs_and_report(finished):
     assert [r.name for r in report.rows] == ["baseline", "rtn", "gptq", "awq", "bnb-int8"]
     for name in ("rtn", "gptq", "awq"):
         folder = out / name
-        assert (folder / "model.safetensors").is_file() and (folder / "README.md").is_file() and (folder / "tokenizer.json").is_file()
+        assert (
+            (folder / "model.safetensors").is_file()
+            and (folder / "README.md").is_file()
+            and (folder / "tokenizer.json").is_file()
+        )
         assert read_json(folder / "config.json")["quantization_config"]["quant_method"] == "compressed-tensors"
         assert not (folder / "result.json").exists()
     assert not (out / "bnb-int8").exists()  # load-time variant, save not asked
     rows = {r.name: r for r in report.rows}
     assert rows["baseline"].kl_mean is None and rows["baseline"].ppl_delta_pct == 0
     assert all(rows[n].kl_mean > 0 for n in ("rtn", "gptq", "awq", "bnb-int8"))
-    assert rows["rtn"].size_ratio < 0.6 and rows["gptq"].quantized_layers == 14 and rows["gptq"].skipped_layers == ["lm_head"]
+    assert (
+        rows["rtn"].size_ratio < 0.6
+        and rows["gptq"].quantized_layers == 14
+        and rows["gptq"].skipped_layers == ["lm_head"]
+    )
     assert rows["bnb-int8"].size_kind == "in_memory_weights"
     assert report.pareto and set(report.pareto) <= set(rows)
     assert report.environment["packages"]["llmcompressor"] and report.units["kl_mean"].startswith("nats")
@@ -48,10 +65,15 @@ def test_rerun_is_all_cache_hits(finished):
     spec, out = finished
     first = load_report(out / "report.json").steps
     expected = [("calibration", "baseline"), ("evaluate", "baseline")] + [
-        (step, v["method"]) for v in VARIANTS for step in (("quantize", "evaluate") if v["method"] != "bnb-int8" else ("evaluate",))]
+        (step, v["method"])
+        for v in VARIANTS
+        for step in (("quantize", "evaluate") if v["method"] != "bnb-int8" else ("evaluate",))
+    ]
     assert [(s.step, s.variant) for s in first] == expected and not any(s.cached for s in first)
-    again = pipeline.run(spec.model_copy(update={"output": spec.output.model_copy(update={"dir": out.parent / "again"})}),
-                         progress=lambda _: None)
+    again = pipeline.run(
+        spec.model_copy(update={"output": spec.output.model_copy(update={"dir": out.parent / "again"})}),
+        progress=lambda _: None,
+    )
     second = load_report(again / "report.json").steps
     assert [(s.step, s.variant, s.key) for s in second] == [(s.step, s.variant, s.key) for s in first]
     assert all(s.cached for s in second), [s for s in second if not s.cached]
@@ -59,50 +81,72 @@ def test_rerun_is_all_cache_hits(finished):
 
 def test_changing_one_variant_reruns_only_that_branch(finished):
     spec, _ = finished
-    changed = parse_spec({**spec.model_dump(mode="json"), "variants": [*VARIANTS[:1], {"method": "gptq", "group_size": 32, "dampening_frac": 0.05}]})
+    changed = parse_spec(
+        {
+            **spec.model_dump(mode="json"),
+            "variants": [*VARIANTS[:1], {"method": "gptq", "group_size": 32, "dampening_frac": 0.05}],
+        }
+    )
     the_plan = pipeline.plan(changed, progress=lambda _: None)
-    stage = pipeline.baseline_and_calibration(the_plan)
-    rtn, gptq = (pipeline.branch(the_plan, v, stage.calibration) for v in changed.variants)
-    assert stage.cached and rtn.cached and not gptq.cached
+    calibration, baseline = steps.calibrate(the_plan), steps.evaluate_baseline(the_plan)
+    rtn, gptq = (
+        steps.evaluate(the_plan, v, steps.quantize(the_plan, v, calibration.record), baseline) for v in changed.variants
+    )
+    assert calibration.step.cached and baseline.step.cached and rtn.cached and not gptq.cached
 
 
 def test_gathering_a_result_no_worker_produced_fails_instead_of_recomputing(finished):
     """A fan-out parent reads its children's results; a missing one means an unshared cache, not work to redo."""
     spec, _ = finished
     changed = parse_spec({**spec.model_dump(mode="json"), "variants": [{"method": "rtn", "group_size": 16}]})
-    gather = pipeline.plan(changed, progress=lambda _: None).model_copy(update={"gather_only": True})
-    stage = pipeline.baseline_and_calibration(gather)  # computed by the fixture's run: served from the cache
+    the_plan = pipeline.plan(changed, progress=lambda _: None)
     with pytest.raises(QuantflowError, match="share") as error:
-        pipeline.branch(gather, changed.variants[0], stage.calibration)
+        steps.gather(the_plan)  # calibration and baseline come from the fixture's run; rtn-g16 was never computed
     assert "output.cache_dir" in error.value.fix
-    assert not list((gather.cache.root / "quantize").glob(".tmp-*"))
+    assert not list((the_plan.cache.root / "quantize").glob(".tmp-*"))
 
 
 def test_saved_artifact_reproduces_its_perplexity_in_a_fresh_process(finished, tmp_path):
     spec, out = finished
     report = load_report(out / "report.json")
     row = next(r for r in report.rows if r.name == "gptq")
-    record, hit = steps.evaluate(StepCache(tmp_path), "gptq", "fresh", spec, str(out / "gptq"), "cpu", None, None)
-    assert not hit and record.perplexity == pytest.approx(row.perplexity, rel=1e-6)
+    record, step = cached(
+        StepCache(tmp_path),
+        "evaluate",
+        "gptq",
+        "fresh",
+        EvalRecord,
+        evaluate_subject,
+        None,
+        subject=Subject(name="gptq", model_path=str(out / "gptq")),
+        protocol=Protocol(calibration=spec.calibration, evaluation=spec.evaluation),
+        resources=Resources(device="cpu"),
+        baseline=None,
+    )
+    assert not step.cached and record.perplexity == pytest.approx(row.perplexity, rel=1e-6)
 
 
 def test_failed_quantization_leaves_nothing_behind(tiny_model, tmp_path, monkeypatch):
-    spec = parse_spec(small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", [{"method": "rtn", "group_size": 32}]))
+    spec = parse_spec(
+        small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", [{"method": "rtn", "group_size": 32}])
+    )
     the_plan = pipeline.plan(spec, progress=lambda _: None)
-    stage = pipeline.baseline_and_calibration(the_plan, isolate=False)
+    calibration = steps.calibrate(the_plan, isolate=False)
 
     def explode(**_):
         raise RuntimeError("killed mid-quantization")
 
     monkeypatch.setattr("llmcompressor.oneshot", explode)
     with pytest.raises(RuntimeError, match="killed"):
-        pipeline.branch(the_plan, spec.variants[0], stage.calibration, isolate=False)
+        steps.quantize(the_plan, spec.variants[0], calibration.record, isolate=False)
     assert list((tmp_path / "cache" / "quantize").iterdir()) == []
     assert not (tmp_path / "out").exists()
 
 
 def test_bad_scheme_fails_at_plan_time(tiny_model_96, tmp_path):
-    spec = parse_spec(small_spec(tiny_model_96, tmp_path / "out", tmp_path / "cache", [{"method": "gptq", "group_size": 64}]))
+    spec = parse_spec(
+        small_spec(tiny_model_96, tmp_path / "out", tmp_path / "cache", [{"method": "gptq", "group_size": 64}])
+    )
     with pytest.raises(QuantflowError, match="group_size 64 does not divide"):
         pipeline.plan(spec, progress=lambda _: None)
     assert not (tmp_path / "cache" / "calibration").exists()
@@ -126,11 +170,11 @@ def sleepy_work(out, final, seconds):
 
 
 def test_step_timeout_kills_the_child_process(tmp_path):
-    from quantflow.calibration import CalibrationRecord
+    from quantflow.inputs.calibration import CalibrationRecord
 
     start = time.perf_counter()
     with pytest.raises(QuantflowError, match="ran longer than its timeout of 3 s and was killed"):
-        steps.cached(StepCache(tmp_path), "calibration", "k", CalibrationRecord, sleepy_work, True, 3, seconds=120)
+        cached(StepCache(tmp_path), "calibration", "baseline", "k", CalibrationRecord, sleepy_work, 3, seconds=120)
     assert time.perf_counter() - start < 60
     assert not (tmp_path / "calibration" / "k").exists()
 
@@ -140,10 +184,10 @@ def refusing_work(out, final):
 
 
 def test_a_child_steps_error_reaches_the_caller_with_its_fix(tmp_path):
-    from quantflow.calibration import CalibrationRecord
+    from quantflow.inputs.calibration import CalibrationRecord
 
     with pytest.raises(QuantflowError, match="gpu_memory_gb of 8 GiB") as error:
-        steps.cached(StepCache(tmp_path), "calibration", "k", CalibrationRecord, refusing_work, True)
+        cached(StepCache(tmp_path), "calibration", "baseline", "k", CalibrationRecord, refusing_work)
     assert error.value.fix == "raise gpu_memory_gb"
     assert not (tmp_path / "calibration" / "k").exists()
 

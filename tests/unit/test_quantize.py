@@ -5,9 +5,17 @@ import json
 import pytest
 import torch
 
-from quantflow.calibration import build_calibration
 from quantflow.errors import QuantflowError
-from quantflow.quantize import check_ignore, cpu_safe_awq, quantize_weights, resolve_group_size, weightless_model
+from quantflow.infra.resources import Resources
+from quantflow.inputs.calibration import build_calibration
+from quantflow.quantization.quantize import (
+    Scheme,
+    check_ignore,
+    cpu_safe_awq,
+    quantize_weights,
+    resolve_group_size,
+    weightless_model,
+)
 from quantflow.spec import AWQVariant, CalibrationSpec, EvaluationSpec, GPTQVariant, RTNVariant
 
 
@@ -21,23 +29,25 @@ def test_group_size_that_divides_nothing_names_layers_and_fix(tiny_model_96):
 
 
 def test_auto_group_size_rule_is_reported(tiny_model_96):
-    size, note = resolve_group_size(weightless_model(str(tiny_model_96)), RTNVariant(name="rtn", group_size="auto"))
-    assert size == 32 and "largest of 128/64/32" in note
+    scheme = resolve_group_size(weightless_model(str(tiny_model_96)), RTNVariant(name="rtn", group_size="auto"))
+    assert scheme.group_size == 32 and "largest of 128/64/32" in scheme.note
 
 
 def test_the_default_group_size_fits_any_width(tiny_model, tiny_model_96, tmp_path):
     """The default is 'auto': 64 for width 64, 32 for width 96, per output channel when no size of 128/64/32 divides."""
     from tests.conftest import make_model
 
-    assert resolve_group_size(weightless_model(str(tiny_model)), RTNVariant(name="rtn"))[0] == 64
-    assert resolve_group_size(weightless_model(str(tiny_model_96)), GPTQVariant(name="gptq"))[0] == 32
+    assert resolve_group_size(weightless_model(str(tiny_model)), RTNVariant(name="rtn")).group_size == 64
+    assert resolve_group_size(weightless_model(str(tiny_model_96)), GPTQVariant(name="gptq")).group_size == 32
     odd = make_model(tmp_path / "odd", hidden=40)
-    size, note = resolve_group_size(weightless_model(str(odd)), RTNVariant(name="rtn"))
-    assert size is None and "per output channel" in note
+    scheme = resolve_group_size(weightless_model(str(odd)), RTNVariant(name="rtn"))
+    assert scheme.group_size is None and "per output channel" in scheme.note
 
 
 def test_per_channel_needs_no_division(tiny_model_96):
-    assert resolve_group_size(weightless_model(str(tiny_model_96)), RTNVariant(name="rtn", group_size=None)) == (None, None)
+    assert resolve_group_size(weightless_model(str(tiny_model_96)), RTNVariant(name="rtn", group_size=None)) == Scheme(
+        group_size=None
+    )
 
 
 def test_tied_lm_head_cannot_be_quantized(tmp_path):
@@ -65,13 +75,24 @@ def test_awq_pinning_is_skipped_only_without_accelerator():
 @pytest.fixture(scope="module")
 def calibration(tiny_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("calibration")
-    return build_calibration(CalibrationSpec(num_samples=8, seq_len=64), EvaluationSpec(), str(tiny_model), folder, folder)
+    return build_calibration(
+        CalibrationSpec(num_samples=8, seq_len=64), EvaluationSpec(), str(tiny_model), folder, folder
+    )
 
 
-@pytest.mark.parametrize("variant", [RTNVariant(name="rtn", group_size=32), GPTQVariant(name="gptq", group_size=32, actorder=None),
-                                     AWQVariant(name="awq", group_size=32, n_grid=4)], ids=lambda v: v.method)
+@pytest.mark.parametrize(
+    "variant",
+    [
+        RTNVariant(name="rtn", group_size=32),
+        GPTQVariant(name="gptq", group_size=32, actorder=None),
+        AWQVariant(name="awq", group_size=32, n_grid=4),
+    ],
+    ids=lambda v: v.method,
+)
 def test_llmcompressor_writes_a_compressed_checkpoint(tiny_model, calibration, tmp_path, variant):
-    record = quantize_weights(str(tiny_model), variant, 32, None, calibration, "bfloat16", "cpu", tmp_path, tmp_path)
+    record = quantize_weights(
+        str(tiny_model), variant, Scheme(group_size=32), calibration, Resources(device="cpu"), tmp_path, tmp_path
+    )
     config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     weights = config["config_groups"]["group_0"]["weights"]
     assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
@@ -82,5 +103,7 @@ def test_llmcompressor_writes_a_compressed_checkpoint(tiny_model, calibration, t
 
     with safe_open(tmp_path / "model.safetensors", "pt") as shard:
         keys = set(shard.keys())
-        assert "model.layers.0.mlp.down_proj.weight_packed" in keys and "model.layers.0.mlp.down_proj.weight_scale" in keys
+        assert (
+            "model.layers.0.mlp.down_proj.weight_packed" in keys and "model.layers.0.mlp.down_proj.weight_scale" in keys
+        )
         assert shard.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16

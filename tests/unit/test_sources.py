@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from quantflow.cache import StepCache
 from quantflow.errors import QuantflowError
-from quantflow.sources import check_model_folder, folder_fingerprint, resolve_model
+from quantflow.infra.cache import StepCache
+from quantflow.inputs.sources import check_model_folder, folder_fingerprint, resolve_model
 from quantflow.spec import ModelSpec
 
 
@@ -78,7 +78,10 @@ def test_gguf_file_converts_to_an_identical_safetensors_model(tiny_model, tmp_pa
     converted = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch.float32)
     ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
     assert torch.equal(converted(ids).logits, original(ids).logits)
-    assert resolve_model(ModelSpec(source=str(tmp_path / "tiny.gguf"), dtype="float32"), StepCache(tmp_path / "cache")) == ref  # cached
+    assert (
+        resolve_model(ModelSpec(source=str(tmp_path / "tiny.gguf"), dtype="float32"), StepCache(tmp_path / "cache"))
+        == ref
+    )  # cached
 
 
 def test_truncated_gguf_is_refused_and_leaves_nothing(tiny_model, tmp_path):
@@ -94,11 +97,12 @@ def test_truncated_gguf_is_refused_and_leaves_nothing(tiny_model, tmp_path):
 
 
 def test_a_sentencepiece_gguf_gets_a_tokenizer_that_matches_its_vocabulary(tiny_model, tmp_path):
-    """transformers' own tokenizer for such a GGUF round-trips text but drops the BOS the GGUF asks for and takes EOS from
-    the BOS id; the converted folder's tokenizer (saved and reloaded) tokenizes as llama.cpp does with the same vocabulary."""
+    """transformers' own tokenizer for such a GGUF round-trips text but drops the BOS the GGUF asks for and takes EOS
+    from the BOS id; the converted folder's tokenizer (saved and reloaded) tokenizes as llama.cpp does with the same
+    vocabulary."""
     from transformers import AutoTokenizer
 
-    from quantflow.gguf_tokenizer import PROBES, problems, read_vocab, spm_reference
+    from quantflow.inputs.gguf_tokenizer import PROBES, problems, read_vocab, spm_reference
     from tests.gguf_writer import write_gguf
 
     write_gguf(tiny_model, tmp_path / "spm.gguf", vocab="spm")
@@ -118,18 +122,29 @@ def test_a_sentencepiece_gguf_gets_a_tokenizer_that_matches_its_vocabulary(tiny_
 
 def test_the_sentencepiece_reference_splits_like_llama_cpp():
     """Highest-scoring adjacent pair first; characters outside the vocabulary fall back to byte tokens."""
-    from quantflow.gguf_tokenizer import GGUFVocab, spm_reference
+    from quantflow.inputs.gguf_tokenizer import GGUFVocab, spm_reference
 
     tokens = ["<unk>", "<s>", "</s>", "<0xC3>", "<0xA9>", "▁", "a", "b", "▁a", "ab"]
     scores = [0, 0, 0, 0, 0, -1, -1, -1, -3, -2]
-    vocab = GGUFVocab(model="llama", tokens=tokens, scores=scores, types=[2, 3, 3, 6, 6] + [1] * 5, merges=[], bos_id=1, eos_id=2,
-                      unk_id=0, add_bos=True, add_space_prefix=True)
+    vocab = GGUFVocab(
+        model="llama",
+        tokens=tokens,
+        scores=scores,
+        types=[2, 3, 3, 6, 6] + [1] * 5,
+        merges=[],
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+        add_bos=True,
+        add_space_prefix=True,
+    )
     assert [tokens[i] for i in spm_reference(vocab, "ab")] == ["▁", "ab"]  # 'ab' (-2) merges before '▁a' (-3)
     assert [tokens[i] for i in spm_reference(vocab, "a é")] == ["▁a", "▁", "<0xC3>", "<0xA9>"]
 
 
 def test_a_gguf_whose_tokenizer_cannot_be_rebuilt_is_refused_and_leaves_nothing(tiny_model, tmp_path):
-    """A GPT-2 style GGUF whose merges cannot reach its own whole-word tokens: no correct tokenizer can be made from it."""
+    """A GPT-2 style GGUF whose merges cannot reach its own whole-word tokens: no correct tokenizer can be made from
+    it."""
     from tests.gguf_writer import write_gguf
 
     write_gguf(tiny_model, tmp_path / "broken.gguf", keep_merges=0.2)

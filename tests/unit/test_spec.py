@@ -40,7 +40,11 @@ def test_yaml_round_trip(tmp_path):
     "variant, field, words",
     [
         ({"method": "gptq", "bits": 5}, "variants.0.gptq.bits", "2, 3, 4 or 8"),
-        ({"method": "gptq", "group_size": 48}, "variants.0.gptq.group_size", "Input should be 8, 16, 32, 64, 128, 256, 512, 1024 or 'auto'"),
+        (
+            {"method": "gptq", "group_size": 48},
+            "variants.0.gptq.group_size",
+            "Input should be 8, 16, 32, 64, 128, 256, 512, 1024 or 'auto'",
+        ),
         ({"method": "awq", "bits": 3}, "variants.0.awq.bits", "4"),
         ({"method": "fp3"}, "variants.0", "does not match any of the expected tags"),
         ({"method": "rtn", "colour": "red"}, "variants.0.rtn.colour", "Extra inputs are not permitted"),
@@ -87,7 +91,10 @@ def test_spec_file_errors(tmp_path):
         load_spec(listy)
 
 
-@pytest.mark.parametrize("text, expected", [("facebook/opt-125m", "facebook-opt-125m"), ("../../x", "x"), ("..", "unnamed"), ("A b..c", "a-b.c")])
+@pytest.mark.parametrize(
+    "text, expected",
+    [("facebook/opt-125m", "facebook-opt-125m"), ("../../x", "x"), ("..", "unnamed"), ("A b..c", "a-b.c")],
+)
 def test_slug_cannot_escape(text, expected):
     assert slug(text) == expected
     assert "/" not in slug(text) and ".." not in slug(text)
@@ -104,9 +111,11 @@ def test_gpu_memory_budget_must_be_positive():
 def test_out_of_memory_under_a_budget_becomes_the_fix():
     import torch
 
-    from quantflow.resources import over_budget
+    from quantflow.infra.resources import over_budget
 
-    with pytest.raises(QuantflowError, match="step 'quantize' needed more than the configured gpu_memory_gb of 8 GiB") as error:
+    with pytest.raises(
+        QuantflowError, match="step 'quantize' needed more than the configured gpu_memory_gb of 8 GiB"
+    ) as error:
         with over_budget("quantize", 8.0):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     assert "raise gpu_memory_gb" in error.value.fix
@@ -114,7 +123,9 @@ def test_out_of_memory_under_a_budget_becomes_the_fix():
 
 def test_overrides_keep_variants_built_in_code():
     """The demo's spec is built from models (methods left at their defaults); the CLI's overrides must not drop them."""
-    from quantflow.demo import demo_spec
+    from quantflow.devtools.demo import demo_spec
 
     spec = apply_overrides(demo_spec(Path("out")), {"output.dir": "elsewhere"})
-    assert [v.method for v in spec.variants] == ["rtn", "awq", "gptq", "bnb-nf4"] and str(spec.output.dir) == "elsewhere"
+    assert [v.method for v in spec.variants] == ["rtn", "awq", "gptq", "bnb-nf4"] and str(
+        spec.output.dir
+    ) == "elsewhere"

@@ -1,0 +1,100 @@
+"""Delivery: variant folders with model cards in the output folder, then each variant and the report in the store.
+
+Every variant folder is written whole beside its final place and renamed there, replacing an
+older copy only once the new one is complete. Uploads return ``StoredArtifact`` records, and
+the final report is built from them (``build_report(..., stored)``), never patched.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from quantflow.infra.atomic import atomic_folder
+from quantflow.infra.cache import content_key
+from quantflow.inputs.sources import ModelRef
+from quantflow.reporting.report import Report, StoredArtifact, VariantResult, model_card, write_report
+from quantflow.spec import RunSpec
+
+Progress = Callable[[str], None]
+
+
+def publish_variants(report: Report, variants: list[VariantResult], out: Path) -> list[Path]:
+    """Copy every variant's artifact from the cache to ``out/<name>`` with its model card."""
+    folders = []
+    for variant in variants:
+        if not variant.artifact:
+            continue
+        target = out / variant.name
+        with atomic_folder(target, if_exists="replace") as scratch:
+            shutil.copytree(
+                variant.artifact, scratch, dirs_exist_ok=True, ignore=shutil.ignore_patterns("result.json", ".*")
+            )
+            (scratch / "README.md").write_text(model_card(report, variant.name))
+        folders.append(target)
+    return folders
+
+
+def upload_variant(
+    spec: RunSpec,
+    model: ModelRef,
+    report: Report,
+    variant: VariantResult,
+    out: Path,
+    device: str,
+    cache_root: Path,
+    progress: Progress = print,
+) -> StoredArtifact:
+    """Upload ``out/<variant>`` under its content hash (and check its round trip when asked)."""
+    from quantflow.delivery.roundtrip import roundtrip
+    from quantflow.delivery.store import artifact_prefix, upload, upload_progress
+    from quantflow.infra.environment import environment
+
+    store = spec.output.store
+    row = next(r for r in report.rows if r.name == variant.name)
+    prefix = artifact_prefix(store, model.source, variant.name, Path(variant.artifact).name)
+    meta = {
+        "model": model.model_dump(),
+        "variant": variant.name,
+        "calibration_hash": report.calibration["hash"],
+        "metrics": row.model_dump(exclude={"artifact_uri", "roundtrip"}),
+        "spec": spec.model_dump(mode="json"),
+        "environment": environment(),
+    }
+    record = upload(out / variant.name, store, prefix, meta, upload_progress(progress))
+    progress(
+        f"stored {variant.name}: {record.uri} ({record.bytes_sent} bytes sent"
+        f"{', already complete' if record.already_complete else ''})"
+    )
+    check = None
+    if store.roundtrip_windows:
+        check = roundtrip(record.uri, store, out / variant.name, spec, device, cache_root / "roundtrip").model_dump()
+        progress(
+            f"round trip {variant.name}: pulled copy scores {check['perplexity_pulled']:.4f} on {check['windows']} "
+            "windows, "
+            "as the local copy"
+        )
+    return StoredArtifact(
+        name=variant.name,
+        uri=record.uri,
+        bytes_sent=record.bytes_sent,
+        already_complete=record.already_complete,
+        roundtrip=check,
+    )
+
+
+def upload_report(spec: RunSpec, model: ModelRef, report: Report, out: Path, progress: Progress = print) -> str:
+    """Upload report.json, report.md and the plots beside the variants, under the run's content hash."""
+    from quantflow.delivery.store import artifact_prefix, upload
+
+    run_hash = content_key(
+        spec.model_dump(mode="json", exclude={"output"}), model.fingerprint, report.calibration["hash"]
+    )
+    prefix = artifact_prefix(spec.output.store, model.source, "reports", run_hash)
+    with tempfile.TemporaryDirectory(prefix=".report-upload-", dir=out) as staging:  # the report's files only
+        write_report(report, Path(staging))
+        record = upload(Path(staging), spec.output.store, prefix, {"kind": "report"})
+    progress(f"stored report: {record.uri}")
+    return record.uri

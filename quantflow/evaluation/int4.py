@@ -1,0 +1,214 @@
+"""Execute compressed-tensors W4A16 artifacts with real int4 matmul kernels.
+
+transformers decompresses compressed-tensors weights to dense bf16 at load, so a 4-bit artifact
+runs as fast (and as big) as the baseline. Here the packed weights stay packed: every quantized
+Linear becomes an ``Int4Linear`` that calls PyTorch's built-in tinygemm kernels
+(``aten._weight_int4pack_mm`` on CUDA, ``aten._weight_int4pack_mm_for_cpu`` on CPU), which ship
+with every recent torch, so nothing else needs installing. They cover 4-bit weights with group
+sizes 32/64/128/256, symmetric or with zero points, which is what quantflow's AWQ/GPTQ/RTN
+variants write. Unpacking uses compressed-tensors' own ``unpack_from_int32``, so the bit layout
+is the library's, not a copy of it.
+
+Layout mapping. compressed-tensors stores signed 4-bit values q in [-8, 7] and dequantizes
+``w = (q - zp) * scale``. tinygemm takes unsigned u = q + 8 and dequantizes
+``w = (u - 8) * scale + zero``, so ``zero = -zp * scale``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quantflow.errors import QuantflowError
+
+GROUP_SIZES = (32, 64, 128, 256)
+
+
+def inner_k_tiles(in_features: int) -> int:
+    """The largest tinygemm tiling (8, 4 or 2 tiles of 16) that divides the input width."""
+    for tiles in (8, 4, 2):
+        if in_features % (tiles * 16) == 0:
+            return tiles
+    raise QuantflowError(
+        f"a layer with {in_features} inputs cannot use the int4 kernels (needs a multiple of 32)",
+        "evaluate it with the dense runtime",
+    )
+
+
+class Int4Linear(nn.Module):
+    """A Linear whose weight is int4 in tinygemm's packed layout; activations are bf16."""
+
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        scales_and_zeros: torch.Tensor,
+        group_size: int,
+        in_features: int,
+        out_features: int,
+        bias: torch.Tensor | None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_unsigned(
+        cls,
+        unsigned: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        group_size: int,
+        bias: torch.Tensor | None,
+        device: torch.device,
+    ) -> Int4Linear:
+        """Build from u in [0, 15] ([out, in], int32), and per-group scale and zero ([out, in / group])."""
+        out_features, in_features = unsigned.shape
+        tiles = inner_k_tiles(in_features)
+        scales_and_zeros = torch.stack([scale, zero], dim=2).transpose(0, 1).contiguous().to(device, torch.bfloat16)
+        unsigned = unsigned.to(device, torch.int32)
+        if device.type == "cuda":
+            nibbles = (unsigned[:, ::2] << 4 | unsigned[:, 1::2]).to(torch.uint8)
+            packed = torch.ops.aten._convert_weight_to_int4pack(nibbles, tiles)
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, tiles)
+        return cls(
+            packed,
+            scales_and_zeros,
+            group_size,
+            in_features,
+            out_features,
+            bias.to(device, torch.bfloat16) if bias is not None else None,
+        )
+
+    @classmethod
+    def concat(cls, layers: list[Int4Linear], bias: torch.Tensor | None) -> Int4Linear:
+        """Layers of one input width and group size as one, outputs side by side (``quantflow.evaluation.fuse``, which
+        joins the biases).
+
+        Both packed layouts stack along the output dimension: CUDA's is [out / 8, in / (16 * tiles), 32, tiles / 2]
+        (tiles of 8 output rows, which tinygemm needs anyway), the CPU's [out, in / 2]; scales and zeros are [in /
+        group, out, 2].
+        """
+        return cls(
+            torch.cat([layer.packed for layer in layers]),
+            torch.cat([layer.scales_and_zeros for layer in layers], dim=1),
+            layers[0].group_size,
+            layers[0].in_features,
+            sum(layer.out_features for layer in layers),
+            bias,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if self.packed.device.type == "cuda":
+            y = torch.ops.aten._weight_int4pack_mm(flat, self.packed, self.group_size, self.scales_and_zeros)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size, self.scales_and_zeros)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return (y + self.bias if self.bias is not None else y).to(x.dtype)
+
+
+def weight_scheme(config: dict) -> dict:
+    """The artifact's weight quantization args, refused unless the int4 kernels can run them."""
+    quant = config.get("quantization_config") or {}
+    if quant.get("quant_method") != "compressed-tensors" or quant.get("format") != "pack-quantized":
+        raise QuantflowError(
+            "the model folder is not a compressed-tensors pack-quantized artifact",
+            "use the dense runtime for this model",
+        )
+    groups = list(quant.get("config_groups", {}).values())
+    weights = [group["weights"] for group in groups]
+    if len(weights) != 1 or groups[0].get("input_activations"):
+        raise QuantflowError(
+            "the int4 runtime handles one weight-only scheme per model", "use the dense runtime for this model"
+        )
+    args = weights[0]
+    if args["num_bits"] != 4 or args["strategy"] != "group" or args["group_size"] not in GROUP_SIZES:
+        raise QuantflowError(
+            f"the int4 kernels need 4-bit weights in groups of {GROUP_SIZES}; this artifact has {args['num_bits']} "
+            "bits, "
+            f"strategy {args['strategy']}, group size {args.get('group_size')}",
+            "use the dense runtime for this model",
+        )
+    return args
+
+
+def use_int4(model_path: str | Path, kernels: str, device: str) -> bool:
+    """Whether a model folder is evaluated on the int4 kernels: W4 artifacts under 'int4', and on CUDA under 'auto'.
+
+    Unquantized folders (the baseline) always run dense; under 'int4' an artifact the kernels cannot run is an error
+    (``pipeline.plan`` refuses such variants before any work).
+    """
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    if kernels == "dense" or not config.get("quantization_config"):
+        return False
+    if kernels == "int4":
+        weight_scheme(config)
+        return True
+    if device != "cuda":
+        return False
+    try:
+        weight_scheme(config)
+    except QuantflowError:
+        return False
+    return True
+
+
+def convert_layer(
+    tensors: dict[str, torch.Tensor], args: dict, bias: torch.Tensor | None, device: torch.device
+) -> Int4Linear:
+    """One compressed Linear (weight_packed, weight_scale, weight_shape[, weight_zero_point]) to an Int4Linear."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    shape = torch.Size(tensors["weight_shape"].tolist())
+    scale = tensors["weight_scale"].float()
+    signed = unpack_from_int32(tensors["weight_packed"], 4, shape)
+    if args["symmetric"]:
+        zero = torch.zeros_like(scale)
+    else:
+        zp = unpack_from_int32(tensors["weight_zero_point"], 4, scale.shape, packed_dim=0)
+        zero = -zp.float() * scale
+    return Int4Linear.from_unsigned(signed.to(torch.int32) + 8, scale, zero, args["group_size"], bias, device)
+
+
+def load_int4(path: str | Path, device: str) -> nn.Module:
+    """Load a quantflow W4 artifact with its quantized Linears on int4 kernels and everything else in bf16."""
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path, target = Path(path), torch.device(device)
+    args = weight_scheme(json.loads((path / "config.json").read_text()))
+    config = AutoConfig.from_pretrained(path)
+    config.quantization_config = None
+    with init_empty_weights(
+        include_buffers=False
+    ):  # parameters on meta (no memory); buffers such as rotary tables stay real
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            tensors.update({key: handle.get_tensor(key) for key in handle.keys()})
+    prefixes = sorted(key.removesuffix(".weight_packed") for key in tensors if key.endswith(".weight_packed"))
+    for prefix in prefixes:
+        parts = {
+            suffix: tensors.pop(f"{prefix}.{suffix}")
+            for suffix in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+            if f"{prefix}.{suffix}" in tensors
+        }
+        parent_name, _, child = prefix.rpartition(".")
+        model.get_submodule(parent_name).register_module(
+            child, convert_layer(parts, args, tensors.pop(f"{prefix}.bias", None), target)
+        )
+    model.load_state_dict({key: value.to(torch.bfloat16) for key, value in tensors.items()}, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [name for name, param in model.named_parameters() if param.device.type == "meta"]
+    if missing:
+        raise QuantflowError(f"{path} lacks weights for {missing[:3]}", "use a complete artifact folder")
+    return model.to(target).eval()

@@ -1,0 +1,88 @@
+"""Which runtime measures a variant, and the evaluate step's work: load on that runtime, run the protocol.
+
+A W4 artifact on CUDA runs from its packed weights on int4 kernels (when the scheme allows);
+a bitsandbytes variant is quantized as it loads; everything else loads dense through
+transformers (compressed-tensors decompress at load). The runtime is named in the record, so a
+report never compares numbers without saying what produced them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from quantflow.evaluation.evaluate import BASELINE_LOGPROBS, EvalRecord
+from quantflow.infra.resources import Resources
+from quantflow.spec import BnbVariant, CalibrationSpec, EvaluationSpec
+
+
+class Subject(BaseModel):
+    """What is evaluated: a model folder, optionally quantized by bitsandbytes as it loads."""
+
+    name: str
+    model_path: str
+    bnb: BnbVariant | None = None
+
+
+class Protocol(BaseModel):
+    """The evaluation settings, plus the calibration settings that decide which texts are held out."""
+
+    calibration: CalibrationSpec
+    evaluation: EvaluationSpec
+
+
+def load_on_runtime(subject: Subject, kernels: str, resources: Resources):
+    """(model, tokenizer, (size bytes, size kind), runtime label) for the runtime this subject runs on."""
+    from transformers import AutoTokenizer
+
+    from quantflow.evaluation.evaluate import folder_size, load_for_eval
+    from quantflow.evaluation.int4 import load_int4, use_int4
+    from quantflow.infra.environment import package_version
+    from quantflow.quantization.quantize import bnb_config
+
+    path, device, budget = subject.model_path, resources.device, resources.gpu_memory_gb
+    if subject.bnb is None and use_int4(path, kernels, device):
+        model, tokenizer = load_int4(path, device), AutoTokenizer.from_pretrained(path)
+        runtime = f"PyTorch {package_version('torch')} int4 tinygemm kernels on the packed weights (bf16 activations)"
+        return model, tokenizer, (folder_size(Path(path)), "on_disk_safetensors"), runtime
+    if subject.bnb is not None:
+        model, tokenizer = load_for_eval(path, device, resources.compute_dtype, bnb_config(subject.bnb), budget)
+        runtime = f"transformers {package_version('transformers')} + bitsandbytes {package_version('bitsandbytes')}"
+        return model, tokenizer, (model.get_memory_footprint(), "in_memory_weights"), runtime
+    model, tokenizer = load_for_eval(path, device, resources.compute_dtype, None, budget)
+    packed = "compressed-tensors" in (Path(path) / "config.json").read_text()
+    runtime = f"transformers {package_version('transformers')}" + (
+        ", compressed-tensors decompressed to dense at load" if packed else ""
+    )
+    return model, tokenizer, (folder_size(Path(path)), "on_disk_safetensors"), runtime
+
+
+def evaluate_subject(
+    out: Path, final: Path, subject: Subject, protocol: Protocol, resources: Resources, baseline: str | None
+) -> EvalRecord:
+    """The evaluate step's work: one subject under the run's protocol, within the GPU budget.
+
+    ``baseline`` is the baseline's saved log-probabilities (for KL); without it, and with KL on,
+    this is the baseline, and its log-probabilities are saved into ``out`` for the variants.
+    """
+    from quantflow.evaluation.evaluate import evaluate_model
+    from quantflow.infra.resources import cap_gpu_memory, over_budget
+    from quantflow.inputs.corpus import evaluation_documents
+
+    cap_gpu_memory(resources.gpu_memory_gb)
+    with over_budget("evaluate", resources.gpu_memory_gb):
+        model, tokenizer, size, runtime = load_on_runtime(subject, protocol.evaluation.kernels, resources)
+        texts = evaluation_documents(protocol.calibration, protocol.evaluation)
+        keep = baseline is None and protocol.evaluation.kl_tokens
+        return evaluate_model(
+            model,
+            tokenizer,
+            subject.name,
+            texts,
+            protocol.evaluation,
+            runtime,
+            size,
+            baseline=Path(baseline) if baseline else None,
+            save_baseline=out / BASELINE_LOGPROBS if keep else None,
+        )

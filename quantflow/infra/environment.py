@@ -1,0 +1,49 @@
+"""What software and hardware produced a number: attached to every report and cache key."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+
+import torch
+
+import quantflow
+
+PACKAGES = (
+    "torch",
+    "transformers",
+    "llmcompressor",
+    "compressed-tensors",
+    "accelerate",
+    "bitsandbytes",
+    "safetensors",
+    "prefect",
+)
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment() -> dict:
+    """Versions, accelerator and host facts; never secrets."""
+    cuda = torch.cuda.is_available()
+    return {
+        "quantflow": quantflow.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "packages": {name: package_version(name) for name in PACKAGES},
+        "cuda": torch.version.cuda if cuda else None,
+        "gpu": torch.cuda.get_device_name(0) if cuda else None,
+        "gpu_count": torch.cuda.device_count() if cuda else 0,
+    }
+
+
+def code_version(*names: str) -> dict:
+    """The versions a cached result depends on (part of its content hash)."""
+    return {"quantflow": quantflow.__version__, **{name: package_version(name) for name in names}}

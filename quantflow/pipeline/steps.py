@@ -1,0 +1,213 @@
+"""The pipeline's stages as cached steps: calibration, baseline, and per variant quantize then evaluate.
+
+Each stage takes the plan plus the small records it depends on, and returns a small record
+that carries what it did (``StepRun``: cache hit or computed). The cache keys are the
+contract of resumability: each hashes everything its step's output depends on, and
+``gather`` rebuilds a finished run from them alone (what a fanned-out parent does).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from quantflow.evaluation.evaluate import BASELINE_LOGPROBS, EvalRecord
+from quantflow.evaluation.runtime import Protocol, Subject, evaluate_subject
+from quantflow.infra.cache import content_key
+from quantflow.infra.environment import code_version
+from quantflow.infra.steps import StepRun, cached
+from quantflow.inputs.calibration import CalibrationRecord, build_calibration
+from quantflow.pipeline.planning import Plan
+from quantflow.quantization.quantize import QuantizeRecord, needs_calibration, quantize_weights
+from quantflow.reporting.report import VariantResult
+from quantflow.spec import BnbVariant, Variant
+
+QUANT_PACKAGES = ("torch", "transformers", "llmcompressor", "compressed-tensors")
+EVAL_PACKAGES = ("torch", "transformers", "compressed-tensors", "bitsandbytes", "lm-eval")
+BASELINE = "baseline"
+
+
+class Calibrated(BaseModel):
+    record: CalibrationRecord
+    step: StepRun
+
+
+class Baseline(BaseModel):
+    evaluation: EvalRecord
+    key: str
+    step: StepRun
+
+
+class Quantized(BaseModel):
+    """A weight variant's artifact, or for a load-time (bitsandbytes) variant nothing: it is quantized as it loads."""
+
+    variant: str
+    record: QuantizeRecord | None
+    step: StepRun | None
+
+
+def calibration_key(plan: Plan) -> str:
+    spec = plan.spec  # the evaluation corpus decides which half of a shared source calibration may read
+    return content_key(
+        "calibration",
+        plan.model.fingerprint,
+        spec.calibration,
+        spec.evaluation.corpus,
+        spec.evaluation.text_column,
+        code_version("transformers"),
+    )
+
+
+def baseline_key(plan: Plan) -> str:
+    return eval_key(plan, plan.model.fingerprint, None)
+
+
+def quantize_key(plan: Plan, variant: Variant, calibration: CalibrationRecord) -> str:
+    used = (
+        calibration.hash if needs_calibration(variant) else None
+    )  # RTN's result does not depend on the calibration set
+    return content_key(
+        "quantize",
+        plan.model.fingerprint,
+        variant.model_dump(exclude={"name"}),
+        plan.schemes[variant.name].group_size,
+        used,
+        plan.spec.model.dtype,
+        plan.device,
+        code_version(*QUANT_PACKAGES),
+    )
+
+
+def eval_key(plan: Plan, subject: str, baseline: str | None) -> str:
+    return content_key("evaluate", subject, plan.spec.evaluation, plan.device, baseline, code_version(*EVAL_PACKAGES))
+
+
+def variant_eval_key(plan: Plan, variant: Variant, quantized: Quantized) -> str:
+    if quantized.record is None:  # a load-time variant: the subject is the model plus the bitsandbytes settings
+        subject = content_key("bnb", plan.model.fingerprint, variant.model_dump(exclude={"name", "save"}))
+    else:
+        subject = Path(quantized.record.path).name
+    return eval_key(plan, subject, baseline_key(plan))
+
+
+def load_time(variant: Variant) -> bool:
+    """A bitsandbytes variant is quantized as it loads: it has no quantize step."""
+    return isinstance(variant, BnbVariant)
+
+
+def unquantized(variant: Variant) -> Quantized:
+    return Quantized(variant=variant.name, record=None, step=None)
+
+
+def calibrate(plan: Plan, isolate: bool = True) -> Calibrated:
+    """Build (or find) the calibration set: tokenized, seeded, disjoint from the evaluation texts."""
+    record, step = cached(
+        plan.cache,
+        "calibration",
+        BASELINE,
+        calibration_key(plan),
+        CalibrationRecord,
+        build_calibration,
+        plan.spec.step_timeout_s,
+        isolate,
+        spec=plan.spec.calibration,
+        evaluation=plan.spec.evaluation,
+        tokenizer_path=plan.model.path,
+    )
+    return Calibrated(record=record, step=step)
+
+
+def evaluate_baseline(plan: Plan, isolate: bool = True) -> Baseline:
+    """Evaluate the unquantized model; its saved log-probabilities are every variant's KL reference."""
+    key = baseline_key(plan)
+    evaluation, step = evaluate_subject_once(
+        plan, key, Subject(name=BASELINE, model_path=plan.model.path), None, isolate
+    )
+    return Baseline(evaluation=evaluation, key=key, step=step)
+
+
+def quantize(plan: Plan, variant: Variant, calibration: CalibrationRecord, isolate: bool = True) -> Quantized:
+    """Quantize one weight variant with llm-compressor; a bitsandbytes variant has nothing to do here."""
+    if load_time(variant):
+        return unquantized(variant)
+    record, step = cached(
+        plan.cache,
+        "quantize",
+        variant.name,
+        quantize_key(plan, variant, calibration),
+        QuantizeRecord,
+        quantize_weights,
+        plan.spec.step_timeout_s,
+        isolate,
+        model_path=plan.model.path,
+        variant=variant,
+        scheme=plan.schemes[variant.name],
+        calibration=calibration,
+        resources=plan.resources,
+    )
+    return Quantized(variant=variant.name, record=record.model_copy(update={"variant": variant.name}), step=step)
+
+
+def evaluate(
+    plan: Plan, variant: Variant, quantized: Quantized, baseline: Baseline, isolate: bool = True
+) -> VariantResult:
+    """Evaluate one variant under the same protocol as the baseline, with KL from the baseline's log-probabilities."""
+    bnb = variant if isinstance(variant, BnbVariant) else None
+    path = quantized.record.path if quantized.record else plan.model.path
+    subject = Subject(name=variant.name, model_path=path, bnb=bnb)
+    evaluation, step = evaluate_subject_once(
+        plan, variant_eval_key(plan, variant, quantized), subject, baseline.key, isolate
+    )
+    steps = [quantized.step, step] if quantized.step else [step]
+    return VariantResult(
+        name=variant.name,
+        method=variant.method,
+        quantize=quantized.record,
+        evaluation=evaluation,
+        artifact=quantized.record.path if quantized.record else None,
+        steps=steps,
+    )
+
+
+def evaluate_subject_once(
+    plan: Plan, key: str, subject: Subject, baseline: str | None, isolate: bool = True
+) -> tuple[EvalRecord, StepRun]:
+    """Evaluate any subject under the plan's protocol (cached under ``key``), with KL from the baseline stored under
+    ``baseline``."""
+    spec = plan.spec
+    logprobs = (
+        str(plan.cache.folder("evaluate", baseline) / BASELINE_LOGPROBS)
+        if baseline and spec.evaluation.kl_tokens
+        else None
+    )
+    evaluation, step = cached(
+        plan.cache,
+        "evaluate",
+        subject.name,
+        key,
+        EvalRecord,
+        evaluate_subject,
+        spec.step_timeout_s,
+        isolate,
+        subject=subject,
+        protocol=Protocol(calibration=spec.calibration, evaluation=spec.evaluation),
+        resources=plan.resources,
+        baseline=logprobs,
+    )
+    return evaluation.model_copy(update={"variant": subject.name}), step
+
+
+class Gathered(BaseModel):
+    calibration: Calibrated
+    baseline: Baseline
+    variants: list[VariantResult]
+
+
+def gather(plan: Plan) -> Gathered:
+    """A finished run's records, read from the cache by their keys alone: nothing is computed (fan-out's parent)."""
+    reader = plan.model_copy(update={"gather_only": True})
+    calibration = calibrate(reader)
+    baseline = evaluate_baseline(reader)
+    variants = [evaluate(reader, v, quantize(reader, v, calibration.record), baseline) for v in plan.spec.variants]
+    return Gathered(calibration=calibration, baseline=baseline, variants=variants)

@@ -1,0 +1,277 @@
+"""Weight quantization with llm-compressor (GPTQ, AWQ, RTN) and bitsandbytes load-time configs.
+
+The recipes are built from our variant specs; llm-compressor does the maths and writes
+compressed-tensors checkpoints that vLLM serves. Scheme problems (a group size that does
+not divide a layer's width) are found on a weightless copy of the model before any
+calibration starts, so they cost a second rather than a failed hour.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel
+
+from quantflow.errors import QuantflowError
+from quantflow.infra.resources import (
+    Resources,
+    cap_gpu_memory,
+    over_budget,
+    peak_memory_mb,
+    reset_peak_memory,
+    visible_devices,
+)
+from quantflow.inputs.calibration import CalibrationRecord, load_samples
+from quantflow.spec import AWQVariant, BnbVariant, GPTQVariant, RTNVariant
+
+WeightVariant = RTNVariant | GPTQVariant | AWQVariant
+AUTO_GROUP_SIZES = (128, 64, 32)
+
+
+class Scheme(BaseModel):
+    """A variant's group size as resolved against the model's shapes, and how it was chosen (for 'auto')."""
+
+    group_size: int | None
+    note: str | None = None
+
+
+class QuantizeRecord(BaseModel):
+    """Result of one quantization step: where the artifact is and what was done to it."""
+
+    variant: str
+    method: str
+    path: str
+    seconds: float
+    peak_memory_mb: float
+    memory_kind: str
+    group_size: int | None
+    group_size_note: str | None
+    quantized_layers: list[str]
+    skipped_layers: list[str]
+    recipe: str
+    visible_devices: str | None = None
+
+
+def target_layers(model: torch.nn.Module, ignore: list[str]) -> tuple[list[str], list[str]]:
+    """(quantized, skipped) Linear layer names under llm-compressor's own matching rules."""
+    from compressed_tensors.utils import match_named_modules
+
+    linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    targeted = {name for name, _ in match_named_modules(model, ["Linear"], ignore)}
+    return [n for n in linear if n in targeted], [n for n in linear if n not in targeted]
+
+
+def weightless_model(model_path: str, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The model's module tree on the meta device: shapes without loading a byte of weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def resolve_group_size(model: torch.nn.Module, variant: WeightVariant) -> Scheme:
+    """Check the group size against every targeted layer; resolve 'auto' by the documented rule.
+
+    Rule for 'auto' (the default, so a default run fits any model): the largest of 128, 64, 32
+    that divides the input width of every quantized layer, else per output channel. An
+    explicit size that does not divide some width fails here, naming the layers and the sizes
+    that would work: a user who chose a size gets it or an error, never a silent substitute.
+    """
+    quantized, _ = target_layers(model, variant.ignore)
+    widths = {name: model.get_submodule(name).in_features for name in quantized}
+    if variant.group_size is None:
+        return Scheme(group_size=None)
+    if variant.group_size == "auto":
+        for size in AUTO_GROUP_SIZES:
+            if all(width % size == 0 for width in widths.values()):
+                return Scheme(
+                    group_size=size,
+                    note=f"group_size auto -> {size} (largest of 128/64/32 dividing all {len(widths)} layer widths)",
+                )
+        return Scheme(
+            group_size=None,
+            note="group_size auto -> per output channel (no size in 128/64/32 divides every width: "
+            f"{sorted(set(widths.values()))})",
+        )
+    bad = {name: width for name, width in widths.items() if width % variant.group_size}
+    if bad:
+        valid = [s for s in (256, 128, 64, 32, 16, 8) if all(w % s == 0 for w in widths.values())]
+        shown = ", ".join(f"{n} ({w})" for n, w in list(bad.items())[:5]) + (
+            f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        )
+        raise QuantflowError(
+            f"variant '{variant.name}': group_size {variant.group_size} does not divide the input width of "
+            f"{len(bad)} layers: {shown}",
+            f"use group_size {' or '.join(map(str, valid)) or 'null'} (or 'auto'), or add those layers to ignore",
+        )
+    return Scheme(group_size=variant.group_size)
+
+
+def check_ignore(model: torch.nn.Module, variant: WeightVariant) -> None:
+    """Tied lm_head shares the embedding matrix, and embeddings are never quantized."""
+    quantized, _ = target_layers(model, variant.ignore)
+    if getattr(model.config, "tie_word_embeddings", False) and any(name.endswith("lm_head") for name in quantized):
+        raise QuantflowError(
+            f"variant '{variant.name}' would quantize lm_head, which is tied to the input embeddings here",
+            "keep 'lm_head' in the variant's ignore list",
+        )
+    if not quantized:
+        raise QuantflowError(
+            f"variant '{variant.name}' quantizes no layer (ignore matches every Linear)", "shorten the ignore list"
+        )
+
+
+def recipe_for(variant: WeightVariant, group_size: int | None, scale_dtype: str = "bfloat16") -> list:
+    """llm-compressor modifiers for a weight-only variant."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+
+    weights = QuantizationArgs(
+        num_bits=variant.bits,
+        type="int",
+        symmetric=variant.symmetric,
+        dynamic=False,
+        strategy="group" if group_size else "channel",
+        group_size=group_size,
+        scale_dtype=getattr(torch, scale_dtype),
+        observer=variant.observer,
+    )
+    groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
+    if isinstance(variant, GPTQVariant):
+        return [
+            GPTQModifier(
+                config_groups=groups,
+                ignore=variant.ignore,
+                block_size=variant.block_size,
+                dampening_frac=variant.dampening_frac,
+                actorder=variant.actorder,
+            )
+        ]
+    quantizer = QuantizationModifier(config_groups=groups, ignore=variant.ignore)
+    if isinstance(variant, AWQVariant):
+        from llmcompressor.modifiers.transform.awq import AWQModifier
+
+        return [AWQModifier(n_grid=variant.n_grid, duo_scaling=variant.duo_scaling), quantizer]
+    return [quantizer]
+
+
+@contextlib.contextmanager
+def cpu_safe_awq() -> Iterator[None]:
+    """Let llm-compressor's AWQ run without an accelerator.
+
+    AWQ pins its cached activations (``IntermediatesCache.pin_memory``) to speed up
+    host-to-device copies; pinning needs an accelerator runtime and raises on CPU-only
+    machines. With no accelerator there is no copy to speed up, so pinning is skipped.
+    """
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if torch.accelerator.is_available():
+        yield
+        return
+    original = IntermediatesCache.pin_memory
+    IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
+    try:
+        yield
+    finally:
+        IntermediatesCache.pin_memory = original
+
+
+def calibration_dataset(record: CalibrationRecord):
+    from datasets import Dataset
+
+    samples = load_samples(record)
+    return Dataset.from_dict(
+        {"input_ids": [s.tolist() for s in samples], "attention_mask": [[1] * len(s) for s in samples]}
+    )
+
+
+def quantize_weights(
+    model_path: str,
+    variant: WeightVariant,
+    scheme: Scheme,
+    calibration: CalibrationRecord | None,
+    resources: Resources,
+    out: Path,
+    final: Path,
+) -> QuantizeRecord:
+    """Run one llm-compressor recipe and save the compressed checkpoint (weights in ``dtype``) into ``out``.
+
+    The model is loaded into host memory; llm-compressor's sequential pipeline onloads one
+    decoder layer at a time to the GPU, so the GPU holds a layer, its calibration activations
+    and its GPTQ Hessians, never the whole model: ``gpu_memory_gb`` caps that.
+
+    On CPU the calibration forward passes run in float32: CPUs without bf16 matrix units run
+    bf16 matmuls an order of magnitude slower. Scales are kept in ``dtype`` throughout and
+    the model is cast back to ``dtype`` before saving, so the artifact matches a GPU run's.
+    """
+    import yaml
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype, budget = resources.dtype, resources.gpu_memory_gb
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=getattr(torch, resources.compute_dtype), use_safetensors=True
+    )
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    recipe = recipe_for(variant, scheme.group_size, dtype)
+    data = {}
+    if needs_calibration(variant):
+        data = {
+            "dataset": calibration_dataset(calibration),
+            "num_calibration_samples": calibration.samples,
+            "max_seq_length": calibration.max_len,
+        }
+    cap_gpu_memory(budget)
+    if resources.device == "cuda":
+        torch.cuda.init()  # creating the CUDA context is process start-up, not quantization time
+    reset_peak_memory()
+    start = time.perf_counter()
+    with cpu_safe_awq(), over_budget("quantize", budget):
+        oneshot(model=model, recipe=recipe, shuffle_calibration_samples=False, log_dir=None, **data)
+    seconds = time.perf_counter() - start
+    peak, kind = peak_memory_mb()
+    quantized = [name for name, module in model.named_modules() if hasattr(module, "quantization_scheme")]
+    done = set(quantized)
+    skipped = [
+        name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and name not in done
+    ]
+    model.to(getattr(torch, dtype)).save_pretrained(out, save_compressed=True)
+    tokenizer.save_pretrained(out)
+    return QuantizeRecord(
+        variant=variant.name,
+        method=variant.method,
+        path=str(final),
+        seconds=round(seconds, 2),
+        peak_memory_mb=peak,
+        memory_kind=kind,
+        group_size=scheme.group_size,
+        group_size_note=scheme.note,
+        quantized_layers=quantized,
+        skipped_layers=skipped,
+        recipe=yaml.safe_dump([type(m).__name__ + ": " + m.model_dump_json(exclude_none=True) for m in recipe]),
+        visible_devices=visible_devices(),
+    )
+
+
+def needs_calibration(variant: WeightVariant) -> bool:
+    """GPTQ and AWQ always read calibration data; RTN only for the activation-weighted observer."""
+    return not isinstance(variant, RTNVariant) or variant.observer == "imatrix_mse"
+
+
+def bnb_config(variant: BnbVariant):
+    """The transformers ``BitsAndBytesConfig`` of a load-time variant."""
+    from transformers import BitsAndBytesConfig
+
+    if variant.method == "bnb-int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=variant.method.removeprefix("bnb-"),
+        bnb_4bit_compute_dtype=getattr(torch, variant.compute_dtype),
+        bnb_4bit_use_double_quant=variant.double_quant,
+    )

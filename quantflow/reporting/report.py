@@ -1,0 +1,420 @@
+"""The comparison report: report.json (versioned schema), report.md, PNG plots, model cards.
+
+Best variant rule: among variants within the user's constraints (perplexity increase over
+the baseline, optional size ratio), the smallest artifact wins, ties broken by perplexity.
+The Pareto set is every variant that no other variant beats on both size and perplexity.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from quantflow.evaluation.evaluate import EvalRecord
+from quantflow.infra.atomic import atomic_files
+from quantflow.infra.environment import environment
+from quantflow.infra.steps import StepRun
+from quantflow.inputs.calibration import CalibrationRecord
+from quantflow.inputs.sources import ModelRef
+from quantflow.quantization.quantize import QuantizeRecord
+from quantflow.spec import ConstraintsSpec, RunSpec
+
+SCHEMA_VERSION = "1.3"
+UNITS = {
+    "perplexity": "exp(mean NLL per token), lower is better",
+    "ppl_delta_pct": "% change vs baseline",
+    "kl_mean": "nats per token, KL(baseline || variant)",
+    "size_mb": "MiB (2^20 bytes)",
+    "decode_tokens_per_s": "generated tokens per second, all sequences of the batch",
+    "prefill_tokens_per_s": "prompt tokens per second",
+    "decode_ms_per_token": "milliseconds per decode step",
+    "peak_memory_mb": "MiB; CUDA max allocated on GPU, process peak RSS on CPU",
+    "quantize_seconds": "wall seconds of the quantization step",
+}
+
+
+PLOTS = {"quality_vs_size.png": "Quality vs size", "throughput_vs_memory.png": "Throughput vs memory"}
+
+
+class VariantResult(BaseModel):
+    """One variant as measured: its quantization (none for load-time variants), its evaluation and the steps run."""
+
+    name: str
+    method: str
+    quantize: QuantizeRecord | None
+    evaluation: EvalRecord
+    artifact: str | None
+    steps: list[StepRun]
+
+    @property
+    def cached(self) -> bool:
+        return all(step.cached for step in self.steps)
+
+
+class StoredArtifact(BaseModel):
+    """Where a delivered variant went in the store, and its round-trip check when one ran."""
+
+    name: str
+    uri: str
+    bytes_sent: int
+    already_complete: bool
+    roundtrip: dict | None = None
+
+
+class Row(BaseModel):
+    name: str
+    method: str
+    perplexity: float
+    ppl_delta_pct: float
+    kl_mean: float | None
+    size_mb: float
+    size_kind: str
+    size_ratio: float
+    peak_memory_mb: float
+    memory_kind: str
+    speed: list[dict]
+    quantize_seconds: float | None
+    quantize_peak_memory_mb: float | None
+    quantized_layers: int | None
+    skipped_layers: list[str]
+    group_size: int | None
+    group_size_note: str | None
+    runtime: str
+    artifact: str | None
+    artifact_uri: str | None = None
+    roundtrip: dict | None = None
+    placement: dict[str, float] = {}
+    lm_eval: dict[str, dict[str, float]] = {}
+    visible_devices: str | None = None
+
+
+class Report(BaseModel):
+    schema_version: str = SCHEMA_VERSION
+    created: str
+    model: dict
+    calibration: dict
+    protocol: dict
+    constraints: ConstraintsSpec
+    units: dict[str, str]
+    rows: list[Row]
+    best: str | None
+    best_reason: str
+    pareto: list[str]
+    generations: dict[str, list[dict]]
+    environment: dict
+    spec: dict
+    steps: list[StepRun] = []
+
+
+def _row(
+    name: str,
+    method: str,
+    evaluation: EvalRecord,
+    baseline: EvalRecord,
+    quantize: QuantizeRecord | None = None,
+    artifact: str | None = None,
+    stored: StoredArtifact | None = None,
+) -> Row:
+    return Row(
+        name=name,
+        method=method,
+        perplexity=evaluation.perplexity,
+        ppl_delta_pct=round(100 * (evaluation.perplexity / baseline.perplexity - 1), 3),
+        kl_mean=evaluation.kl_mean,
+        size_mb=round(evaluation.size_bytes / 2**20, 2),
+        size_kind=evaluation.size_kind,
+        size_ratio=round(evaluation.size_bytes / baseline.size_bytes, 4),
+        peak_memory_mb=evaluation.peak_memory_mb,
+        memory_kind=evaluation.memory_kind,
+        speed=[s.model_dump() for s in evaluation.speed],
+        quantize_seconds=quantize.seconds if quantize else None,
+        quantize_peak_memory_mb=quantize.peak_memory_mb if quantize else None,
+        quantized_layers=len(quantize.quantized_layers) if quantize else None,
+        skipped_layers=quantize.skipped_layers if quantize else [],
+        group_size=quantize.group_size if quantize else None,
+        group_size_note=quantize.group_size_note if quantize else None,
+        runtime=evaluation.runtime,
+        artifact=artifact,
+        placement=evaluation.placement,
+        lm_eval=evaluation.lm_eval,
+        visible_devices=evaluation.visible_devices,
+        artifact_uri=stored.uri if stored else None,
+        roundtrip=stored.roundtrip if stored else None,
+    )
+
+
+def pick_best(rows: list[Row], constraints: ConstraintsSpec) -> tuple[str | None, str]:
+    candidates = [
+        r
+        for r in rows
+        if r.name != "baseline"
+        and r.ppl_delta_pct <= constraints.max_ppl_increase_pct
+        and (constraints.max_size_ratio is None or r.size_ratio <= constraints.max_size_ratio)
+    ]
+    rule = f"perplexity increase <= {constraints.max_ppl_increase_pct}%" + (
+        f" and size <= {constraints.max_size_ratio}x baseline" if constraints.max_size_ratio else ""
+    )
+    if not candidates:
+        return None, f"no variant meets {rule}"
+    best = min(candidates, key=lambda r: (r.size_mb, r.perplexity))
+    return best.name, f"smallest variant with {rule}"
+
+
+def pareto(rows: list[Row]) -> list[str]:
+    """Rows not dominated in (size, perplexity): nothing else is at least as small and as good, and better in one."""
+
+    def dominated(r: Row) -> bool:
+        return any(
+            o.size_mb <= r.size_mb
+            and o.perplexity <= r.perplexity
+            and (o.size_mb < r.size_mb or o.perplexity < r.perplexity)
+            for o in rows
+        )
+
+    return [r.name for r in rows if not dominated(r)]
+
+
+def build_report(
+    spec: RunSpec,
+    model: ModelRef,
+    calibration: CalibrationRecord,
+    baseline: EvalRecord,
+    variants: list[VariantResult],
+    steps: list[StepRun],
+    stored: list[StoredArtifact] = (),
+) -> Report:
+    """The report of a run from its records; ``stored`` (after upload) adds each row's URI and round-trip check."""
+    where = {s.name: s for s in stored}
+    rows = [_row("baseline", f"none ({spec.model.dtype})", baseline, baseline, artifact=model.path)]
+    rows += [
+        _row(v.name, v.method, v.evaluation, baseline, v.quantize, v.artifact, where.get(v.name)) for v in variants
+    ]
+    best, reason = pick_best(rows, spec.constraints)
+    return Report(
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        model=model.model_dump(),
+        calibration=calibration.model_dump(exclude={"path"}),
+        protocol={**baseline.protocol, "device": baseline.device, "compute_dtype": baseline.compute_dtype},
+        constraints=spec.constraints,
+        units=UNITS,
+        rows=rows,
+        best=best,
+        best_reason=reason,
+        pareto=pareto(rows),
+        generations={"baseline": baseline.generations, **{v.name: v.evaluation.generations for v in variants}},
+        environment=environment(),
+        spec=spec.model_dump(mode="json"),
+        steps=steps + [step for v in variants for step in v.steps],
+    )
+
+
+def _speed(row: Row, batch: int, field: str) -> str:
+    match = [s for s in row.speed if s["batch"] == batch]
+    return f"{match[0][field]:.1f}" if match else "–"
+
+
+def markdown(report: Report) -> str:
+    batches = sorted({s["batch"] for r in report.rows for s in r.speed})
+    head = ["variant", "method", "perplexity", "Δppl %", "KL (nats/tok)", "size MiB", "size ×", "peak mem MiB"]
+    head += [f"decode tok/s b{b}" for b in batches] + [f"prefill tok/s b{b}" for b in batches] + ["quantize s"]
+    lines = [
+        f"# quantflow report: {report.model['source']}",
+        "",
+        f"Best variant: **{report.best or 'none'}** ({report.best_reason}). Pareto set (size vs perplexity): "
+        f"{', '.join(report.pareto)}.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for r in report.rows:
+        cells = [
+            r.name,
+            r.method,
+            f"{r.perplexity:.3f}",
+            f"{r.ppl_delta_pct:+.2f}",
+            "–" if r.kl_mean is None else f"{r.kl_mean:.4f}",
+            f"{r.size_mb:.1f}",
+            f"{r.size_ratio:.3f}",
+            f"{r.peak_memory_mb:.0f}",
+        ]
+        cells += [_speed(r, b, "decode_tokens_per_s") for b in batches] + [
+            _speed(r, b, "prefill_tokens_per_s") for b in batches
+        ]
+        cells.append("–" if r.quantize_seconds is None else f"{r.quantize_seconds:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    p = report.protocol
+    env = report.environment
+    lines += [
+        "",
+        "## Protocol",
+        "",
+        f"Perplexity: {p['scored_tokens']} scored tokens of a held-out split, windows of {p['window_tokens']} tokens "
+        f"(BOS {'on' if p['bos'] else 'off'}), stride {p['stride']}, on {p['device']} in {p['compute_dtype']}. "
+        "KL: mean per-token KL(baseline ‖ variant) on the first scored tokens. Sizes: on-disk safetensors, or "
+        "in-memory "
+        "weights for load-time bitsandbytes variants. Memory: " + UNITS["peak_memory_mb"] + ".",
+        f"Calibration: {report.calibration['samples']} samples, {report.calibration['tokens']} tokens from "
+        f"{report.calibration['source']} "
+        f"(hash {report.calibration['hash']})."
+        + (f" Warning: {report.calibration['note']}." if report.calibration.get("note") else ""),
+        "",
+        "## Runtimes and layers",
+        "",
+    ]
+    for r in report.rows:
+        layers = (
+            ""
+            if r.quantized_layers is None
+            else f"; {r.quantized_layers} layers quantized, skipped: {', '.join(r.skipped_layers) or 'none'}"
+        )
+        note = f"; {r.group_size_note}" if r.group_size_note else ""
+        harness = f"; timed with {r.speed[0]['harness']}" if r.speed and r.speed[0].get("harness") else ""
+        card = f"; CUDA_VISIBLE_DEVICES={r.visible_devices}" if r.visible_devices is not None else ""
+        lines.append(f"- **{r.name}**: {r.runtime}{harness}{layers}{note}{card}")
+    lines += _lm_eval_table(report.rows)
+    lines += ["", "## Greedy samples", ""]
+    for name, samples in report.generations.items():
+        for sample in samples:
+            lines += [f"**{name}** · {sample['prompt']}", "", *fenced(sample["output"].strip()), ""]
+    lines += [
+        "",
+        "## Environment",
+        "",
+        f"torch {env['packages']['torch']}, transformers {env['packages']['transformers']}, "
+        f"llmcompressor {env['packages']['llmcompressor']}, compressed-tensors "
+        f"{env['packages']['compressed-tensors']}, "
+        f"bitsandbytes {env['packages']['bitsandbytes']}, CUDA {env['cuda']}, GPU {env['gpu']}, {env['cpu_count']} "
+        "CPUs, "
+        f"Python {env['python']}. Report schema {report.schema_version}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def fenced(text: str) -> list[str]:
+    """``text`` as a markdown code block that shows it verbatim, line breaks and all, whatever backticks it holds."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [fence + "text", text or "(empty)", fence]
+
+
+def headline_metric(metrics: dict[str, float]) -> str | None:
+    """The metric a task is usually quoted by: acc_norm, else acc, else its first non-stderr metric."""
+    for name in ("acc_norm", "acc"):
+        if name in metrics:
+            return name
+    return next((name for name in metrics if "stderr" not in name), None)
+
+
+def _lm_eval_table(rows: list[Row]) -> list[str]:
+    tasks = sorted({task for r in rows for task in r.lm_eval})
+    if not tasks:
+        return []
+    metric = {task: headline_metric(next(r.lm_eval[task] for r in rows if task in r.lm_eval)) for task in tasks}
+    lines = [
+        "",
+        "## lm-evaluation-harness",
+        "",
+        "| variant | " + " | ".join(f"{t} ({metric[t]})" for t in tasks) + " |",
+        "|---|" + "---|" * len(tasks),
+    ]
+    for r in rows:
+        cells = []
+        for task in tasks:
+            values = r.lm_eval.get(task, {})
+            err = values.get(f"{metric[task]}_stderr")
+            cells.append(
+                "–"
+                if metric[task] not in values
+                else f"{values[metric[task]]:.4f}" + (f" ± {err:.4f}" if err is not None else "")
+            )
+        lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def plots(report: Report, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in report.rows:
+        ax.scatter(r.size_mb, r.perplexity, marker="*" if r.name in report.pareto else "o")
+        ax.annotate(r.name, (r.size_mb, r.perplexity), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set(xlabel="weights size (MiB)", ylabel="perplexity (lower is better)", title="Quality vs size (★ = Pareto)")
+    fig.tight_layout()
+    paths.append(out / "quality_vs_size.png")  # names as in PLOTS
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    speed_rows = [(r, s) for r in report.rows for s in r.speed if s["batch"] == min(x["batch"] for x in r.speed)]
+    if speed_rows:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r, s in speed_rows:
+            ax.scatter(r.peak_memory_mb, s["decode_tokens_per_s"])
+            ax.annotate(
+                r.name,
+                (r.peak_memory_mb, s["decode_tokens_per_s"]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=8,
+            )
+        ax.set(
+            xlabel="peak memory (MiB)",
+            ylabel=f"decode tokens/s (batch {speed_rows[0][1]['batch']})",
+            title="Throughput vs memory",
+        )
+        fig.tight_layout()
+        paths.append(out / "throughput_vs_memory.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def write_report(report: Report, out: Path) -> list[Path]:
+    """report.json, report.md and the plots into ``out``, each file replaced whole (no reader sees half a report)."""
+    with atomic_files(out) as scratch:
+        (scratch / "report.json").write_text(report.model_dump_json(indent=2))
+        (scratch / "report.md").write_text(markdown(report))
+        plots(report, scratch)
+        names = sorted(path.name for path in scratch.iterdir())
+    return [out / name for name in names]
+
+
+def load_report(path: Path) -> Report:
+    return Report.model_validate_json(Path(path).read_text())
+
+
+def model_card(report: Report, name: str) -> str:
+    """A Hugging Face style README for one delivered variant."""
+    row = next(r for r in report.rows if r.name == name)
+    base = report.rows[0]
+    return "\n".join(
+        [
+            "---",
+            "library_name: transformers",
+            "tags: [quantflow, compressed-tensors, " + row.method + "]",
+            "---",
+            "",
+            f"# {report.model['source']} · {name}",
+            "",
+            f"Quantized by quantflow with `{row.method}` (group size {row.group_size or 'per-channel'}) using "
+            "llm-compressor; "
+            "stored as compressed-tensors safetensors that vLLM and transformers load.",
+            "",
+            "| | baseline | this variant |",
+            "|---|---|---|",
+            f"| perplexity | {base.perplexity:.3f} | {row.perplexity:.3f} ({row.ppl_delta_pct:+.2f}%) |",
+            f"| KL from baseline (nats/token) | 0 | {row.kl_mean} |",
+            f"| weights MiB | {base.size_mb:.1f} | {row.size_mb:.1f} |",
+            "",
+            f"Protocol: {json.dumps(report.protocol)}. Calibration hash {report.calibration['hash']}. "
+            f"Layers quantized: {row.quantized_layers}; skipped: {', '.join(row.skipped_layers) or 'none'}.",
+            "",
+        ]
+    )
