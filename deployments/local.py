@@ -24,9 +24,20 @@ def start_server(port: int, home: Path) -> subprocess.Popen:
     home.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PREFECT_HOME": str(home.resolve())}
     log = (home / "server.log").open("a")
-    prefect = str(Path(sys.executable).parent / "prefect")
+    # `python -m prefect`, not the `prefect` script: an install with `pip --target` (a GPU image) has no script on PATH
     server = subprocess.Popen(
-        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--analytics-off"],
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--analytics-off",
+        ],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -47,6 +47,7 @@ class DecodeRecord(BaseModel):
     weight_bytes: int
     bandwidth_floor_fraction: float | None
     repeats: int
+    compile_seconds: float = 0.0  # compiling, autotuning and capturing the step: paid once per process, not per token
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -165,7 +166,7 @@ def benchmark(
         _sync()
         return prefill_seconds, (time.perf_counter() - start) / (gen_len - 1)
 
-    decode, harness = eager, "static cache, eager"
+    decode, harness, compile_seconds = eager, "static cache, eager", 0.0
     if compile and device.type == "cuda":
         if fuse:
             fuse_projections(model)
@@ -173,7 +174,9 @@ def benchmark(
         try:
             with torch.no_grad():
                 prefill()  # allocates the cache's buffers, which the graph then uses by address
+            start = time.perf_counter()
             decode = captured(step, prefill, token, position, prompt_len, compile_mode)
+            compile_seconds = time.perf_counter() - start
             fusion = ", fused q/k/v and gate/up" if fused else ""
             harness = f"static cache{fusion}, torch.compile ({compile_mode}) + CUDA graph"
         # a model whose step cannot be compiled or captured is still measured, labelled eager
@@ -201,4 +204,5 @@ def benchmark(
         weight_bytes=size,
         bandwidth_floor_fraction=round(size / floor_bw / per_step, 3) if floor_bw else None,
         repeats=speed.repeats,
+        compile_seconds=round(compile_seconds, 2),
     )

@@ -43,6 +43,7 @@ class SpeedRecord(BaseModel):
     repeats: int
     bandwidth_floor_fraction: float | None = None
     harness: str = ""
+    compile_seconds: float = 0.0
 
 
 class EvalRecord(BaseModel):
@@ -164,6 +165,7 @@ def measure_speed(model, spec: SpeedSpec) -> list[SpeedRecord]:
                 decode_ms_per_token=round(run.decode_ms_per_step, 3),
                 bandwidth_floor_fraction=run.bandwidth_floor_fraction,
                 harness=run.harness,
+                compile_seconds=run.compile_seconds,
             )
         )
     return records

@@ -70,6 +70,7 @@ def evaluate_subject(
     from quantflow.infra.resources import cap_gpu_memory, over_budget
     from quantflow.inputs.corpus import evaluation_documents
 
+    resources.use_compile_cache()
     cap_gpu_memory(resources.gpu_memory_gb)
     with over_budget("evaluate", resources.gpu_memory_gb):
         model, tokenizer, size, runtime = load_on_runtime(subject, protocol.evaluation.kernels, resources)

@@ -21,6 +21,17 @@ class Resources(BaseModel):
     dtype: str = "bfloat16"
     gpu_memory_gb: float | None = None
     timeout_s: float | None = None
+    compile_cache: str | None = None  # Inductor's caches (FX graphs, autotuning): shared by every step that compiles
+
+    def use_compile_cache(self) -> None:
+        """Point Inductor at the shared compile cache (in this fresh step process, before anything compiles).
+
+        Every variant's evaluation runs in a process of its own; with the cache in one place, the
+        second and later variants of a shape reuse the first one's compiled and autotuned kernels.
+        A user's own TORCHINDUCTOR_CACHE_DIR wins.
+        """
+        if self.compile_cache:
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", self.compile_cache)
 
     @property
     def compute_dtype(self) -> str:

@@ -38,7 +38,11 @@ class Plan(BaseModel):
     def resources(self) -> Resources:
         spec = self.spec
         return Resources(
-            device=self.device, dtype=spec.model.dtype, gpu_memory_gb=spec.gpu_memory_gb, timeout_s=spec.step_timeout_s
+            device=self.device,
+            dtype=spec.model.dtype,
+            gpu_memory_gb=spec.gpu_memory_gb,
+            timeout_s=spec.step_timeout_s,
+            compile_cache=str(Path(self.cache_root) / "inductor"),
         )
 
 

@@ -23,7 +23,7 @@ from quantflow.inputs.sources import ModelRef
 from quantflow.quantization.quantize import QuantizeRecord
 from quantflow.spec import ConstraintsSpec, RunSpec
 
-SCHEMA_VERSION = "1.3"
+SCHEMA_VERSION = "1.4"
 UNITS = {
     "perplexity": "exp(mean NLL per token), lower is better",
     "ppl_delta_pct": "% change vs baseline",
@@ -34,6 +34,7 @@ UNITS = {
     "decode_ms_per_token": "milliseconds per decode step",
     "peak_memory_mb": "MiB; CUDA max allocated on GPU, process peak RSS on CPU",
     "quantize_seconds": "wall seconds of the quantization step",
+    "compile_seconds": "seconds compiling, autotuning and capturing the decode step (summed over batch sizes)",
 }
 
 
@@ -90,6 +91,7 @@ class Row(BaseModel):
     placement: dict[str, float] = {}
     lm_eval: dict[str, dict[str, float]] = {}
     visible_devices: str | None = None
+    compile_seconds: float = 0.0
 
 
 class Report(BaseModel):
@@ -141,6 +143,7 @@ def _row(
         artifact=artifact,
         placement=evaluation.placement,
         lm_eval=evaluation.lm_eval,
+        compile_seconds=round(sum(s.compile_seconds for s in evaluation.speed), 2),
         visible_devices=evaluation.visible_devices,
         artifact_uri=stored.uri if stored else None,
         roundtrip=stored.roundtrip if stored else None,
@@ -220,7 +223,9 @@ def _speed(row: Row, batch: int, field: str) -> str:
 def markdown(report: Report) -> str:
     batches = sorted({s["batch"] for r in report.rows for s in r.speed})
     head = ["variant", "method", "perplexity", "Δppl %", "KL (nats/tok)", "size MiB", "size ×", "peak mem MiB"]
-    head += [f"decode tok/s b{b}" for b in batches] + [f"prefill tok/s b{b}" for b in batches] + ["quantize s"]
+    head += (
+        [f"decode tok/s b{b}" for b in batches] + [f"prefill tok/s b{b}" for b in batches] + ["quantize s", "compile s"]
+    )
     lines = [
         f"# quantflow report: {report.model['source']}",
         "",
@@ -245,6 +250,7 @@ def markdown(report: Report) -> str:
             _speed(r, b, "prefill_tokens_per_s") for b in batches
         ]
         cells.append("–" if r.quantize_seconds is None else f"{r.quantize_seconds:.1f}")
+        cells.append(f"{r.compile_seconds:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     p = report.protocol
     env = report.environment

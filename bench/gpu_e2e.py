@@ -1,0 +1,216 @@
+"""The deployed flow end to end on a GPU machine: server, GPU worker, deployment triggered as the UI does.
+
+One command, no network (wheels brought in advance, see docs/benchmarks.md):
+
+    python bench/gpu_e2e.py --shape 1.1b --methods rtn,awq,gptq --out $OUT/e2e-1.1b.json
+
+It builds a random-weight Llama of a real shape, starts a Prefect server (SQLite) and one process
+worker on the `quantflow-gpu` pool pinned to card 0, deploys `prefect.yaml`, creates a run of
+`quantflow/on-demand` through the API (what the UI's Run button does), waits for it, then triggers the
+same spec again. It writes per-stage wall times (from the Prefect task runs), GPU time (the GPU steps'
+own seconds), compile time per variant, peak GPU memory, the run's orchestration overhead and the
+re-run's cost, with the report rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.models import SHAPES, build_baseline  # noqa: E402
+from deployments.local import start_server, stop_group, stop_server  # noqa: E402
+
+GPU_STEPS = ("quantize", "evaluate")  # calibration tokenizes on the CPU
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def prefect(env: dict, *args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "prefect", *args], env=env, cwd=ROOT, capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"prefect {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result.stdout
+
+
+async def run_deployment(spec: dict, timeout: float) -> tuple[object, float]:
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        deployment = await client.read_deployment_by_name("quantflow/on-demand")
+        start = time.monotonic()
+        run = await client.create_flow_run_from_deployment(deployment.id, parameters={"spec": spec})
+        while time.monotonic() - start < timeout:
+            run = await client.read_flow_run(run.id)
+            if run.state and run.state.is_final():
+                return run, time.monotonic() - start
+            await asyncio.sleep(1)
+    raise TimeoutError(f"flow run {run.id} did not finish within {timeout} s")
+
+
+async def task_runs(flow_run_id) -> list[dict]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async with get_client() as client:
+        runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    stages = []
+    for run in sorted(runs, key=lambda r: r.start_time or r.expected_start_time):
+        name = re.sub(r"^(plan|calibration|baseline|report|store-report)-[0-9a-f]{3}$", r"\1", run.name)
+        seconds = (run.end_time - run.start_time).total_seconds() if run.start_time and run.end_time else None
+        stages.append({"task": name, "state": run.state.name if run.state else None, "seconds": seconds})
+    return stages
+
+
+def summary(flow_run, wall: float, out: Path) -> dict:
+    """What one run cost: the flow's wall time, its stages, GPU time, compile time, memory, overhead."""
+    report = json.loads((out / "report.json").read_text())
+    steps = report["steps"]
+    gpu = sum(s["seconds"] for s in steps if s["step"] in GPU_STEPS)
+    calibration = next(s["seconds"] for s in steps if s["step"] == "calibration")
+    baseline = next(s["seconds"] for s in steps if s["step"] == "evaluate" and s["variant"] == "baseline")
+    variant_steps = sum(s["seconds"] for s in steps if s["variant"] != "baseline")
+    in_steps = max(calibration, baseline) + variant_steps  # calibration runs beside the baseline
+    flow_seconds = (flow_run.end_time - flow_run.start_time).total_seconds()
+    return {
+        "state": flow_run.state.name,
+        "trigger_to_final_s": round(wall, 1),
+        "flow_run_s": round(flow_seconds, 1),
+        "steps_s": round(in_steps, 1),
+        "overhead_s": round(flow_seconds - in_steps, 1),
+        "overhead_fraction": round((flow_seconds - in_steps) / flow_seconds, 4),
+        "gpu_s": round(gpu, 1),
+        "computed_steps": [f"{s['step']}:{s['variant']}" for s in steps if not s["cached"]],
+        "steps": steps,
+        "rows": [
+            {
+                k: r[k]
+                for k in (
+                    "name",
+                    "perplexity",
+                    "kl_mean",
+                    "size_mb",
+                    "peak_memory_mb",
+                    "compile_seconds",
+                    "quantize_seconds",
+                    "quantize_peak_memory_mb",
+                    "runtime",
+                    "speed",
+                )
+            }
+            for r in report["rows"]
+        ],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="1.1b", choices=sorted(SHAPES))
+    parser.add_argument("--methods", default="rtn,awq,gptq")
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/quantflow-e2e"))
+    parser.add_argument("--timeout", type=float, default=540)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    import torch
+
+    model = args.work / f"{args.shape}-bf16"
+    if not (model / "config.json").exists():
+        build_baseline(model, args.shape)
+        torch.cuda.empty_cache()
+    port, home = free_port(), args.work / "prefect"
+    server = start_server(port, home)
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "QUANTFLOW_ROOT": str(ROOT),
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }
+    os.environ.update(env)
+    worker = None
+    try:
+        prefect(
+            env,
+            "work-pool",
+            "create",
+            "quantflow-gpu",
+            "--type",
+            "process",
+            "--overwrite",
+            "--base-job-template",
+            "deployments/pools/process-gpu.json",
+        )
+        prefect(env, "work-pool", "create", "quantflow-local", "--type", "process", "--overwrite")
+        prefect(env, "--no-prompt", "deploy", "--all")
+        log = (args.work / "worker.log").open("a")
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", "quantflow-gpu", "--limit", "1"],
+            env={**env, "CUDA_VISIBLE_DEVICES": "0"},
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        variants = [{"method": m, "group_size": args.group_size} for m in args.methods.split(",")]
+        spec = {
+            "model": {"source": str(model)},
+            "variants": variants,
+            "device": "cuda",
+            "output": {"dir": str(args.work / "out"), "cache_dir": str(args.work / "cache")},
+        }
+        result = {
+            "card": torch.cuda.get_device_name(),
+            "date": time.strftime("%Y-%m-%d"),
+            "command": " ".join(sys.argv),
+            "shape": args.shape,
+            "config": SHAPES[args.shape],
+            "spec": spec,
+            "runs": [],
+        }
+        for attempt in ("first", "re-run"):
+            run, wall = asyncio.run(run_deployment(spec, args.timeout))
+            result["runs"].append(
+                {
+                    "run": attempt,
+                    "name": run.name,
+                    "stages": asyncio.run(task_runs(run.id)),
+                    **summary(run, wall, args.work / "out"),
+                }
+            )
+            print(
+                json.dumps({k: v for k, v in result["runs"][-1].items() if k not in ("steps", "rows", "stages")}),
+                flush=True,
+            )
+        first, again = result["runs"]
+        result["rerun_fraction"] = round(again["trigger_to_final_s"] / first["trigger_to_final_s"], 4)
+        from quantflow.infra.environment import environment
+
+        result["environment"] = environment()
+    finally:
+        if worker:
+            stop_group(worker, signal.SIGTERM, 10)
+        stop_server(server)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
