@@ -22,7 +22,9 @@ from quantflow.errors import QuantflowError
 def start_server(port: int, home: Path) -> subprocess.Popen:
     """``prefect server start`` on loopback with its SQLite database under ``home``; waits for /api/health."""
     home.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PREFECT_HOME": str(home.resolve())}
+    # the UI's pages ask the API at PREFECT_UI_API_URL, which Prefect derives from its default port, not --port
+    ui_api = os.environ.get("PREFECT_UI_API_URL", f"http://127.0.0.1:{port}/api")
+    env = {**os.environ, "PREFECT_HOME": str(home.resolve()), "PREFECT_UI_API_URL": ui_api}
     log = (home / "server.log").open("a")
     # `python -m prefect`, not the `prefect` script: an install with `pip --target` (a GPU image) has no script on PATH
     server = subprocess.Popen(
@@ -86,7 +88,10 @@ def serve_locally(port: int, home: Path, announce: Callable[[str], None]) -> Non
     announce(f"Prefect UI: http://127.0.0.1:{port}  (deployment quantflow/quantflow-local; Ctrl-C stops)")
     try:
         from flows.quantize import quantflow_run
+        from quantflow.devtools.demo import demo_spec
 
-        quantflow_run.serve(name="quantflow-local", tags=["quantflow", "local"])
+        # the form opens on the demo's spec: a run that fits a laptop's CPU as it stands (about 10 minutes)
+        defaults = {"spec": demo_spec().model_dump(mode="json")}
+        quantflow_run.serve(name="quantflow-local", tags=["quantflow", "local"], parameters=defaults)
     finally:
         stop_server(server)

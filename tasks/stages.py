@@ -6,9 +6,9 @@ what Prefect is for: names the UI shows, logging, retries where a retry can help
 ``prefect concurrency-limit create quantflow-accelerator 1``, keeps one card from being
 oversubscribed). Caching is content-addressed inside the core (keys hash model content, variant
 config, calibration and library versions), so a re-run returns from these tasks in seconds
-without Prefect result storage. The tasks' own timeouts are a backstop; the spec's
-``step_timeout_s`` is what really stops a stuck step, by killing the step's process (a thread
-timeout cannot interrupt a blocking CUDA call).
+without Prefect result storage. The tasks set no Prefect timeout: these tasks run in worker
+threads, where Prefect's timeout cannot interrupt a blocking call (it logs a warning saying so for
+every task); the spec's ``step_timeout_s`` stops a stuck step by killing the step's process.
 """
 
 from __future__ import annotations
@@ -30,9 +30,8 @@ from quantflow.spec import RunSpec, Variant
 from tasks.credentials import store_credentials
 
 ACCELERATOR_TAG = "quantflow-accelerator"
-HEAVY_TIMEOUT_S = 6 * 3600
 R = TypeVar("R", bound=BaseModel)
-ON_ACCELERATOR = {"cache_policy": NO_CACHE, "tags": [ACCELERATOR_TAG], "timeout_seconds": HEAVY_TIMEOUT_S}
+ON_ACCELERATOR = {"cache_policy": NO_CACHE, "tags": [ACCELERATOR_TAG]}
 
 
 def retry_io_only(task, task_run, state) -> bool:
@@ -72,7 +71,7 @@ def plan_task(spec: RunSpec) -> planning.Plan:
         return detached(planning.plan(spec, progress=get_run_logger().info))
 
 
-@task(name="calibration", cache_policy=NO_CACHE, timeout_seconds=HEAVY_TIMEOUT_S)
+@task(name="calibration", cache_policy=NO_CACHE)
 def calibration_task(plan: planning.Plan) -> steps.Calibrated:
     """Tokenize the calibration set (CPU work: it runs beside the baseline's evaluation)."""
     calibrated = steps.calibrate(plan)

@@ -12,6 +12,7 @@ import urllib.request
 import pytest
 
 from deployments.local import stop_group
+from quantflow.devtools.demo import demo_spec
 from tests.integration.conftest import BIN, free_port, wait_http
 
 pytestmark = pytest.mark.integration
@@ -41,11 +42,16 @@ def test_serve_starts_a_server_and_registers_the_deployment(tmp_path):
                 headers={"Content-Type": "application/json"},
                 method="POST",
             )
-            names = [d["name"] for d in json.loads(urllib.request.urlopen(request, timeout=5).read())]
-            if "quantflow-local" in names:
+            found = {d["name"]: d for d in json.loads(urllib.request.urlopen(request, timeout=5).read())}
+            if "quantflow-local" in found:
                 break
             time.sleep(1)
-        assert "quantflow-local" in names
+        assert "quantflow-local" in found
+        # the Run form opens on the demo's spec, which a laptop's CPU finishes in minutes
+        assert found["quantflow-local"]["parameters"]["spec"] == demo_spec().model_dump(mode="json")
+        # the browser UI asks this server, not Prefect's default port (it showed "Can't connect" with --port 4300)
+        ui = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/ui-settings", timeout=5).read())
+        assert ui["api_url"] == f"http://127.0.0.1:{port}/api", ui
     finally:
         stop_group(process, signal.SIGINT, 60)  # the runner pauses its deployment, then the server gets up to 10 s
         log.close()
