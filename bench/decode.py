@@ -62,11 +62,26 @@ def check_int4(artifact: Path) -> float:
 
 
 def measure(
-    runtime: str, folder: str, batches: list[int], prompt_len: int, gen_len: int, repeats: int, tuned: bool, fuse: bool
+    runtime: str,
+    folder: str,
+    batches: list[int],
+    prompt_len: int,
+    gen_len: int,
+    repeats: int,
+    tuned: bool,
+    fuse: bool,
+    compile_mode: str,
+    cold: bool,
 ) -> list[dict]:
     """Load one runtime's model and time every batch size (run in a fresh process: clean peak memory, no leftover
-    hooks)."""
+    hooks). ``cold`` gives Inductor an empty cache, so the record's compile_seconds is a first compile."""
+    import os
+    import tempfile
+
     from transformers import AutoModelForCausalLM
+
+    if cold:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-cold-")
 
     if tuned:  # gpt-fast's Inductor settings: autotune tile shapes of the decode kernels (longer compile)
         torch._inductor.config.coordinate_descent_tuning = True
@@ -88,6 +103,7 @@ def measure(
             batch,
             SpeedSpec(batch_sizes=[batch], prompt_len=prompt_len, gen_len=gen_len, warmup=2, repeats=repeats),
             fuse=fuse,
+            compile_mode=compile_mode,
         ).model_dump()
         for batch in batches
     ]
@@ -103,6 +119,8 @@ def run_shape(
     tuned: bool,
     chosen: list[str],
     fusions: list[bool],
+    modes: list[str],
+    cold: bool,
 ) -> dict:
     from quantflow.infra.steps import isolated
 
@@ -118,16 +136,28 @@ def run_shape(
     )
     runtimes = {"bf16": baseline, "W4 int4 tinygemm": artifact, "W4 decompressed to bf16 by transformers": artifact}
     records = []
-    for runtime, fuse in ((name, fuse) for fuse in fusions for name in chosen):
+    for runtime, fuse, mode in ((name, fuse, mode) for mode in modes for fuse in fusions for name in chosen):
         for record in isolated(
-            runtime, None, measure, runtime, str(runtimes[runtime]), batches, prompt_len, gen_len, repeats, tuned, fuse
+            runtime,
+            None,
+            measure,
+            runtime,
+            str(runtimes[runtime]),
+            batches,
+            prompt_len,
+            gen_len,
+            repeats,
+            tuned,
+            fuse,
+            mode,
+            cold,
         ):
             records.append(record)
             print(
                 f"  {record['runtime'] + ' [' + record['harness'] + ']':100s} b{record['batch']}: "
                 f"{record['decode_tokens_per_s']:8.1f} tok/s, {record['decode_ms_per_step']:.3f} ms/step, "
                 f"prefill {record['prefill_ms']:.2f} ms, peak {record['peak_memory_mb']:.0f} MiB, floor "
-                f"{record['bandwidth_floor_fraction']}",
+                f"{record['bandwidth_floor_fraction']}, compile {record['compile_seconds']} s",
                 flush=True,
             )
     return {
@@ -144,15 +174,16 @@ def summary(result: dict) -> list[str]:
     """Speed-up and memory ratio of int4 vs bf16 per batch size, each against bf16 in the same harness (fused or
     not)."""
     lines = []
-    by = {(r["runtime"], r["batch"], "fused" in r["harness"]): r for r in result["records"]}
-    for (runtime, batch, fused), record in by.items():
-        if runtime.startswith("W4 int4") and ("bf16", batch, fused) in by:
-            base = by[("bf16", batch, fused)]
+    by = {(r["runtime"], r["batch"], r["harness"]): r for r in result["records"]}  # the harness names fusion and mode
+    for (runtime, batch, harness), record in by.items():
+        if runtime.startswith("W4 int4") and ("bf16", batch, harness) in by:
+            base = by[("bf16", batch, harness)]
             lines.append(
-                f"{result['shape']} b{batch}{' fused' if fused else ''}: int4 "
+                f"{result['shape']} b{batch} [{harness}]: int4 "
                 f"{record['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x bf16 decode, "
                 f"peak memory {record['peak_memory_mb'] / base['peak_memory_mb']:.2f}x; bf16 at "
-                f"{base['bandwidth_floor_fraction']} of the floor"
+                f"{base['bandwidth_floor_fraction']} of the floor; compile {base['compile_seconds']} s bf16, "
+                f"{record['compile_seconds']} s int4"
             )
     return lines
 
@@ -172,6 +203,10 @@ def main() -> None:
         choices=["on", "off", "both"],
         help="fused q/k/v and gate/up (quantflow.evaluation.fuse) for every runtime",
     )
+    parser.add_argument(
+        "--compile-modes", default="max-autotune-no-cudagraphs", help="torch.compile modes, comma-separated"
+    )
+    parser.add_argument("--cold", action="store_true", help="an empty Inductor cache for every measurement")
     parser.add_argument("--work", type=Path, default=Path("/tmp/quantflow-decode"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/decode.json"))
     args = parser.parse_args()
@@ -196,6 +231,8 @@ def main() -> None:
                 args.tuned,
                 args.runtimes.split(","),
                 {"on": [True], "off": [False], "both": [False, True]}[args.fuse],
+                args.compile_modes.split(","),
+                args.cold,
             )
         )
         args.out.parent.mkdir(parents=True, exist_ok=True)

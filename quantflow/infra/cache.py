@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from quantflow.infra.atomic import atomic_folder
+from quantflow.infra.atomic import atomic_files, atomic_folder
 
 RESULT_FILE = "result.json"
 T = TypeVar("T", bound=BaseModel)
@@ -57,6 +57,24 @@ class StepCache:
 
     def folder(self, step: str, key: str) -> Path:
         return self.root / step / key
+
+    def file_digest(self, path: Path) -> str:
+        """sha256 of a file, remembered by its path, size, modification time and inode.
+
+        Fingerprinting a local model reads all its weights (9.6 s for a 2.2 GB 1.1B model on an H200
+        host, on every run); like git's index and rsync, a file whose size and nanosecond mtime are
+        unchanged is taken as unchanged, so a re-run reads nothing.
+        """
+        stat = Path(path).stat()
+        memo = (
+            self.root / "digests" / content_key(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        )
+        if memo.is_file():
+            return memo.read_text()
+        digest = file_sha256(Path(path))
+        with atomic_files(memo.parent) as scratch:
+            (scratch / memo.name).write_text(digest)
+        return digest
 
     def lookup(self, step: str, key: str, record: type[T]) -> T | None:
         result = self.folder(step, key) / RESULT_FILE

@@ -105,6 +105,24 @@ def cap_gpu_memory(gb: float | None) -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, gb * 2**30 / total), index)
 
 
+def check_fits(weight_bytes: int, gpu_memory_gb: float | None, gpus: int, host_free: int) -> None:
+    """Refuse, before any work, a model whose weights exceed the GPU budget and the free host memory together.
+
+    Under a budget, evaluation places the weights' share of it on every GPU and offloads the rest
+    to host memory (``placement_budget``); when even that cannot hold them, the run would fail an
+    hour in, at load.
+    """
+    if gpu_memory_gb is None or not gpus:
+        return
+    room = int(gpu_memory_gb * WEIGHT_SHARE * 2**30) * gpus + host_free
+    if weight_bytes > room:
+        raise QuantflowError(
+            f"the model's weights ({weight_bytes / 2**30:.1f} GiB) do not fit gpu_memory_gb {gpu_memory_gb:g} GiB x "
+            f"{gpus} GPU(s) ({WEIGHT_SHARE:.0%} of it for weights) plus {host_free / 2**30:.1f} GiB of free host memory",
+            "raise gpu_memory_gb, run on a worker with more GPUs or host memory, or pick a smaller model",
+        )
+
+
 def placement_budget(gb: float | None) -> dict[int | str, int] | None:
     """``max_memory`` for ``from_pretrained(device_map="auto")``: each GPU's weight share of the budget, the rest in
     host RAM."""

@@ -57,7 +57,9 @@ def resolve_model(spec: ModelSpec, cache: StepCache) -> ModelRef:
         return ModelRef(source=source, revision=spec.revision, path=str(folder), fingerprint=folder.name)
     if path.exists():
         check_model_folder(path)
-        return ModelRef(source=source, revision=None, path=str(path.resolve()), fingerprint=folder_fingerprint(path))
+        return ModelRef(
+            source=source, revision=None, path=str(path.resolve()), fingerprint=folder_fingerprint(path, cache)
+        )
     if _is_hub_id(source):
         return _hub_model(spec)
     raise QuantflowError(
@@ -115,10 +117,14 @@ def _check_safetensors(shard: Path) -> None:
         )
 
 
-def folder_fingerprint(path: Path) -> str:
-    """Hash of every config, tokenizer and weight file in the folder (names and contents)."""
+def folder_fingerprint(path: Path, cache: StepCache | None = None) -> str:
+    """Hash of every config, tokenizer and weight file in the folder (names and contents).
+
+    With a cache, each file's digest is remembered (``StepCache.file_digest``); the fingerprint is the same.
+    """
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-    return content_key([(p.name, file_sha256(p)) for p in files])
+    digest = cache.file_digest if cache else file_sha256
+    return content_key([(p.name, digest(p)) for p in files])
 
 
 def _hub_model(spec: ModelSpec) -> ModelRef:

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from quantflow.errors import QuantflowError
 from quantflow.evaluation.int4 import GROUP_SIZES
 from quantflow.infra.cache import StepCache, default_cache_root
-from quantflow.infra.resources import Resources, pick_device
+from quantflow.infra.resources import Resources, check_fits, pick_device
 from quantflow.inputs.corpus import check_source
 from quantflow.inputs.sources import ModelRef, resolve_model
 from quantflow.quantization.quantize import Scheme, check_ignore, resolve_group_size, weightless_model
@@ -89,6 +89,18 @@ def plan(spec: RunSpec, progress: Progress = print) -> Plan:
         check_access(spec.output.store)
     progress(f"model: resolving {spec.model.source}")
     model = resolve_model(spec.model, cache)
+    if device == "cuda":
+        import psutil
+        import torch
+
+        from quantflow.evaluation.evaluate import folder_size
+
+        check_fits(
+            folder_size(Path(model.path)),
+            spec.gpu_memory_gb,
+            torch.cuda.device_count(),
+            psutil.virtual_memory().available,
+        )
     skeleton = weightless_model(model.path, spec.model.trust_remote_code)
     schemes = {}
     for variant in spec.variants:

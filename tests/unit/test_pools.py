@@ -70,3 +70,7 @@ def test_each_deployments_form_defaults_fit_its_pool():
     for name in ("on-demand", "fan-out"):
         spec = RunSpec.model_validate(deployments[name].get("parameters", {}).get("spec", {}))
         assert all(getattr(v, "group_size", "auto") == "auto" for v in spec.variants), name
+    # whole runs on the GPU pool ask for CUDA, so a worker without it refuses them at plan time (fan-out's children
+    # take their parent's spec, whose plan runs on the CPU pool)
+    for name in ("nightly", "on-demand"):
+        assert RunSpec.model_validate(deployments[name]["parameters"]["spec"]).device == "cuda", name

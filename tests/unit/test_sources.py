@@ -24,6 +24,23 @@ def test_local_folder_resolves_with_content_fingerprint(tiny_model, tmp_path):
     assert folder_fingerprint(changed) != ref.fingerprint
 
 
+def test_a_local_models_digests_are_remembered_until_a_file_changes(tiny_model, tmp_path, monkeypatch):
+    model = copy_model(tiny_model, tmp_path / "model")
+    cache = StepCache(tmp_path / "cache")
+    first = resolve_model(ModelSpec(source=str(model)), cache).fingerprint
+    assert first == folder_fingerprint(model)  # remembering changes no fingerprint (nor any cache key)
+
+    def no_reading(path, chunk=0):
+        raise AssertionError(f"{path} was read again")
+
+    monkeypatch.setattr("quantflow.inputs.sources.file_sha256", no_reading)
+    monkeypatch.setattr("quantflow.infra.cache.file_sha256", no_reading)
+    assert resolve_model(ModelSpec(source=str(model)), cache).fingerprint == first
+    monkeypatch.undo()
+    (model / "generation_config.json").write_text('{"temperature": 0.5}')
+    assert resolve_model(ModelSpec(source=str(model)), cache).fingerprint != first
+
+
 def test_missing_path_and_not_a_hub_id(tmp_path):
     with pytest.raises(QuantflowError, match="neither an existing folder nor a hub id"):
         resolve_model(ModelSpec(source="./no/such/model"), StepCache(tmp_path))

@@ -129,3 +129,14 @@ def test_overrides_keep_variants_built_in_code():
     assert [v.method for v in spec.variants] == ["rtn", "awq", "gptq", "bnb-nf4"] and str(
         spec.output.dir
     ) == "elsewhere"
+
+
+def test_a_model_that_fits_neither_the_gpu_budget_nor_host_memory_is_refused():
+    from quantflow.infra.resources import check_fits
+
+    gib = 2**30
+    check_fits(14 * gib, 8, 2, 4 * gib)  # 2 x 6.4 GiB on the cards + 4 GiB offloaded
+    check_fits(100 * gib, None, 1, 0)  # no budget: the whole card, placement decides
+    with pytest.raises(QuantflowError, match=r"weights \(14.0 GiB\) do not fit gpu_memory_gb 4 GiB x 1") as error:
+        check_fits(14 * gib, 4, 1, 2 * gib)
+    assert "raise gpu_memory_gb" in error.value.fix
