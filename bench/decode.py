@@ -155,8 +155,8 @@ def run_shape(
             records.append(record)
             print(
                 f"  {record['runtime'] + ' [' + record['harness'] + ']':100s} b{record['batch']}: "
-                f"{record['decode_tokens_per_s']:8.1f} tok/s, {record['decode_ms_per_step']:.3f} ms/step, "
-                f"prefill {record['prefill_ms']:.2f} ms, peak {record['peak_memory_mb']:.0f} MiB, floor "
+                f"{record['decode_tokens_per_s']:8.1f} tok/s, {record['decode_ms_per_step']:.3f} ms/step, prefill "
+                f"{record['prefill_ms']:.2f} ms, peak {record['peak_memory_mb']:.0f} MiB, floor "
                 f"{record['bandwidth_floor_fraction']}, compile {record['compile_seconds']} s",
                 flush=True,
             )
@@ -180,8 +180,8 @@ def summary(result: dict) -> list[str]:
             base = by[("bf16", batch, harness)]
             lines.append(
                 f"{result['shape']} b{batch} [{harness}]: int4 "
-                f"{record['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x bf16 decode, "
-                f"peak memory {record['peak_memory_mb'] / base['peak_memory_mb']:.2f}x; bf16 at "
+                f"{record['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x bf16 decode, peak memory "
+                f"{record['peak_memory_mb'] / base['peak_memory_mb']:.2f}x; bf16 at "
                 f"{base['bandwidth_floor_fraction']} of the floor; compile {base['compile_seconds']} s bf16, "
                 f"{record['compile_seconds']} s int4"
             )

@@ -41,8 +41,8 @@ from tasks.stages import (
 VARIANT_DEPLOYMENT = Field(
     None,
     description="Fan out: run the baseline and each variant as a flow run of this deployment (e.g. "
-    "'quantflow-variant/variant'), "
-    "one per idle worker. Needs output.cache_dir on storage all workers share. Empty: variants run in turn here.",
+    "'quantflow-variant/variant'), one per idle worker. Needs output.cache_dir on storage all workers share. Empty: "
+    "variants run in turn here.",
 )
 
 
@@ -58,21 +58,23 @@ def quantflow_run(spec: RunSpec = RunSpec(), variant_deployment: str | None = VA
         calibration, baseline = calibration_task.submit(plan), baseline_task.submit(plan)
         baseline.wait()  # variants share the accelerator with the baseline: they start once it is measured
         variants = _in_turn(plan, calibration, baseline, progress)
-    out = report_task(plan, calibration, baseline, variants)
+    out, report_uri = report_task(plan, calibration, baseline, variants), None
     if spec.output.store:
         stored = [upload_task.submit(plan, v, out) for v in variants if v.artifact]
         report_uri = store_report_task(plan, calibration, baseline, variants, stored)
-    publish_run_artifacts(out, spec, report_uri if spec.output.store else None)
+    publish_run_artifacts(out, spec, report_uri)
     return out
+
+
+def _quantized(plan: Plan, variant, calibration):
+    """The quantize task's artifact; a load-time (bitsandbytes) variant has no quantize task."""
+    return steps.unquantized(variant) if steps.load_time(variant) else quantize_task(plan, variant, calibration)
 
 
 def _in_turn(plan: Plan, calibration, baseline, progress: UUID) -> list[VariantResult]:
     variants = []
     for variant in plan.spec.variants:
-        quantized = (
-            steps.unquantized(variant) if steps.load_time(variant) else quantize_task(plan, variant, calibration)
-        )
-        variants.append(evaluate_task(plan, variant, quantized, baseline))
+        variants.append(evaluate_task(plan, variant, _quantized(plan, variant, calibration), baseline))
         update_progress_artifact(progress, 100.0 * len(variants) / len(plan.spec.variants))
     return variants
 
@@ -99,7 +101,4 @@ def quantflow_variant(
     calibration, baseline = calibration_task.submit(plan), baseline_task.submit(plan)
     baseline.wait()
     if chosen:
-        quantized = (
-            steps.unquantized(chosen[0]) if steps.load_time(chosen[0]) else quantize_task(plan, chosen[0], calibration)
-        )
-        evaluate_task(plan, chosen[0], quantized, baseline)
+        evaluate_task(plan, chosen[0], _quantized(plan, chosen[0], calibration), baseline)

@@ -61,10 +61,9 @@ def run_flow(spec: RunSpec) -> tuple[Path, str]:
             raise
         raise QuantflowError(
             "the temporary Prefect server did not answer within "
-            f"{PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()} s "
-            "(a busy machine?)",
-            "start a server once with `quantflow serve` (or point PREFECT_API_URL at one) and run again, "
-            "raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or use --engine local",
+            f"{PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()} s (a busy machine?)",
+            "start a server once with `quantflow serve` (or point PREFECT_API_URL at one) and run again, raise "
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or use --engine local",
         ) from None
     out = Path(state.result())  # re-raises the flow's error (a QuantflowError reaches the CLI intact)
     run_id = state.state_details.flow_run_id
@@ -78,8 +77,8 @@ def run_flow(spec: RunSpec) -> tuple[Path, str]:
         where = f"Prefect flow run '{run.name}': {ui}"
     else:
         where = (
-            f"Prefect flow run '{run.name}' is recorded in {PREFECT_HOME.value()}; "
-            f"`quantflow serve` shows it at {LOCAL_UI}/runs/flow-run/{run_id}"
+            f"Prefect flow run '{run.name}' is recorded in {PREFECT_HOME.value()}; `quantflow serve` shows it at "
+            f"{LOCAL_UI}/runs/flow-run/{run_id}"
         )
     keys = ", ".join(sorted(a.key for a in artifacts if a.key))
     return out, f"{where}\nPrefect artifacts: {keys}"

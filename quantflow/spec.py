@@ -53,8 +53,7 @@ class CalibrationSpec(_Strict):
         ge=1,
         le=100_000,
         description=f"Calibration samples to use. Null = up to {DEFAULT_CALIBRATION_SAMPLES}, fewer when the source "
-        "holds fewer "
-        "(a warning and the report say how many); a number the source cannot give is an error.",
+        "holds fewer (a warning and the report say how many); a number the source cannot give is an error.",
     )
     seq_len: int = Field(512, ge=16, le=32_768, description="Maximum tokens per calibration sample.")
     seed: int = Field(0, description="Seed of the sample shuffle.")
@@ -78,8 +77,7 @@ class _WeightOnly(_Strict):
     group_size: GroupSize | None = Field(
         "auto",
         description="Columns sharing one scale (a power of two). None = per output channel; 'auto' = largest of "
-        "128/64/32 "
-        "that divides every quantized layer's input width (per output channel when none does).",
+        "128/64/32 that divides every quantized layer's input width (per output channel when none does).",
     )
     symmetric: bool = Field(True, description="Symmetric (no zero point) if true, else asymmetric with a zero point.")
     ignore: list[str] = Field(
@@ -187,8 +185,7 @@ class EvaluationSpec(_Strict):
     kernels: Literal["auto", "dense", "int4"] = Field(
         "auto",
         description="How W4 artifacts execute: 'int4' = packed weights on PyTorch's int4 kernels (bf16 activations), "
-        "'dense' = "
-        "decompressed by transformers, 'auto' = int4 on CUDA when the scheme allows, else dense.",
+        "'dense' = decompressed by transformers, 'auto' = int4 on CUDA when the scheme allows, else dense.",
     )
     prompts: list[str] = Field(
         default_factory=lambda: list(DEFAULT_PROMPTS), description="Prompts answered greedily by every variant."

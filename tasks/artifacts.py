@@ -52,6 +52,7 @@ def comparison_rows(report: Report) -> list[dict]:
                 "Perplexity": r.perplexity,
                 "Δ perplexity %": r.ppl_delta_pct,
                 "KL (nats/token)": r.kl_mean,
+                "Bits/weight": r.effective_bits,
                 "Size (MiB)": r.size_mb,
                 "Size vs baseline": r.size_ratio,
                 "Peak memory (MiB)": r.peak_memory_mb,

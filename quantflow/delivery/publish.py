@@ -65,16 +65,15 @@ def upload_variant(
     }
     record = upload(out / variant.name, store, prefix, meta, upload_progress(progress))
     progress(
-        f"stored {variant.name}: {record.uri} ({record.bytes_sent} bytes sent"
-        f"{', already complete' if record.already_complete else ''})"
+        f"stored {variant.name}: {record.uri} ({record.bytes_sent} bytes "
+        f"sent{', already complete' if record.already_complete else ''})"
     )
     check = None
     if store.roundtrip_windows:
         check = roundtrip(record.uri, store, out / variant.name, spec, device, cache_root / "roundtrip").model_dump()
         progress(
             f"round trip {variant.name}: pulled copy scores {check['perplexity_pulled']:.4f} on {check['windows']} "
-            "windows, "
-            "as the local copy"
+            "windows, as the local copy"
         )
     return StoredArtifact(
         name=variant.name,

@@ -131,8 +131,7 @@ def weight_scheme(config: dict) -> dict:
     if args["num_bits"] != 4 or args["strategy"] != "group" or args["group_size"] not in GROUP_SIZES:
         raise QuantflowError(
             f"the int4 kernels need 4-bit weights in groups of {GROUP_SIZES}; this artifact has {args['num_bits']} "
-            "bits, "
-            f"strategy {args['strategy']}, group size {args.get('group_size')}",
+            f"bits, strategy {args['strategy']}, group size {args.get('group_size')}",
             "use the dense runtime for this model",
         )
     return args

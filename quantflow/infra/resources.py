@@ -118,7 +118,8 @@ def check_fits(weight_bytes: int, gpu_memory_gb: float | None, gpus: int, host_f
     if weight_bytes > room:
         raise QuantflowError(
             f"the model's weights ({weight_bytes / 2**30:.1f} GiB) do not fit gpu_memory_gb {gpu_memory_gb:g} GiB x "
-            f"{gpus} GPU(s) ({WEIGHT_SHARE:.0%} of it for weights) plus {host_free / 2**30:.1f} GiB of free host memory",
+            f"{gpus} GPU(s) ({WEIGHT_SHARE:.0%} of it for weights) plus {host_free / 2**30:.1f} GiB of free host "
+            "memory",
             "raise gpu_memory_gb, run on a worker with more GPUs or host memory, or pick a smaller model",
         )
 
@@ -144,6 +145,6 @@ def over_budget(step: str, gb: float | None) -> Iterator[None]:
         limit = f"the configured gpu_memory_gb of {gb:g} GiB" if gb else "the GPU's memory"
         raise QuantflowError(
             f"step '{step}' needed more than {limit} ({str(error).splitlines()[0]})",
-            "raise gpu_memory_gb, or lower calibration.num_samples / calibration.seq_len "
-            "(quantization) or evaluation.window and the speed batch sizes (evaluation)",
+            "raise gpu_memory_gb, or lower calibration.num_samples / calibration.seq_len (quantization) or "
+            "evaluation.window and the speed batch sizes (evaluation)",
         ) from None

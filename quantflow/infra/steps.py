@@ -69,8 +69,8 @@ def cached(
     if hit is None and cache.read_only:
         raise QuantflowError(
             f"step '{step}' ({key}) is not in the cache at {cache.root}, though the worker that ran it finished",
-            "fanned-out runs need output.cache_dir on storage that every worker and the parent share "
-            "(one host, or a shared filesystem)",
+            "fanned-out runs need output.cache_dir on storage that every worker and the parent share (one host, or a "
+            "shared filesystem)",
         )
     if hit is not None:
         result = hit

@@ -78,8 +78,8 @@ def shortfall(spec: CalibrationSpec, samples: int) -> str | None:
     """The warning for a default sample count the source could not fill (None when nothing is short)."""
     if spec.num_samples is None and samples < DEFAULT_CALIBRATION_SAMPLES:
         return (
-            f"calibration uses {samples} samples, fewer than the default {DEFAULT_CALIBRATION_SAMPLES}: "
-            f"that is all {spec.source} holds at seq_len {spec.seq_len}"
+            f"calibration uses {samples} samples, fewer than the default {DEFAULT_CALIBRATION_SAMPLES}: that is all "
+            f"{spec.source} holds at seq_len {spec.seq_len}"
         )
     return None
 

@@ -110,8 +110,8 @@ def plan(spec: RunSpec, progress: Progress = print) -> Plan:
         schemes[variant.name] = scheme = resolve_group_size(skeleton, variant)
         if spec.evaluation.kernels == "int4" and (variant.bits != 4 or scheme.group_size not in GROUP_SIZES):
             raise QuantflowError(
-                f"variant '{variant.name}' ({variant.bits} bits, group size {scheme.group_size}) cannot run on "
-                f"the int4 kernels, which need 4 bits in groups of {GROUP_SIZES}",
+                f"variant '{variant.name}' ({variant.bits} bits, group size {scheme.group_size}) cannot run on the "
+                f"int4 kernels, which need 4 bits in groups of {GROUP_SIZES}",
                 "set evaluation.kernels to 'auto' or 'dense', or change the variant",
             )
     return Plan(spec=spec, model=model, device=device, cache_root=str(cache.root), schemes=schemes)

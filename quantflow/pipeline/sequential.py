@@ -22,8 +22,8 @@ def run(spec: RunSpec, progress: Progress = print) -> Path:
         raise QuantflowError(
             f"output.store.credentials_block ({spec.output.store.credentials_block}) is read only when the run "
             "executes under Prefect",
-            "use the Prefect engine (the CLI's default), or drop the block and use "
-            "AWS credentials from the environment or a profile",
+            "use the Prefect engine (the CLI's default), or drop the block and use AWS credentials from the "
+            "environment or a profile",
         )
     the_plan = plan(spec, progress)
     progress(f"device: {the_plan.device}; cache: {the_plan.cache_root}")

@@ -21,7 +21,8 @@ from quantflow.infra.steps import StepRun
 from quantflow.inputs.calibration import CalibrationRecord
 from quantflow.inputs.sources import ModelRef
 from quantflow.quantization.quantize import QuantizeRecord
-from quantflow.spec import ConstraintsSpec, RunSpec
+from quantflow.reporting.bits import artifact_bits, bnb_bits
+from quantflow.spec import BnbVariant, ConstraintsSpec, RunSpec
 
 SCHEMA_VERSION = "1.4"
 UNITS = {
@@ -35,6 +36,7 @@ UNITS = {
     "peak_memory_mb": "MiB; CUDA max allocated on GPU, process peak RSS on CPU",
     "quantize_seconds": "wall seconds of the quantization step",
     "compile_seconds": "seconds compiling, autotuning and capturing the decode step (summed over batch sizes)",
+    "effective_bits": "stored bits per weight over the quantized Linears, scales and zero points included",
 }
 
 
@@ -92,6 +94,7 @@ class Row(BaseModel):
     lm_eval: dict[str, dict[str, float]] = {}
     visible_devices: str | None = None
     compile_seconds: float = 0.0
+    effective_bits: float | None = None
 
 
 class Report(BaseModel):
@@ -150,6 +153,14 @@ def _row(
     )
 
 
+def row_bits(row: Row, spec: RunSpec, model: ModelRef) -> float | None:
+    """Effective bits per weight of a row: from its artifact's files, or bitsandbytes' layout for load-time rows."""
+    if row.artifact:
+        return artifact_bits(Path(row.artifact))
+    load_time = next((v for v in spec.variants if v.name == row.name and isinstance(v, BnbVariant)), None)
+    return bnb_bits(load_time.method, load_time.double_quant, Path(model.path)) if load_time else None
+
+
 def pick_best(rows: list[Row], constraints: ConstraintsSpec) -> tuple[str | None, str]:
     candidates = [
         r
@@ -196,6 +207,7 @@ def build_report(
     rows += [
         _row(v.name, v.method, v.evaluation, baseline, v.quantize, v.artifact, where.get(v.name)) for v in variants
     ]
+    rows = [row.model_copy(update={"effective_bits": row_bits(row, spec, model)}) for row in rows]
     best, reason = pick_best(rows, spec.constraints)
     return Report(
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -222,7 +234,17 @@ def _speed(row: Row, batch: int, field: str) -> str:
 
 def markdown(report: Report) -> str:
     batches = sorted({s["batch"] for r in report.rows for s in r.speed})
-    head = ["variant", "method", "perplexity", "Δppl %", "KL (nats/tok)", "size MiB", "size ×", "peak mem MiB"]
+    head = [
+        "variant",
+        "method",
+        "perplexity",
+        "Δppl %",
+        "KL (nats/tok)",
+        "bits/weight",
+        "size MiB",
+        "size ×",
+        "peak mem MiB",
+    ]
     head += (
         [f"decode tok/s b{b}" for b in batches] + [f"prefill tok/s b{b}" for b in batches] + ["quantize s", "compile s"]
     )
@@ -242,6 +264,7 @@ def markdown(report: Report) -> str:
             f"{r.perplexity:.3f}",
             f"{r.ppl_delta_pct:+.2f}",
             "–" if r.kl_mean is None else f"{r.kl_mean:.4f}",
+            "–" if r.effective_bits is None else f"{r.effective_bits:.3f}",
             f"{r.size_mb:.1f}",
             f"{r.size_ratio:.3f}",
             f"{r.peak_memory_mb:.0f}",
@@ -259,13 +282,11 @@ def markdown(report: Report) -> str:
         "## Protocol",
         "",
         f"Perplexity: {p['scored_tokens']} scored tokens of a held-out split, windows of {p['window_tokens']} tokens "
-        f"(BOS {'on' if p['bos'] else 'off'}), stride {p['stride']}, on {p['device']} in {p['compute_dtype']}. "
-        "KL: mean per-token KL(baseline ‖ variant) on the first scored tokens. Sizes: on-disk safetensors, or "
-        "in-memory "
-        "weights for load-time bitsandbytes variants. Memory: " + UNITS["peak_memory_mb"] + ".",
+        f"(BOS {'on' if p['bos'] else 'off'}), stride {p['stride']}, on {p['device']} in {p['compute_dtype']}. KL: "
+        "mean per-token KL(baseline ‖ variant) on the first scored tokens. Sizes: on-disk safetensors, or "
+        "in-memory weights for load-time bitsandbytes variants. Memory: " + UNITS["peak_memory_mb"] + ".",
         f"Calibration: {report.calibration['samples']} samples, {report.calibration['tokens']} tokens from "
-        f"{report.calibration['source']} "
-        f"(hash {report.calibration['hash']})."
+        f"{report.calibration['source']} (hash {report.calibration['hash']})."
         + (f" Warning: {report.calibration['note']}." if report.calibration.get("note") else ""),
         "",
         "## Runtimes and layers",
@@ -290,12 +311,10 @@ def markdown(report: Report) -> str:
         "",
         "## Environment",
         "",
-        f"torch {env['packages']['torch']}, transformers {env['packages']['transformers']}, "
-        f"llmcompressor {env['packages']['llmcompressor']}, compressed-tensors "
-        f"{env['packages']['compressed-tensors']}, "
+        f"torch {env['packages']['torch']}, transformers {env['packages']['transformers']}, llmcompressor "
+        f"{env['packages']['llmcompressor']}, compressed-tensors {env['packages']['compressed-tensors']}, "
         f"bitsandbytes {env['packages']['bitsandbytes']}, CUDA {env['cuda']}, GPU {env['gpu']}, {env['cpu_count']} "
-        "CPUs, "
-        f"Python {env['python']}. Report schema {report.schema_version}.",
+        f"CPUs, Python {env['python']}. Report schema {report.schema_version}.",
         "",
     ]
     return "\n".join(lines)
@@ -410,8 +429,7 @@ def model_card(report: Report, name: str) -> str:
             f"# {report.model['source']} · {name}",
             "",
             f"Quantized by quantflow with `{row.method}` (group size {row.group_size or 'per-channel'}) using "
-            "llm-compressor; "
-            "stored as compressed-tensors safetensors that vLLM and transformers load.",
+            "llm-compressor; stored as compressed-tensors safetensors that vLLM and transformers load.",
             "",
             "| | baseline | this variant |",
             "|---|---|---|",
@@ -419,8 +437,8 @@ def model_card(report: Report, name: str) -> str:
             f"| KL from baseline (nats/token) | 0 | {row.kl_mean} |",
             f"| weights MiB | {base.size_mb:.1f} | {row.size_mb:.1f} |",
             "",
-            f"Protocol: {json.dumps(report.protocol)}. Calibration hash {report.calibration['hash']}. "
-            f"Layers quantized: {row.quantized_layers}; skipped: {', '.join(row.skipped_layers) or 'none'}.",
+            f"Protocol: {json.dumps(report.protocol)}. Calibration hash {report.calibration['hash']}. Layers "
+            f"quantized: {row.quantized_layers}; skipped: {', '.join(row.skipped_layers) or 'none'}.",
             "",
         ]
     )

@@ -54,6 +54,11 @@ def test_outputs_and_report(finished):
         and rows["gptq"].skipped_layers == ["lm_head"]
     )
     assert rows["bnb-int8"].size_kind == "in_memory_weights"
+    # bits per weight over the quantized Linears, from first principles: W4 plus a bf16 scale per 32 weights, plus a
+    # 4-bit zero point per 32 for the asymmetric AWQ; LLM.int8 adds an fp32 scale per output row (512 rows per
+    # 36,864 weights in each layer of this model); the baseline is bf16
+    bits = {name: row.effective_bits for name, row in rows.items()}
+    assert bits == {"baseline": 16.0, "rtn": 4.5, "gptq": 4.5, "awq": 4.625, "bnb-int8": 8.444}, bits
     assert report.pareto and set(report.pareto) <= set(rows)
     assert report.environment["packages"]["llmcompressor"] and report.units["kl_mean"].startswith("nats")
     assert (out / "quality_vs_size.png").stat().st_size > 1000 and (out / "throughput_vs_memory.png").is_file()

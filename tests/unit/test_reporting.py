@@ -26,3 +26,12 @@ def test_upload_progress_logs_a_small_file_once_and_a_large_one_by_quarters():
         "uploaded big.safetensors (0.0 MiB)",
         "uploaded config.json (0.0 MiB)",
     ]
+
+
+def test_bitsandbytes_4_bit_layout_costs_its_block_maxima():
+    from pathlib import Path
+
+    from quantflow.reporting.bits import bnb_bits
+
+    assert bnb_bits("bnb-nf4", False, Path("unused")) == 4.5  # an fp32 absmax per 64 weights
+    assert bnb_bits("bnb-fp4", True, Path("unused")) == 4.127  # 8-bit absmax per 64, one fp32 per 256 blocks

@@ -1,0 +1,105 @@
+"""Effective bits per weight: what a quantized Linear really stores per weight, scales and zero points included.
+
+"W4 g128" is not 4 bits: a bf16 scale per 128 weights adds 0.125, an asymmetric zero point more,
+and bitsandbytes keeps fp32 block maxima. Sizes on disk mix in what was never quantized
+(embeddings, norms, lm_head), so the report states bits per weight over the quantized Linears
+alone, read from the artifact's safetensors headers (only the tiny ``weight_shape`` tensors are
+loaded). Unquantized models count their Linear weights' dtype (16 for bf16).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+DTYPE_BITS = {
+    "F64": 64,
+    "F32": 32,
+    "BF16": 16,
+    "F16": 16,
+    "I64": 64,
+    "I32": 32,
+    "I16": 16,
+    "I8": 8,
+    "U8": 8,
+    "F8_E4M3": 8,
+    "F8_E5M2": 8,
+    "BOOL": 8,
+}
+QUANT_PARTS = ("weight_packed", "weight", "weight_scale", "weight_zero_point", "weight_g_idx")
+BNB_BLOCK = 64  # bitsandbytes' 4-bit block size in transformers' default config
+BNB_DOUBLE_BLOCK = 256  # blocks whose fp32 maxima double quantization stores as 8 bits, with one fp32 per group
+
+
+def tensors(folder: Path) -> dict[str, tuple[str, list[int]]]:
+    """Every tensor of a model folder: name -> (safetensors dtype, shape), from the headers alone."""
+    from safetensors import safe_open
+
+    found = {}
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as handle:
+            for name in handle.keys():
+                part = handle.get_slice(name)
+                found[name] = (part.get_dtype(), list(part.get_shape()))
+    return found
+
+
+def _numel(shape: list[int]) -> int:
+    return math.prod(shape)
+
+
+def _original_shape(folder: Path, name: str) -> list[int]:
+    """A packed layer's ``weight_shape`` tensor: the unpacked weight's [out, in]."""
+    from safetensors import safe_open
+
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as handle:
+            if name in handle.keys():
+                return [int(v) for v in handle.get_tensor(name).tolist()]
+    raise KeyError(name)
+
+
+def dense_linears(found: dict[str, tuple[str, list[int]]]) -> dict[str, tuple[str, list[int]]]:
+    """2-D weights of the decoder's Linears (embeddings and lm_head are never quantized by quantflow)."""
+    return {
+        name: spec
+        for name, spec in found.items()
+        if name.endswith(".weight") and len(spec[1]) == 2 and "embed" not in name and "lm_head" not in name
+    }
+
+
+def artifact_bits(folder: Path) -> float | None:
+    """Bits per weight over the quantized Linears of a compressed-tensors folder; the dtype's bits for a dense one."""
+    found = tensors(folder)
+    quantized = sorted({name.rsplit(".", 1)[0] for name in found if name.endswith(".weight_scale")})
+    if not quantized:
+        linears = dense_linears(found)
+        weights = sum(_numel(shape) for _, shape in linears.values())
+        return (
+            round(sum(_numel(shape) * DTYPE_BITS[dtype] for dtype, shape in linears.values()) / weights, 3)
+            if weights
+            else None
+        )
+    stored = weights = 0
+    for layer in quantized:
+        parts = {part: found[f"{layer}.{part}"] for part in QUANT_PARTS if f"{layer}.{part}" in found}
+        stored += sum(_numel(shape) * DTYPE_BITS[dtype] for dtype, shape in parts.values())
+        if f"{layer}.weight_shape" in found:
+            weights += _numel(_original_shape(folder, f"{layer}.weight_shape"))
+        else:
+            weights += _numel(parts["weight"][1])
+    return round(stored / weights, 3)
+
+
+def bnb_bits(method: str, double_quant: bool, baseline: Path) -> float:
+    """bitsandbytes' bits per weight over the Linears it quantizes (all but lm_head), from its storage layout.
+
+    4-bit: 4 bits plus an fp32 absmax per 64-weight block, or with double quantization an 8-bit absmax
+    and one fp32 per 256 blocks. int8 (LLM.int8): 8 bits plus one fp32 scale per output row.
+    """
+    if method in ("bnb-nf4", "bnb-fp4"):
+        scales = 8 / BNB_BLOCK + 32 / (BNB_BLOCK * BNB_DOUBLE_BLOCK) if double_quant else 32 / BNB_BLOCK
+        return round(4 + scales, 3)
+    shapes = [shape for _, shape in dense_linears(tensors(baseline)).values()]
+    weights = sum(_numel(shape) for shape in shapes)
+    return round((8 * weights + 32 * sum(shape[0] for shape in shapes)) / weights, 3)
