@@ -21,9 +21,8 @@ from quantflow.spec import RunSpec
 Progress = Callable[[str], None]
 
 
-def publish_variants(report: Report, variants: list[VariantResult], out: Path) -> list[Path]:
+def publish_variants(report: Report, variants: list[VariantResult], out: Path) -> None:
     """Copy every variant's artifact from the cache to ``out/<name>`` with its model card."""
-    folders = []
     for variant in variants:
         if not variant.artifact:
             continue
@@ -33,8 +32,6 @@ def publish_variants(report: Report, variants: list[VariantResult], out: Path) -
                 variant.artifact, scratch, dirs_exist_ok=True, ignore=shutil.ignore_patterns("result.json", ".*")
             )
             (scratch / "README.md").write_text(model_card(report, variant.name))
-        folders.append(target)
-    return folders
 
 
 def upload_variant(

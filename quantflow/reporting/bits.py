@@ -31,32 +31,20 @@ BNB_BLOCK = 64  # bitsandbytes' 4-bit block size in transformers' default config
 BNB_DOUBLE_BLOCK = 256  # blocks whose fp32 maxima double quantization stores as 8 bits, with one fp32 per group
 
 
-def tensors(folder: Path) -> dict[str, tuple[str, list[int]]]:
-    """Every tensor of a model folder: name -> (safetensors dtype, shape), from the headers alone."""
+def tensors(folder: Path) -> tuple[dict[str, tuple[str, list[int]]], dict[str, list[int]]]:
+    """Every tensor of a model folder as name -> (safetensors dtype, shape), from the headers, in one pass over
+    the shards; and each packed layer's unpacked [out, in] from its tiny ``weight_shape`` tensor."""
     from safetensors import safe_open
 
-    found = {}
+    found, unpacked = {}, {}
     for shard in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(str(shard), "pt") as handle:
             for name in handle.keys():
                 part = handle.get_slice(name)
                 found[name] = (part.get_dtype(), list(part.get_shape()))
-    return found
-
-
-def _numel(shape: list[int]) -> int:
-    return math.prod(shape)
-
-
-def _original_shape(folder: Path, name: str) -> list[int]:
-    """A packed layer's ``weight_shape`` tensor: the unpacked weight's [out, in]."""
-    from safetensors import safe_open
-
-    for shard in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as handle:
-            if name in handle.keys():
-                return [int(v) for v in handle.get_tensor(name).tolist()]
-    raise KeyError(name)
+                if name.endswith(".weight_shape"):
+                    unpacked[name.removesuffix(".weight_shape")] = [int(v) for v in handle.get_tensor(name).tolist()]
+    return found, unpacked
 
 
 def dense_linears(found: dict[str, tuple[str, list[int]]]) -> dict[str, tuple[str, list[int]]]:
@@ -70,24 +58,21 @@ def dense_linears(found: dict[str, tuple[str, list[int]]]) -> dict[str, tuple[st
 
 def artifact_bits(folder: Path) -> float | None:
     """Bits per weight over the quantized Linears of a compressed-tensors folder; the dtype's bits for a dense one."""
-    found = tensors(folder)
+    found, unpacked = tensors(folder)
     quantized = sorted({name.rsplit(".", 1)[0] for name in found if name.endswith(".weight_scale")})
     if not quantized:
         linears = dense_linears(found)
-        weights = sum(_numel(shape) for _, shape in linears.values())
+        weights = sum(math.prod(shape) for _, shape in linears.values())
         return (
-            round(sum(_numel(shape) * DTYPE_BITS[dtype] for dtype, shape in linears.values()) / weights, 3)
+            round(sum(math.prod(shape) * DTYPE_BITS[dtype] for dtype, shape in linears.values()) / weights, 3)
             if weights
             else None
         )
     stored = weights = 0
     for layer in quantized:
         parts = {part: found[f"{layer}.{part}"] for part in QUANT_PARTS if f"{layer}.{part}" in found}
-        stored += sum(_numel(shape) * DTYPE_BITS[dtype] for dtype, shape in parts.values())
-        if f"{layer}.weight_shape" in found:
-            weights += _numel(_original_shape(folder, f"{layer}.weight_shape"))
-        else:
-            weights += _numel(parts["weight"][1])
+        stored += sum(math.prod(shape) * DTYPE_BITS[dtype] for dtype, shape in parts.values())
+        weights += math.prod(unpacked[layer] if layer in unpacked else parts["weight"][1])
     return round(stored / weights, 3)
 
 
@@ -100,6 +85,6 @@ def bnb_bits(method: str, double_quant: bool, baseline: Path) -> float:
     if method in ("bnb-nf4", "bnb-fp4"):
         scales = 8 / BNB_BLOCK + 32 / (BNB_BLOCK * BNB_DOUBLE_BLOCK) if double_quant else 32 / BNB_BLOCK
         return round(4 + scales, 3)
-    shapes = [shape for _, shape in dense_linears(tensors(baseline)).values()]
-    weights = sum(_numel(shape) for shape in shapes)
+    shapes = [shape for _, shape in dense_linears(tensors(baseline)[0]).values()]
+    weights = sum(math.prod(shape) for shape in shapes)
     return round((8 * weights + 32 * sum(shape[0] for shape in shapes)) / weights, 3)

@@ -401,14 +401,12 @@ def plots(report: Report, out: Path) -> list[Path]:
     return paths
 
 
-def write_report(report: Report, out: Path) -> list[Path]:
+def write_report(report: Report, out: Path) -> None:
     """report.json, report.md and the plots into ``out``, each file replaced whole (no reader sees half a report)."""
     with atomic_files(out) as scratch:
         (scratch / "report.json").write_text(report.model_dump_json(indent=2))
         (scratch / "report.md").write_text(markdown(report))
         plots(report, scratch)
-        names = sorted(path.name for path in scratch.iterdir())
-    return [out / name for name in names]
 
 
 def load_report(path: Path) -> Report:
