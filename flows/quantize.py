@@ -53,16 +53,17 @@ def quantflow_run(spec: RunSpec = RunSpec(), variant_deployment: str | None = VA
     progress = create_progress_artifact(0.0, key="quantflow-progress", description="variants finished (%)")
     if variant_deployment:
         gathered = _fanned_out(plan, variant_deployment, progress)
-        calibration, baseline, variants = gathered.calibration, gathered.baseline, gathered.variants
+        calibration, baseline, variants, held = gathered.calibration, gathered.baseline, gathered.variants, []
     else:
         calibration, baseline = calibration_task.submit(plan), baseline_task.submit(plan)
         baseline.wait()  # variants share the accelerator with the baseline: they start once it is measured
-        variants = _in_turn(plan, calibration, baseline, progress)
+        variants, held = _in_turn(plan, calibration, baseline, progress)
     out, report_uri = report_task(plan, calibration, baseline, variants), None
     if spec.output.store:
         stored = [upload_task.submit(plan, v, out) for v in variants if v.artifact]
         report_uri = store_report_task(plan, calibration, baseline, variants, stored)
     publish_run_artifacts(out, spec, report_uri)
+    del held  # only now may the quantize results' ids be reused
     return out
 
 
@@ -71,12 +72,19 @@ def _quantized(plan: Plan, variant, calibration):
     return steps.unquantized(variant) if steps.load_time(variant) else quantize_task(plan, variant, calibration)
 
 
-def _in_turn(plan: Plan, calibration, baseline, progress: UUID) -> list[VariantResult]:
-    variants = []
+def _in_turn(plan: Plan, calibration, baseline, progress: UUID) -> tuple[list[VariantResult], list]:
+    """Each variant quantized then evaluated, one after another on the one accelerator.
+
+    The quantize results are returned for the flow to hold until it ends: Prefect links a task to a later
+    task's inputs by the ``id()`` of its result's plain parts (strings, lists). Once a quantize result was
+    freed, a new string at its old address drew a false quantize -> report edge in the UI.
+    """
+    variants, quantized = [], []
     for variant in plan.spec.variants:
-        variants.append(evaluate_task(plan, variant, _quantized(plan, variant, calibration), baseline))
+        quantized.append(_quantized(plan, variant, calibration))
+        variants.append(evaluate_task(plan, variant, quantized[-1], baseline))
         update_progress_artifact(progress, 100.0 * len(variants) / len(plan.spec.variants))
-    return variants
+    return variants, quantized
 
 
 def _fanned_out(plan: Plan, deployment: str, progress: UUID):
