@@ -39,10 +39,12 @@ def run(
     model: Optional[str] = typer.Option(None, help="Model source: hub id, folder, .gguf, or demo:smollm2-135m."),
     revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag, commit)."),
     methods: Optional[str] = typer.Option(
-        None, help="Comma-separated variants with default settings: rtn,awq,gptq,bnb-nf4,bnb-fp4,bnb-int8."
+        None,
+        help="Comma-separated variants with default settings: rtn, gptq, awq, awq-gptq, autoround, fp8, int8, "
+        "bnb-nf4, bnb-fp4, bnb-int8.",
     ),
     group_size: Optional[str] = typer.Option(
-        None, help="Group size for rtn/awq/gptq variants made by --methods (int, 'auto' or 'none')."
+        None, help="Group size for the W4/W8 integer variants made by --methods (int, 'auto' or 'none')."
     ),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder."),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
@@ -58,7 +60,7 @@ def run(
     ),
 ) -> None:
     """Run the whole pipeline from a spec file and/or flags."""
-    from quantflow.spec import RunSpec, apply_overrides, load_spec, variant_for
+    from quantflow.spec import GROUPED_METHODS, RunSpec, apply_overrides, load_spec, variant_for
 
     try:
         _check_engine(engine)
@@ -81,7 +83,7 @@ def run(
         if methods:
             extra = {} if group_size is None else {"group_size": _group_size(group_size)}
             overrides["variants"] = [
-                variant_for(m, **(extra if m.strip().lower() in ("rtn", "gptq", "awq") else {}))
+                variant_for(m, **(extra if m.strip().lower() in GROUPED_METHODS else {}))
                 for m in methods.split(",")
                 if m.strip()
             ]

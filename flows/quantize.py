@@ -80,17 +80,17 @@ def _in_turn(plan: Plan, calibration, baseline, progress: UUID) -> tuple[list[Va
     freed, a new string at its old address drew a false quantize -> report edge in the UI.
     """
     variants, quantized = [], []
-    for variant in plan.spec.variants:
+    for variant in plan.variants:
         quantized.append(_quantized(plan, variant, calibration))
         variants.append(evaluate_task(plan, variant, quantized[-1], baseline))
-        update_progress_artifact(progress, 100.0 * len(variants) / len(plan.spec.variants))
+        update_progress_artifact(progress, 100.0 * len(variants) / len(plan.variants))
     return variants, quantized
 
 
 def _fanned_out(plan: Plan, deployment: str, progress: UUID):
     """Baseline first (every variant's KL needs it), then all variants at once; then gather their records by key."""
     dispatch_task(deployment, plan.spec, None)
-    futures = [dispatch_task.submit(deployment, plan.spec, variant.name) for variant in plan.spec.variants]
+    futures = [dispatch_task.submit(deployment, plan.spec, variant.name) for variant in plan.variants]
     for done, future in enumerate(futures, start=1):
         future.result()
         update_progress_artifact(progress, 100.0 * done / len(futures))
@@ -102,11 +102,9 @@ def quantflow_variant(
     spec: RunSpec, variant: str | None = Field(None, description="Variant name from the spec; empty: baseline only.")
 ) -> None:
     """One branch of a fanned-out run: calibration and baseline (cache hits after the first), then one variant."""
-    chosen = [v for v in spec.variants if v.name == variant]
-    if variant is not None and not chosen:
-        raise ValueError(f"variant '{variant}' is not in the spec (it has {', '.join(v.name for v in spec.variants)})")
     plan = plan_task(spec)
+    chosen = plan.variant(variant) if variant is not None else None  # a name from the spec or its sweep
     calibration, baseline = calibration_task.submit(plan), baseline_task.submit(plan)
     baseline.wait()
-    if chosen:
-        evaluate_task(plan, chosen[0], _quantized(plan, chosen[0], calibration), baseline)
+    if chosen is not None:
+        evaluate_task(plan, chosen, _quantized(plan, chosen, calibration), baseline)

@@ -123,6 +123,51 @@ class AWQVariant(_WeightOnly):
     )
 
 
+class AWQGPTQVariant(GPTQVariant):
+    """AWQ's smoothing scales, then GPTQ's error-compensating rounding on the smoothed weights, in one recipe."""
+
+    method: Literal["awq-gptq"] = "awq-gptq"
+    bits: Literal[4] = Field(4, description="AWQ smoothing then GPTQ, W4A16.")
+    symmetric: bool = Field(False, description="Asymmetric (zero point), as AWQ alone.")
+    n_grid: int = Field(20, ge=2, le=100, description="Grid points of AWQ's per-layer scale search.")
+    duo_scaling: bool | Literal["both"] = Field(
+        True, description="Use weight as well as activation magnitudes for the scales; 'both' searches both."
+    )
+
+
+class AutoRoundVariant(_WeightOnly):
+    """Intel's AutoRound: signed-gradient descent on each block's rounding offsets and clipping ranges."""
+
+    method: Literal["autoround"] = "autoround"
+    iters: int = Field(200, ge=1, le=10_000, description="Tuning iterations per decoder block (cost grows linearly).")
+    batch_size: int = Field(8, ge=1, description="Calibration samples per tuning step.")
+    lr: float | None = Field(None, gt=0, description="Learning rate; null = AutoRound's default (1 / iters).")
+
+
+class FP8Variant(_Strict):
+    """W8A8 FP8 (e4m3): per-output-channel weight scales, activations scaled per token at run time.
+
+    Needs no calibration data; vLLM serves it on FP8 matmuls (compute capability 8.9+: Ada, Hopper)."""
+
+    name: str = Field("", pattern=r"^$|" + NAME_PATTERN, description="Variant name; defaults to the method.")
+    method: Literal["fp8"] = "fp8"
+    ignore: list[str] = Field(["lm_head"], description="Layers left in full precision (names or 're:' patterns).")
+
+
+class Int8Variant(_Strict):
+    """W8A8 INT8: SmoothQuant moves activation outliers into the weights, then GPTQ rounds the weights to int8
+    per output channel; activations are quantized per token at run time."""
+
+    name: str = Field("", pattern=r"^$|" + NAME_PATTERN, description="Variant name; defaults to the method.")
+    method: Literal["int8"] = "int8"
+    ignore: list[str] = Field(["lm_head"], description="Layers left in full precision (names or 're:' patterns).")
+    smoothing_strength: float = Field(
+        0.8, gt=0, lt=1, description="SmoothQuant's alpha: how much of the activations' range moves into the weights."
+    )
+    dampening_frac: float = Field(0.01, gt=0, lt=1, description="GPTQ Hessian dampening.")
+    block_size: int = Field(128, ge=1, description="Columns quantized per GPTQ block.")
+
+
 class BnbVariant(_Strict):
     """A bitsandbytes load-time variant: weights are quantized as the model loads."""
 
@@ -137,8 +182,33 @@ class BnbVariant(_Strict):
     save: bool = Field(False, description="Also write the bitsandbytes-serialized weights as an artifact.")
 
 
-Variant = Annotated[Union[RTNVariant, GPTQVariant, AWQVariant, BnbVariant], Field(discriminator="method")]
-METHODS = ("rtn", "gptq", "awq", "bnb-nf4", "bnb-fp4", "bnb-int8")
+Variant = Annotated[
+    Union[RTNVariant, GPTQVariant, AWQVariant, AWQGPTQVariant, AutoRoundVariant, FP8Variant, Int8Variant, BnbVariant],
+    Field(discriminator="method"),
+]
+METHODS = ("rtn", "gptq", "awq", "awq-gptq", "autoround", "fp8", "int8", "bnb-nf4", "bnb-fp4", "bnb-int8")
+MethodName = Literal[METHODS]
+GROUPED_METHODS = ("rtn", "gptq", "awq", "awq-gptq", "autoround")  # the methods with a group_size
+
+
+class SweepSpec(_Strict):
+    """A grid of variants: every method crossed with the axes that apply to it (FP8 takes no group size, AWQ only
+    4 bits), each named for its settings (``gptq-w4-g64-asym``)."""
+
+    methods: list[MethodName] = Field(..., min_length=1, description="Methods to sweep over.")
+    bits: list[Literal[2, 3, 4, 8]] = Field([4], min_length=1, description="Weight bits (integer weight methods).")
+    group_sizes: list[GroupSize | None] = Field(
+        ["auto"], min_length=1, description="Group sizes; null = per output channel."
+    )
+    symmetric: list[bool] = Field([True], min_length=1, description="Symmetric (true) and/or with zero points.")
+    settings: dict[str, dict[str, Any]] = Field(
+        {},
+        description="Per-method settings, a value or a list to sweep, e.g. {awq: {n_grid: [10, 20]}, autoround: "
+        "{iters: 50}}.",
+    )
+    max_variants: int = Field(
+        32, ge=1, le=1024, description="Refuse a grid with more combinations than this (each is a GPU job)."
+    )
 
 
 class SpeedSpec(_Strict):
@@ -182,10 +252,11 @@ class EvaluationSpec(_Strict):
         2048, ge=0, description="Tokens on which the KL divergence from the baseline is measured (0 = skip)."
     )
     speed: SpeedSpec | None = Field(default_factory=SpeedSpec, description="Throughput settings; null skips timing.")
-    kernels: Literal["auto", "dense", "int4"] = Field(
+    kernels: Literal["auto", "dense", "int4", "fp8"] = Field(
         "auto",
-        description="How W4 artifacts execute: 'int4' = packed weights on PyTorch's int4 kernels (bf16 activations), "
-        "'dense' = decompressed by transformers, 'auto' = int4 on CUDA when the scheme allows, else dense.",
+        description="How artifacts execute: 'int4' = W4 packed weights on PyTorch's int4 kernels (bf16 activations), "
+        "'fp8' = FP8 variants on FP8 matmuls (compute capability 8.9+), 'dense' = decompressed by transformers, "
+        "'auto' = each variant's quantized kernels on CUDA where the scheme and the card allow, else dense.",
     )
     prompts: list[str] = Field(
         default_factory=lambda: list(DEFAULT_PROMPTS), description="Prompts answered greedily by every variant."
@@ -263,8 +334,10 @@ class RunSpec(_Strict):
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     variants: list[Variant] = Field(
         default_factory=lambda: [RTNVariant(), AWQVariant(), GPTQVariant()],
-        min_length=1,
-        description="Quantized variants to build and evaluate against the baseline.",
+        description="Quantized variants to build and evaluate against the baseline (empty when a sweep gives them).",
+    )
+    sweep: SweepSpec | None = Field(
+        None, description="A grid expanded into more variants; combinations the model cannot take are left out."
     )
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     constraints: ConstraintsSpec = Field(default_factory=ConstraintsSpec)
@@ -280,6 +353,31 @@ class RunSpec(_Strict):
         "memory and onloads one layer at a time; evaluation places what does not fit on further GPUs, then in host "
         "memory.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sweep_alone(cls, data: Any) -> Any:
+        """A spec that gives a sweep and no variants runs the sweep alone, not the default variants as well."""
+        if isinstance(data, dict) and data.get("sweep") and "variants" not in data:
+            return {**data, "variants": []}
+        return data
+
+    @model_validator(mode="after")
+    def _check_sweep(self) -> "RunSpec":
+        from quantflow.sweep import entries, grid_size
+
+        if not self.variants and self.sweep is None:
+            raise ValueError("the spec has no variants: list some under 'variants' or give a 'sweep'")
+        if self.sweep is not None and (size := grid_size(self.sweep)) > self.sweep.max_variants:
+            raise ValueError(
+                f"the sweep expands to {size} variants, over its max_variants {self.sweep.max_variants}: "
+                "narrow the grid or raise sweep.max_variants"
+            )
+        if self.sweep is not None:
+            taken = {v.name or v.method for v in self.variants} & {e["name"] for e in entries(self.sweep)}
+            if taken:
+                raise ValueError(f"variants named {', '.join(sorted(taken))} collide with the sweep's: rename them")
+        return self
 
     @model_validator(mode="after")
     def _name_variants(self) -> "RunSpec":

@@ -13,6 +13,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from quantflow.reporting.report import PLOTS, Report, load_report
 from quantflow.spec import RunSpec
+from quantflow.sweep import grid_size
 from tasks.credentials import store_credentials
 
 KEY = "quantflow"
@@ -36,7 +37,9 @@ def run_name() -> str:
     if "variant" in parameters:
         what = parameters["variant"] or "baseline"
     else:
-        what = ", ".join(v.name for v in spec.variants)
+        what = ", ".join(
+            [v.name for v in spec.variants] + ([f"sweep of {grid_size(spec.sweep)}"] if spec.sweep else [])
+        )
     return f"{short_model_name(spec.model.source)}: {what}"
 
 

@@ -133,6 +133,7 @@ def _report(
         variants,
         [calibration.step, baseline.step],
         stored or [],
+        plan.dropped,
     )
 
 

@@ -144,7 +144,7 @@ def use_int4(model_path: str | Path, kernels: str, device: str) -> bool:
     (``pipeline.plan`` refuses such variants before any work).
     """
     config = json.loads((Path(model_path) / "config.json").read_text())
-    if kernels == "dense" or not config.get("quantization_config"):
+    if kernels in ("dense", "fp8") or not config.get("quantization_config"):
         return False
     if kernels == "int4":
         weight_scheme(config)
@@ -177,37 +177,13 @@ def convert_layer(
 
 def load_int4(path: str | Path, device: str) -> nn.Module:
     """Load a quantflow W4 artifact with its quantized Linears on int4 kernels and everything else in bf16."""
-    from accelerate import init_empty_weights
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from quantflow.evaluation.packed import load_converted
 
-    path, target = Path(path), torch.device(device)
-    args = weight_scheme(json.loads((path / "config.json").read_text()))
-    config = AutoConfig.from_pretrained(path)
-    config.quantization_config = None
-    with init_empty_weights(
-        include_buffers=False
-    ):  # parameters on meta (no memory); buffers such as rotary tables stay real
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
-            tensors.update({key: handle.get_tensor(key) for key in handle.keys()})
-    prefixes = sorted(key.removesuffix(".weight_packed") for key in tensors if key.endswith(".weight_packed"))
-    for prefix in prefixes:
-        parts = {
-            suffix: tensors.pop(f"{prefix}.{suffix}")
-            for suffix in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
-            if f"{prefix}.{suffix}" in tensors
-        }
-        parent_name, _, child = prefix.rpartition(".")
-        model.get_submodule(parent_name).register_module(
-            child, convert_layer(parts, args, tensors.pop(f"{prefix}.bias", None), target)
-        )
-    model.load_state_dict({key: value.to(torch.bfloat16) for key, value in tensors.items()}, strict=False, assign=True)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    missing = [name for name, param in model.named_parameters() if param.device.type == "meta"]
-    if missing:
-        raise QuantflowError(f"{path} lacks weights for {missing[:3]}", "use a complete artifact folder")
-    return model.to(target).eval()
+    args = weight_scheme(json.loads((Path(path) / "config.json").read_text()))
+    return load_converted(
+        path,
+        device,
+        "weight_packed",
+        ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point"),
+        lambda parts, bias, target: convert_layer(parts, args, bias, target),
+    )

@@ -1,13 +1,15 @@
 """Which runtime measures a variant, and the evaluate step's work: load on that runtime, run the protocol.
 
-A W4 artifact on CUDA runs from its packed weights on int4 kernels (when the scheme allows);
-a bitsandbytes variant is quantized as it loads; everything else loads dense through
-transformers (compressed-tensors decompress at load). The runtime is named in the record, so a
+A W4 artifact on CUDA runs from its packed weights on int4 kernels (when the scheme allows), an FP8
+artifact on FP8 matmuls (on cards that have them); a bitsandbytes variant is quantized as it loads;
+everything else loads dense through transformers (compressed-tensors decompress at load, and
+W8A8 activations are quantized and dequantized in bf16, so their quality is still measured). The runtime is named in the record, so a
 report never compares numbers without saying what produced them.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -37,6 +39,7 @@ def load_on_runtime(subject: Subject, kernels: str, resources: Resources):
     from transformers import AutoTokenizer
 
     from quantflow.evaluation.evaluate import folder_size, load_for_eval
+    from quantflow.evaluation.fp8 import load_fp8, use_fp8
     from quantflow.evaluation.int4 import load_int4, use_int4
     from quantflow.infra.environment import package_version
     from quantflow.quantization.quantize import bnb_config
@@ -46,16 +49,29 @@ def load_on_runtime(subject: Subject, kernels: str, resources: Resources):
         model, tokenizer = load_int4(path, device), AutoTokenizer.from_pretrained(path)
         runtime = f"PyTorch {package_version('torch')} int4 tinygemm kernels on the packed weights (bf16 activations)"
         return model, tokenizer, (folder_size(Path(path)), "on_disk_safetensors"), runtime
+    if subject.bnb is None and use_fp8(path, kernels, device):
+        model, tokenizer = load_fp8(path, device), AutoTokenizer.from_pretrained(path)
+        runtime = f"PyTorch {package_version('torch')} FP8 matmuls (_scaled_mm, e4m3, per-token activation scales)"
+        return model, tokenizer, (folder_size(Path(path)), "on_disk_safetensors"), runtime
     if subject.bnb is not None:
         model, tokenizer = load_for_eval(path, device, resources.compute_dtype, bnb_config(subject.bnb), budget)
         runtime = f"transformers {package_version('transformers')} + bitsandbytes {package_version('bitsandbytes')}"
         return model, tokenizer, (model.get_memory_footprint(), "in_memory_weights"), runtime
     model, tokenizer = load_for_eval(path, device, resources.compute_dtype, None, budget)
-    packed = "compressed-tensors" in (Path(path) / "config.json").read_text()
-    runtime = f"transformers {package_version('transformers')}" + (
-        ", compressed-tensors decompressed to dense at load" if packed else ""
-    )
+    runtime = f"transformers {package_version('transformers')}" + dense_note(Path(path))
     return model, tokenizer, (folder_size(Path(path)), "on_disk_safetensors"), runtime
+
+
+def dense_note(path: Path) -> str:
+    """What the dense runtime does with an artifact's quantization: weights dequantized; W8A8 activations
+    fake-quantized per token, so the quality is the quantized model's though the matmuls are bf16."""
+    quant = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    if quant.get("quant_method") != "compressed-tensors":
+        return ""
+    groups = quant.get("config_groups", {}).values()
+    if any(group.get("input_activations") for group in groups):
+        return ", compressed-tensors: weights dequantized, activations quantized per token and back (simulated W8A8)"
+    return ", compressed-tensors decompressed to dense at load"
 
 
 def evaluate_subject(

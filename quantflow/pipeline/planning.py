@@ -9,13 +9,22 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from quantflow.errors import QuantflowError
+from quantflow.evaluation.fp8 import fp8_matmuls, fp8_matmuls_missing
 from quantflow.evaluation.int4 import GROUP_SIZES
 from quantflow.infra.cache import StepCache, default_cache_root
 from quantflow.infra.resources import Resources, check_fits, pick_device
 from quantflow.inputs.corpus import check_source
 from quantflow.inputs.sources import ModelRef, resolve_model
-from quantflow.quantization.quantize import Scheme, check_ignore, resolve_group_size, weightless_model
-from quantflow.spec import BnbVariant, RunSpec
+from quantflow.quantization.quantize import (
+    Scheme,
+    WeightVariant,
+    check_ignore,
+    resolve_group_size,
+    scheme_label,
+    weightless_model,
+)
+from quantflow.spec import BnbVariant, FP8Variant, RunSpec, Variant
+from quantflow.sweep import Dropped, expand
 
 Progress = Callable[[str], None]
 
@@ -28,7 +37,19 @@ class Plan(BaseModel):
     device: str
     cache_root: str
     schemes: dict[str, Scheme]
+    variants: list[Variant]
+    dropped: list[Dropped] = []
     gather_only: bool = False
+
+    def variant(self, name: str) -> Variant:
+        """A planned variant by name (a fanned-out branch gets only the name)."""
+        found = [v for v in self.variants if v.name == name]
+        if not found:
+            raise QuantflowError(
+                f"variant '{name}' is not in the plan (it has {', '.join(v.name for v in self.variants)})",
+                "pick a variant name from the spec or its sweep",
+            )
+        return found[0]
 
     @property
     def cache(self) -> StepCache:
@@ -50,16 +71,39 @@ def check_environment(spec: RunSpec) -> None:
     """Refuse variants this machine cannot run, before anything is loaded."""
     from quantflow.infra.environment import package_version
 
-    bnb = [v.name for v in spec.variants if isinstance(v, BnbVariant)]
+    candidates = [*spec.variants, *expand(spec)[0]]
+    bnb = [v.name for v in candidates if isinstance(v, BnbVariant)]
     if bnb and package_version("bitsandbytes") is None:
         raise QuantflowError(
             f"variants {', '.join(bnb)} need bitsandbytes, which is not installed",
             "pip install 'quantflow[bnb]' or drop those variants",
         )
+    if any(v.method == "autoround" for v in candidates) and package_version("auto-round") is None:
+        raise QuantflowError("autoround variants need the auto-round package", "pip install auto-round")
     if spec.evaluation.lm_eval:
         from quantflow.evaluation.lm_eval_tasks import check_tasks
 
         check_tasks(spec.evaluation.lm_eval)
+
+
+def check_kernels(kernels: str, variant: WeightVariant, scheme: Scheme, device: str) -> None:
+    """Kernels demanded by name must exist for the variant and on this machine."""
+    if kernels == "int4" and (getattr(variant, "bits", 8) != 4 or scheme.group_size not in GROUP_SIZES):
+        raise QuantflowError(
+            f"variant '{variant.name}' ({scheme_label(variant, scheme.group_size)}) cannot run on the int4 kernels, "
+            f"which need 4 bits in groups of {GROUP_SIZES}",
+            "set evaluation.kernels to 'auto' or 'dense', or change the variant",
+        )
+    if kernels == "fp8" and not isinstance(variant, FP8Variant):
+        raise QuantflowError(
+            f"variant '{variant.name}' ({scheme_label(variant, scheme.group_size)}) cannot run on FP8 matmuls",
+            "set evaluation.kernels to 'auto' or 'dense', or keep only fp8 variants",
+        )
+    if kernels == "fp8" and not fp8_matmuls(device):
+        raise QuantflowError(
+            f"evaluation.kernels 'fp8' needs FP8 matmuls, which this machine lacks ({fp8_matmuls_missing(device)})",
+            "run on a GPU of compute capability 8.9 or newer (Ada, Hopper), or set evaluation.kernels to 'auto'",
+        )
 
 
 def check_folder(field: str, folder: Path) -> None:
@@ -102,16 +146,34 @@ def plan(spec: RunSpec, progress: Progress = print) -> Plan:
             psutil.virtual_memory().available,
         )
     skeleton = weightless_model(model.path, spec.model.trust_remote_code)
-    schemes = {}
-    for variant in spec.variants:
-        if isinstance(variant, BnbVariant):
-            continue
-        check_ignore(skeleton, variant)
-        schemes[variant.name] = scheme = resolve_group_size(skeleton, variant)
-        if spec.evaluation.kernels == "int4" and (variant.bits != 4 or scheme.group_size not in GROUP_SIZES):
-            raise QuantflowError(
-                f"variant '{variant.name}' ({variant.bits} bits, group size {scheme.group_size}) cannot run on the "
-                f"int4 kernels, which need 4 bits in groups of {GROUP_SIZES}",
-                "set evaluation.kernels to 'auto' or 'dense', or change the variant",
-            )
-    return Plan(spec=spec, model=model, device=device, cache_root=str(cache.root), schemes=schemes)
+    swept, dropped = expand(spec)
+    schemes = {variant.name: fitted(skeleton, variant, spec, device) for variant in spec.variants}
+    kept = []
+    for variant in swept:
+        try:
+            schemes[variant.name] = fitted(skeleton, variant, spec, device)
+            kept.append(variant)
+        except QuantflowError as error:
+            dropped.append(Dropped(name=variant.name, reason=error.problem))
+    if spec.sweep is not None and not spec.variants and not kept:
+        reasons = "; ".join(f"{d.name}: {d.reason}" for d in dropped[:5])
+        raise QuantflowError(f"no combination of the sweep fits this model ({reasons})", "widen or change the grid")
+    return Plan(
+        spec=spec,
+        model=model,
+        device=device,
+        cache_root=str(cache.root),
+        schemes={name: scheme for name, scheme in schemes.items() if scheme is not None},
+        variants=[*spec.variants, *kept],
+        dropped=dropped,
+    )
+
+
+def fitted(skeleton, variant: Variant, spec: RunSpec, device: str) -> Scheme | None:
+    """The variant's scheme against the model's shapes and this machine (None for load-time variants), or why not."""
+    if isinstance(variant, BnbVariant):
+        return None
+    check_ignore(skeleton, variant)
+    scheme = resolve_group_size(skeleton, variant)
+    check_kernels(spec.evaluation.kernels, variant, scheme, device)
+    return scheme

@@ -35,7 +35,7 @@ def run(spec: RunSpec, progress: Progress = print) -> Path:
         f"baseline perplexity {baseline.evaluation.perplexity:.3f} ({'cached' if baseline.step.cached else 'computed'})"
     )
     variants = []
-    for variant in spec.variants:
+    for variant in the_plan.variants:
         quantized = steps.quantize(the_plan, variant, calibration.record)
         result = steps.evaluate(the_plan, variant, quantized, baseline)
         progress(
@@ -52,7 +52,7 @@ def run(spec: RunSpec, progress: Progress = print) -> Path:
         [calibration.step, baseline.step],
     )
     out = Path(spec.output.dir)
-    report = build_report(*inputs)
+    report = build_report(*inputs, dropped=the_plan.dropped)
     publish_variants(report, variants, out)
     if spec.output.store:
         stored = [
@@ -60,7 +60,7 @@ def run(spec: RunSpec, progress: Progress = print) -> Path:
             for v in variants
             if v.artifact
         ]
-        report = build_report(*inputs, stored)
+        report = build_report(*inputs, stored, the_plan.dropped)
     write_report(report, out)
     if spec.output.store:
         upload_report(spec, the_plan.model, report, out, progress)

@@ -209,5 +209,5 @@ def gather(plan: Plan) -> Gathered:
     reader = plan.model_copy(update={"gather_only": True})
     calibration = calibrate(reader)
     baseline = evaluate_baseline(reader)
-    variants = [evaluate(reader, v, quantize(reader, v, calibration.record), baseline) for v in plan.spec.variants]
+    variants = [evaluate(reader, v, quantize(reader, v, calibration.record), baseline) for v in plan.variants]
     return Gathered(calibration=calibration, baseline=baseline, variants=variants)

@@ -1,4 +1,4 @@
-"""Weight quantization with llm-compressor (GPTQ, AWQ, RTN) and bitsandbytes load-time configs.
+"""Quantization with llm-compressor (RTN, GPTQ, AWQ, AWQ+GPTQ, AutoRound, FP8, INT8 W8A8) and bitsandbytes configs.
 
 The recipes are built from our variant specs; llm-compressor does the maths and writes
 compressed-tensors checkpoints that vLLM serves. Scheme problems (a group size that does
@@ -26,9 +26,19 @@ from quantflow.infra.resources import (
     visible_devices,
 )
 from quantflow.inputs.calibration import CalibrationRecord, load_samples
-from quantflow.spec import AWQVariant, BnbVariant, GPTQVariant, RTNVariant
+from quantflow.spec import (
+    AutoRoundVariant,
+    AWQGPTQVariant,
+    AWQVariant,
+    BnbVariant,
+    FP8Variant,
+    GPTQVariant,
+    Int8Variant,
+    RTNVariant,
+)
 
-WeightVariant = RTNVariant | GPTQVariant | AWQVariant
+WeightVariant = RTNVariant | GPTQVariant | AWQVariant | AWQGPTQVariant | AutoRoundVariant | FP8Variant | Int8Variant
+GROUPED = (RTNVariant, GPTQVariant, AWQVariant, AWQGPTQVariant, AutoRoundVariant)
 AUTO_GROUP_SIZES = (128, 64, 32)
 
 
@@ -37,6 +47,13 @@ class Scheme(BaseModel):
 
     group_size: int | None
     note: str | None = None
+
+
+class Smoothing(BaseModel):
+    """What an AWQ-family recipe smoothed: each resolved mapping, and the quantized layers no mapping balanced."""
+
+    mappings: list[dict[str, str | list[str]]]
+    unsmoothed: list[str]
 
 
 class QuantizeRecord(BaseModel):
@@ -54,6 +71,8 @@ class QuantizeRecord(BaseModel):
     skipped_layers: list[str]
     recipe: str
     visible_devices: str | None = None
+    scheme: str = ""
+    smoothing: Smoothing | None = None
 
 
 def target_layers(model: torch.nn.Module, ignore: list[str]) -> tuple[list[str], list[str]]:
@@ -82,10 +101,10 @@ def resolve_group_size(model: torch.nn.Module, variant: WeightVariant) -> Scheme
     explicit size that does not divide some width fails here, naming the layers and the sizes
     that would work: a user who chose a size gets it or an error, never a silent substitute.
     """
+    if not isinstance(variant, GROUPED) or variant.group_size is None:
+        return Scheme(group_size=None)
     quantized, _ = target_layers(model, variant.ignore)
     widths = {name: model.get_submodule(name).in_features for name in quantized}
-    if variant.group_size is None:
-        return Scheme(group_size=None)
     if variant.group_size == "auto":
         for size in AUTO_GROUP_SIZES:
             if all(width % size == 0 for width in widths.values()):
@@ -126,11 +145,15 @@ def check_ignore(model: torch.nn.Module, variant: WeightVariant) -> None:
         )
 
 
-def recipe_for(variant: WeightVariant, group_size: int | None, scale_dtype: str = "bfloat16") -> list:
-    """llm-compressor modifiers for a weight-only variant."""
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+def scheme_for(variant: WeightVariant, group_size: int | None, scale_dtype: str = "bfloat16"):
+    """The compressed-tensors scheme of a variant: llm-compressor's presets for FP8 and INT8 W8A8, else integer
+    weights at the variant's bits, group size and symmetry (activations untouched: W4A16, W8A16)."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme, preset_name_to_scheme
 
+    if isinstance(variant, FP8Variant):
+        return preset_name_to_scheme("FP8_DYNAMIC", ["Linear"])
+    if isinstance(variant, Int8Variant):
+        return preset_name_to_scheme("W8A8", ["Linear"])
     weights = QuantizationArgs(
         num_bits=variant.bits,
         type="int",
@@ -141,23 +164,86 @@ def recipe_for(variant: WeightVariant, group_size: int | None, scale_dtype: str 
         scale_dtype=getattr(torch, scale_dtype),
         observer=variant.observer,
     )
-    groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
-    if isinstance(variant, GPTQVariant):
+    return QuantizationScheme(targets=["Linear"], weights=weights)
+
+
+def scheme_label(variant: WeightVariant, group_size: int | None) -> str:
+    """The scheme in the words serving engines use, for reports and model cards."""
+    if isinstance(variant, FP8Variant):
+        return "W8A8 FP8 e4m3 (per-channel weights, dynamic per-token activations)"
+    if isinstance(variant, Int8Variant):
+        return "W8A8 INT8 (per-channel weights, dynamic per-token activations)"
+    grouping = f"group {group_size}" if group_size else "per-channel"
+    return f"W{variant.bits}A16 int, {'symmetric' if variant.symmetric else 'asymmetric'}, {grouping}"
+
+
+def recipe_for(variant: WeightVariant, group_size: int | None, scale_dtype: str = "bfloat16") -> list:
+    """llm-compressor modifiers for a variant, in the order they run."""
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+
+    groups = {"group_0": scheme_for(variant, group_size, scale_dtype)}
+    if isinstance(variant, Int8Variant):
+        from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+
+        gptq = GPTQModifier(
+            config_groups=groups,
+            ignore=variant.ignore,
+            block_size=variant.block_size,
+            dampening_frac=variant.dampening_frac,
+        )
+        return [SmoothQuantModifier(smoothing_strength=variant.smoothing_strength), gptq]
+    if isinstance(variant, AutoRoundVariant):
+        from llmcompressor.modifiers.autoround import AutoRoundModifier
+
         return [
-            GPTQModifier(
+            AutoRoundModifier(
                 config_groups=groups,
                 ignore=variant.ignore,
-                block_size=variant.block_size,
-                dampening_frac=variant.dampening_frac,
-                actorder=variant.actorder,
+                iters=variant.iters,
+                batch_size=variant.batch_size,
+                lr=variant.lr,
+                enable_torch_compile=False,  # compiling each block costs more than it saves at these sizes
             )
         ]
+    if isinstance(variant, GPTQVariant):  # plain GPTQ, or AWQ smoothing first
+        gptq = GPTQModifier(
+            config_groups=groups,
+            ignore=variant.ignore,
+            block_size=variant.block_size,
+            dampening_frac=variant.dampening_frac,
+            actorder=variant.actorder,
+        )
+        return [awq_modifier(variant), gptq] if isinstance(variant, AWQGPTQVariant) else [gptq]
     quantizer = QuantizationModifier(config_groups=groups, ignore=variant.ignore)
-    if isinstance(variant, AWQVariant):
-        from llmcompressor.modifiers.transform.awq import AWQModifier
+    return [awq_modifier(variant), quantizer] if isinstance(variant, AWQVariant) else [quantizer]
 
-        return [AWQModifier(n_grid=variant.n_grid, duo_scaling=variant.duo_scaling), quantizer]
-    return [quantizer]
+
+def awq_modifier(variant: AWQVariant | AWQGPTQVariant):
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+
+    return AWQModifier(n_grid=variant.n_grid, duo_scaling=variant.duo_scaling)
+
+
+@contextlib.contextmanager
+def recorded_smoothing(found: list[dict]) -> Iterator[None]:
+    """Collect the smoothing mappings AWQ resolves against the model.
+
+    llm-compressor resolves them at calibration start and clears them at finalize, logging skipped ones only at
+    debug level; a report that explains a weak AWQ row needs them, so the resolver is wrapped for the run.
+    """
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+
+    original = AWQModifier._set_resolved_mappings
+
+    def resolve(self, model) -> None:
+        original(self, model)
+        found.extend({"smooth": m.smooth_name, "balance": list(m.balance_names)} for m in self._resolved_mappings)
+
+    AWQModifier._set_resolved_mappings = resolve
+    try:
+        yield
+    finally:
+        AWQModifier._set_resolved_mappings = original
 
 
 @contextlib.contextmanager
@@ -231,7 +317,8 @@ def quantize_weights(
         torch.cuda.init()  # creating the CUDA context is process start-up, not quantization time
     reset_peak_memory()
     start = time.perf_counter()
-    with cpu_safe_awq(), over_budget("quantize", budget):
+    mappings: list[dict] = []
+    with cpu_safe_awq(), recorded_smoothing(mappings), over_budget("quantize", budget):
         oneshot(model=model, recipe=recipe, shuffle_calibration_samples=False, log_dir=None, **data)
     seconds = time.perf_counter() - start
     peak, kind = peak_memory_mb()
@@ -255,11 +342,23 @@ def quantize_weights(
         skipped_layers=skipped,
         recipe=yaml.safe_dump([type(m).__name__ + ": " + m.model_dump_json(exclude_none=True) for m in recipe]),
         visible_devices=visible_devices(),
+        scheme=scheme_label(variant, scheme.group_size),
+        smoothing=smoothing(variant, mappings, quantized),
     )
 
 
+def smoothing(variant: WeightVariant, mappings: list[dict], quantized: list[str]) -> Smoothing | None:
+    if not isinstance(variant, AWQVariant | AWQGPTQVariant):
+        return None
+    balanced = {name for mapping in mappings for name in mapping["balance"]}
+    return Smoothing(mappings=mappings, unsmoothed=[name for name in quantized if name not in balanced])
+
+
 def needs_calibration(variant: WeightVariant) -> bool:
-    """GPTQ and AWQ always read calibration data; RTN only for the activation-weighted observer."""
+    """Every method reads calibration data but FP8 (dynamic activations, min-max weights) and RTN, which reads it
+    only for the activation-weighted observer."""
+    if isinstance(variant, FP8Variant):
+        return False
     return not isinstance(variant, RTNVariant) or variant.observer == "imatrix_mse"
 
 

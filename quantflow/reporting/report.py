@@ -2,7 +2,8 @@
 
 Best variant rule: among variants within the user's constraints (perplexity increase over
 the baseline, optional size ratio), the smallest artifact wins, ties broken by perplexity.
-The Pareto set is every variant that no other variant beats on both size and perplexity.
+Two Pareto fronts: size vs perplexity (no other row is as small and as good, and better in one)
+and speed vs perplexity (batch-1 decode, or the smallest batch timed).
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from quantflow.infra.environment import environment
 from quantflow.infra.steps import StepRun
 from quantflow.inputs.calibration import CalibrationRecord
 from quantflow.inputs.sources import ModelRef
-from quantflow.quantization.quantize import QuantizeRecord
+from quantflow.quantization.quantize import QuantizeRecord, Smoothing
 from quantflow.reporting.bits import artifact_bits, bnb_bits
 from quantflow.spec import BnbVariant, ConstraintsSpec, RunSpec
+from quantflow.sweep import Dropped, expand
 
-SCHEMA_VERSION = "1.4"
+SCHEMA_VERSION = "1.5"
 UNITS = {
     "perplexity": "exp(mean NLL per token), lower is better",
     "ppl_delta_pct": "% change vs baseline",
@@ -40,7 +42,11 @@ UNITS = {
 }
 
 
-PLOTS = {"quality_vs_size.png": "Quality vs size", "throughput_vs_memory.png": "Throughput vs memory"}
+PLOTS = {
+    "quality_vs_size.png": "Quality vs size",
+    "quality_vs_speed.png": "Quality vs speed",
+    "throughput_vs_memory.png": "Throughput vs memory",
+}
 
 
 class VariantResult(BaseModel):
@@ -95,6 +101,8 @@ class Row(BaseModel):
     visible_devices: str | None = None
     compile_seconds: float = 0.0
     effective_bits: float | None = None
+    scheme: str = ""
+    smoothing: Smoothing | None = None
 
 
 class Report(BaseModel):
@@ -109,6 +117,8 @@ class Report(BaseModel):
     best: str | None
     best_reason: str
     pareto: list[str]
+    pareto_speed: list[str] = []
+    dropped: list[Dropped] = []
     generations: dict[str, list[dict]]
     environment: dict
     spec: dict
@@ -142,6 +152,8 @@ def _row(
         skipped_layers=quantize.skipped_layers if quantize else [],
         group_size=quantize.group_size if quantize else None,
         group_size_note=quantize.group_size_note if quantize else None,
+        scheme=quantize.scheme if quantize else "",
+        smoothing=quantize.smoothing if quantize else None,
         runtime=evaluation.runtime,
         artifact=artifact,
         placement=evaluation.placement,
@@ -157,7 +169,8 @@ def row_bits(row: Row, spec: RunSpec, model: ModelRef) -> float | None:
     """Effective bits per weight of a row: from its artifact's files, or bitsandbytes' layout for load-time rows."""
     if row.artifact:
         return artifact_bits(Path(row.artifact))
-    load_time = next((v for v in spec.variants if v.name == row.name and isinstance(v, BnbVariant)), None)
+    planned = [*spec.variants, *expand(spec)[0]]
+    load_time = next((v for v in planned if v.name == row.name and isinstance(v, BnbVariant)), None)
     return bnb_bits(load_time.method, load_time.double_quant, Path(model.path)) if load_time else None
 
 
@@ -178,18 +191,31 @@ def pick_best(rows: list[Row], constraints: ConstraintsSpec) -> tuple[str | None
     return best.name, f"smallest variant with {rule}"
 
 
-def pareto(rows: list[Row]) -> list[str]:
-    """Rows not dominated in (size, perplexity): nothing else is at least as small and as good, and better in one."""
+def front(rows: list[Row], cost) -> list[str]:
+    """Rows no other row dominates in (cost, perplexity): at least as good in both and better in one."""
 
     def dominated(r: Row) -> bool:
         return any(
-            o.size_mb <= r.size_mb
-            and o.perplexity <= r.perplexity
-            and (o.size_mb < r.size_mb or o.perplexity < r.perplexity)
+            cost(o) <= cost(r) and o.perplexity <= r.perplexity and (cost(o) < cost(r) or o.perplexity < r.perplexity)
             for o in rows
         )
 
     return [r.name for r in rows if not dominated(r)]
+
+
+def pareto(rows: list[Row]) -> list[str]:
+    """The size vs perplexity front."""
+    return front(rows, lambda r: r.size_mb)
+
+
+def first_decode(row: Row) -> float | None:
+    """Decode tokens/s at the smallest batch timed (batch 1 by default), or None when the row was not timed."""
+    return min(row.speed, key=lambda s: s["batch"])["decode_tokens_per_s"] if row.speed else None
+
+
+def pareto_speed(rows: list[Row]) -> list[str]:
+    """The speed vs perplexity front over the timed rows (faster is better, so the cost is minus tokens/s)."""
+    return front([r for r in rows if r.speed], lambda r: -first_decode(r))
 
 
 def build_report(
@@ -200,6 +226,7 @@ def build_report(
     variants: list[VariantResult],
     steps: list[StepRun],
     stored: list[StoredArtifact] = (),
+    dropped: list[Dropped] = (),
 ) -> Report:
     """The report of a run from its records; ``stored`` (after upload) adds each row's URI and round-trip check."""
     where = {s.name: s for s in stored}
@@ -220,6 +247,8 @@ def build_report(
         best=best,
         best_reason=reason,
         pareto=pareto(rows),
+        pareto_speed=pareto_speed(rows),
+        dropped=list(dropped),
         generations={"baseline": baseline.generations, **{v.name: v.evaluation.generations for v in variants}},
         environment=environment(),
         spec=spec.model_dump(mode="json"),
@@ -237,6 +266,7 @@ def markdown(report: Report) -> str:
     head = [
         "variant",
         "method",
+        "scheme",
         "perplexity",
         "Δppl %",
         "KL (nats/tok)",
@@ -251,8 +281,8 @@ def markdown(report: Report) -> str:
     lines = [
         f"# quantflow report: {report.model['source']}",
         "",
-        f"Best variant: **{report.best or 'none'}** ({report.best_reason}). Pareto set (size vs perplexity): "
-        f"{', '.join(report.pareto)}.",
+        f"Best variant: **{report.best or 'none'}** ({report.best_reason}). Pareto front, size vs perplexity: "
+        f"{', '.join(report.pareto)}; speed vs perplexity: {', '.join(report.pareto_speed) or 'not timed'}.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -261,6 +291,7 @@ def markdown(report: Report) -> str:
         cells = [
             r.name,
             r.method,
+            r.scheme or "–",
             f"{r.perplexity:.3f}",
             f"{r.ppl_delta_pct:+.2f}",
             "–" if r.kl_mean is None else f"{r.kl_mean:.4f}",
@@ -302,6 +333,7 @@ def markdown(report: Report) -> str:
         harness = f"; timed with {r.speed[0]['harness']}" if r.speed and r.speed[0].get("harness") else ""
         card = f"; CUDA_VISIBLE_DEVICES={r.visible_devices}" if r.visible_devices is not None else ""
         lines.append(f"- **{r.name}**: {r.runtime}{harness}{layers}{note}{card}")
+    lines += _smoothing(report.rows) + _dropped(report.dropped)
     lines += _lm_eval_table(report.rows)
     lines += ["", "## Greedy samples", ""]
     for name, samples in report.generations.items():
@@ -318,6 +350,44 @@ def markdown(report: Report) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def role(name: str) -> str:
+    """A layer's role in its block: 'model.layers.3.self_attn.q_proj' -> 'self_attn.q_proj'."""
+    return re.sub(r"^.*?\.\d+\.", "", name)
+
+
+def by_role(names: list[str]) -> str:
+    """Layer names counted by role ('self_attn.q_proj x 30'): a 7B has hundreds of them."""
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[role(name)] = counts.get(role(name), 0) + 1
+    return ", ".join(f"{name} x {count}" for name, count in counts.items()) or "none"
+
+
+def _smoothing(rows: list[Row]) -> list[str]:
+    """For AWQ-family rows, what was smoothed and what was not, so a weak AWQ result can be explained."""
+    smoothed = [r for r in rows if r.smoothing is not None]
+    if not smoothed:
+        return []
+    lines = ["", "## AWQ smoothing", ""]
+    for r in smoothed:
+        pairs: dict[str, int] = {}
+        for mapping in r.smoothing.mappings:
+            key = f"{role(mapping['smooth'])} -> {', '.join(role(name) for name in mapping['balance'])}"
+            pairs[key] = pairs.get(key, 0) + 1
+        applied = "; ".join(f"{pair} ({count} blocks)" for pair, count in pairs.items()) or "none"
+        lines.append(
+            f"- **{r.name}**: {len(r.smoothing.mappings)} mappings applied: {applied}. Quantized but not smoothed: "
+            f"{by_role(r.smoothing.unsmoothed)}."
+        )
+    return lines
+
+
+def _dropped(dropped: list[Dropped]) -> list[str]:
+    if not dropped:
+        return []
+    return ["", "## Sweep combinations left out", ""] + [f"- **{d.name}**: {d.reason}" for d in dropped]
 
 
 def fenced(text: str) -> list[str]:
@@ -361,43 +431,55 @@ def _lm_eval_table(rows: list[Row]) -> list[str]:
     return lines
 
 
-def plots(report: Report, out: Path) -> list[Path]:
+def scatter(
+    points: list[tuple[str, float, float]], marked: list[str], labels: tuple[str, str, str], path: Path
+) -> None:
+    """One labelled scatter plot, rows on ``marked`` (a Pareto front) as stars joined by a line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in report.rows:
-        ax.scatter(r.size_mb, r.perplexity, marker="*" if r.name in report.pareto else "o")
-        ax.annotate(r.name, (r.size_mb, r.perplexity), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set(xlabel="weights size (MiB)", ylabel="perplexity (lower is better)", title="Quality vs size (★ = Pareto)")
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, x, y in points:
+        ax.scatter(x, y, marker="*" if name in marked else "o", s=90 if name in marked else 30)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    front = sorted((x, y) for name, x, y in points if name in marked)
+    if len(front) > 1:
+        ax.plot(*zip(*front), linestyle="--", linewidth=0.8, color="grey")
+    ax.set(xlabel=labels[0], ylabel=labels[1], title=labels[2])
     fig.tight_layout()
-    paths.append(out / "quality_vs_size.png")  # names as in PLOTS
-    fig.savefig(paths[-1], dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    speed_rows = [(r, s) for r in report.rows for s in r.speed if s["batch"] == min(x["batch"] for x in r.speed)]
-    if speed_rows:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for r, s in speed_rows:
-            ax.scatter(r.peak_memory_mb, s["decode_tokens_per_s"])
-            ax.annotate(
-                r.name,
-                (r.peak_memory_mb, s["decode_tokens_per_s"]),
-                textcoords="offset points",
-                xytext=(4, 4),
-                fontsize=8,
-            )
-        ax.set(
-            xlabel="peak memory (MiB)",
-            ylabel=f"decode tokens/s (batch {speed_rows[0][1]['batch']})",
-            title="Throughput vs memory",
-        )
-        fig.tight_layout()
-        paths.append(out / "throughput_vs_memory.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+
+
+def plots(report: Report, out: Path) -> list[Path]:
+    """The plots named in PLOTS (speed plots only when the rows were timed)."""
+    paths = [out / "quality_vs_size.png"]
+    scatter(
+        [(r.name, r.size_mb, r.perplexity) for r in report.rows],
+        report.pareto,
+        ("weights size (MiB)", "perplexity (lower is better)", "Quality vs size (★ = Pareto front)"),
+        paths[-1],
+    )
+    timed = [r for r in report.rows if r.speed]
+    if not timed:
+        return paths
+    batch = min(s["batch"] for s in timed[0].speed)
+    paths.append(out / "quality_vs_speed.png")
+    scatter(
+        [(r.name, first_decode(r), r.perplexity) for r in timed],
+        report.pareto_speed,
+        (f"decode tokens/s (batch {batch})", "perplexity (lower is better)", "Quality vs speed (★ = Pareto front)"),
+        paths[-1],
+    )
+    paths.append(out / "throughput_vs_memory.png")
+    scatter(
+        [(r.name, r.peak_memory_mb, first_decode(r)) for r in timed],
+        [],
+        ("peak memory (MiB)", f"decode tokens/s (batch {batch})", "Throughput vs memory"),
+        paths[-1],
+    )
     return paths
 
 
@@ -426,8 +508,9 @@ def model_card(report: Report, name: str) -> str:
             "",
             f"# {report.model['source']} · {name}",
             "",
-            f"Quantized by quantflow with `{row.method}` (group size {row.group_size or 'per-channel'}) using "
-            "llm-compressor; stored as compressed-tensors safetensors that vLLM and transformers load.",
+            f"Quantized by quantflow with `{row.method}` ({row.scheme or 'group size ' + str(row.group_size)}, "
+            f"{row.effective_bits} bits per weight with scales) using llm-compressor; stored as compressed-tensors "
+            "safetensors that vLLM and transformers load.",
             "",
             "| | baseline | this variant |",
             "|---|---|---|",

@@ -227,41 +227,53 @@ def test_invalid_spec_is_refused_at_submission(deployed, monkeypatch, variant, f
     assert field in (result.stdout + result.stderr) and "Created flow run" not in result.stdout
 
 
-def test_two_gpu_workers_run_two_variants_as_concurrent_flow_runs(deployed, worker, tiny_model, tmp_path, monkeypatch):
+SWEEP = {  # 9 variants run; group 128 divides only down_proj's 128 inputs (dropped at plan), AWQ is W4 only
+    "methods": ["rtn", "fp8", "awq"],
+    "bits": [3, 4, 8],
+    "group_sizes": [16, 32, 128],
+    "symmetric": [False],
+    "settings": {"awq": {"n_grid": 2}},
+}
+
+
+def test_a_sweep_fans_out_over_two_gpu_workers(deployed, worker, tiny_model, tmp_path, monkeypatch):
+    """Each variant of the grid is its own flow run; two workers on their own cards take them side by side."""
     for key, value in deployed.items():
         monkeypatch.setenv(key, value)
-    cards = (
-        "5",
-        "7",
-    )  # each worker's own card, as docs/operations.md starts them (no GPU is needed to see where it goes)
+    cards = ("5", "7")  # each worker's own card, as docs/operations.md starts them (no GPU is needed to see where)
     gpu_workers = [
         start_worker({**deployed, "CUDA_VISIBLE_DEVICES": card}, "quantflow-gpu", tmp_path / f"gpu-worker-{card}.log")
         for card in cards
     ]
     try:
-        variants = [
-            {"method": "rtn", "group_size": 32, "name": "rtn-g32"},
-            {"method": "rtn", "group_size": 16, "name": "rtn-g16"},
-        ]
-        spec = small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", variants)
+        spec = {**small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", []), "sweep": SWEEP}
+        del spec["variants"]
         parent, _ = asyncio.run(trigger_and_wait(spec, "quantflow/fan-out"))
     finally:
         for process in gpu_workers:
             stop_group(process, signal.SIGKILL, 10)
     assert parent.state.is_completed(), parent.state
-    children = {run.parameters["variant"]: run for run in asyncio.run(child_runs(parent.id))}
-    assert set(children) == {None, "rtn-g32", "rtn-g16"}
-    assert all(run.state.is_completed() for run in children.values())
-    a, b = children["rtn-g32"], children["rtn-g16"]
-    assert a.start_time < b.end_time and b.start_time < a.end_time, "the two variant flow runs did not overlap"
-    assert a.infrastructure_pid != b.infrastructure_pid
     report = read_json(tmp_path / "out" / "report.json")
-    assert {row["name"] for row in report["rows"]} == {"baseline", "rtn-g32", "rtn-g16"}
-    devices = {row["name"]: row["visible_devices"] for row in report["rows"]}
-    assert {devices["rtn-g32"], devices["rtn-g16"]} == set(cards), (
-        devices
-    )  # two workers, two cards: each run used its worker's
-    assert (tmp_path / "out" / "rtn-g16" / "model.safetensors").is_file()
+    ran = {row["name"] for row in report["rows"]} - {"baseline"}
+    assert ran == {f"rtn-w{b}-g{g}-asym" for b in (3, 4, 8) for g in (16, 32)} | {
+        "fp8",
+        "awq-w4-g16-asym-n_grid2",
+        "awq-w4-g32-asym-n_grid2",
+    }
+    dropped = {d["name"]: d["reason"] for d in report["dropped"]}
+    assert "does not divide the input width" in dropped["rtn-w4-g128-asym"] and len(dropped) == 3 + 6 + 1
+    assert "bits: Input should be 4" in dropped["awq-w8-g16-asym-n_grid2"]
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "## Sweep combinations left out" in markdown and "**rtn-w8-g128-asym**: variant" in markdown
+    assert report["pareto"] and set(report["pareto"]) <= ran | {"baseline"}
+    children = [run for run in asyncio.run(child_runs(parent.id)) if run.parameters["variant"]]
+    assert {run.parameters["variant"] for run in children} == ran and all(r.state.is_completed() for r in children)
+    devices = {row["name"]: row["visible_devices"] for row in report["rows"] if row["name"] != "baseline"}
+    assert set(devices.values()) == set(cards), devices  # both workers took variants, each on its own card
+    assert any(
+        a.start_time < b.end_time and b.start_time < a.end_time for a in children for b in children if a is not b
+    ), "no two variant flow runs overlapped"
+    assert len({run.infrastructure_pid for run in children}) == len(children)
 
 
 def finished_steps(cache: Path) -> dict[str, float]:

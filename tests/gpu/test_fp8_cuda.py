@@ -1,0 +1,38 @@
+"""FP8 matmuls on the GPU: the runtime picks them on cards that have them and matches the reference maths."""
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+        reason="needs a CUDA device with FP8 matmuls (compute capability 8.9+)",
+    ),
+]
+
+
+@torch.no_grad()
+def test_cuda_fp8_layers_match_the_reference_and_the_runtime_picks_them(tmp_path):
+    from quantflow.evaluation.fp8 import E4M3, E4M3_MAX, FP8Linear, load_fp8
+    from quantflow.evaluation.runtime import Subject, load_on_runtime
+    from quantflow.infra.resources import Resources
+    from quantflow.quantization.quantize import Scheme, quantize_weights
+    from quantflow.spec import FP8Variant
+    from tests.conftest import make_model
+
+    model = make_model(tmp_path / "model", hidden=256)
+    out = tmp_path / "fp8"
+    quantize_weights(
+        str(model), FP8Variant(name="fp8"), Scheme(group_size=None), None, Resources(device="cuda"), out, out
+    )
+    fp8 = load_fp8(out, "cuda")
+    for name, layer in ((n, m) for n, m in fp8.named_modules() if isinstance(m, FP8Linear)):
+        x = torch.randn(3, layer.in_features, dtype=torch.bfloat16, device="cuda")
+        scale = x.float().abs().amax(-1, keepdim=True) / E4M3_MAX
+        weight = layer.weight.float() * layer.scale.t()
+        expected = ((x.float() / scale).to(E4M3).float() * scale) @ weight.t()
+        error = ((layer(x).float() - expected).norm() / expected.norm()).item()
+        assert error < 0.01, (name, error)
+    loaded, _, _, runtime = load_on_runtime(Subject(name="fp8", model_path=str(out)), "auto", Resources(device="cuda"))
+    assert "FP8 matmuls" in runtime and isinstance(loaded.model.layers[0].mlp.up_proj, FP8Linear)

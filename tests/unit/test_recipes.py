@@ -1,0 +1,130 @@
+"""The recipe space beyond W4A16: FP8 and INT8 W8A8, W8A16, AWQ+GPTQ and AutoRound, end to end on a tiny model;
+the FP8 runtime against the dequantized reference; the plan-time refusals."""
+
+import pytest
+import torch
+
+from quantflow import pipeline
+from quantflow.errors import QuantflowError
+from quantflow.reporting.report import load_report
+from quantflow.spec import parse_spec
+from tests.conftest import make_model, read_json, small_spec
+
+VARIANTS = [
+    {"method": "fp8"},
+    {"method": "int8"},
+    {"method": "gptq", "bits": 8, "group_size": None, "name": "gptq-w8"},
+    {"method": "awq-gptq", "group_size": 32, "n_grid": 4},
+    {"method": "autoround", "group_size": 32, "iters": 4},
+]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipes")
+    model = make_model(root / "model", hidden=128)
+    raw = small_spec(model, root / "out", root / "cache", VARIANTS)
+    raw["evaluation"]["speed"]["batch_sizes"] = [1]
+    return pipeline.run(parse_spec(raw), progress=lambda _: None)
+
+
+def scheme(folder) -> dict:
+    return next(iter(read_json(folder / "config.json")["quantization_config"]["config_groups"].values()))
+
+
+def test_each_recipe_writes_its_compressed_tensors_scheme(finished):
+    fp8, int8, w8 = scheme(finished / "fp8"), scheme(finished / "int8"), scheme(finished / "gptq-w8")
+    assert (fp8["weights"]["type"], fp8["weights"]["strategy"], fp8["input_activations"]["strategy"]) == (
+        "float",
+        "channel",
+        "token",
+    )
+    assert fp8["input_activations"]["dynamic"] is True and fp8["format"] == "float-quantized"
+    assert (int8["weights"]["type"], int8["weights"]["num_bits"], int8["input_activations"]["type"]) == (
+        "int",
+        8,
+        "int",
+    )
+    assert w8["weights"]["num_bits"] == 8 and w8["input_activations"] is None  # W8A16
+    for name in ("awq-gptq", "autoround"):
+        weights = scheme(finished / name)["weights"]
+        assert (weights["num_bits"], weights["group_size"]) == (4, 32)
+    recipe = (finished / "awq-gptq" / "recipe.yaml").read_text()
+    assert "AWQModifier" in recipe and "GPTQModifier" in recipe
+    assert "SmoothQuantModifier" in (finished / "int8" / "recipe.yaml").read_text()
+    assert "AutoRoundModifier" in (finished / "autoround" / "recipe.yaml").read_text()
+
+
+def test_report_rows_name_the_scheme_bits_and_smoothing(finished):
+    report = load_report(finished / "report.json")
+    rows = {r.name: r for r in report.rows}
+    assert set(rows) == {"baseline", "fp8", "int8", "gptq-w8", "awq-gptq", "autoround"}
+    # per-channel 8-bit: 8 bits plus one bf16 scale per row of 128 or 256 weights; W4 g32 asym: 4 + 16/32 + 4/32
+    assert 8.06 < rows["fp8"].effective_bits < 8.13 and rows["gptq-w8"].effective_bits == rows["fp8"].effective_bits
+    assert rows["awq-gptq"].effective_bits == 4.625 and rows["autoround"].effective_bits == 4.5
+    assert rows["fp8"].scheme.startswith("W8A8 FP8") and rows["gptq-w8"].scheme.startswith("W8A16")
+    assert "simulated W8A8" in rows["int8"].runtime and "simulated W8A8" in rows["fp8"].runtime
+    assert all(abs(r.ppl_delta_pct) < 5 for r in rows.values())  # a random model's output barely moves at 8 bits
+    smoothing = rows["awq-gptq"].smoothing
+    assert len(smoothing.mappings) == 3 * 2  # norm -> qkv, norm -> gate/up, up -> down, in each of two blocks
+    assert sorted(smoothing.unsmoothed) == ["model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"]
+    assert rows["fp8"].smoothing is None
+    markdown = (finished / "report.md").read_text()
+    assert "input_layernorm -> self_attn.q_proj, self_attn.k_proj, self_attn.v_proj (2 blocks)" in markdown
+    assert "not smoothed: self_attn.o_proj x 2" in markdown
+    assert "W8A8 FP8" in (finished / "fp8" / "README.md").read_text()
+    assert set(report.pareto_speed) <= set(rows) and report.pareto_speed
+    assert (finished / "quality_vs_speed.png").stat().st_size > 1000
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@torch.no_grad()
+def test_fp8_matmuls_match_the_dequantized_reference(finished):
+    """PyTorch's CPU _scaled_mm stands in for Hopper's here: the same layer maths. Each layer is checked against
+    transformers' dequantized weights times activations rounded to e4m3 with fp32 per-token scales (vLLM's dynamic
+    FP8). compressed-tensors' own simulation rounds through bf16, which moves a layer's output by about as much
+    as FP8 itself (3.7% here), so against it only the whole model's distance from the baseline is compared."""
+    from transformers import AutoModelForCausalLM
+
+    from quantflow.evaluation.fp8 import E4M3, E4M3_MAX, FP8Linear, load_fp8
+    from quantflow.evaluation.fuse import fuse_projections
+
+    simulated = AutoModelForCausalLM.from_pretrained(finished / "fp8", dtype=torch.bfloat16)
+    baseline = AutoModelForCausalLM.from_pretrained(finished.parent / "model", dtype=torch.bfloat16)
+    fp8 = load_fp8(finished / "fp8", "cpu")
+    ids = torch.randint(0, 300, (2, 16))
+    reference, logits = baseline(ids).logits, fp8(ids).logits  # the first call also decompresses `simulated`
+    assert relative(logits, reference) < 1.25 * relative(simulated(ids).logits, reference)
+    layers = {n: m for n, m in fp8.named_modules() if isinstance(m, FP8Linear)}
+    assert len(layers) == 14 and layers["model.layers.0.mlp.up_proj"].weight.dtype == E4M3
+    for name, layer in layers.items():
+        x = torch.randn(5, layer.in_features, dtype=torch.bfloat16)
+        scale = x.float().abs().amax(-1, keepdim=True) / E4M3_MAX
+        expected = ((x.float() / scale).to(E4M3).float() * scale) @ simulated.get_submodule(name).weight.float().t()
+        assert relative(layer(x), expected) < 0.01, name  # bf16 output and scales: ~0.2% expected
+    assert fuse_projections(fp8) == 4  # q/k/v and gate/up of two blocks, each joined as one FP8 layer
+    assert relative(fp8(ids).logits, logits) < 1e-3
+
+
+def test_plan_refuses_what_the_machine_or_model_cannot_run(tmp_path):
+    model = make_model(tmp_path / "model")
+
+    def plan(variants, **evaluation):
+        spec = parse_spec(small_spec(model, tmp_path / "out", tmp_path / "cache", variants, **evaluation))
+        return pipeline.plan(spec, progress=lambda _: None)
+
+    with pytest.raises(QuantflowError, match="needs FP8 matmuls.*on CPU") as error:
+        plan([{"method": "fp8"}], kernels="fp8")
+    assert "compute capability 8.9" in error.value.fix
+    with pytest.raises(QuantflowError, match="cannot run on FP8 matmuls"):
+        plan([{"method": "int8"}, {"method": "fp8"}], kernels="fp8")
+    with pytest.raises(QuantflowError, match="cannot run on the int4 kernels"):
+        plan([{"method": "fp8"}], kernels="int4")
+    with pytest.raises(QuantflowError, match="unknown variant method 'fp9'"):
+        from quantflow.spec import variant_for
+
+        variant_for("fp9")
+    assert not (tmp_path / "out").exists()
