@@ -24,7 +24,15 @@ def start_server(port: int, home: Path) -> subprocess.Popen:
     home.mkdir(parents=True, exist_ok=True)
     # the UI's pages ask the API at PREFECT_UI_API_URL, which Prefect derives from its default port, not --port
     ui_api = os.environ.get("PREFECT_UI_API_URL", f"http://127.0.0.1:{port}/api")
-    env = {**os.environ, "PREFECT_HOME": str(home.resolve()), "PREFECT_UI_API_URL": ui_api}
+    # SQLite takes one writer at a time; Prefect's default 10 s busy wait turned a burst of state writes (a sweep's
+    # flow runs starting together on a loaded 2-core machine) into 503s that outlasted the clients' retries
+    timeout = os.environ.get("PREFECT_SERVER_DATABASE_TIMEOUT", "60")
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home.resolve()),
+        "PREFECT_UI_API_URL": ui_api,
+        "PREFECT_SERVER_DATABASE_TIMEOUT": timeout,
+    }
     log = (home / "server.log").open("a")
     # `python -m prefect`, not the `prefect` script: an install with `pip --target` (a GPU image) has no script on PATH
     server = subprocess.Popen(

@@ -104,6 +104,14 @@ class GPTQVariant(_WeightOnly):
     block_size: int = Field(128, ge=1, description="Columns quantized per GPTQ block.")
 
 
+def check_awq_grid(n_grid: int, duo_scaling: bool | str) -> None:
+    """llm-compressor spaces its grid points as i / (n - 1), or i / (n - 2) with the identity added for duo scaling,
+    and halves the grid for 'both': smaller grids divide by zero mid-calibration, so they are refused here."""
+    least = {False: 2, True: 3, "both": 4}[duo_scaling]
+    if n_grid < least:
+        raise ValueError(f"n_grid must be at least {least} with duo_scaling {duo_scaling!r} (got {n_grid})")
+
+
 class AWQVariant(_WeightOnly):
     method: Literal["awq"] = "awq"
     bits: Literal[4] = Field(4, description="AWQ here is W4A16.")
@@ -122,6 +130,11 @@ class AWQVariant(_WeightOnly):
         "(half the grid each): best on SmolLM2-135M (docs/demo.md).",
     )
 
+    @model_validator(mode="after")
+    def _grid(self) -> "AWQVariant":
+        check_awq_grid(self.n_grid, self.duo_scaling)
+        return self
+
 
 class AWQGPTQVariant(GPTQVariant):
     """AWQ's smoothing scales, then GPTQ's error-compensating rounding on the smoothed weights, in one recipe."""
@@ -133,6 +146,11 @@ class AWQGPTQVariant(GPTQVariant):
     duo_scaling: bool | Literal["both"] = Field(
         True, description="Use weight as well as activation magnitudes for the scales; 'both' searches both."
     )
+
+    @model_validator(mode="after")
+    def _grid(self) -> "AWQGPTQVariant":
+        check_awq_grid(self.n_grid, self.duo_scaling)
+        return self
 
 
 class AutoRoundVariant(_WeightOnly):

@@ -1,7 +1,7 @@
 """Which runtime measures a variant, and the evaluate step's work: load on that runtime, run the protocol.
 
 A W4 artifact on CUDA runs from its packed weights on int4 kernels (when the scheme allows), an FP8
-artifact on FP8 matmuls (on cards that have them); a bitsandbytes variant is quantized as it loads;
+artifact on FP8 matmuls (on cards that have them), an INT8 one on int8 kernels; a bitsandbytes variant is quantized as it loads;
 everything else loads dense through transformers (compressed-tensors decompress at load, and
 W8A8 activations are quantized and dequantized in bf16, so their quality is still measured). The runtime is named in the record, so a
 report never compares numbers without saying what produced them.
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from quantflow.errors import QuantflowError
 from quantflow.evaluation.evaluate import BASELINE_LOGPROBS, EvalRecord
 from quantflow.infra.resources import Resources
 from quantflow.spec import BnbVariant, CalibrationSpec, EvaluationSpec
@@ -41,6 +42,7 @@ def load_on_runtime(subject: Subject, kernels: str, resources: Resources):
     from quantflow.evaluation.evaluate import folder_size, load_for_eval
     from quantflow.evaluation.fp8 import load_fp8, use_fp8
     from quantflow.evaluation.int4 import load_int4, use_int4
+    from quantflow.evaluation.int8 import load_int8, use_int8
     from quantflow.infra.environment import package_version
     from quantflow.quantization.quantize import bnb_config
 
@@ -53,12 +55,22 @@ def load_on_runtime(subject: Subject, kernels: str, resources: Resources):
         model, tokenizer = load_fp8(path, device), AutoTokenizer.from_pretrained(path)
         runtime = f"PyTorch {package_version('torch')} FP8 matmuls (_scaled_mm, e4m3, per-token activation scales)"
         return model, tokenizer, (folder_size(Path(path)), "on_disk_safetensors"), runtime
+    fallback = ""
+    if subject.bnb is None and use_int8(path, kernels, device):
+        try:
+            model, kind = load_int8(path, device)
+        except (QuantflowError, RuntimeError) as error:  # a kernel this machine lacks, or one that failed its check
+            fallback = f"; int8 kernels refused ({str(error).splitlines()[0]}), so dense"
+        else:
+            names = {"w8a8": "int8 matmuls (_int_mm, per-token activation scales)", "w8a16": "int8 weight-only kernel"}
+            runtime = f"PyTorch {package_version('torch')} {names[kind]} on the int8 weights"
+            return model, AutoTokenizer.from_pretrained(path), (folder_size(Path(path)), "on_disk_safetensors"), runtime
     if subject.bnb is not None:
         model, tokenizer = load_for_eval(path, device, resources.compute_dtype, bnb_config(subject.bnb), budget)
         runtime = f"transformers {package_version('transformers')} + bitsandbytes {package_version('bitsandbytes')}"
         return model, tokenizer, (model.get_memory_footprint(), "in_memory_weights"), runtime
     model, tokenizer = load_for_eval(path, device, resources.compute_dtype, None, budget)
-    runtime = f"transformers {package_version('transformers')}" + dense_note(Path(path))
+    runtime = f"transformers {package_version('transformers')}" + dense_note(Path(path)) + fallback
     return model, tokenizer, (folder_size(Path(path)), "on_disk_safetensors"), runtime
 
 

@@ -197,7 +197,9 @@ def test_deployment_ui_trigger_worker_artifacts_and_cache(deployed, worker, tiny
         "bnb-int8",
     ] and "Δ perplexity %" in rows[0]
     report = artifacts["quantflow-report"].data
-    assert "quantflow report" in report and report.count("](data:image/png;base64,") == 2
+    assert (
+        "quantflow report" in report and report.count("](data:image/png;base64,") == 3
+    )  # both quality plots and throughput
     assert "```text" in report and "\\n" not in report  # samples are text blocks, not quoted one-liners
     assert artifacts["quantflow-progress"].type == "progress" and artifacts["quantflow-progress"].data == 100
     second, second_seconds = asyncio.run(trigger_and_wait(spec))
@@ -232,7 +234,7 @@ SWEEP = {  # 9 variants run; group 128 divides only down_proj's 128 inputs (drop
     "bits": [3, 4, 8],
     "group_sizes": [16, 32, 128],
     "symmetric": [False],
-    "settings": {"awq": {"n_grid": 2}},
+    "settings": {"awq": {"n_grid": 3}},
 }
 
 
@@ -257,12 +259,12 @@ def test_a_sweep_fans_out_over_two_gpu_workers(deployed, worker, tiny_model, tmp
     ran = {row["name"] for row in report["rows"]} - {"baseline"}
     assert ran == {f"rtn-w{b}-g{g}-asym" for b in (3, 4, 8) for g in (16, 32)} | {
         "fp8",
-        "awq-w4-g16-asym-n_grid2",
-        "awq-w4-g32-asym-n_grid2",
+        "awq-w4-g16-asym-n_grid3",
+        "awq-w4-g32-asym-n_grid3",
     }
     dropped = {d["name"]: d["reason"] for d in report["dropped"]}
     assert "does not divide the input width" in dropped["rtn-w4-g128-asym"] and len(dropped) == 3 + 6 + 1
-    assert "bits: Input should be 4" in dropped["awq-w8-g16-asym-n_grid2"]
+    assert "bits: Input should be 4" in dropped["awq-w8-g16-asym-n_grid3"]
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "## Sweep combinations left out" in markdown and "**rtn-w8-g128-asym**: variant" in markdown
     assert report["pareto"] and set(report["pareto"]) <= ran | {"baseline"}

@@ -109,6 +109,31 @@ def test_fp8_matmuls_match_the_dequantized_reference(finished):
     assert relative(fp8(ids).logits, logits) < 1e-3
 
 
+@torch.no_grad()
+@pytest.mark.parametrize(("name", "kind"), [("int8", "w8a8"), ("gptq-w8", "w8a16")])
+def test_int8_kernels_match_the_dequantized_reference(finished, name, kind):
+    """PyTorch's CPU int8 ops stand in for CUDA's (the runtime picks them on CUDA only; on CPU the row is dense)."""
+    from transformers import AutoModelForCausalLM
+
+    from quantflow.evaluation.fuse import fuse_projections
+    from quantflow.evaluation.int8 import Int8Linear, Int8WeightOnlyLinear, load_int8, use_int8
+
+    assert use_int8(finished / name, "auto", "cuda") and not use_int8(finished / name, "auto", "cpu")
+    model, found = load_int8(finished / name, "cpu")  # load checks one layer against its dequantized weights
+    layer_type = Int8Linear if kind == "w8a8" else Int8WeightOnlyLinear
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, layer_type)}
+    assert found == kind and len(layers) == 14
+    dense = AutoModelForCausalLM.from_pretrained(finished / name, dtype=torch.bfloat16)
+    ids = torch.randint(0, 300, (2, 16))
+    dense(ids)  # decompresses `dense`
+    for layer_name, layer in layers.items():
+        weight = dense.get_submodule(layer_name).weight.float()
+        assert relative(layer.dequantized(), weight) < 0.01, layer_name  # the same weights transformers loads
+    logits = model(ids).logits
+    assert fuse_projections(model) == 4
+    assert relative(model(ids).logits, logits) < 1e-2
+
+
 def test_plan_refuses_what_the_machine_or_model_cannot_run(tmp_path):
     model = make_model(tmp_path / "model")
 

@@ -18,8 +18,10 @@ def test_defaults_name_variants_after_methods():
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
 def test_example_specs_are_valid(path):
+    from quantflow.sweep import expand
+
     spec = load_spec(path)
-    assert spec.variants
+    assert spec.variants or expand(spec)[0]
 
 
 def test_examples_cover_opt_and_llama():
@@ -142,3 +144,13 @@ def test_a_model_that_fits_neither_the_gpu_budget_nor_host_memory_is_refused():
     with pytest.raises(QuantflowError, match=r"weights \(14.0 GiB\) do not fit gpu_memory_gb 4 GiB x 1") as error:
         check_fits(14 * gib, 4, 1, 2 * gib)
     assert "raise gpu_memory_gb" in error.value.fix
+
+
+@pytest.mark.parametrize("method", ["awq", "awq-gptq"])
+def test_awq_grids_llm_compressor_cannot_space_are_refused(method):
+    """A 2-point grid with duo scaling divided by zero inside llm-compressor after calibration had run."""
+    with pytest.raises(QuantflowError, match="n_grid must be at least 3 with duo_scaling True"):
+        parse_spec({"variants": [{"method": method, "n_grid": 2}]})
+    with pytest.raises(QuantflowError, match="at least 4 with duo_scaling 'both'"):
+        parse_spec({"variants": [{"method": method, "n_grid": 3, "duo_scaling": "both"}]})
+    assert parse_spec({"variants": [{"method": method, "n_grid": 2, "duo_scaling": False}]}).variants[0].n_grid == 2
