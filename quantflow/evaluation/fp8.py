@@ -116,4 +116,13 @@ def load_fp8(path: str | Path, device: str) -> nn.Module:
     from quantflow.evaluation.packed import load_converted
 
     fp8_scheme(json.loads((Path(path) / "config.json").read_text()))
-    return load_converted(path, device, "weight_scale", ("weight", "weight_scale"), convert_layer)
+    model = load_converted(path, device, "weight_scale", ("weight", "weight_scale"), convert_layer)
+    odd = [
+        n for n, m in model.named_modules() if isinstance(m, FP8Linear) and (m.in_features % 16 or m.out_features % 16)
+    ]
+    if odd:
+        raise QuantflowError(
+            f"FP8 matmuls need layer widths that are multiples of 16; {len(odd)} layers are not (e.g. {odd[0]})",
+            "use the dense runtime (evaluation.kernels: auto or dense)",
+        )
+    return model

@@ -40,38 +40,45 @@ def load_on_runtime(subject: Subject, kernels: str, resources: Resources):
     from transformers import AutoTokenizer
 
     from quantflow.evaluation.evaluate import folder_size, load_for_eval
-    from quantflow.evaluation.fp8 import load_fp8, use_fp8
-    from quantflow.evaluation.int4 import load_int4, use_int4
-    from quantflow.evaluation.int8 import load_int8, use_int8
     from quantflow.infra.environment import package_version
     from quantflow.quantization.quantize import bnb_config
 
     path, device, budget = subject.model_path, resources.device, resources.gpu_memory_gb
-    if subject.bnb is None and use_int4(path, kernels, device):
-        model, tokenizer = load_int4(path, device), AutoTokenizer.from_pretrained(path)
-        runtime = f"PyTorch {package_version('torch')} int4 tinygemm kernels on the packed weights (bf16 activations)"
-        return model, tokenizer, (folder_size(Path(path)), "on_disk_safetensors"), runtime
-    if subject.bnb is None and use_fp8(path, kernels, device):
-        model, tokenizer = load_fp8(path, device), AutoTokenizer.from_pretrained(path)
-        runtime = f"PyTorch {package_version('torch')} FP8 matmuls (_scaled_mm, e4m3, per-token activation scales)"
-        return model, tokenizer, (folder_size(Path(path)), "on_disk_safetensors"), runtime
-    fallback = ""
-    if subject.bnb is None and use_int8(path, kernels, device):
-        try:
-            model, kind = load_int8(path, device)
-        except (QuantflowError, RuntimeError) as error:  # a kernel this machine lacks, or one that failed its check
-            fallback = f"; int8 kernels refused ({str(error).splitlines()[0]}), so dense"
-        else:
-            names = {"w8a8": "int8 matmuls (_int_mm, per-token activation scales)", "w8a16": "int8 weight-only kernel"}
-            runtime = f"PyTorch {package_version('torch')} {names[kind]} on the int8 weights"
-            return model, AutoTokenizer.from_pretrained(path), (folder_size(Path(path)), "on_disk_safetensors"), runtime
     if subject.bnb is not None:
         model, tokenizer = load_for_eval(path, device, resources.compute_dtype, bnb_config(subject.bnb), budget)
         runtime = f"transformers {package_version('transformers')} + bitsandbytes {package_version('bitsandbytes')}"
         return model, tokenizer, (model.get_memory_footprint(), "in_memory_weights"), runtime
+    on_disk = (folder_size(Path(path)), "on_disk_safetensors")
+    model, label = on_kernels(path, kernels, device)
+    if model is not None:
+        return model, AutoTokenizer.from_pretrained(path), on_disk, f"PyTorch {package_version('torch')} {label}"
     model, tokenizer = load_for_eval(path, device, resources.compute_dtype, None, budget)
-    runtime = f"transformers {package_version('transformers')}" + dense_note(Path(path)) + fallback
-    return model, tokenizer, (folder_size(Path(path)), "on_disk_safetensors"), runtime
+    return model, tokenizer, on_disk, f"transformers {package_version('transformers')}" + dense_note(Path(path)) + label
+
+
+def on_kernels(path: str, kernels: str, device: str):
+    """(model, label) on the artifact's quantized kernels, or (None, why they were refused, or '') for dense."""
+    from quantflow.evaluation.fp8 import load_fp8, use_fp8
+    from quantflow.evaluation.int4 import load_int4, use_int4
+    from quantflow.evaluation.int8 import load_int8, use_int8
+
+    if use_int4(path, kernels, device):
+        return load_int4(path, device), "int4 tinygemm kernels on the packed weights (bf16 activations)"
+    if use_fp8(path, kernels, device):
+        try:
+            return load_fp8(path, device), "FP8 matmuls (_scaled_mm, e4m3, per-token activation scales)"
+        except QuantflowError as error:
+            if kernels == "fp8":  # asked for by name: no silent substitute
+                raise
+            return None, f"; FP8 matmuls refused ({error.problem}), so dense"
+    if use_int8(path, kernels, device):
+        try:
+            model, kind = load_int8(path, device)
+        except (QuantflowError, RuntimeError) as error:  # a kernel this machine lacks, or one that failed its check
+            return None, f"; int8 kernels refused ({str(error).splitlines()[0]}), so dense"
+        names = {"w8a8": "int8 matmuls (_int_mm, per-token activation scales)", "w8a16": "int8 weight-only kernel"}
+        return model, f"{names[kind]} on the int8 weights"
+    return None, ""
 
 
 def dense_note(path: Path) -> str:
