@@ -154,3 +154,10 @@ def test_awq_grids_llm_compressor_cannot_space_are_refused(method):
     with pytest.raises(QuantflowError, match="at least 4 with duo_scaling 'both'"):
         parse_spec({"variants": [{"method": method, "n_grid": 3, "duo_scaling": "both"}]})
     assert parse_spec({"variants": [{"method": method, "n_grid": 2, "duo_scaling": False}]}).variants[0].n_grid == 2
+
+
+def test_autoround_with_zero_points_is_refused():
+    """Its asymmetric artifact measured far worse than RTN's on SmolLM2 (docs/recipes.md)."""
+    with pytest.raises(QuantflowError, match="autoround with symmetric: false writes a broken artifact"):
+        parse_spec({"variants": [{"method": "autoround", "symmetric": False}]})
+    assert parse_spec({"variants": [{"method": "autoround"}]}).variants[0].symmetric
