@@ -112,15 +112,9 @@ def check_awq_grid(n_grid: int, duo_scaling: bool | str) -> None:
         raise ValueError(f"n_grid must be at least {least} with duo_scaling {duo_scaling!r} (got {n_grid})")
 
 
-class AWQVariant(_WeightOnly):
-    method: Literal["awq"] = "awq"
-    bits: Literal[4] = Field(4, description="AWQ here is W4A16.")
-    symmetric: bool = Field(False, description="AWQ's paper scheme is asymmetric (zero point).")
-    observer: Literal["minmax", "mse", "imatrix_mse"] = Field(
-        "imatrix_mse",
-        description="'imatrix_mse' (activation-weighted clipping search) plays the role of the AWQ paper's clipping "
-        "search.",
-    )
+class _AWQSearch(_Strict):
+    """AWQ's per-layer scale search, shared by AWQ alone and AWQ followed by GPTQ."""
+
     n_grid: int = Field(
         20, ge=2, le=100, description="Grid points of the per-layer scale search (cost grows linearly)."
     )
@@ -131,26 +125,28 @@ class AWQVariant(_WeightOnly):
     )
 
     @model_validator(mode="after")
-    def _grid(self) -> "AWQVariant":
+    def _grid(self) -> "_AWQSearch":
         check_awq_grid(self.n_grid, self.duo_scaling)
         return self
 
 
-class AWQGPTQVariant(GPTQVariant):
+class AWQVariant(_AWQSearch, _WeightOnly):
+    method: Literal["awq"] = "awq"
+    bits: Literal[4] = Field(4, description="AWQ here is W4A16.")
+    symmetric: bool = Field(False, description="AWQ's paper scheme is asymmetric (zero point).")
+    observer: Literal["minmax", "mse", "imatrix_mse"] = Field(
+        "imatrix_mse",
+        description="'imatrix_mse' (activation-weighted clipping search) plays the role of the AWQ paper's clipping "
+        "search.",
+    )
+
+
+class AWQGPTQVariant(_AWQSearch, GPTQVariant):
     """AWQ's smoothing scales, then GPTQ's error-compensating rounding on the smoothed weights, in one recipe."""
 
     method: Literal["awq-gptq"] = "awq-gptq"
     bits: Literal[4] = Field(4, description="AWQ smoothing then GPTQ, W4A16.")
     symmetric: bool = Field(False, description="Asymmetric (zero point), as AWQ alone.")
-    n_grid: int = Field(20, ge=2, le=100, description="Grid points of AWQ's per-layer scale search.")
-    duo_scaling: bool | Literal["both"] = Field(
-        True, description="Use weight as well as activation magnitudes for the scales; 'both' searches both."
-    )
-
-    @model_validator(mode="after")
-    def _grid(self) -> "AWQGPTQVariant":
-        check_awq_grid(self.n_grid, self.duo_scaling)
-        return self
 
 
 class AutoRoundVariant(_WeightOnly):
@@ -394,19 +390,21 @@ class RunSpec(_Strict):
 
     @model_validator(mode="after")
     def _check_sweep(self) -> "RunSpec":
-        from quantflow.sweep import entries, grid_size
+        from quantflow.sweep import entries
 
         if not self.variants and self.sweep is None:
             raise ValueError("the spec has no variants: list some under 'variants' or give a 'sweep'")
-        if self.sweep is not None and (size := grid_size(self.sweep)) > self.sweep.max_variants:
+        if self.sweep is None:
+            return self
+        swept = {entry["name"] for entry in entries(self.sweep)}
+        if len(swept) > self.sweep.max_variants:
             raise ValueError(
-                f"the sweep expands to {size} variants, over its max_variants {self.sweep.max_variants}: "
+                f"the sweep expands to {len(swept)} variants, over its max_variants {self.sweep.max_variants}: "
                 "narrow the grid or raise sweep.max_variants"
             )
-        if self.sweep is not None:
-            taken = {v.name or v.method for v in self.variants} & {e["name"] for e in entries(self.sweep)}
-            if taken:
-                raise ValueError(f"variants named {', '.join(sorted(taken))} collide with the sweep's: rename them")
+        taken = {v.name or v.method for v in self.variants} & swept
+        if taken:
+            raise ValueError(f"variants named {', '.join(sorted(taken))} collide with the sweep's: rename them")
         return self
 
     @model_validator(mode="after")

@@ -65,7 +65,7 @@ class FP8Linear(nn.Module):
 
 
 def fp8_scheme(config: dict) -> dict:
-    """The artifact's FP8 scheme, refused unless it is the one these kernels run (channel weights, token activations)."""
+    """The artifact's FP8 scheme, refused unless these kernels run it (channel weights, token activations)."""
     quant = config.get("quantization_config") or {}
     groups = list(quant.get("config_groups", {}).values())
     if quant.get("quant_method") != "compressed-tensors" or len(groups) != 1:

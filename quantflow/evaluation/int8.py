@@ -24,6 +24,11 @@ from torch import nn
 from quantflow.errors import QuantflowError
 
 MIN_ROWS = 17  # cuBLAS int8 GEMM wants more than 16 rows in the first operand
+# where each kind keeps a quantized layer: the tensor that marks it, and the tensors it is built from
+LAYOUTS = {
+    "w8a8": ("weight_scale", ("weight", "weight_scale")),  # int-quantized: int8 weights as they are
+    "w8a16": ("weight_packed", ("weight_packed", "weight_scale", "weight_shape")),  # pack-quantized: 4 per int32
+}
 
 
 class Int8Linear(nn.Module):
@@ -147,14 +152,7 @@ def load_int8(path: str | Path, device: str) -> tuple[nn.Module, str]:
     kind = int8_kind(json.loads((Path(path) / "config.json").read_text()))
     if kind is None:
         raise QuantflowError("the model folder is not a per-channel int8 artifact", "use the dense runtime")
-    marker, parts = (
-        ("weight_scale", ("weight", "weight_scale"))
-        if kind == "w8a8"
-        else (
-            "weight_packed",
-            ("weight_packed", "weight_scale", "weight_shape"),
-        )
-    )
+    marker, parts = LAYOUTS[kind]
     model = load_converted(path, device, marker, parts, convert(kind))
     check_layer(model)
     return model, kind

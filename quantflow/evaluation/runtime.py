@@ -1,10 +1,11 @@
 """Which runtime measures a variant, and the evaluate step's work: load on that runtime, run the protocol.
 
 A W4 artifact on CUDA runs from its packed weights on int4 kernels (when the scheme allows), an FP8
-artifact on FP8 matmuls (on cards that have them), an INT8 one on int8 kernels; a bitsandbytes variant is quantized as it loads;
-everything else loads dense through transformers (compressed-tensors decompress at load, and
-W8A8 activations are quantized and dequantized in bf16, so their quality is still measured). The runtime is named in the record, so a
-report never compares numbers without saying what produced them.
+artifact on FP8 matmuls (on cards that have them), an INT8 one on int8 kernels; a bitsandbytes
+variant is quantized as it loads; everything else loads dense through transformers
+(compressed-tensors decompress at load, and W8A8 activations are quantized and dequantized in bf16,
+so their quality is still measured). The runtime is named in the record, so a report never
+compares numbers without saying what produced them.
 """
 
 from __future__ import annotations

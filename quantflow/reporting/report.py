@@ -165,13 +165,12 @@ def _row(
     )
 
 
-def row_bits(row: Row, spec: RunSpec, model: ModelRef) -> float | None:
+def row_bits(row: Row, load_time: dict[str, BnbVariant], model: ModelRef) -> float | None:
     """Effective bits per weight of a row: from its artifact's files, or bitsandbytes' layout for load-time rows."""
     if row.artifact:
         return artifact_bits(Path(row.artifact))
-    planned = [*spec.variants, *expand(spec)[0]]
-    load_time = next((v for v in planned if v.name == row.name and isinstance(v, BnbVariant)), None)
-    return bnb_bits(load_time.method, load_time.double_quant, Path(model.path)) if load_time else None
+    variant = load_time.get(row.name)
+    return bnb_bits(variant.method, variant.double_quant, Path(model.path)) if variant else None
 
 
 def pick_best(rows: list[Row], constraints: ConstraintsSpec) -> tuple[str | None, str]:
@@ -234,7 +233,8 @@ def build_report(
     rows += [
         _row(v.name, v.method, v.evaluation, baseline, v.quantize, v.artifact, where.get(v.name)) for v in variants
     ]
-    rows = [row.model_copy(update={"effective_bits": row_bits(row, spec, model)}) for row in rows]
+    load_time = {v.name: v for v in [*spec.variants, *expand(spec)[0]] if isinstance(v, BnbVariant)}
+    rows = [row.model_copy(update={"effective_bits": row_bits(row, load_time, model)}) for row in rows]
     best, reason = pick_best(rows, spec.constraints)
     return Report(
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
