@@ -101,9 +101,15 @@ def measure(
             model,
             runtime,
             batch,
-            SpeedSpec(batch_sizes=[batch], prompt_len=prompt_len, gen_len=gen_len, warmup=2, repeats=repeats),
+            SpeedSpec(
+                batch_sizes=[batch],
+                prompt_len=prompt_len,
+                gen_len=gen_len,
+                warmup=2,
+                repeats=repeats,
+                compile_mode=compile_mode,
+            ),
             fuse=fuse,
-            compile_mode=compile_mode,
         ).model_dump()
         for batch in batches
     ]
@@ -203,9 +209,7 @@ def main() -> None:
         choices=["on", "off", "both"],
         help="fused q/k/v and gate/up (quantflow.evaluation.fuse) for every runtime",
     )
-    parser.add_argument(
-        "--compile-modes", default="max-autotune-no-cudagraphs", help="torch.compile modes, comma-separated"
-    )
+    parser.add_argument("--compile-modes", default="default", help="torch.compile modes, comma-separated")
     parser.add_argument("--cold", action="store_true", help="an empty Inductor cache for every measurement")
     parser.add_argument("--work", type=Path, default=Path("/tmp/quantflow-decode"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/decode.json"))

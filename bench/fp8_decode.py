@@ -85,8 +85,10 @@ def measure(runtime: str, folder: str, batches: list[int], prompt_len: int, gen_
         if runtime == "fp8"
         else AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).cuda()
     )
-    speed = SpeedSpec(batch_sizes=batches, prompt_len=prompt_len, gen_len=gen_len, warmup=2, repeats=repeats)
-    return [benchmark(model, runtime, b, speed, compile_mode=mode).model_dump() for b in batches]
+    speed = SpeedSpec(
+        batch_sizes=batches, prompt_len=prompt_len, gen_len=gen_len, warmup=2, repeats=repeats, compile_mode=mode
+    )
+    return [benchmark(model, runtime, b, speed).model_dump() for b in batches]
 
 
 def main() -> None:

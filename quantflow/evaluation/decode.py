@@ -117,7 +117,6 @@ def benchmark(
     compile: bool = True,
     seed: int = 0,
     reset_peak: bool = True,
-    compile_mode: str = "max-autotune-no-cudagraphs",
     fuse: bool = True,
 ) -> DecodeRecord:
     """Time prefill and ``speed.gen_len`` greedy decode steps of ``model`` at ``batch`` on random prompts (the same
@@ -175,10 +174,10 @@ def benchmark(
             with torch.no_grad():
                 prefill()  # allocates the cache's buffers, which the graph then uses by address
             start = time.perf_counter()
-            decode = captured(step, prefill, token, position, prompt_len, compile_mode)
+            decode = captured(step, prefill, token, position, prompt_len, speed.compile_mode)
             compile_seconds = time.perf_counter() - start
             fusion = ", fused q/k/v and gate/up" if fused else ""
-            harness = f"static cache{fusion}, torch.compile ({compile_mode}) + CUDA graph"
+            harness = f"static cache{fusion}, torch.compile ({speed.compile_mode}) + CUDA graph"
         # a model whose step cannot be compiled or captured is still measured, labelled eager
         except Exception as error:
             torch._dynamo.reset()

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -68,6 +70,7 @@ class EvalRecord(BaseModel):
     placement: dict[str, float] = {}
     lm_eval: dict[str, dict[str, float]] = {}
     visible_devices: str | None = None
+    phase_seconds: dict[str, float] = {}  # where an evaluation's time goes: load, quality, speed, samples, lm_eval
 
 
 def windows(total: int, span: int, stride: int, limit: int | None) -> list[Window]:
@@ -210,15 +213,23 @@ def evaluate_model(
     size: tuple[int, str],
     baseline: Path | None,
     save_baseline: Path | None,
+    phases: dict[str, float] | None = None,
 ) -> EvalRecord:
-    """Run the whole evaluation protocol on a loaded model."""
+    """Run the whole evaluation protocol on a loaded model, timing each phase (``phases`` may hold the load's)."""
     start = time.perf_counter()
-    ids = eval_tokens(texts, tokenizer)
-    span, bos = window_span(spec, model, tokenizer)
-    nll, count, kl, kl_count = score(model, ids, spec, span, bos, baseline, save_baseline)
-    speed = measure_speed(model, spec.speed) if spec.speed else []
-    generations = greedy_samples(model, tokenizer, spec.prompts, spec.max_new_tokens)
-    tasks = run_tasks(model, tokenizer, spec.lm_eval) if spec.lm_eval else {}
+    phases = dict(phases or {})
+    with timed(phases, "quality"):
+        ids = eval_tokens(texts, tokenizer)
+        span, bos = window_span(spec, model, tokenizer)
+        nll, count, kl, kl_count = score(model, ids, spec, span, bos, baseline, save_baseline)
+    with timed(phases, "speed"):
+        speed = measure_speed(model, spec.speed) if spec.speed else []
+    with timed(phases, "samples"):
+        generations = greedy_samples(model, tokenizer, spec.prompts, spec.max_new_tokens)
+    tasks = {}
+    if spec.lm_eval:
+        with timed(phases, "lm_eval"):
+            tasks = run_tasks(model, tokenizer, spec.lm_eval)
     peak, kind = peak_memory_mb()
     device = next(model.parameters()).device
     spread = placement(model)
@@ -249,7 +260,18 @@ def evaluate_model(
         placement=spread if len(spread) > 1 else {},
         lm_eval=tasks,
         visible_devices=visible_devices(),
+        phase_seconds=phases,
     )
+
+
+@contextmanager
+def timed(phases: dict[str, float], name: str) -> Iterator[None]:
+    """Add the block's wall seconds to ``phases[name]`` (CUDA work synchronized first, so it counts where it ran)."""
+    start = time.perf_counter()
+    yield
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    phases[name] = round(phases.get(name, 0.0) + time.perf_counter() - start, 2)
 
 
 def placement(model) -> dict[str, float]:

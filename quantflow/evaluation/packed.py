@@ -33,7 +33,7 @@ def load_converted(path: str | Path, device: str, marker: str, parts: tuple[str,
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
+        with safe_open(str(file), framework="pt", device=str(target)) as handle:  # unpacked where it will run
             tensors.update({key: handle.get_tensor(key) for key in handle.keys()})
     for prefix in sorted(key.removesuffix(f".{marker}") for key in tensors if key.endswith(f".{marker}")):
         found = {suffix: tensors.pop(f"{prefix}.{suffix}") for suffix in parts if f"{prefix}.{suffix}" in tensors}

@@ -102,14 +102,16 @@ def evaluate_subject(
     ``baseline`` is the baseline's saved log-probabilities (for KL); without it, and with KL on,
     this is the baseline, and its log-probabilities are saved into ``out`` for the variants.
     """
-    from quantflow.evaluation.evaluate import evaluate_model
+    from quantflow.evaluation.evaluate import evaluate_model, timed
     from quantflow.infra.resources import cap_gpu_memory, over_budget
     from quantflow.inputs.corpus import evaluation_documents
 
     resources.use_compile_cache()
     cap_gpu_memory(resources.gpu_memory_gb)
+    phases: dict[str, float] = {}
     with over_budget("evaluate", resources.gpu_memory_gb):
-        model, tokenizer, size, runtime = load_on_runtime(subject, protocol.evaluation.kernels, resources)
+        with timed(phases, "load"):
+            model, tokenizer, size, runtime = load_on_runtime(subject, protocol.evaluation.kernels, resources)
         texts = evaluation_documents(protocol.calibration, protocol.evaluation)
         keep = baseline is None and protocol.evaluation.kl_tokens
         return evaluate_model(
@@ -122,4 +124,5 @@ def evaluate_subject(
             size,
             baseline=Path(baseline) if baseline else None,
             save_baseline=out / BASELINE_LOGPROBS if keep else None,
+            phases=phases,
         )

@@ -26,7 +26,7 @@ from quantflow.reporting.bits import artifact_bits, bnb_bits
 from quantflow.spec import BnbVariant, ConstraintsSpec, RunSpec
 from quantflow.sweep import Dropped, expand
 
-SCHEMA_VERSION = "1.5"
+SCHEMA_VERSION = "1.6"
 UNITS = {
     "perplexity": "exp(mean NLL per token), lower is better",
     "ppl_delta_pct": "% change vs baseline",
@@ -100,6 +100,7 @@ class Row(BaseModel):
     lm_eval: dict[str, dict[str, float]] = {}
     visible_devices: str | None = None
     compile_seconds: float = 0.0
+    evaluate_phases: dict[str, float] = {}
     effective_bits: float | None = None
     scheme: str = ""
     smoothing: Smoothing | None = None
@@ -160,6 +161,7 @@ def _row(
         lm_eval=evaluation.lm_eval,
         compile_seconds=round(sum(s.compile_seconds for s in evaluation.speed), 2),
         visible_devices=evaluation.visible_devices,
+        evaluate_phases=evaluation.phase_seconds,
         artifact_uri=stored.uri if stored else None,
         roundtrip=stored.roundtrip if stored else None,
     )

@@ -54,6 +54,9 @@ def test_outputs_and_report(finished):
         and rows["gptq"].skipped_layers == ["lm_head"]
     )
     assert rows["bnb-int8"].size_kind == "in_memory_weights"
+    for row in rows.values():  # where each evaluation's time went, phase by phase
+        assert set(row.evaluate_phases) == {"load", "quality", "speed", "samples"}, row.evaluate_phases
+        assert row.evaluate_phases["load"] > 0 and row.evaluate_phases["quality"] > 0
     # bits per weight over the quantized Linears, from first principles: W4 plus a bf16 scale per 32 weights, plus a
     # 4-bit zero point per 32 for the asymmetric AWQ; LLM.int8 adds an fp32 scale per output row (512 rows per
     # 36,864 weights in each layer of this model); the baseline is bf16
