@@ -1,6 +1,6 @@
 """The quantflow DAG as Prefect flows, one task per stage.
 
-plan -> calibration | baseline (concurrent) -> per variant: quantize -> evaluate -> report
+plan -> calibration | baseline (concurrent) -> per variant: [sensitivity ->] quantize -> evaluate -> report
 -> per variant: upload -> store-report (with a store) -> artifacts.
 
 By default one flow run builds the variants in turn: one worker owns one accelerator, and
@@ -23,7 +23,7 @@ from pydantic import Field
 from quantflow.pipeline import steps
 from quantflow.pipeline.planning import Plan
 from quantflow.reporting.report import VariantResult
-from quantflow.spec import RunSpec
+from quantflow.spec import MixedVariant, RunSpec
 from tasks.artifacts import publish_run_artifacts, run_name
 from tasks.dispatch import dispatch_task
 from tasks.stages import (
@@ -34,6 +34,7 @@ from tasks.stages import (
     plan_task,
     quantize_task,
     report_task,
+    sensitivity_task,
     store_report_task,
     upload_task,
 )
@@ -68,8 +69,12 @@ def quantflow_run(spec: RunSpec = RunSpec(), variant_deployment: str | None = VA
 
 
 def _quantized(plan: Plan, variant, calibration):
-    """The quantize task's artifact; a load-time (bitsandbytes) variant has no quantize task."""
-    return steps.unquantized(variant) if steps.load_time(variant) else quantize_task(plan, variant, calibration)
+    """The quantize task's artifact; a load-time (bitsandbytes) variant has no quantize task, a mixed one measures
+    its sensitivity in a task of its own first."""
+    if steps.load_time(variant):
+        return steps.unquantized(variant)
+    measured = sensitivity_task(plan, variant, calibration) if isinstance(variant, MixedVariant) else None
+    return quantize_task(plan, variant, calibration, measured)
 
 
 def _in_turn(plan: Plan, calibration, baseline, progress: UUID) -> tuple[list[VariantResult], list]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from quantflow.errors import QuantflowError
 
@@ -170,6 +170,45 @@ class AutoRoundVariant(_WeightOnly):
         return self
 
 
+MenuOption = Literal["w4", "w8", "bf16"]
+
+
+class MixedVariant(_AWQSearch, _WeightOnly):
+    """Per-layer precision chosen by measured sensitivity to fit an effective-bits budget (quantflow's allocation),
+    then one llm-compressor pass whose config groups target the layers by name: standard compressed-tensors."""
+
+    method: Literal["mixed"] = "mixed"
+    bits: Literal[4] = Field(4, description="The W4 option's bits (the menu sets the rest).")
+    target_bits: float = Field(
+        4.5,
+        gt=2,
+        le=16,
+        description="Effective bits per weight over the quantized Linears, scales and zero points included.",
+    )
+    options: list[MenuOption] = Field(
+        ["w4", "w8", "bf16"],
+        min_length=1,
+        description="Per-layer menu: W4 at group_size, W8 per output channel, or kept in bf16.",
+    )
+    algorithm: Literal["gptq", "awq"] = Field("gptq", description="The final pass: GPTQ, or AWQ smoothing + RTN.")
+    sensitivity: Literal["fisher", "kl"] = Field(
+        "fisher",
+        description="'fisher': gradient-weighted output error from one backward pass (fast); 'kl': measured KL with "
+        "each layer group quantized alone (the reference, one forward pass per group and option).",
+    )
+    sensitivity_tokens: int = Field(4096, ge=16, description="Calibration tokens the sensitivity is measured on.")
+    dampening_frac: float = Field(0.01, gt=0, lt=1, description="GPTQ Hessian dampening.")
+    actorder: Literal["static", "group", "weight"] | None = Field("static", description="GPTQ activation ordering.")
+    block_size: int = Field(128, ge=1, description="Columns quantized per GPTQ block.")
+
+    @field_validator("options")
+    @classmethod
+    def _unique(cls, options: list[str]) -> list[str]:
+        if len(set(options)) != len(options):
+            raise ValueError(f"options repeat a name: {options}")
+        return options
+
+
 class FP8Variant(_Strict):
     """W8A8 FP8 (e4m3): per-output-channel weight scales, activations scaled per token at run time.
 
@@ -209,12 +248,34 @@ class BnbVariant(_Strict):
 
 
 Variant = Annotated[
-    Union[RTNVariant, GPTQVariant, AWQVariant, AWQGPTQVariant, AutoRoundVariant, FP8Variant, Int8Variant, BnbVariant],
+    Union[
+        RTNVariant,
+        GPTQVariant,
+        AWQVariant,
+        AWQGPTQVariant,
+        AutoRoundVariant,
+        MixedVariant,
+        FP8Variant,
+        Int8Variant,
+        BnbVariant,
+    ],
     Field(discriminator="method"),
 ]
-METHODS = ("rtn", "gptq", "awq", "awq-gptq", "autoround", "fp8", "int8", "bnb-nf4", "bnb-fp4", "bnb-int8")
+METHODS = (
+    "rtn",
+    "gptq",
+    "awq",
+    "awq-gptq",
+    "autoround",
+    "mixed",
+    "fp8",
+    "int8",
+    "bnb-nf4",
+    "bnb-fp4",
+    "bnb-int8",
+)
 MethodName = Literal[METHODS]
-GROUPED_METHODS = ("rtn", "gptq", "awq", "awq-gptq", "autoround")  # the methods with a group_size
+GROUPED_METHODS = ("rtn", "gptq", "awq", "awq-gptq", "autoround", "mixed")  # the methods with a group_size
 
 
 class SweepSpec(_Strict):

@@ -79,7 +79,10 @@ def best_sentence(report: Report) -> str:
 def embedded_plots(out: Path) -> list[str]:
     """Markdown images of the report's plots as PNG data, so the UI shows them inline."""
     lines = []
-    for name, title in PLOTS.items():
+    maps = {
+        p.name: f"Precision per layer: {p.stem.removeprefix('precision-')}" for p in sorted(out.glob("precision-*.png"))
+    }
+    for name, title in {**PLOTS, **maps}.items():
         if (out / name).exists():
             data = base64.b64encode((out / name).read_bytes()).decode()
             lines += [f"![{title}](data:image/png;base64,{data})", ""]

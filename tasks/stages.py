@@ -92,10 +92,31 @@ def baseline_task(plan: planning.Plan) -> steps.Baseline:
     return detached(baseline)
 
 
+@task(name="sensitivity", task_run_name="sensitivity-{variant.name}", **ON_ACCELERATOR)
+def sensitivity_task(plan: planning.Plan, variant: Variant, calibration: steps.Calibrated) -> steps.Sensitivity:
+    """Score every Linear group of a mixed variant at every menu option on the calibration set."""
+    measured = steps.measure(plan, variant, calibration.record)
+    record = measured.record
+    get_run_logger().info(
+        "%s: %s sensitivity of %d groups on %d tokens (%s)",
+        variant.name,
+        record.measure,
+        record.groups,
+        record.tokens,
+        _did(measured.step),
+    )
+    return detached(measured)
+
+
 @task(name="quantize", task_run_name="quantize-{variant.name}", **ON_ACCELERATOR)
-def quantize_task(plan: planning.Plan, variant: Variant, calibration: steps.Calibrated) -> steps.Quantized:
-    """Quantize one variant with llm-compressor."""
-    quantized = steps.quantize(plan, variant, calibration.record)
+def quantize_task(
+    plan: planning.Plan,
+    variant: Variant,
+    calibration: steps.Calibrated,
+    sensitivity: steps.Sensitivity | None = None,
+) -> steps.Quantized:
+    """Quantize one variant with llm-compressor (a mixed variant from its sensitivity table)."""
+    quantized = steps.quantize(plan, variant, calibration.record, sensitivity=sensitivity)
     get_run_logger().info("%s: quantized (%s)", variant.name, _did(quantized.step))
     return detached(quantized)
 

@@ -15,15 +15,17 @@ from quantflow.infra.cache import StepCache, default_cache_root
 from quantflow.infra.resources import Resources, check_fits, pick_device
 from quantflow.inputs.corpus import check_source
 from quantflow.inputs.sources import ModelRef, resolve_model
+from quantflow.quantization.mixed import check_budget
 from quantflow.quantization.quantize import (
     Scheme,
     WeightVariant,
     check_ignore,
+    mixed_groups,
     resolve_group_size,
     scheme_label,
     weightless_model,
 )
-from quantflow.spec import BnbVariant, FP8Variant, RunSpec, Variant
+from quantflow.spec import BnbVariant, FP8Variant, MixedVariant, RunSpec, Variant
 from quantflow.sweep import Dropped, expand
 
 Progress = Callable[[str], None]
@@ -176,4 +178,6 @@ def fitted(skeleton, variant: Variant, spec: RunSpec, device: str) -> Scheme | N
     check_ignore(skeleton, variant)
     scheme = resolve_group_size(skeleton, variant)
     check_kernels(spec.evaluation.kernels, variant, scheme, device)
+    if isinstance(variant, MixedVariant):
+        check_budget(mixed_groups(skeleton, variant, scheme.group_size), variant.target_bits, variant.name)
     return scheme

@@ -20,8 +20,9 @@ from quantflow.infra.steps import StepRun, cached
 from quantflow.inputs.calibration import CalibrationRecord, build_calibration
 from quantflow.pipeline.planning import Plan
 from quantflow.quantization.quantize import QuantizeRecord, needs_calibration, quantize_weights
+from quantflow.quantization.sensitivity import SensitivityRecord, measure_sensitivity
 from quantflow.reporting.report import VariantResult
-from quantflow.spec import BnbVariant, Variant
+from quantflow.spec import BnbVariant, MixedVariant, Variant
 
 QUANT_PACKAGES = ("torch", "transformers", "llmcompressor", "compressed-tensors")
 EVAL_PACKAGES = ("torch", "transformers", "compressed-tensors", "bitsandbytes", "lm-eval")
@@ -39,12 +40,21 @@ class Baseline(BaseModel):
     step: StepRun
 
 
+class Sensitivity(BaseModel):
+    """A mixed variant's sensitivity table (its own cached step: several budgets over one menu share it)."""
+
+    variant: str
+    record: SensitivityRecord
+    step: StepRun
+
+
 class Quantized(BaseModel):
     """A weight variant's artifact, or for a load-time (bitsandbytes) variant nothing: it is quantized as it loads."""
 
     variant: str
     record: QuantizeRecord | None
     step: StepRun | None
+    sensitivity: Sensitivity | None = None
 
 
 def calibration_key(plan: Plan) -> str:
@@ -73,6 +83,21 @@ def quantize_key(plan: Plan, variant: Variant, calibration: CalibrationRecord) -
         variant.model_dump(exclude={"name"}),
         plan.schemes[variant.name].group_size,
         used,
+        plan.spec.model.dtype,
+        plan.device,
+        code_version(*QUANT_PACKAGES),
+    )
+
+
+def sensitivity_key(plan: Plan, variant: MixedVariant, calibration: CalibrationRecord) -> str:
+    """What the table depends on: not the budget nor the final algorithm, so variants differing only there share it."""
+    measured = variant.model_dump(include={"options", "symmetric", "ignore", "sensitivity", "sensitivity_tokens"})
+    return content_key(
+        "sensitivity",
+        plan.model.fingerprint,
+        measured,
+        plan.schemes[variant.name].group_size,
+        calibration.hash,
         plan.spec.model.dtype,
         plan.device,
         code_version(*QUANT_PACKAGES),
@@ -127,10 +152,39 @@ def evaluate_baseline(plan: Plan, isolate: bool = True) -> Baseline:
     return Baseline(evaluation=evaluation, key=key, step=step)
 
 
-def quantize(plan: Plan, variant: Variant, calibration: CalibrationRecord, isolate: bool = True) -> Quantized:
-    """Quantize one weight variant with llm-compressor; a bitsandbytes variant has nothing to do here."""
+def measure(plan: Plan, variant: MixedVariant, calibration: CalibrationRecord, isolate: bool = True) -> Sensitivity:
+    """Score every Linear group of a mixed variant at every menu option (cached)."""
+    record, step = cached(
+        plan.cache,
+        "sensitivity",
+        variant.name,
+        sensitivity_key(plan, variant, calibration),
+        SensitivityRecord,
+        measure_sensitivity,
+        plan.spec.step_timeout_s,
+        isolate,
+        model_path=plan.model.path,
+        variant=variant,
+        group_size=plan.schemes[variant.name].group_size,
+        calibration=calibration,
+        resources=plan.resources,
+    )
+    return Sensitivity(variant=variant.name, record=record, step=step)
+
+
+def quantize(
+    plan: Plan,
+    variant: Variant,
+    calibration: CalibrationRecord,
+    isolate: bool = True,
+    sensitivity: Sensitivity | None = None,
+) -> Quantized:
+    """Quantize one weight variant with llm-compressor; a bitsandbytes variant has nothing to do here. A mixed
+    variant measures its sensitivity first unless the caller (a separate Prefect task) already did."""
     if load_time(variant):
         return unquantized(variant)
+    if isinstance(variant, MixedVariant) and sensitivity is None:
+        sensitivity = measure(plan, variant, calibration, isolate)
     record, step = cached(
         plan.cache,
         "quantize",
@@ -145,8 +199,10 @@ def quantize(plan: Plan, variant: Variant, calibration: CalibrationRecord, isola
         scheme=plan.schemes[variant.name],
         calibration=calibration,
         resources=plan.resources,
+        sensitivity=sensitivity.record if sensitivity else None,
     )
-    return Quantized(variant=variant.name, record=record.model_copy(update={"variant": variant.name}), step=step)
+    record = record.model_copy(update={"variant": variant.name})
+    return Quantized(variant=variant.name, record=record, step=step, sensitivity=sensitivity)
 
 
 def evaluate(
@@ -159,7 +215,8 @@ def evaluate(
     evaluation, step = evaluate_subject_once(
         plan, variant_eval_key(plan, variant, quantized), subject, baseline.key, isolate
     )
-    steps = [quantized.step, step] if quantized.step else [step]
+    measured = quantized.sensitivity.step if quantized.sensitivity else None
+    steps = [s for s in (measured, quantized.step, step) if s is not None]
     return VariantResult(
         name=variant.name,
         method=variant.method,
@@ -167,6 +224,7 @@ def evaluate(
         evaluation=evaluation,
         artifact=quantized.record.path if quantized.record else None,
         steps=steps,
+        sensitivity=quantized.sensitivity.record if quantized.sensitivity else None,
     )
 
 

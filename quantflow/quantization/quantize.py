@@ -26,6 +26,8 @@ from quantflow.infra.resources import (
     visible_devices,
 )
 from quantflow.inputs.calibration import CalibrationRecord, load_samples
+from quantflow.quantization.mixed import LayerGroup
+from quantflow.quantization.sensitivity import SensitivityRecord
 from quantflow.spec import (
     AutoRoundVariant,
     AWQGPTQVariant,
@@ -34,11 +36,14 @@ from quantflow.spec import (
     FP8Variant,
     GPTQVariant,
     Int8Variant,
+    MixedVariant,
     RTNVariant,
 )
 
-WeightVariant = RTNVariant | GPTQVariant | AWQVariant | AWQGPTQVariant | AutoRoundVariant | FP8Variant | Int8Variant
-GROUPED = (RTNVariant, GPTQVariant, AWQVariant, AWQGPTQVariant, AutoRoundVariant)
+WeightVariant = (
+    RTNVariant | GPTQVariant | AWQVariant | AWQGPTQVariant | AutoRoundVariant | MixedVariant | FP8Variant | Int8Variant
+)
+GROUPED = (RTNVariant, GPTQVariant, AWQVariant, AWQGPTQVariant, AutoRoundVariant, MixedVariant)
 AUTO_GROUP_SIZES = (128, 64, 32)
 
 
@@ -73,6 +78,8 @@ class QuantizeRecord(BaseModel):
     visible_devices: str | None = None
     scheme: str = ""
     smoothing: Smoothing | None = None
+    precision: dict[str, str] = {}  # mixed variants: each quantized Linear's menu option ('w4', 'w8', 'bf16')
+    allocated_bits: float | None = None  # mixed variants: the allocation's effective bits per weight
 
 
 def target_layers(model: torch.nn.Module, ignore: list[str]) -> tuple[list[str], list[str]]:
@@ -82,6 +89,15 @@ def target_layers(model: torch.nn.Module, ignore: list[str]) -> tuple[list[str],
     linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
     targeted = {name for name, _ in match_named_modules(model, ["Linear"], ignore)}
     return [n for n in linear if n in targeted], [n for n in linear if n not in targeted]
+
+
+def mixed_groups(model: torch.nn.Module, variant: MixedVariant, group_size: int | None) -> list[LayerGroup]:
+    """A mixed variant's quantized Linears grouped for fused kernels, with each menu option's bits."""
+    from quantflow.quantization.mixed import layer_groups
+
+    quantized, _ = target_layers(model, variant.ignore)
+    widths = {n: (model.get_submodule(n).out_features, model.get_submodule(n).in_features) for n in quantized}
+    return layer_groups(widths, variant.options, group_size, variant.symmetric)
 
 
 def weightless_model(model_path: str, trust_remote_code: bool = False) -> torch.nn.Module:
@@ -118,6 +134,13 @@ def resolve_group_size(model: torch.nn.Module, variant: WeightVariant) -> Scheme
             f"{sorted(set(widths.values()))})",
         )
     bad = {name: width for name, width in widths.items() if width % variant.group_size}
+    if bad and isinstance(
+        variant, MixedVariant
+    ):  # those layers cannot take w4: the allocation gives them another option
+        return Scheme(
+            group_size=variant.group_size,
+            note=f"w4 at group {variant.group_size} dropped for {len(bad)} layers whose width it does not divide",
+        )
     if bad:
         valid = [s for s in (256, 128, 64, 32, 16, 8) if all(w % s == 0 for w in widths.values())]
         shown = ", ".join(f"{n} ({w})" for n, w in list(bad.items())[:5]) + (
@@ -167,8 +190,15 @@ def scheme_for(variant: WeightVariant, group_size: int | None, scale_dtype: str 
     return QuantizationScheme(targets=["Linear"], weights=weights)
 
 
-def scheme_label(variant: WeightVariant, group_size: int | None) -> str:
+def scheme_label(variant: WeightVariant, group_size: int | None, precision: dict[str, str] | None = None) -> str:
     """The scheme in the words serving engines use, for reports and model cards."""
+    if isinstance(variant, MixedVariant):
+        counts = {o: list((precision or {}).values()).count(o) for o in ("w4", "w8", "bf16")}
+        grouping = f"group {group_size}" if group_size else "per-channel"
+        return (
+            f"mixed, {'symmetric' if variant.symmetric else 'asymmetric'}: {counts['w4']} Linears W4A16 int "
+            f"{grouping}, {counts['w8']} W8A16 int per-channel, {counts['bf16']} kept in bf16"
+        )
     if isinstance(variant, FP8Variant):
         return "W8A8 FP8 e4m3 (per-channel weights, dynamic per-token activations)"
     if isinstance(variant, Int8Variant):
@@ -218,7 +248,35 @@ def recipe_for(variant: WeightVariant, group_size: int | None, scale_dtype: str 
     return [awq_modifier(variant), quantizer] if isinstance(variant, AWQVariant) else [quantizer]
 
 
-def awq_modifier(variant: AWQVariant | AWQGPTQVariant):
+def mixed_recipe(
+    variant: MixedVariant, precision: dict[str, str], group_size: int | None, scale_dtype: str = "bfloat16"
+) -> list:
+    """One config group per chosen option, targeting its layers by exact name; bf16 layers join ``ignore``."""
+    from compressed_tensors.quantization import QuantizationScheme
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+
+    from quantflow.quantization.sensitivity import weight_args
+
+    groups = {}
+    for option in ("w4", "w8"):
+        names = [name for name, chosen in precision.items() if chosen == option]
+        if names:
+            args = weight_args(option, group_size, variant.symmetric, variant.observer, getattr(torch, scale_dtype))
+            groups[option] = QuantizationScheme(targets=names, weights=args)
+    ignore = [*variant.ignore, *(name for name, chosen in precision.items() if chosen == "bf16")]
+    if variant.algorithm == "awq":
+        return [awq_modifier(variant), QuantizationModifier(config_groups=groups, ignore=ignore)]
+    gptq = GPTQModifier(
+        config_groups=groups,
+        ignore=ignore,
+        block_size=variant.block_size,
+        dampening_frac=variant.dampening_frac,
+        actorder=variant.actorder,
+    )
+    return [gptq]
+
+
+def awq_modifier(variant: AWQVariant | AWQGPTQVariant | MixedVariant):
     from llmcompressor.modifiers.transform.awq import AWQModifier
 
     return AWQModifier(n_grid=variant.n_grid, duo_scaling=variant.duo_scaling)
@@ -284,6 +342,7 @@ def quantize_weights(
     resources: Resources,
     out: Path,
     final: Path,
+    sensitivity: SensitivityRecord | None = None,
 ) -> QuantizeRecord:
     """Run one llm-compressor recipe and save the compressed checkpoint (weights in ``dtype``) into ``out``.
 
@@ -304,7 +363,11 @@ def quantize_weights(
         model_path, dtype=getattr(torch, resources.compute_dtype), use_safetensors=True
     )
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    recipe = recipe_for(variant, scheme.group_size, dtype)
+    precision, allocated = allocation(variant, sensitivity)
+    if isinstance(variant, MixedVariant):
+        recipe = mixed_recipe(variant, precision, scheme.group_size, dtype)
+    else:
+        recipe = recipe_for(variant, scheme.group_size, dtype)
     data = {}
     if needs_calibration(variant):
         data = {
@@ -342,13 +405,27 @@ def quantize_weights(
         skipped_layers=skipped,
         recipe=yaml.safe_dump([type(m).__name__ + ": " + m.model_dump_json(exclude_none=True) for m in recipe]),
         visible_devices=visible_devices(),
-        scheme=scheme_label(variant, scheme.group_size),
+        scheme=scheme_label(variant, scheme.group_size, precision),
         smoothing=smoothing(variant, mappings, quantized),
+        precision=precision,
+        allocated_bits=allocated,
     )
 
 
+def allocation(variant: WeightVariant, sensitivity: SensitivityRecord | None) -> tuple[dict[str, str], float | None]:
+    """A mixed variant's option per Linear from its sensitivity table under its budget; nothing for the others."""
+    if not isinstance(variant, MixedVariant):
+        return {}, None
+    from quantflow.quantization.mixed import allocate, effective_bits, precision_by_layer
+    from quantflow.quantization.sensitivity import read_table
+
+    groups, scores = read_table(sensitivity)
+    chosen = allocate(groups, scores, variant.target_bits)
+    return precision_by_layer(groups, chosen), round(effective_bits(groups, chosen), 4)
+
+
 def smoothing(variant: WeightVariant, mappings: list[dict], quantized: list[str]) -> Smoothing | None:
-    if not isinstance(variant, AWQVariant | AWQGPTQVariant):
+    if not isinstance(variant, AWQVariant | AWQGPTQVariant) and getattr(variant, "algorithm", None) != "awq":
         return None
     balanced = {name for mapping in mappings for name in mapping["balance"]}
     return Smoothing(mappings=mappings, unsmoothed=[name for name in quantized if name not in balanced])

@@ -4,7 +4,8 @@
 and bitsandbytes keeps fp32 block maxima. Sizes on disk mix in what was never quantized
 (embeddings, norms, lm_head), so the report states bits per weight over the quantized Linears
 alone, read from the artifact's safetensors headers (only the tiny ``weight_shape`` tensors are
-loaded). Unquantized models count their Linear weights' dtype (16 for bf16).
+loaded). Unquantized models count their Linear weights' dtype (16 for bf16), and so do the Linears an artifact
+left dense (a mixed variant's bf16 layers, or layers named in ``ignore`` other than lm_head).
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ def artifact_bits(folder: Path) -> float | None:
             else None
         )
     stored = weights = 0
+    kept = {n: spec for n, spec in dense_linears(found).items() if n.removesuffix(".weight") not in quantized}
+    for dtype, shape in kept.values():  # Linears left dense (a mixed variant's bf16 layers) count at their dtype
+        stored += math.prod(shape) * DTYPE_BITS[dtype]
+        weights += math.prod(shape)
     for layer in quantized:
         parts = {part: found[f"{layer}.{part}"] for part in QUANT_PARTS if f"{layer}.{part}" in found}
         stored += sum(math.prod(shape) * DTYPE_BITS[dtype] for dtype, shape in parts.values())

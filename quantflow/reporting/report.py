@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from quantflow.infra.steps import StepRun
 from quantflow.inputs.calibration import CalibrationRecord
 from quantflow.inputs.sources import ModelRef
 from quantflow.quantization.quantize import QuantizeRecord, Smoothing
+from quantflow.quantization.sensitivity import SensitivityRecord
 from quantflow.reporting.bits import artifact_bits, bnb_bits
 from quantflow.spec import BnbVariant, ConstraintsSpec, RunSpec
 from quantflow.sweep import Dropped, expand
@@ -58,6 +60,7 @@ class VariantResult(BaseModel):
     evaluation: EvalRecord
     artifact: str | None
     steps: list[StepRun]
+    sensitivity: SensitivityRecord | None = None  # mixed variants: the table their allocation read
 
     @property
     def cached(self) -> bool:
@@ -104,6 +107,9 @@ class Row(BaseModel):
     effective_bits: float | None = None
     scheme: str = ""
     smoothing: Smoothing | None = None
+    precision: dict[str, str] = {}
+    allocated_bits: float | None = None
+    sensitivity: SensitivityRecord | None = None
 
 
 class Report(BaseModel):
@@ -134,6 +140,7 @@ def _row(
     quantize: QuantizeRecord | None = None,
     artifact: str | None = None,
     stored: StoredArtifact | None = None,
+    sensitivity: SensitivityRecord | None = None,
 ) -> Row:
     return Row(
         name=name,
@@ -155,6 +162,9 @@ def _row(
         group_size_note=quantize.group_size_note if quantize else None,
         scheme=quantize.scheme if quantize else "",
         smoothing=quantize.smoothing if quantize else None,
+        precision=quantize.precision if quantize else {},
+        allocated_bits=quantize.allocated_bits if quantize else None,
+        sensitivity=sensitivity,
         runtime=evaluation.runtime,
         artifact=artifact,
         placement=evaluation.placement,
@@ -233,7 +243,8 @@ def build_report(
     where = {s.name: s for s in stored}
     rows = [_row("baseline", f"none ({spec.model.dtype})", baseline, baseline, artifact=model.path)]
     rows += [
-        _row(v.name, v.method, v.evaluation, baseline, v.quantize, v.artifact, where.get(v.name)) for v in variants
+        _row(v.name, v.method, v.evaluation, baseline, v.quantize, v.artifact, where.get(v.name), v.sensitivity)
+        for v in variants
     ]
     load_time = {v.name: v for v in [*spec.variants, *expand(spec)[0]] if isinstance(v, BnbVariant)}
     rows = [row.model_copy(update={"effective_bits": row_bits(row, load_time, model)}) for row in rows]
@@ -335,7 +346,7 @@ def markdown(report: Report) -> str:
         harness = f"; timed with {r.speed[0]['harness']}" if r.speed and r.speed[0].get("harness") else ""
         card = f"; CUDA_VISIBLE_DEVICES={r.visible_devices}" if r.visible_devices is not None else ""
         lines.append(f"- **{r.name}**: {r.runtime}{harness}{layers}{note}{card}")
-    lines += _smoothing(report.rows) + _dropped(report.dropped)
+    lines += _smoothing(report.rows) + _mixed(report.rows) + _dropped(report.dropped)
     lines += _lm_eval_table(report.rows)
     lines += ["", "## Greedy samples", ""]
     for name, samples in report.generations.items():
@@ -384,6 +395,35 @@ def _smoothing(rows: list[Row]) -> list[str]:
             f"{by_role(r.smoothing.unsmoothed)}."
         )
     return lines
+
+
+def _mixed(rows: list[Row]) -> list[str]:
+    """Per mixed row: what the allocation chose, where its sensitivity table is, and the precision map."""
+    mixed = [r for r in rows if r.precision]
+    if not mixed:
+        return []
+    lines = ["", "## Mixed precision", ""]
+    for r in mixed:
+        counts = {o: list(r.precision.values()).count(o) for o in ("w4", "w8", "bf16")}
+        kept = [n for n, o in r.precision.items() if o != "w4"]
+        lines += [
+            f"**{r.name}**: {r.allocated_bits} bits per weight allocated ({r.effective_bits} stored), "
+            f"{counts['w4']} Linears W4, {counts['w8']} W8, {counts['bf16']} bf16, from its {r.sensitivity.measure} "
+            f"sensitivity on {r.sensitivity.tokens} tokens (`{sensitivity_file(r.name)}`). Above W4: "
+            f"{by_role(kept) or 'none'}.",
+            "",
+            f"![precision per layer: {r.name}]({precision_file(r.name)})",
+            "",
+        ]
+    return lines
+
+
+def sensitivity_file(name: str) -> str:
+    return f"sensitivity-{name}.json"
+
+
+def precision_file(name: str) -> str:
+    return f"precision-{name}.png"
 
 
 def _dropped(dropped: list[Dropped]) -> list[str]:
@@ -455,8 +495,39 @@ def scatter(
     plt.close(fig)
 
 
+def precision_map(precision: dict[str, str], title: str, path: Path) -> None:
+    """Blocks x projection kinds, each cell coloured by the option its Linear took."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    from quantflow.quantization.mixed import OPTIONS, block_and_kind
+
+    cells = {block_and_kind(name): option for name, option in precision.items()}
+    blocks = sorted({b for b, _ in cells if b is not None})
+    kinds = list(dict.fromkeys(k for _, k in cells))
+    grid = [[OPTIONS.index(cells.get((b, k), "w4")) for k in kinds] for b in blocks]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(kinds), 1.2 + 0.22 * len(blocks)))
+    ax.imshow(grid, cmap=ListedColormap(["#dbe9f6", "#f4a259", "#bc4b51"]), vmin=0, vmax=2, aspect="auto")
+    for row, block in enumerate(blocks):
+        for col, kind in enumerate(kinds):
+            ax.text(col, row, cells.get((block, kind), ""), ha="center", va="center", fontsize=6)
+    ax.set_xticks(range(len(kinds)), kinds, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(blocks)), blocks, fontsize=6)
+    ax.set(ylabel="decoder block", title=title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plots(report: Report, out: Path) -> list[Path]:
-    """The plots named in PLOTS (speed plots only when the rows were timed)."""
+    """The plots named in PLOTS (speed plots only when the rows were timed), and each mixed row's precision map."""
+    for row in report.rows:
+        if row.precision:
+            title = f"{row.name}: {row.allocated_bits} bits/weight (w4 / w8 / bf16)"
+            precision_map(row.precision, title, out / precision_file(row.name))
     paths = [out / "quality_vs_size.png"]
     scatter(
         [(r.name, r.size_mb, r.perplexity) for r in report.rows],
@@ -491,6 +562,9 @@ def write_report(report: Report, out: Path) -> None:
         (scratch / "report.json").write_text(report.model_dump_json(indent=2))
         (scratch / "report.md").write_text(markdown(report))
         plots(report, scratch)
+        for row in report.rows:  # the table each allocation read, beside the report
+            if row.sensitivity is not None:
+                shutil.copyfile(row.sensitivity.path, scratch / sensitivity_file(row.name))
 
 
 def load_report(path: Path) -> Report:

@@ -1,0 +1,179 @@
+"""Mixed precision: which Linears share a choice, what each menu option costs in bits, and the allocation.
+
+A ``mixed`` variant gives every quantized Linear one option from its menu (W4 at the variant's group size,
+W8 per output channel, or kept in bf16) so that the summed sensitivity is least while the effective bits per
+weight stay within ``target_bits``. Serving engines fuse q/k/v and gate/up into one matmul each (vLLM's
+``qkv_proj`` and ``gate_up_proj``), and one matmul runs one scheme, so those layers form one group that takes one
+option together.
+
+The allocation is a multiple-choice knapsack, solved exactly by dynamic programming over the bit budget
+(hand-written: it is twenty lines of numpy, and no maintained solver takes grouped choices without a MILP
+dependency), exact in whole bits; a solution never exceeds the budget.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+from pydantic import BaseModel
+
+from quantflow.errors import QuantflowError
+
+OPTIONS = ("w4", "w8", "bf16")
+RESOLUTION = 20_000  # DP cells over the spare budget when costs share no usable unit
+MAX_CELLS = 2_000_000  # largest exact DP (a float64 row per group of this many cells)
+TIED = (  # members of a block that a fused serving kernel runs as one matmul
+    ("q_proj", "k_proj", "v_proj"),
+    ("gate_proj", "up_proj"),
+)
+
+
+class LayerGroup(BaseModel):
+    """Linears that take one option together, with their weight count and each option's stored bits per weight."""
+
+    name: str
+    layers: list[str]
+    weights: int
+    bits: dict[str, float]  # option -> bits per weight; an option the shapes cannot take is absent
+    note: str = ""  # why an option is absent
+
+
+def option_bits(option: str, in_features: int, group_size: int | None, symmetric: bool) -> float | None:
+    """Stored bits per weight, bf16 scales and packed zero points included; None where the width cannot take it."""
+    if option == "bf16":
+        return 16.0
+    if option == "w8":  # one scale (and zero point) per output row of in_features weights
+        return 8 + (16 + (0 if symmetric else 8)) / in_features
+    if group_size is None:
+        return 4 + (16 + (0 if symmetric else 4)) / in_features
+    if in_features % group_size:
+        return None
+    return 4 + (16 + (0 if symmetric else 4)) / group_size
+
+
+def layer_groups(
+    widths: dict[str, tuple[int, int]], options: list[str], group_size: int | None, symmetric: bool
+) -> list[LayerGroup]:
+    """Group the quantized Linears (name -> (out, in)) for fused kernels, each with its menu costs.
+
+    Members of a q/k/v or gate/up set sit side by side under one parent module; anything else is its own group.
+    """
+    groups, taken = [], set()
+    for name in widths:
+        if name in taken:
+            continue
+        parent, _, leaf = name.rpartition(".")
+        members = [name]
+        for tied in TIED:
+            if leaf in tied:
+                members = [
+                    f"{parent}.{t}" if parent else t for t in tied if (f"{parent}.{t}" if parent else t) in widths
+                ]
+        taken.update(members)
+        groups.append(_group(members, widths, options, group_size, symmetric))
+    return groups
+
+
+def _group(
+    members: list[str], widths: dict[str, tuple[int, int]], options: list[str], group_size: int | None, symmetric: bool
+) -> LayerGroup:
+    total = sum(widths[m][0] * widths[m][1] for m in members)
+    bits, notes = {}, []
+    for option in options:
+        per_layer = [option_bits(option, widths[m][1], group_size, symmetric) for m in members]
+        if any(b is None for b in per_layer):
+            notes.append(f"{option} dropped: group size {group_size} does not divide width {widths[members[0]][1]}")
+            continue
+        bits[option] = sum(b * widths[m][0] * widths[m][1] for b, m in zip(per_layer, members, strict=True)) / total
+    name = members[0] if len(members) == 1 else _joined(members)
+    return LayerGroup(name=name, layers=members, weights=total, bits=bits, note="; ".join(notes))
+
+
+def _joined(members: list[str]) -> str:
+    """'model.layers.0.self_attn.q_proj/k_proj/v_proj'."""
+    parent = members[0].rpartition(".")[0]
+    return f"{parent}.{'/'.join(m.rpartition('.')[2] for m in members)}"
+
+
+def budget_bounds(groups: list[LayerGroup]) -> tuple[float, float]:
+    """(cheapest, dearest) effective bits per weight the menu allows over these groups."""
+    total = sum(g.weights for g in groups)
+    return (
+        sum(min(g.bits.values()) * g.weights for g in groups) / total,
+        sum(max(g.bits.values()) * g.weights for g in groups) / total,
+    )
+
+
+def check_budget(groups: list[LayerGroup], target_bits: float, variant: str) -> None:
+    """A budget outside what the menu can spend is a spec error, named with the range that works."""
+    if any(not g.bits for g in groups):
+        bad = next(g for g in groups if not g.bits)
+        raise QuantflowError(
+            f"variant '{variant}': no menu option fits {bad.name} ({bad.note})", "add 'bf16' or 'w8' to options"
+        )
+    low, high = budget_bounds(groups)
+    if not low - 1e-9 <= target_bits <= high + 1e-9:
+        raise QuantflowError(
+            f"variant '{variant}': target_bits {target_bits} is outside what its options can spend on this model "
+            f"({low:.3f} with every layer at its cheapest option, {high:.3f} at its dearest)",
+            f"set target_bits between {low:.3f} and {high:.3f}",
+        )
+
+
+def allocate(groups: list[LayerGroup], scores: dict[str, dict[str, float]], target_bits: float) -> dict[str, str]:
+    """The option per group with the least summed score whose effective bits stay within ``target_bits``.
+
+    Multiple-choice knapsack over the spare budget (the bits above every group's cheapest option), by dynamic
+    programming over budget cells; ``scores[group][option]`` is the sensitivity of that group alone at that option.
+    """
+    base = [min(g.bits.values()) for g in groups]
+    extra = [{o: (b - low) * g.weights for o, b in g.bits.items()} for g, low in zip(groups, base)]
+    spare = target_bits * sum(g.weights for g in groups) - sum(low * g.weights for g, low in zip(groups, base))
+    cell = budget_cell([c for costs in extra for c in costs.values()], spare)
+    cells = int(np.floor(spare / cell + 1e-6)) if spare > 0 else 0
+    steps = [{o: int(np.ceil(c / cell - 1e-6)) for o, c in costs.items()} for costs in extra]
+    best = np.zeros(cells + 1)  # least score reachable with at most c cells spent
+    picks = []
+    for group, cost in zip(groups, steps):
+        options = list(group.bits)
+        candidates = np.full((len(options), cells + 1), np.inf)
+        for row, option in enumerate(options):
+            if cost[option] <= cells:
+                candidates[row, cost[option] :] = best[: cells + 1 - cost[option]] + scores[group.name][option]
+        picks.append((options, candidates.argmin(axis=0)))
+        best = candidates.min(axis=0)
+    chosen, left = {}, cells
+    for group, cost, (options, pick) in zip(reversed(groups), reversed(steps), reversed(picks)):
+        chosen[group.name] = options[pick[left]]
+        left -= cost[chosen[group.name]]
+    return {g.name: chosen[g.name] for g in groups}
+
+
+def budget_cell(costs: list[float], spare: float) -> float:
+    """The DP's unit of budget. Stored sizes are whole bits, so the greatest common divisor of the options' extra
+    costs makes every cost a whole number of cells and the optimum exact; when that would need more than
+    ``MAX_CELLS`` cells, ``spare / RESOLUTION`` with costs rounded up (never over budget, at most one cell per
+    group short of the optimum)."""
+    whole = [round(c) for c in costs if round(c) > 0]
+    if whole and all(abs(c - round(c)) < 1e-6 for c in costs):
+        unit = math.gcd(*whole)
+        if spare / unit <= MAX_CELLS:
+            return float(unit)
+    return max(spare, 1e-9) / RESOLUTION
+
+
+def effective_bits(groups: list[LayerGroup], chosen: dict[str, str]) -> float:
+    return sum(g.bits[chosen[g.name]] * g.weights for g in groups) / sum(g.weights for g in groups)
+
+
+def precision_by_layer(groups: list[LayerGroup], chosen: dict[str, str]) -> dict[str, str]:
+    """Layer name -> option, the per-Linear view the recipe and the report's precision map need."""
+    return {layer: chosen[g.name] for g in groups for layer in g.layers}
+
+
+def block_and_kind(layer: str) -> tuple[int | None, str]:
+    """(decoder block index, projection kind) of a Linear's name, for the report's blocks x projections map."""
+    found = re.search(r"\.(\d+)\.", f".{layer}.")
+    return (int(found.group(1)) if found else None), layer.rpartition(".")[2]

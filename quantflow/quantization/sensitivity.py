@@ -1,0 +1,220 @@
+"""How much each Linear group hurts when it alone takes a menu option: the input to mixed-precision allocation.
+
+Two measures over the calibration tokens, both in nats of KL divergence from the unquantized model per token:
+
+- ``kl`` (the reference, slow): quantize one group to one option (round-to-nearest, the final recipe's scheme),
+  run the model, measure the KL from the baseline's log-probabilities; one forward pass per group and option.
+- ``fisher`` (the default, about the cost of three forward passes): one forward and backward pass of the
+  unquantized model with next tokens sampled from its own predictions, so the squared gradient is an unbiased
+  estimate of the Fisher information, the curvature of that same KL. For each Linear and option,
+  ``0.5 * sum over tokens (g . dy)^2`` with ``dy = x @ (Q(W) - W)^T`` the option's output error and ``g`` the
+  gradient at the Linear's output: the second-order estimate of the KL the option adds (NVIDIA ModelOpt's
+  AutoQuantize scores layers with the same kind of gradient-weighted output error).
+
+bench/mixed_sensitivity.py measures how well ``fisher`` ranks groups like ``kl`` and what it saves.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel
+
+from quantflow.infra.resources import Resources, peak_memory_mb, reset_peak_memory
+from quantflow.inputs.calibration import CalibrationRecord, load_samples
+from quantflow.quantization.mixed import LayerGroup
+
+TABLE_FILE = "sensitivity.json"
+
+
+class SensitivityRecord(BaseModel):
+    """Where the sensitivity table is, and what measuring it cost."""
+
+    path: str  # the table: every group's layers, weights, bits per option and score per option
+    measure: str
+    tokens: int
+    groups: int
+    seconds: float
+    peak_memory_mb: float
+
+
+def weight_args(option: str, group_size: int | None, symmetric: bool, observer: str = "minmax", scale_dtype=None):
+    """The compressed-tensors weight arguments of a menu option; None for 'bf16' (kept)."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    if option == "bf16":
+        return None
+    grouped = option == "w4" and group_size is not None
+    return QuantizationArgs(
+        num_bits=4 if option == "w4" else 8,
+        type="int",
+        symmetric=symmetric,
+        dynamic=False,
+        strategy="group" if grouped else "channel",
+        group_size=group_size if grouped else None,
+        scale_dtype=scale_dtype,
+        observer=observer,
+    )
+
+
+def fake_quantized(weight: torch.Tensor, args) -> torch.Tensor:
+    """Round-to-nearest with min-max scales under ``args``, dequantized back to the weight's dtype."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    w = weight.float()
+    if args.group_size:
+        view = w.reshape(w.shape[0], -1, args.group_size)
+        low, high = view.amin(dim=-1), view.amax(dim=-1)
+    else:
+        low, high = w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
+    scale, zero = calculate_qparams(low, high, args)
+    return fake_quantize(w, scale, zero, args).to(weight.dtype)
+
+
+def fisher_scores(
+    model: torch.nn.Module, groups: list[LayerGroup], samples: list[torch.Tensor], args: dict, seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """Gradient-weighted output error of every group at every option (see the module docstring)."""
+    layers = {name: model.get_submodule(name) for g in groups for name in g.layers}
+    sums = {name: {option: 0.0 for option in args} for name in layers}
+    errors = {name: {o: fake_quantized(m.weight, a) - m.weight for o, a in args.items()} for name, m in layers.items()}
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+
+    def watch(name: str) -> Callable:
+        def hook(module, inputs, output):
+            x = inputs[0].detach()
+
+            def on_grad(grad: torch.Tensor) -> None:
+                for option, delta in errors[name].items():
+                    dy = F.linear(x, delta)
+                    sums[name][option] += 0.5 * (dy.float() * grad.float()).sum(dim=-1).pow(2).sum().item()
+
+            output.register_hook(on_grad)
+
+        return hook
+
+    handles = [module.register_forward_hook(watch(name)) for name, module in layers.items()]
+    handles.append(model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_()))
+    tokens = 0
+    try:
+        for ids in samples:
+            logits = model(ids.unsqueeze(0).to(device)).logits[0].float()
+            with torch.no_grad():  # labels drawn from the model itself: the squared gradient then estimates the Fisher
+                labels = torch.multinomial(F.softmax(logits, dim=-1).cpu(), 1, generator=generator).squeeze(1)
+            F.cross_entropy(logits, labels.to(device), reduction="sum").backward()
+            tokens += ids.numel()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {g.name: _per_group(g, {o: sum(sums[n][o] for n in g.layers) / tokens for o in args}) for g in groups}
+
+
+@torch.no_grad()
+def kl_scores(
+    model: torch.nn.Module, groups: list[LayerGroup], samples: list[torch.Tensor], args: dict
+) -> dict[str, dict[str, float]]:
+    """Measured KL from the unquantized model, per token, with one group at one option and the rest unquantized."""
+    device = next(model.parameters()).device
+    batches = [ids.unsqueeze(0).to(device) for ids in samples]
+    reference = [F.log_softmax(model(ids).logits[0].float(), dim=-1) for ids in batches]  # float32: no rounding floor
+    tokens = sum(ids.numel() for ids in samples)
+    scores = {}
+    for group in groups:
+        measured = {}
+        for option, option_args in args.items():
+            if option not in group.bits:
+                continue
+            kept = {name: model.get_submodule(name).weight.data for name in group.layers}
+            for name, weight in kept.items():
+                model.get_submodule(name).weight.data = fake_quantized(weight, option_args)
+            total = 0.0
+            for ids, base in zip(batches, reference, strict=True):
+                logprobs = F.log_softmax(model(ids).logits[0].float(), dim=-1)
+                total += F.kl_div(logprobs, base, log_target=True, reduction="sum").item()
+            for name, weight in kept.items():
+                model.get_submodule(name).weight.data = weight
+            measured[option] = total / tokens
+        scores[group.name] = _per_group(group, measured)
+    return scores
+
+
+def rank_correlation(a: list[float], b: list[float]) -> float:
+    """Spearman's rho (no ties expected between measured floats): how alike two measures order the same items."""
+    ranks = [np.argsort(np.argsort(np.asarray(x))) for x in (a, b)]
+    return float(np.corrcoef(*ranks)[0, 1])
+
+
+def _per_group(group: LayerGroup, measured: dict[str, float]) -> dict[str, float]:
+    """Scores for the options the group can take; keeping bf16 costs nothing."""
+    return {option: (0.0 if option == "bf16" else max(measured[option], 0.0)) for option in group.bits}
+
+
+def measurement_samples(samples: list[torch.Tensor], tokens: int) -> list[torch.Tensor]:
+    """The first calibration samples up to ``tokens`` tokens (the last one cut to fit)."""
+    chosen, total = [], 0
+    for sample in samples:
+        if total >= tokens:
+            break
+        chosen.append(sample[: tokens - total])
+        total += chosen[-1].numel()
+    return chosen
+
+
+def measure_sensitivity(
+    model_path: str,
+    variant,
+    group_size: int | None,
+    calibration: CalibrationRecord,
+    resources: Resources,
+    out: Path,
+    final: Path,
+) -> SensitivityRecord:
+    """The sensitivity step: load the model, group its quantized Linears, score every group at every option, save
+    the table as JSON (the report copies it beside itself)."""
+    from transformers import AutoModelForCausalLM
+
+    from quantflow.quantization.quantize import mixed_groups
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=getattr(torch, resources.compute_dtype), use_safetensors=True
+    ).to(resources.device)
+    model.eval().requires_grad_(False)
+    groups = mixed_groups(model, variant, group_size)
+    args = {o: weight_args(o, group_size, variant.symmetric) for o in variant.options if o != "bf16"}
+    samples = measurement_samples(load_samples(calibration), variant.sensitivity_tokens)
+    reset_peak_memory()
+    start = time.perf_counter()
+    score = fisher_scores if variant.sensitivity == "fisher" else kl_scores
+    scores = score(model, groups, samples, args)
+    seconds = time.perf_counter() - start
+    table = {
+        "measure": variant.sensitivity,
+        "unit": "nats of KL from the unquantized model per token",
+        "tokens": sum(s.numel() for s in samples),
+        "group_size": group_size,
+        "groups": [{**g.model_dump(), "score": scores[g.name]} for g in groups],
+    }
+    (out / TABLE_FILE).write_text(json.dumps(table, indent=1))
+    peak, _ = peak_memory_mb()
+    return SensitivityRecord(
+        path=str(final / TABLE_FILE),
+        measure=variant.sensitivity,
+        tokens=table["tokens"],
+        groups=len(groups),
+        seconds=round(seconds, 2),
+        peak_memory_mb=peak,
+    )
+
+
+def read_table(record: SensitivityRecord) -> tuple[list[LayerGroup], dict[str, dict[str, float]]]:
+    table = json.loads(Path(record.path).read_text())
+    groups = [LayerGroup(**{k: v for k, v in g.items() if k != "score"}) for g in table["groups"]]
+    return groups, {g["name"]: g["score"] for g in table["groups"]}

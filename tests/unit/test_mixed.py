@@ -1,0 +1,168 @@
+"""Mixed precision: groups for fused kernels, menu costs, the exact allocation, sensitivities, and a whole run."""
+
+import itertools
+import json
+import random
+
+import pytest
+import torch
+
+from quantflow import pipeline
+from quantflow.errors import QuantflowError
+from quantflow.pipeline.planning import plan
+from quantflow.quantization.mixed import (
+    RESOLUTION,
+    LayerGroup,
+    allocate,
+    check_budget,
+    effective_bits,
+    layer_groups,
+    option_bits,
+)
+from quantflow.quantization.sensitivity import fisher_scores, kl_scores, rank_correlation, weight_args
+from quantflow.reporting.bits import artifact_bits
+from quantflow.reporting.report import load_report
+from quantflow.spec import parse_spec
+from tests.conftest import read_json, small_spec
+
+BLOCK = {
+    "model.layers.0.self_attn.q_proj": (64, 64),
+    "model.layers.0.self_attn.k_proj": (32, 64),
+    "model.layers.0.self_attn.v_proj": (32, 64),
+    "model.layers.0.self_attn.o_proj": (64, 64),
+    "model.layers.0.mlp.gate_proj": (96, 64),
+    "model.layers.0.mlp.up_proj": (96, 64),
+    "model.layers.0.mlp.down_proj": (64, 96),
+}
+
+
+def test_fused_layers_share_one_choice_and_costs_count_scales():
+    groups = layer_groups(BLOCK, ["w4", "w8", "bf16"], 32, symmetric=True)
+    assert [g.name for g in groups] == [
+        "model.layers.0.self_attn.q_proj/k_proj/v_proj",
+        "model.layers.0.self_attn.o_proj",
+        "model.layers.0.mlp.gate_proj/up_proj",
+        "model.layers.0.mlp.down_proj",
+    ]
+    assert groups[0].weights == 128 * 64 and groups[2].layers[1].endswith("up_proj")
+    # W4 g32 with a bf16 scale per 32 weights; W8 with one bf16 scale per output row of 64 (or 96) weights
+    assert groups[1].bits == {"w4": 4.5, "w8": 8.25, "bf16": 16.0}
+    assert groups[3].bits["w8"] == pytest.approx(8 + 16 / 96)
+    assert option_bits("w4", 64, 32, symmetric=False) == 4 + 20 / 32  # a packed 4-bit zero point per group
+
+
+def test_an_option_the_width_cannot_take_is_dropped_with_the_reason():
+    groups = layer_groups(BLOCK, ["w4", "w8"], 128, symmetric=True)  # 128 divides neither 64 nor 96
+    assert all("w4" not in g.bits for g in groups) and "group size 128 does not divide width 64" in groups[0].note
+    only_w4 = layer_groups(BLOCK, ["w4"], 128, symmetric=True)
+    with pytest.raises(QuantflowError, match="no menu option fits"):
+        check_budget(only_w4, 4.5, "mixed")
+
+
+def test_a_budget_outside_the_menu_names_the_range():
+    groups = layer_groups(BLOCK, ["w4", "w8", "bf16"], 32, symmetric=True)
+    with pytest.raises(QuantflowError, match=r"outside .*4\.500 with every layer at its cheapest option, 16\.000"):
+        check_budget(groups, 4.2, "mixed")
+    with pytest.raises(QuantflowError, match="set target_bits between 4.500 and 16.000"):
+        check_budget(groups, 16.5, "mixed")
+    check_budget(groups, 4.5, "mixed")  # the cheapest is a valid budget
+
+
+def _brute_force(groups, scores, target):
+    """The least score among all assignments within ``target`` bits."""
+    best = None
+    for picks in itertools.product(*[list(g.bits) for g in groups]):
+        chosen = {g.name: o for g, o in zip(groups, picks)}
+        if effective_bits(groups, chosen) <= target + 1e-12:
+            total = sum(scores[g.name][chosen[g.name]] for g in groups)
+            best = total if best is None else min(best, total)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_allocation_is_the_exact_optimum_of_small_cases(seed):
+    rng = random.Random(seed)
+    groups = []
+    for index in range(rng.randint(2, 7)):
+        menu = rng.sample(["w4", "w8", "bf16"], rng.randint(1, 3))
+        bits = {o: {"w4": 4.25, "w8": 8.0 + rng.random() / 8, "bf16": 16.0}[o] for o in menu}
+        groups.append(LayerGroup(name=f"g{index}", layers=[f"g{index}"], weights=rng.randint(1, 50) * 64, bits=bits))
+    scores = {
+        g.name: {o: (0.0 if o == "bf16" else rng.random() * (3 if o == "w4" else 1)) for o in g.bits} for g in groups
+    }
+    low = sum(min(g.bits.values()) * g.weights for g in groups) / sum(g.weights for g in groups)
+    target = low + rng.random() * 6
+    chosen = allocate(groups, scores, target)
+    assert effective_bits(groups, chosen) <= target + 1e-9  # never over the budget
+    got = sum(scores[g.name][chosen[g.name]] for g in groups)
+    # costs are rounded up to 1/RESOLUTION of the spare budget: the optimum within the budget less one cell per group
+    # bounds what the grid can miss
+    spare = target - low
+    inner = _brute_force(groups, scores, target - len(groups) * spare / RESOLUTION)
+    assert _brute_force(groups, scores, target) - 1e-9 <= got <= inner + 1e-9
+
+
+def test_more_budget_never_scores_worse():
+    groups = layer_groups(BLOCK, ["w4", "w8", "bf16"], 32, symmetric=True)
+    scores = {g.name: {"w4": 1.0 + i, "w8": 0.1 * (i + 1), "bf16": 0.0} for i, g in enumerate(groups)}
+    totals = []
+    for target in (4.5, 5.0, 6.0, 9.0, 16.0):
+        chosen = allocate(groups, scores, target)
+        totals.append(sum(scores[g.name][chosen[g.name]] for g in groups))
+    assert totals == sorted(totals, reverse=True) and totals[-1] == 0.0
+
+
+def test_both_measures_find_8_bits_gentler_than_4_and_rank_groups_alike(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval().requires_grad_(False)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    widths = {n: (model.get_submodule(n).out_features, model.get_submodule(n).in_features) for n in names}
+    groups = layer_groups(widths, ["w4", "w8", "bf16"], 32, symmetric=True)
+    args = {o: weight_args(o, 32, True) for o in ("w4", "w8")}
+    samples = [torch.randint(0, 300, (64,), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    fisher, kl = fisher_scores(model, groups, samples, args), kl_scores(model, groups, samples, args)
+    for scores in (fisher, kl):
+        assert all(0 <= s["w8"] < s["w4"] and s["bf16"] == 0 for s in scores.values()), scores
+    pairs = [(g.name, o) for g in groups for o in ("w4", "w8")]
+    rho = rank_correlation([fisher[g][o] for g, o in pairs], [kl[g][o] for g, o in pairs])
+    assert rho > 0.8, rho  # 0.94 seen on this model
+
+
+def test_mixed_run_allocates_within_budget_and_ships_standard_compressed_tensors(tiny_model, tmp_path):
+    variants = [
+        {"method": "gptq", "group_size": 32, "name": "uniform"},
+        {"method": "mixed", "group_size": 32, "target_bits": 5.0, "name": "mixed-5"},
+        {"method": "mixed", "group_size": 32, "target_bits": 6.5, "name": "mixed-6.5"},
+    ]
+    spec = parse_spec(small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", variants))
+    out = pipeline.run(spec, progress=lambda _: None)
+    rows = {r.name: r for r in load_report(out / "report.json").rows}
+    for name, target in (("mixed-5", 5.0), ("mixed-6.5", 6.5)):
+        row = rows[name]
+        assert row.allocated_bits <= target and row.effective_bits <= target + 0.01, (row.allocated_bits, row)
+        assert row.effective_bits == pytest.approx(artifact_bits(out / name), abs=1e-3)
+        config = read_json(out / name / "config.json")["quantization_config"]
+        targets = {o: g["targets"] for g in config["config_groups"].values() for o in [g["weights"]["num_bits"]]}
+        assert set(targets[4]) == {n for n, o in row.precision.items() if o == "w4"}
+        assert set(config["ignore"]) == {"lm_head", *(n for n, o in row.precision.items() if o == "bf16")}
+        assert (out / f"precision-{name}.png").stat().st_size > 1000
+        table = json.loads((out / f"sensitivity-{name}.json").read_text())
+        assert table["measure"] == "fisher" and len(table["groups"]) == 8  # 2 blocks x (qkv, o, gate/up, down)
+    assert rows["mixed-5"].effective_bits > rows["uniform"].effective_bits == 4.5
+    spent = [sum(o != "w4" for o in rows[n].precision.values()) for n in ("mixed-5", "mixed-6.5")]
+    assert 0 < spent[0] <= spent[1]
+    steps = load_report(out / "report.json").steps
+    measured = [s for s in steps if s.step == "sensitivity"]
+    assert len(measured) == 2 and measured[1].cached  # one table serves both budgets
+    assert "## Mixed precision" in (out / "report.md").read_text()
+
+
+def test_a_budget_the_model_cannot_spend_fails_at_plan_time(tiny_model, tmp_path):
+    spec = parse_spec(
+        small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", [{"method": "mixed", "target_bits": 4.2}])
+    )
+    with pytest.raises(QuantflowError, match="target_bits 4.2 is outside") as error:
+        plan(spec, progress=lambda _: None)
+    assert "set target_bits between" in error.value.fix
+    assert not (tmp_path / "out").exists()
