@@ -40,8 +40,8 @@ def run(
     revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag, commit)."),
     methods: Optional[str] = typer.Option(
         None,
-        help="Comma-separated variants with default settings: rtn, gptq, awq, awq-gptq, autoround, fp8, int8, "
-        "bnb-nf4, bnb-fp4, bnb-int8.",
+        help="Comma-separated variants with default settings: rtn, gptq, awq, awq-gptq, autoround, mixed (4.5 "
+        "bits per weight), fp8, int8, bnb-nf4, bnb-fp4, bnb-int8.",
     ),
     group_size: Optional[str] = typer.Option(
         None, help="Group size for the W4/W8 integer variants made by --methods (int, 'auto' or 'none')."

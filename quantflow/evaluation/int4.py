@@ -114,7 +114,11 @@ class Int4Linear(nn.Module):
 
 
 def weight_scheme(config: dict) -> dict:
-    """The artifact's weight quantization args, refused unless the int4 kernels can run them."""
+    """The artifact's 4-bit weight quantization args, refused unless the int4 kernels can run them.
+
+    A mixed-precision artifact (several config groups naming their layers) qualifies when its other groups are
+    8-bit weight-only per channel: those layers run on the int8 weight-only kernel or dense (``convert_any``).
+    """
     quant = config.get("quantization_config") or {}
     if quant.get("quant_method") != "compressed-tensors" or quant.get("format") != "pack-quantized":
         raise QuantflowError(
@@ -122,12 +126,15 @@ def weight_scheme(config: dict) -> dict:
             "use the dense runtime for this model",
         )
     groups = list(quant.get("config_groups", {}).values())
-    weights = [group["weights"] for group in groups]
-    if len(weights) != 1 or groups[0].get("input_activations"):
+    four = [g["weights"] for g in groups if g["weights"]["num_bits"] == 4]
+    others = [g["weights"] for g in groups if g["weights"]["num_bits"] != 4]
+    weight_only = not any(group.get("input_activations") for group in groups)
+    if len(four) > 1 or not weight_only or any(w["num_bits"] != 8 or w["strategy"] != "channel" for w in others):
         raise QuantflowError(
-            "the int4 runtime handles one weight-only scheme per model", "use the dense runtime for this model"
+            "the int4 runtime handles one 4-bit weight-only scheme per model (and per-channel 8-bit layers beside it)",
+            "use the dense runtime for this model",
         )
-    args = weights[0]
+    args = four[0] if four else groups[0]["weights"]
     if args["num_bits"] != 4 or args["strategy"] != "group" or args["group_size"] not in GROUP_SIZES:
         raise QuantflowError(
             f"the int4 kernels need 4-bit weights in groups of {GROUP_SIZES}; this artifact has {args['num_bits']} "
@@ -175,8 +182,32 @@ def convert_layer(
     return Int4Linear.from_unsigned(signed.to(torch.int32) + 8, scale, zero, args["group_size"], bias, device)
 
 
+def convert_any(
+    parts: dict[str, torch.Tensor], args: dict, bias: torch.Tensor | None, device: torch.device
+) -> nn.Module:
+    """A packed Linear of a W4 or mixed artifact: 4-bit on int4 kernels; 8-bit (its packing says which) on the int8
+    weight-only kernel when symmetric, else dequantized to a bf16 Linear (no kernel takes 8-bit zero points)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    from quantflow.evaluation.int8 import Int8WeightOnlyLinear
+
+    shape = torch.Size(parts["weight_shape"].tolist())
+    if parts["weight_packed"].shape[1] * 8 == shape[1]:  # eight 4-bit values per int32
+        return convert_layer(parts, args, bias, device)
+    signed = unpack_from_int32(parts["weight_packed"], 8, shape).to(device)
+    scale = parts["weight_scale"].to(device)
+    if "weight_zero_point" not in parts:
+        return Int8WeightOnlyLinear(signed, scale, bias.to(device) if bias is not None else None)
+    zero = unpack_from_int32(parts["weight_zero_point"], 8, scale.shape, packed_dim=0).to(device)
+    dense = nn.Linear(shape[1], shape[0], bias=bias is not None, device=device, dtype=torch.bfloat16)
+    dense.weight.data = ((signed.float() - zero.float()) * scale.float()).to(torch.bfloat16)
+    if bias is not None:
+        dense.bias.data = bias.to(device, torch.bfloat16)
+    return dense
+
+
 def load_int4(path: str | Path, device: str) -> nn.Module:
-    """Load a quantflow W4 artifact with its quantized Linears on int4 kernels and everything else in bf16."""
+    """Load a quantflow W4 (or mixed) artifact with its 4-bit Linears on int4 kernels and everything else in bf16."""
     from quantflow.evaluation.packed import load_converted
 
     args = weight_scheme(json.loads((Path(path) / "config.json").read_text()))
@@ -185,5 +216,17 @@ def load_int4(path: str | Path, device: str) -> nn.Module:
         device,
         "weight_packed",
         ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point"),
-        lambda parts, bias, target: convert_layer(parts, args, bias, target),
+        lambda parts, bias, target: convert_any(parts, args, bias, target),
     )
+
+
+def runtime_label(model: nn.Module) -> str:
+    """What ran the Linears: the int4 kernels, and for a mixed artifact what ran the rest."""
+    from quantflow.evaluation.int8 import Int8WeightOnlyLinear
+
+    kinds = [type(m) for m in model.modules() if isinstance(m, nn.Linear | Int4Linear | Int8WeightOnlyLinear)]
+    four, eight, dense = kinds.count(Int4Linear), kinds.count(Int8WeightOnlyLinear), kinds.count(nn.Linear)
+    label = "int4 tinygemm kernels on the packed weights (bf16 activations)"
+    if eight or dense > 1:  # more than lm_head left dense: a mixed artifact
+        label += f" for {four} Linears; {eight} on the int8 weight-only kernel, {dense} in bf16 (lm_head included)"
+    return label

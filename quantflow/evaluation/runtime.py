@@ -60,11 +60,12 @@ def load_on_runtime(subject: Subject, kernels: str, resources: Resources):
 def on_kernels(path: str, kernels: str, device: str):
     """(model, label) on the artifact's quantized kernels, or (None, why they were refused, or '') for dense."""
     from quantflow.evaluation.fp8 import load_fp8, use_fp8
-    from quantflow.evaluation.int4 import load_int4, use_int4
+    from quantflow.evaluation.int4 import load_int4, runtime_label, use_int4
     from quantflow.evaluation.int8 import load_int8, use_int8
 
     if use_int4(path, kernels, device):
-        return load_int4(path, device), "int4 tinygemm kernels on the packed weights (bf16 activations)"
+        model = load_int4(path, device)
+        return model, runtime_label(model)
     if use_fp8(path, kernels, device):
         try:
             return load_fp8(path, device), "FP8 matmuls (_scaled_mm, e4m3, per-token activation scales)"

@@ -134,6 +134,7 @@ def test_mixed_run_allocates_within_budget_and_ships_standard_compressed_tensors
         {"method": "gptq", "group_size": 32, "name": "uniform"},
         {"method": "mixed", "group_size": 32, "target_bits": 5.0, "name": "mixed-5"},
         {"method": "mixed", "group_size": 32, "target_bits": 6.5, "name": "mixed-6.5"},
+        {"method": "mixed", "group_size": 32, "target_bits": 6.5, "name": "mixed-asym", "symmetric": False},
     ]
     spec = parse_spec(small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", variants))
     out = pipeline.run(spec, progress=lambda _: None)
@@ -153,9 +154,32 @@ def test_mixed_run_allocates_within_budget_and_ships_standard_compressed_tensors
     spent = [sum(o != "w4" for o in rows[n].precision.values()) for n in ("mixed-5", "mixed-6.5")]
     assert 0 < spent[0] <= spent[1]
     steps = load_report(out / "report.json").steps
-    measured = [s for s in steps if s.step == "sensitivity"]
-    assert len(measured) == 2 and measured[1].cached  # one table serves both budgets
+    measured = {s.variant: s for s in steps if s.step == "sensitivity"}
+    assert measured["mixed-6.5"].cached and measured["mixed-6.5"].key == measured["mixed-5"].key  # one table, 2 budgets
+    assert not measured["mixed-asym"].cached  # symmetry changes what is measured
     assert "## Mixed precision" in (out / "report.md").read_text()
+    for name in ("mixed-6.5", "mixed-asym"):  # the int4 runtime runs W4 on int4 kernels, W8 on int8 or dense
+        assert_runtime_matches_dense(out / name, rows[name].precision)
+
+
+def assert_runtime_matches_dense(folder, precision):
+    from transformers import AutoModelForCausalLM
+
+    from quantflow.evaluation.int4 import Int4Linear, load_int4, runtime_label
+    from quantflow.evaluation.int8 import Int8WeightOnlyLinear
+
+    packed = load_int4(folder, "cpu")
+    dense = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    kinds = {name: type(packed.get_submodule(name)) for name in precision}
+    symmetric = read_json(folder / "config.json")["quantization_config"]["config_groups"]
+    eight = Int8WeightOnlyLinear if all(g["weights"]["symmetric"] for g in symmetric.values()) else torch.nn.Linear
+    expected = {"w4": Int4Linear, "w8": eight, "bf16": torch.nn.Linear}
+    assert kinds == {name: expected[option] for name, option in precision.items()}
+    ids = torch.randint(0, 300, (1, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = packed(ids).logits.float(), dense(ids).logits.float()
+    assert ((got - want).norm() / want.norm()).item() < 0.02
+    assert "int8 weight-only" in runtime_label(packed) or eight is torch.nn.Linear
 
 
 def test_a_budget_the_model_cannot_spend_fails_at_plan_time(tiny_model, tmp_path):
