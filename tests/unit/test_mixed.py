@@ -190,3 +190,44 @@ def test_a_budget_the_model_cannot_spend_fails_at_plan_time(tiny_model, tmp_path
         plan(spec, progress=lambda _: None)
     assert "set target_bits between" in error.value.fix
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("variant", "words"),
+    [
+        ({"method": "mixed", "options": ["w4", "w5"]}, "Input should be 'w4', 'w8' or 'bf16'"),
+        ({"method": "mixed", "target_bits": 17}, "less than or equal to 16"),
+        ({"method": "mixed", "target_bits": 4.1, "group_size": 32}, "target_bits 4.1 is outside"),
+        ({"method": "mixed", "options": ["w4"], "group_size": 128}, "no menu option fits"),
+    ],
+)
+def test_bad_mixed_input_from_the_cli_is_one_message_and_nothing_written(variant, words, tiny_model, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from deployments.cli import app
+
+    spec = small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", [variant])
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(spec, default=str))))
+    result = CliRunner().invoke(app, ["run", "--config", str(tmp_path / "spec.yaml"), "--engine", "local"])
+    assert result.exit_code == 2 and words in result.stderr and "fix:" in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache" / "quantize").exists()
+
+
+def test_the_final_pass_targets_layers_by_name_with_gptq_or_awq():
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+
+    from quantflow.quantization.quantize import mixed_recipe
+    from quantflow.spec import MixedVariant
+
+    precision = {"a.q_proj": "w4", "a.k_proj": "w8", "a.o_proj": "bf16", "a.down_proj": "w4"}
+    gptq = mixed_recipe(MixedVariant(group_size=32), precision, 32)
+    assert [type(m) for m in gptq] == [GPTQModifier]
+    groups = gptq[0].config_groups
+    assert groups["w4"].targets == ["a.q_proj", "a.down_proj"] and groups["w4"].weights.group_size == 32
+    assert groups["w8"].targets == ["a.k_proj"] and groups["w8"].weights.strategy == "channel"
+    assert gptq[0].ignore == ["lm_head", "a.o_proj"]
+    awq = mixed_recipe(MixedVariant(group_size=32, algorithm="awq", symmetric=False), precision, 32)
+    assert [type(m) for m in awq] == [AWQModifier, QuantizationModifier]
+    assert awq[1].config_groups["w8"].weights.symmetric is False
