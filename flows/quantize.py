@@ -68,28 +68,29 @@ def quantflow_run(spec: RunSpec = RunSpec(), variant_deployment: str | None = VA
     return out
 
 
-def _quantized(plan: Plan, variant, calibration):
+def _quantized(plan: Plan, variant, calibration, held: list):
     """The quantize task's artifact; a load-time (bitsandbytes) variant has no quantize task, a mixed one measures
-    its sensitivity in a task of its own first."""
+    its sensitivity in a task of its own first. Task results go into ``held`` (see ``_in_turn``)."""
     if steps.load_time(variant):
         return steps.unquantized(variant)
     measured = sensitivity_task(plan, variant, calibration) if isinstance(variant, MixedVariant) else None
-    return quantize_task(plan, variant, calibration, measured)
+    held.append(measured)
+    held.append(quantize_task(plan, variant, calibration, measured))
+    return held[-1]
 
 
 def _in_turn(plan: Plan, calibration, baseline, progress: UUID) -> tuple[list[VariantResult], list]:
     """Each variant quantized then evaluated, one after another on the one accelerator.
 
-    The quantize results are returned for the flow to hold until it ends: Prefect links a task to a later
-    task's inputs by the ``id()`` of its result's plain parts (strings, lists). Once a quantize result was
-    freed, a new string at its old address drew a false quantize -> report edge in the UI.
+    The sensitivity and quantize results are returned for the flow to hold until it ends: Prefect links a task
+    to a later task's inputs by the ``id()`` of its result's plain parts (strings, lists). Once a quantize
+    result was freed, a new string at its old address drew a false quantize -> report edge in the UI.
     """
-    variants, quantized = [], []
+    variants, held = [], []
     for variant in plan.variants:
-        quantized.append(_quantized(plan, variant, calibration))
-        variants.append(evaluate_task(plan, variant, quantized[-1], baseline))
+        variants.append(evaluate_task(plan, variant, _quantized(plan, variant, calibration, held), baseline))
         update_progress_artifact(progress, 100.0 * len(variants) / len(plan.variants))
-    return variants, quantized
+    return variants, held
 
 
 def _fanned_out(plan: Plan, deployment: str, progress: UUID):
@@ -112,4 +113,5 @@ def quantflow_variant(
     calibration, baseline = calibration_task.submit(plan), baseline_task.submit(plan)
     baseline.wait()
     if chosen is not None:
-        evaluate_task(plan, chosen, _quantized(plan, chosen, calibration), baseline)
+        held: list = []
+        evaluate_task(plan, chosen, _quantized(plan, chosen, calibration, held), baseline)

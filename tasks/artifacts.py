@@ -7,6 +7,7 @@ embedded in the report's markdown as PNG data, and links (with a store) are pres
 from __future__ import annotations
 
 import base64
+import re
 from pathlib import Path
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
@@ -79,14 +80,23 @@ def best_sentence(report: Report) -> str:
 def embedded_plots(out: Path) -> list[str]:
     """Markdown images of the report's plots as PNG data, so the UI shows them inline."""
     lines = []
-    maps = {
-        p.name: f"Precision per layer: {p.stem.removeprefix('precision-')}" for p in sorted(out.glob("precision-*.png"))
-    }
-    for name, title in {**PLOTS, **maps}.items():
+    for name, title in PLOTS.items():
         if (out / name).exists():
             data = base64.b64encode((out / name).read_bytes()).decode()
             lines += [f"![{title}](data:image/png;base64,{data})", ""]
     return lines
+
+
+def inlined_images(markdown: str, out: Path) -> str:
+    """The report's images that sit beside it (a mixed row's precision map) as PNG data: the UI has no folder."""
+
+    def data(match: re.Match) -> str:
+        image = out / match.group(2)
+        if not image.is_file():
+            return match.group(0)
+        return f"![{match.group(1)}](data:image/png;base64,{base64.b64encode(image.read_bytes()).decode()})"
+
+    return re.sub(r"!\[([^\]]*)\]\(([\w.-]+\.png)\)", data, markdown)
 
 
 def publish_run_artifacts(out: str | Path, spec: RunSpec, report_uri: str | None) -> None:
@@ -98,7 +108,7 @@ def publish_run_artifacts(out: str | Path, spec: RunSpec, report_uri: str | None
     )
     markdown = (out / "report.md").read_text()
     head, _, rest = markdown.partition("\n## Protocol")
-    body = "\n".join([head, *embedded_plots(out), "## Protocol" + rest if rest else ""])
+    body = "\n".join([head, *embedded_plots(out), inlined_images("## Protocol" + rest, out) if rest else ""])
     create_markdown_artifact(body, key=f"{KEY}-report", description=sentence)
     if report_uri:
         _store_links(spec, report, report_uri)

@@ -149,15 +149,18 @@ async def task_graph(flow_run_id) -> tuple[dict, set]:
 def test_deployment_ui_trigger_worker_artifacts_and_cache(deployed, worker, tiny_model, tmp_path, monkeypatch):
     for key, value in deployed.items():
         monkeypatch.setenv(key, value)
-    spec = small_spec(
-        tiny_model, tmp_path / "out", tmp_path / "cache", [{"method": "rtn", "group_size": 32}, {"method": "bnb-int8"}]
-    )
+    variants = [
+        {"method": "rtn", "group_size": 32},
+        {"method": "bnb-int8"},
+        {"method": "mixed", "group_size": 32, "target_bits": 5.5},
+    ]
+    spec = small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", variants)
     first, first_seconds = asyncio.run(trigger_and_wait(spec))
     assert first.state.is_completed(), first.state
-    assert first.name == f"{tiny_model.name}: rtn, bnb-int8"
+    assert first.name == f"{tiny_model.name}: rtn, bnb-int8, mixed"
     computed = read_json(tmp_path / "out" / "report.json")["steps"]
-    # calibration, baseline, rtn x2, bnb-int8
-    assert len(computed) == 5 and not any(step["cached"] for step in computed)
+    # calibration, baseline, rtn x2, bnb-int8, mixed x3 (sensitivity, quantize, evaluate)
+    assert len(computed) == 8 and not any(step["cached"] for step in computed)
     assert (tmp_path / "out" / "rtn" / "model.safetensors").is_file() and (tmp_path / "out" / "report.json").is_file()
     tasks, edges = asyncio.run(task_graph(first.id))
     assert set(tasks) == {
@@ -167,6 +170,9 @@ def test_deployment_ui_trigger_worker_artifacts_and_cache(deployed, worker, tiny
         "quantize-rtn",
         "evaluate-rtn",
         "evaluate-bnb-int8",
+        "sensitivity-mixed",
+        "quantize-mixed",
+        "evaluate-mixed",
         "report",
     }
     assert edges == {
@@ -184,6 +190,15 @@ def test_deployment_ui_trigger_worker_artifacts_and_cache(deployed, worker, tiny
         ("baseline", "report"),
         ("evaluate-rtn", "report"),
         ("evaluate-bnb-int8", "report"),
+        ("plan", "sensitivity-mixed"),
+        ("calibration", "sensitivity-mixed"),
+        ("plan", "quantize-mixed"),
+        ("calibration", "quantize-mixed"),
+        ("sensitivity-mixed", "quantize-mixed"),
+        ("plan", "evaluate-mixed"),
+        ("quantize-mixed", "evaluate-mixed"),
+        ("baseline", "evaluate-mixed"),
+        ("evaluate-mixed", "report"),
     }, edges
     calibration, baseline = tasks["calibration"], tasks["baseline"]
     assert calibration.start_time < baseline.end_time and baseline.start_time < calibration.end_time, "no overlap"
@@ -195,11 +210,12 @@ def test_deployment_ui_trigger_worker_artifacts_and_cache(deployed, worker, tiny
         "baseline",
         "rtn",
         "bnb-int8",
+        "mixed",
     ] and "Δ perplexity %" in rows[0]
     report = artifacts["quantflow-report"].data
     assert (
-        "quantflow report" in report and report.count("](data:image/png;base64,") == 3
-    )  # both quality plots and throughput
+        "quantflow report" in report and report.count("](data:image/png;base64,") == 4
+    )  # both quality plots, throughput, and the mixed variant's precision map
     assert "```text" in report and "\\n" not in report  # samples are text blocks, not quoted one-liners
     assert artifacts["quantflow-progress"].type == "progress" and artifacts["quantflow-progress"].data == 100
     second, second_seconds = asyncio.run(trigger_and_wait(spec))
