@@ -208,16 +208,20 @@ def convert_any(
 
 def load_int4(path: str | Path, device: str) -> nn.Module:
     """Load a quantflow W4 (or mixed) artifact with its 4-bit Linears on int4 kernels and everything else in bf16."""
+    from quantflow.evaluation.int8 import Int8WeightOnlyLinear, check_layer
     from quantflow.evaluation.packed import load_converted
 
     args = weight_scheme(json.loads((Path(path) / "config.json").read_text()))
-    return load_converted(
+    model = load_converted(
         path,
         device,
         "weight_packed",
         ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point"),
         lambda parts, bias, target: convert_any(parts, args, bias, target),
     )
+    if any(isinstance(m, Int8WeightOnlyLinear) for m in model.modules()):
+        check_layer(model)  # a mixed artifact's W8 layers: the int8 kernel checked against its dequantized weights
+    return model
 
 
 def runtime_label(model: nn.Module) -> str:

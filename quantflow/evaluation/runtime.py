@@ -64,7 +64,12 @@ def on_kernels(path: str, kernels: str, device: str):
     from quantflow.evaluation.int8 import load_int8, use_int8
 
     if use_int4(path, kernels, device):
-        model = load_int4(path, device)
+        try:
+            model = load_int4(path, device)
+        except (QuantflowError, RuntimeError) as error:  # a mixed artifact's int8 kernel missing or off its reference
+            if kernels == "int4":
+                raise
+            return None, f"; int4/int8 kernels refused ({str(error).splitlines()[0]}), so dense"
         return model, runtime_label(model)
     if use_fp8(path, kernels, device):
         try:
