@@ -69,7 +69,7 @@ def test_duplicate_and_reserved_names_rejected():
 
 def test_unknown_method_lists_the_valid_ones():
     with pytest.raises(
-        QuantflowError, match="rtn, gptq, awq, awq-gptq, autoround, fp8, int8, bnb-nf4, bnb-fp4, bnb-int8"
+        QuantflowError, match="rtn, gptq, awq, awq-gptq, autoround, mixed, fp8, int8, bnb-nf4, bnb-fp4, bnb-int8"
     ):
         variant_for("squeeze")
     assert isinstance(parse_spec({"variants": [variant_for("AWQ ")]}).variants[0], AWQVariant)
