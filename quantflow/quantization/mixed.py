@@ -68,9 +68,8 @@ def layer_groups(
         members = [name]
         for tied in TIED:
             if leaf in tied:
-                members = [
-                    f"{parent}.{t}" if parent else t for t in tied if (f"{parent}.{t}" if parent else t) in widths
-                ]
+                siblings = [f"{parent}.{t}" if parent else t for t in tied]
+                members = [sibling for sibling in siblings if sibling in widths]
         taken.update(members)
         groups.append(_group(members, widths, options, group_size, symmetric))
     return groups
@@ -108,8 +107,8 @@ def budget_bounds(groups: list[LayerGroup]) -> tuple[float, float]:
 
 def check_budget(groups: list[LayerGroup], target_bits: float, variant: str) -> None:
     """A budget outside what the menu can spend is a spec error, named with the range that works."""
-    if any(not g.bits for g in groups):
-        bad = next(g for g in groups if not g.bits)
+    bad = next((g for g in groups if not g.bits), None)
+    if bad is not None:
         raise QuantflowError(
             f"variant '{variant}': no menu option fits {bad.name} ({bad.note})", "add 'bf16' or 'w8' to options"
         )
@@ -162,6 +161,12 @@ def budget_cell(costs: list[float], spare: float) -> float:
         if spare / unit <= MAX_CELLS:
             return float(unit)
     return max(spare, 1e-9) / RESOLUTION
+
+
+def option_counts(precision: dict[str, str]) -> dict[str, int]:
+    """How many Linears took each menu option (model cards and the report say it the same way)."""
+    taken = list(precision.values())
+    return {option: taken.count(option) for option in OPTIONS}
 
 
 def effective_bits(groups: list[LayerGroup], chosen: dict[str, str]) -> float:

@@ -193,7 +193,9 @@ def scheme_for(variant: WeightVariant, group_size: int | None, scale_dtype: str 
 def scheme_label(variant: WeightVariant, group_size: int | None, precision: dict[str, str] | None = None) -> str:
     """The scheme in the words serving engines use, for reports and model cards."""
     if isinstance(variant, MixedVariant):
-        counts = {o: list((precision or {}).values()).count(o) for o in ("w4", "w8", "bf16")}
+        from quantflow.quantization.mixed import option_counts
+
+        counts = option_counts(precision or {})
         grouping = f"group {group_size}" if group_size else "per-channel"
         return (
             f"mixed, {'symmetric' if variant.symmetric else 'asymmetric'}: {counts['w4']} Linears W4A16 int "

@@ -22,6 +22,7 @@ from quantflow.infra.environment import environment
 from quantflow.infra.steps import StepRun
 from quantflow.inputs.calibration import CalibrationRecord
 from quantflow.inputs.sources import ModelRef
+from quantflow.quantization.mixed import option_counts
 from quantflow.quantization.quantize import QuantizeRecord, Smoothing
 from quantflow.quantization.sensitivity import SensitivityRecord
 from quantflow.reporting.bits import artifact_bits, bnb_bits
@@ -404,7 +405,7 @@ def _mixed(rows: list[Row]) -> list[str]:
         return []
     lines = ["", "## Mixed precision", ""]
     for r in mixed:
-        counts = {o: list(r.precision.values()).count(o) for o in ("w4", "w8", "bf16")}
+        counts = option_counts(r.precision)
         kept = [n for n, o in r.precision.items() if o != "w4"]
         lines += [
             f"**{r.name}**: {r.allocated_bits} bits per weight allocated ({r.effective_bits} stored), "
