@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -71,17 +72,18 @@ def measure(
     tuned: bool,
     fuse: bool,
     compile_mode: str,
-    cold: bool,
+    compile_scope: str,
+    cache_dir: str | None,
 ) -> list[dict]:
     """Load one runtime's model and time every batch size (run in a fresh process: clean peak memory, no leftover
-    hooks). ``cold`` gives Inductor an empty cache, so the record's compile_seconds is a first compile."""
+    hooks). ``cache_dir`` is Inductor's cache: empty for a first compile, filled by an earlier process for a warm
+    one."""
     import os
-    import tempfile
 
     from transformers import AutoModelForCausalLM
 
-    if cold:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-cold-")
+    if cache_dir:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
 
     if tuned:  # gpt-fast's Inductor settings: autotune tile shapes of the decode kernels (longer compile)
         torch._inductor.config.coordinate_descent_tuning = True
@@ -108,6 +110,7 @@ def measure(
                 warmup=2,
                 repeats=repeats,
                 compile_mode=compile_mode,
+                compile_scope=compile_scope,
             ),
             fuse=fuse,
         ).model_dump()
@@ -126,7 +129,8 @@ def run_shape(
     chosen: list[str],
     fusions: list[bool],
     modes: list[str],
-    cold: bool,
+    scopes: list[str],
+    caches: list[str],
 ) -> dict:
     from quantflow.infra.steps import isolated
 
@@ -142,30 +146,28 @@ def run_shape(
     )
     runtimes = {"bf16": baseline, "W4 int4 tinygemm": artifact, "W4 decompressed to bf16 by transformers": artifact}
     records = []
-    for runtime, fuse, mode in ((name, fuse, mode) for mode in modes for fuse in fusions for name in chosen):
-        for record in isolated(
-            runtime,
-            None,
-            measure,
-            runtime,
-            str(runtimes[runtime]),
-            batches,
-            prompt_len,
-            gen_len,
-            repeats,
-            tuned,
-            fuse,
-            mode,
-            cold,
-        ):
-            records.append(record)
-            print(
-                f"  {record['runtime'] + ' [' + record['harness'] + ']':100s} b{record['batch']}: "
-                f"{record['decode_tokens_per_s']:8.1f} tok/s, {record['decode_ms_per_step']:.3f} ms/step, prefill "
-                f"{record['prefill_ms']:.2f} ms, peak {record['peak_memory_mb']:.0f} MiB, floor "
-                f"{record['bandwidth_floor_fraction']}, compile {record['compile_seconds']} s",
-                flush=True,
+    combos = ((n, f, m, s) for m in modes for s in scopes for f in fusions for n in chosen)
+    for runtime, fuse, mode, scope in combos:
+        cache_dir = tempfile.mkdtemp(prefix="inductor-") if caches != ["default"] else None
+        for cache in caches:  # "cold" then "warm" share one fresh directory: the warm process finds the cold one's
+            measured = isolated(
+                runtime,
+                None,
+                measure,
+                runtime,
+                str(runtimes[runtime]),
+                batches,
+                prompt_len,
+                gen_len,
+                repeats,
+                tuned,
+                fuse,
+                mode,
+                scope,
+                cache_dir,
             )
+            records.extend({**record, "inductor_cache": cache} for record in measured)
+            report(measured, cache)
     return {
         "shape": shape,
         "config": SHAPES[shape],
@@ -174,6 +176,17 @@ def run_shape(
         "int4_logits_rel_error": error,
         "records": records,
     }
+
+
+def report(records: list[dict], cache: str) -> None:
+    for record in records:
+        print(
+            f"  {record['runtime'] + ' [' + record['harness'] + ']':100s} b{record['batch']}: "
+            f"{record['decode_tokens_per_s']:8.1f} tok/s, {record['decode_ms_per_step']:.3f} ms/step, prefill "
+            f"{record['prefill_ms']:.2f} ms, peak {record['peak_memory_mb']:.0f} MiB, floor "
+            f"{record['bandwidth_floor_fraction']}, compile {record['compile_seconds']} s ({cache} cache)",
+            flush=True,
+        )
 
 
 def summary(result: dict) -> list[str]:
@@ -210,7 +223,13 @@ def main() -> None:
         help="fused q/k/v and gate/up (quantflow.evaluation.fuse) for every runtime",
     )
     parser.add_argument("--compile-modes", default="default", help="torch.compile modes, comma-separated")
-    parser.add_argument("--cold", action="store_true", help="an empty Inductor cache for every measurement")
+    parser.add_argument("--compile-scopes", default="layers", help="'layers' and/or 'step', comma-separated")
+    parser.add_argument(
+        "--caches",
+        default="default",
+        help="'default' (the user's Inductor cache), or 'cold' and/or 'warm': a fresh cache per measurement, "
+        "'cold,warm' measuring a first compile and then a second process's compile from what the first left",
+    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/quantflow-decode"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/decode.json"))
     args = parser.parse_args()
@@ -236,7 +255,8 @@ def main() -> None:
                 args.runtimes.split(","),
                 {"on": [True], "off": [False], "both": [False, True]}[args.fuse],
                 args.compile_modes.split(","),
-                args.cold,
+                args.compile_scopes.split(","),
+                args.caches.split(","),
             )
         )
         args.out.parent.mkdir(parents=True, exist_ok=True)

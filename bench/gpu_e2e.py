@@ -173,6 +173,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="an existing model folder instead of a random one of --shape")
     parser.add_argument("--device", default="cuda", help="'cpu' checks the orchestration on a machine without a GPU")
     parser.add_argument("--compile-mode", default="default", help="evaluation.speed.compile_mode")
+    parser.add_argument("--compile-scope", default="step", help="evaluation.speed.compile_scope")
     parser.add_argument("--store", action="store_true", help="upload the artifacts to a local SeaweedFS server")
     parser.add_argument("--runs", default="first,re-run", help="which runs: the first, then the unchanged re-run")
     args = parser.parse_args()
@@ -231,7 +232,11 @@ def main() -> None:
             "variants": variants,
             "device": args.device,
             "evaluation": {
-                "speed": {"batch_sizes": [int(b) for b in args.batches.split(",")], "compile_mode": args.compile_mode}
+                "speed": {
+                    "batch_sizes": [int(b) for b in args.batches.split(",")],
+                    "compile_mode": args.compile_mode,
+                    "compile_scope": args.compile_scope,
+                }
             },
             "output": {"dir": str(args.work / "out"), "cache_dir": str(args.work / "cache")},
         }

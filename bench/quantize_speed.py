@@ -29,12 +29,11 @@ from bench.direct import direct_oneshot  # noqa: E402
 from bench.models import SHAPES, build_baseline  # noqa: E402
 
 
-def quantflow_step(plan, variant, calibration, cache_dir: Path, budget: float | None) -> dict:
+def quantflow_step(plan, variant, calibration, cache_dir: Path, budget: float | None, batch: int | None) -> dict:
     from quantflow.pipeline import steps
 
-    fresh = plan.model_copy(
-        update={"cache_root": str(cache_dir), "spec": plan.spec.model_copy(update={"gpu_memory_gb": budget})}
-    )
+    update = {"gpu_memory_gb": budget, "calibration_batch_size": batch}
+    fresh = plan.model_copy(update={"cache_root": str(cache_dir), "spec": plan.spec.model_copy(update=update)})
     start = time.perf_counter()
     quantized = steps.quantize(fresh, variant, calibration)
     assert not quantized.step.cached
@@ -43,6 +42,7 @@ def quantflow_step(plan, variant, calibration, cache_dir: Path, budget: float | 
         "oneshot_s": record.seconds,
         "step_s": round(time.perf_counter() - start, 2),
         "peak_memory_mb": record.peak_memory_mb,
+        "calibration_batch": fresh.resources.calibration_batch,
     }
 
 
@@ -70,6 +70,9 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--gpu-memory-gb", type=float, default=None)
+    parser.add_argument(
+        "--calibration-batch", type=int, default=None, help="calibration_batch_size (default: quantflow's own)"
+    )
     parser.add_argument(
         "--no-direct", action="store_true", help="time quantflow's step only (e.g. the memory-budget run)"
     )
@@ -126,6 +129,7 @@ def main() -> None:
                             calibration,
                             args.work / f"cache-{variant.name}-{repeat}-{time.time_ns()}",
                             args.gpu_memory_gb,
+                            args.calibration_batch,
                         )
                     )
                 else:

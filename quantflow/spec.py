@@ -312,6 +312,12 @@ class SpeedSpec(_Strict):
         description="torch.compile mode of the CUDA decode step (captured into a CUDA graph either way). 'default' "
         "compiles in about half the time of 'max-autotune-no-cudagraphs' at equal decode speed (docs/benchmarks.md).",
     )
+    compile_scope: Literal["step", "layers"] = Field(
+        "step",
+        description="What torch.compile traces: 'step' the whole decode step; 'layers' one decoder layer, its graph "
+        "reused for every layer (on an H200 at 1.1B: a third of the first compile, about 5% slower decode; "
+        "docs/benchmarks.md). Architectures without a decoder layer list compile the step.",
+    )
 
 
 DEFAULT_PROMPTS = [
@@ -440,6 +446,14 @@ class RunSpec(_Strict):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks CUDA when present.")
     step_timeout_s: float | None = Field(
         None, gt=0, description="Kill any one heavy step (calibrate, quantize, evaluate) that runs longer."
+    )
+    calibration_batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="Calibration samples per forward pass while quantizing (null = 16 on a GPU, where one sample at a "
+        "time leaves it idle between kernel launches; 1 on the CPU). Only samples of one length share a batch: no "
+        "token is cut or padded, so the result is the same up to rounding.",
     )
     gpu_memory_gb: float | None = Field(
         None,

@@ -71,6 +71,61 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+class _LayerSlot:
+    """One decoder layer's part of a ``StaticCache``, handed to that layer as if it were the whole cache.
+
+    Attention calls ``cache.update(k, v, self.layer_idx)``, and the cache indexes its layer list
+    with that integer, so Dynamo specializes on it and traces one graph per layer. A slot that
+    ignores the index makes every layer the same graph, traced and compiled once.
+    """
+
+    def __init__(self, layer) -> None:
+        self.layer = layer
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        return self.layer.update(key, value, *args, **kwargs)
+
+
+class _Region(torch.nn.Module):
+    """A decoder layer run through the one compiled layer function, with its own cache slot."""
+
+    def __init__(self, layer: torch.nn.Module, slot: _LayerSlot, run: Callable) -> None:
+        super().__init__()
+        self.layer, self.slot, self.run = layer, slot, run
+
+    def forward(self, hidden_states: torch.Tensor, *args, past_key_values=None, **kwargs):
+        return self.run(self.layer, hidden_states, self.slot, args, kwargs)
+
+
+def _run_layer(layer: torch.nn.Module, hidden_states: torch.Tensor, slot: _LayerSlot, args: tuple, kwargs: dict):
+    return layer(hidden_states, *args, past_key_values=slot, **kwargs)
+
+
+def compiled_layers(step: Callable, model: torch.nn.Module, cache, mode: str) -> Callable | None:
+    """``step`` with every decoder layer run through one compiled layer graph ("regional compilation"), or None when
+    the model has no layer list matching the cache's.
+
+    Dynamo traces and Inductor compiles one layer instead of the whole step: a fraction of the
+    compile, and the compiled code is reused by all layers. The glue between layers (embedding,
+    mask, final norm, head) runs eager, which costs nothing extra once the step is a CUDA graph.
+    Layers are swapped in only for the call, so prefill and generate see the model unchanged.
+    """
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(getattr(cache, "layers", ())) != len(layers):
+        return None
+    run = torch.compile(_run_layer, mode=mode, fullgraph=True)
+    regions = torch.nn.ModuleList(_Region(layer, _LayerSlot(slot), run) for layer, slot in zip(layers, cache.layers))
+
+    def regional(ids: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        model.model.layers = regions
+        try:
+            return step(ids, at)
+        finally:
+            model.model.layers = layers
+
+    return regional
+
+
 def captured(
     step: Callable,
     prefill: Callable[[], None],
@@ -78,6 +133,7 @@ def captured(
     position: torch.Tensor,
     start: int,
     mode: str | None,
+    regional: Callable | None = None,
 ) -> Callable[[int], None]:
     """The decode step compiled by Inductor (fused kernels, no CUDA graphs of its own) and captured once into a CUDA
     graph.
@@ -85,9 +141,10 @@ def captured(
     Captured by hand rather than with ``mode="reduce-overhead"``: torch.compile's CUDA-graph trees
     check and copy every input on each call, about 0.4 ms per step on an H200, a fifth of a 1.1B
     bf16 step (bench/profile_decode.py). Here a step is one ``position`` fill, one replay and one copy.
-    ``mode=None`` captures the eager step (bench/profile_decode.py compares the two).
+    ``mode=None`` captures the eager step (bench/profile_decode.py compares the two); ``regional`` is the step
+    with compiled layers (``compiled_layers``), used instead of compiling the whole step.
     """
-    compiled = torch.compile(step, mode=mode, fullgraph=True) if mode else step
+    compiled = regional or (torch.compile(step, mode=mode, fullgraph=True) if mode else step)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side), torch.no_grad():  # compile, autotune and warm up outside the capture
@@ -174,10 +231,13 @@ def benchmark(
             with torch.no_grad():
                 prefill()  # allocates the cache's buffers, which the graph then uses by address
             start = time.perf_counter()
-            decode = captured(step, prefill, token, position, prompt_len, speed.compile_mode)
+            by_layer = speed.compile_scope == "layers"
+            regional = compiled_layers(step, model, cache, speed.compile_mode) if by_layer else None
+            decode = captured(step, prefill, token, position, prompt_len, speed.compile_mode, regional)
             compile_seconds = time.perf_counter() - start
             fusion = ", fused q/k/v and gate/up" if fused else ""
-            harness = f"static cache{fusion}, torch.compile ({speed.compile_mode}) + CUDA graph"
+            scope = "one decoder layer, reused" if regional else "whole step"
+            harness = f"static cache{fusion}, torch.compile ({speed.compile_mode}, {scope}) + CUDA graph"
         # a model whose step cannot be compiled or captured is still measured, labelled eager
         except Exception as error:
             torch._dynamo.reset()

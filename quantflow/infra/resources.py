@@ -22,6 +22,7 @@ class Resources(BaseModel):
     gpu_memory_gb: float | None = None
     timeout_s: float | None = None
     compile_cache: str | None = None  # Inductor's caches (FX graphs, autotuning): shared by every step that compiles
+    calibration_batch: int = 1  # calibration samples per forward pass while quantizing (equal lengths only)
 
     def use_compile_cache(self) -> None:
         """Point Inductor at the shared compile cache (in this fresh step process, before anything compiles).

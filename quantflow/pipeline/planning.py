@@ -28,6 +28,10 @@ from quantflow.quantization.quantize import (
 from quantflow.spec import BnbVariant, FP8Variant, MixedVariant, RunSpec, Variant
 from quantflow.sweep import Dropped, expand
 
+GPU_CALIBRATION_BATCH = (
+    16  # AWQ's grid search runs thousands of small forwards: at one sample each they are launch-bound
+)
+
 Progress = Callable[[str], None]
 
 
@@ -66,6 +70,7 @@ class Plan(BaseModel):
             gpu_memory_gb=spec.gpu_memory_gb,
             timeout_s=spec.step_timeout_s,
             compile_cache=str(Path(self.cache_root) / "inductor"),
+            calibration_batch=spec.calibration_batch_size or (GPU_CALIBRATION_BATCH if self.device == "cuda" else 1),
         )
 
 

@@ -336,6 +336,40 @@ def calibration_dataset(record: CalibrationRecord):
     )
 
 
+def equal_length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Sample indices in batches of at most ``batch_size`` samples that all have the same length, longest first.
+
+    llm-compressor batches by sorting lengths and truncating each batch to its shortest sample (or
+    padding it, and GPTQ would then fit padding), which changes the statistics with the batch size.
+    Batching only equal lengths keeps every token and no padding: GPTQ's Hessian, AWQ's means and
+    losses are the same sums as one sample at a time, computed in fewer, larger forward passes.
+    """
+    by_length: dict[int, list[int]] = {}
+    for index, length in enumerate(lengths):
+        by_length.setdefault(length, []).append(index)
+    return [
+        indices[start : start + batch_size]
+        for length, indices in sorted(by_length.items(), reverse=True)
+        for start in range(0, len(indices), batch_size)
+    ]
+
+
+def calibration_data(record: CalibrationRecord, batch_size: int) -> dict:
+    """oneshot's calibration arguments: the samples one at a time, or as a loader of equal-length batches."""
+    if batch_size == 1:
+        return {
+            "dataset": calibration_dataset(record),
+            "num_calibration_samples": record.samples,
+            "max_seq_length": record.max_len,
+        }
+    from torch.utils.data import DataLoader
+    from transformers import default_data_collator
+
+    dataset = calibration_dataset(record)
+    batches = equal_length_batches([len(ids) for ids in dataset["input_ids"]], batch_size)
+    return {"dataset": DataLoader(dataset, batch_sampler=batches, collate_fn=default_data_collator)}
+
+
 def quantize_weights(
     model_path: str,
     variant: WeightVariant,
@@ -370,13 +404,7 @@ def quantize_weights(
         recipe = mixed_recipe(variant, precision, scheme.group_size, dtype)
     else:
         recipe = recipe_for(variant, scheme.group_size, dtype)
-    data = {}
-    if needs_calibration(variant):
-        data = {
-            "dataset": calibration_dataset(calibration),
-            "num_calibration_samples": calibration.samples,
-            "max_seq_length": calibration.max_len,
-        }
+    data = calibration_data(calibration, resources.calibration_batch) if needs_calibration(variant) else {}
     cap_gpu_memory(budget)
     if resources.device == "cuda":
         torch.cuda.init()  # creating the CUDA context is process start-up, not quantization time

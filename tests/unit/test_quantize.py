@@ -10,8 +10,10 @@ from quantflow.infra.resources import Resources
 from quantflow.inputs.calibration import build_calibration
 from quantflow.quantization.quantize import (
     Scheme,
+    calibration_data,
     check_ignore,
     cpu_safe_awq,
+    equal_length_batches,
     quantize_weights,
     resolve_group_size,
     weightless_model,
@@ -107,3 +109,44 @@ def test_llmcompressor_writes_a_compressed_checkpoint(tiny_model, calibration, t
             "model.layers.0.mlp.down_proj.weight_packed" in keys and "model.layers.0.mlp.down_proj.weight_scale" in keys
         )
         assert shard.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
+
+
+def test_equal_length_batches_keep_every_sample_and_never_mix_lengths():
+    lengths = [64, 64, 30, 64, 30, 64, 64, 17]
+    batches = equal_length_batches(lengths, 2)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    assert all(len(batch) <= 2 and len({lengths[i] for i in batch}) == 1 for batch in batches)
+    assert [lengths[batch[0]] for batch in batches] == [64, 64, 64, 30, 17]
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [GPTQVariant(name="gptq", group_size=32, actorder=None), AWQVariant(name="awq", group_size=32, n_grid=4)],
+    ids=lambda v: v.method,
+)
+def test_batched_calibration_quantizes_like_one_sample_at_a_time(tiny_model, tmp_path, variant):
+    """Equal-length batches are the same sums as single samples: the packed weights agree but for rounding ties."""
+    from safetensors.torch import load_file
+
+    from quantflow.inputs.calibration import load_samples
+
+    spec = CalibrationSpec(num_samples=12, seq_len=160)
+    (tmp_path / "c").mkdir()
+    calibration = build_calibration(spec, EvaluationSpec(), str(tiny_model), tmp_path / "c", tmp_path / "c")
+    lengths = [len(ids) for ids in load_samples(calibration)]
+    assert len(set(lengths)) > 1 and lengths.count(160) > 4  # mixed lengths, several batches of equal ones
+    loader = calibration_data(calibration, 4)["dataset"]
+    assert sum(batch["input_ids"].shape[0] for batch in loader) == calibration.samples
+    assert sum(batch["input_ids"].numel() for batch in loader) == calibration.tokens
+    saved = {}
+    for batch in (1, 4):
+        out = tmp_path / f"b{batch}"
+        resources = Resources(device="cpu", calibration_batch=batch)
+        quantize_weights(str(tiny_model), variant, Scheme(group_size=32), calibration, resources, out, out)
+        saved[batch] = load_file(str(out / "model.safetensors"))
+    for key, single in saved[1].items():
+        if key.endswith("weight_packed"):
+            nibbles = [torch.stack([(t >> (4 * i)) & 0xF for i in range(8)]) for t in (single, saved[4][key])]
+            assert (nibbles[0] == nibbles[1]).float().mean() > 0.99, key
+        elif key.endswith("weight_scale"):
+            torch.testing.assert_close(saved[4][key].float(), single.float(), rtol=0.02, atol=1e-6)
