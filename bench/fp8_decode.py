@@ -55,7 +55,7 @@ def check(artifact: Path, baseline: Path) -> dict:
     from quantflow.evaluation.fp8 import load_fp8
 
     ids = torch.randint(0, 32000, (1, 64), generator=torch.Generator().manual_seed(1)).cuda()
-    logits = {}
+    logits, one = {}, {}  # one: a single token, so every Linear sees one row (the compiled decode step's FP8 GEMV)
     for name, load in (
         ("fp8", lambda: load_fp8(artifact, "cuda")),
         ("simulated", lambda: AutoModelForCausalLM.from_pretrained(artifact, dtype=torch.bfloat16).cuda()),
@@ -63,9 +63,13 @@ def check(artifact: Path, baseline: Path) -> dict:
     ):
         model = load()
         logits[name] = model(ids).logits.float().cpu()
+        if name != "bf16":
+            run = torch.compile(model, fullgraph=True) if name == "fp8" else model
+            one[name] = run(ids[:, :1], use_cache=False).logits.float().cpu()
         del model
         torch.cuda.empty_cache()
     return {
+        "fp8_gemv_one_row_vs_dequantized_reference": relative(one["fp8"], one["simulated"]),
         "fp8_vs_dequantized_reference": relative(logits["fp8"], logits["simulated"]),
         "fp8_vs_bf16": relative(logits["fp8"], logits["bf16"]),
         "dequantized_reference_vs_bf16": relative(logits["simulated"], logits["bf16"]),
