@@ -21,7 +21,6 @@ from quantflow.errors import QuantflowError
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max
 MIN_CAPABILITY = (8, 9)
-GEMV_ROWS = 4  # at most this many rows (decode at small batch), a compiled step reads the weight in one reduction
 
 
 def fp8_matmuls_missing(device: str) -> str | None:
@@ -59,26 +58,10 @@ class FP8Linear(nn.Module):
         flat = x.reshape(-1, self.in_features)
         scale = flat.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
         quantized = (flat.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
-        if flat.shape[0] <= GEMV_ROWS and torch.compiler.is_compiling():
-            y = self.gemv(quantized, scale)
-        else:
-            y = torch._scaled_mm(
-                quantized, self.weight.t(), scale_a=scale, scale_b=self.scale, bias=self.bias, out_dtype=torch.bfloat16
-            )
+        y = torch._scaled_mm(
+            quantized, self.weight.t(), scale_a=scale, scale_b=self.scale, bias=self.bias, out_dtype=torch.bfloat16
+        )
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-
-    def gemv(self, quantized: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """The same FP8 product for a few rows, written as one reduction over the input width.
-
-        ``_scaled_mm``'s kernels are tuned for many rows: at one row it reads the e4m3 weight at a
-        third of the card's bandwidth, as slow as bf16 for half the bytes (docs/benchmarks.md).
-        Written this way, Inductor emits one kernel that streams the weight once, converting each
-        e4m3 value in registers; the products of two e4m3 values are exact in float32 and summed in
-        float32, as in ``_scaled_mm``. Only under ``torch.compile``: eager, this would materialize the
-        rows x out x in products.
-        """
-        y = (quantized.float()[:, None, :] * self.weight.float()[None]).sum(-1) * scale * self.scale
-        return (y + self.bias if self.bias is not None else y).to(torch.bfloat16)
 
 
 def fp8_scheme(config: dict) -> dict:

@@ -59,7 +59,7 @@ def load_on_runtime(subject: Subject, kernels: str, resources: Resources):
 
 def on_kernels(path: str, kernels: str, device: str):
     """(model, label) on the artifact's quantized kernels, or (None, why they were refused, or '') for dense."""
-    from quantflow.evaluation.fp8 import GEMV_ROWS, load_fp8, use_fp8
+    from quantflow.evaluation.fp8 import load_fp8, use_fp8
     from quantflow.evaluation.int4 import load_int4, runtime_label, use_int4
     from quantflow.evaluation.int8 import load_int8, use_int8
 
@@ -73,8 +73,7 @@ def on_kernels(path: str, kernels: str, device: str):
         return model, runtime_label(model)
     if use_fp8(path, kernels, device):
         try:
-            label = "FP8 matmuls (_scaled_mm, e4m3, per-token activation scales; one fused FP8 reduction per layer "
-            return load_fp8(path, device), label + f"at <= {GEMV_ROWS} rows in the compiled decode step)"
+            return load_fp8(path, device), "FP8 matmuls (_scaled_mm, e4m3, per-token activation scales)"
         except QuantflowError as error:
             if kernels == "fp8":  # asked for by name: no silent substitute
                 raise
