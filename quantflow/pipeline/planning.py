@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from quantflow.errors import QuantflowError
 from quantflow.evaluation.fp8 import fp8_matmuls, fp8_matmuls_missing
 from quantflow.evaluation.int4 import GROUP_SIZES
-from quantflow.infra.cache import StepCache, default_cache_root
+from quantflow.infra.cache import StepCache, content_key, default_cache_root
 from quantflow.infra.resources import Resources, check_fits, pick_device
 from quantflow.inputs.corpus import check_source
 from quantflow.inputs.sources import ModelRef, resolve_model
@@ -25,12 +25,12 @@ from quantflow.quantization.quantize import (
     scheme_label,
     weightless_model,
 )
-from quantflow.spec import BnbVariant, FP8Variant, MixedVariant, RunSpec, Variant
+from quantflow.spec import BnbVariant, FP8Variant, MixedVariant, ModelSpec, RunSpec, Variant
 from quantflow.sweep import Dropped, expand
 
-GPU_CALIBRATION_BATCH = (
-    16  # AWQ's grid search runs thousands of small forwards: at one sample each they are launch-bound
-)
+# AWQ's grid search runs thousands of small forwards: at one sample each they are launch-bound
+GPU_CALIBRATION_BATCH = 16
+SHAPES_VERSION = 1  # bump when the shape checks change what they accept
 
 Progress = Callable[[str], None]
 
@@ -152,19 +152,23 @@ def plan(spec: RunSpec, progress: Progress = print) -> Plan:
             torch.cuda.device_count(),
             psutil.virtual_memory().available,
         )
-    skeleton = weightless_model(model.path, spec.model.trust_remote_code)
     swept, dropped = expand(spec)
-    schemes = {variant.name: fitted(skeleton, variant, spec, device) for variant in spec.variants}
+    key = shapes_key(model, [*spec.variants, *swept], spec.model.trust_remote_code)
+    shapes = cache.lookup("plan", key, Shapes) or check_shapes(model, [*spec.variants, *swept], spec.model)
+    schemes = {variant.name: fitted(shapes.fitted[variant.name], variant, spec, device) for variant in spec.variants}
     kept = []
     for variant in swept:
         try:
-            schemes[variant.name] = fitted(skeleton, variant, spec, device)
+            schemes[variant.name] = fitted(shapes.fitted[variant.name], variant, spec, device)
             kept.append(variant)
         except QuantflowError as error:
             dropped.append(Dropped(name=variant.name, reason=error.problem))
     if spec.sweep is not None and not spec.variants and not kept:
         reasons = "; ".join(f"{d.name}: {d.reason}" for d in dropped[:5])
         raise QuantflowError(f"no combination of the sweep fits this model ({reasons})", "widen or change the grid")
+    if not cache.read_only:  # only now: a refused plan writes nothing
+        with cache.writing("plan", key) as folder:
+            cache.save(folder, shapes)
     return Plan(
         spec=spec,
         model=model,
@@ -176,13 +180,56 @@ def plan(spec: RunSpec, progress: Progress = print) -> Plan:
     )
 
 
-def fitted(skeleton, variant: Variant, spec: RunSpec, device: str) -> Scheme | None:
+class Fitted(BaseModel):
+    """A variant against the model's shapes: its scheme, or why it does not fit (with the fix)."""
+
+    scheme: Scheme | None = None
+    problem: str | None = None
+    fix: str | None = None
+
+
+class Shapes(BaseModel):
+    """The shape checks of one set of variants on one model, by variant name."""
+
+    fitted: dict[str, Fitted]
+
+
+def shapes_key(model: ModelRef, variants: list[Variant], trust_remote_code: bool) -> str:
+    """The shape checks' cache key: the weights' fingerprint and the variants, nothing about this machine.
+
+    The checks need the model's module tree, and building it imports transformers' model code:
+    most of a re-run's planning time (about 7 s on a GPU host). Their result depends only on the
+    model and the variants, so an unchanged re-run reads it back; the checks against this machine
+    (kernels, memory) run every time.
+    """
+    specs = [v.model_dump(mode="json") for v in variants]
+    return content_key("shapes", SHAPES_VERSION, model.fingerprint, trust_remote_code, specs)
+
+
+def check_shapes(model: ModelRef, variants: list[Variant], spec: ModelSpec) -> Shapes:
+    skeleton = weightless_model(model.path, spec.trust_remote_code)
+    return Shapes(fitted={variant.name: fit_shapes(skeleton, variant) for variant in variants})
+
+
+def fit_shapes(skeleton, variant: Variant) -> Fitted:
+    """The variant's scheme against the layer shapes (none for load-time variants), or the reason it cannot fit."""
+    if isinstance(variant, BnbVariant):
+        return Fitted()
+    try:
+        check_ignore(skeleton, variant)
+        scheme = resolve_group_size(skeleton, variant)
+        if isinstance(variant, MixedVariant):
+            check_budget(mixed_groups(skeleton, variant, scheme.group_size), variant.target_bits, variant.name)
+    except QuantflowError as error:
+        return Fitted(problem=error.problem, fix=error.fix)
+    return Fitted(scheme=scheme)
+
+
+def fitted(shapes: Fitted, variant: Variant, spec: RunSpec, device: str) -> Scheme | None:
     """The variant's scheme against the model's shapes and this machine (None for load-time variants), or why not."""
+    if shapes.problem is not None:
+        raise QuantflowError(shapes.problem, shapes.fix or "")
     if isinstance(variant, BnbVariant):
         return None
-    check_ignore(skeleton, variant)
-    scheme = resolve_group_size(skeleton, variant)
-    check_kernels(spec.evaluation.kernels, variant, scheme, device)
-    if isinstance(variant, MixedVariant):
-        check_budget(mixed_groups(skeleton, variant, scheme.group_size), variant.target_bits, variant.name)
-    return scheme
+    check_kernels(spec.evaluation.kernels, variant, shapes.scheme, device)
+    return shapes.scheme

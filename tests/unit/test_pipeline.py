@@ -209,3 +209,32 @@ def test_local_engine_refuses_a_prefect_credentials_block(tiny_model, tmp_path):
     raw["output"]["store"]["credentials_block"] = "team-keys"
     with pytest.raises(QuantflowError, match="credentials_block"):
         parse_spec(raw)
+
+
+def test_an_unchanged_replan_reads_the_shape_checks_back(tiny_model, tmp_path, monkeypatch):
+    """The shape checks are remembered by model and variants; the machine's checks still run on every plan."""
+    from quantflow.pipeline import planning
+
+    variants = [{"method": "rtn", "group_size": 32}, {"method": "gptq", "group_size": "auto"}, {"method": "fp8"}]
+    spec = parse_spec(small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", variants))
+    first = pipeline.plan(spec, progress=lambda _: None)
+    built = []
+    original = planning.weightless_model
+    monkeypatch.setattr(planning, "weightless_model", lambda *a: built.append(a) or original(*a))
+    again = pipeline.plan(spec, progress=lambda _: None)
+    assert again.schemes == first.schemes and again.schemes["gptq"].group_size == 64 and built == []
+    fp8_only = spec.model_copy(update={"variants": spec.variants[2:]})
+    pipeline.plan(fp8_only, progress=lambda _: None)
+    demanding = fp8_only.model_copy(update={"evaluation": spec.evaluation.model_copy(update={"kernels": "fp8"})})
+    with pytest.raises(QuantflowError, match="needs FP8 matmuls"):  # a machine check: run again on a remembered plan
+        pipeline.plan(demanding, progress=lambda _: None)
+    changed = parse_spec(small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", [variants[0]]))
+    pipeline.plan(changed, progress=lambda _: None)
+    assert len(built) == 2  # other variants (fp8 alone, then rtn alone): checked again
+
+
+def test_a_refused_plan_remembers_no_shape_checks(tiny_model_96, tmp_path):
+    raw = small_spec(tiny_model_96, tmp_path / "out", tmp_path / "cache", [{"method": "rtn", "group_size": 64}])
+    with pytest.raises(QuantflowError, match="64"):
+        pipeline.plan(parse_spec(raw), progress=lambda _: None)
+    assert not (tmp_path / "cache" / "plan").exists()
