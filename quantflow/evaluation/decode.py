@@ -107,8 +107,9 @@ def compiled_layers(step: Callable, model: torch.nn.Module, cache, mode: str) ->
 
     Dynamo traces and Inductor compiles one layer instead of the whole step: a fraction of the
     compile, and the compiled code is reused by all layers. The glue between layers (embedding,
-    mask, final norm, head) runs eager, which costs nothing extra once the step is a CUDA graph.
-    Layers are swapped in only for the call, so prefill and generate see the model unchanged.
+    mask, rotary tables, final norm, head) runs eager inside the CUDA graph, unfused: about 5% of a
+    1.1B step on an H200 (docs/benchmarks.md). Layers are swapped in only for the call, so prefill
+    and generate see the model unchanged.
     """
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, torch.nn.ModuleList) or len(getattr(cache, "layers", ())) != len(layers):

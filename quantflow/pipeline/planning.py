@@ -25,7 +25,7 @@ from quantflow.quantization.quantize import (
     scheme_label,
     weightless_model,
 )
-from quantflow.spec import BnbVariant, FP8Variant, MixedVariant, ModelSpec, RunSpec, Variant
+from quantflow.spec import BnbVariant, FP8Variant, MixedVariant, RunSpec, Variant
 from quantflow.sweep import Dropped, expand
 
 # AWQ's grid search runs thousands of small forwards: at one sample each they are launch-bound
@@ -153,8 +153,9 @@ def plan(spec: RunSpec, progress: Progress = print) -> Plan:
             psutil.virtual_memory().available,
         )
     swept, dropped = expand(spec)
-    key = shapes_key(model, [*spec.variants, *swept], spec.model.trust_remote_code)
-    shapes = cache.lookup("plan", key, Shapes) or check_shapes(model, [*spec.variants, *swept], spec.model)
+    checked = [*spec.variants, *swept]
+    key = shapes_key(model, checked, spec.model.trust_remote_code)
+    shapes = cache.lookup("plan", key, Shapes) or check_shapes(model, checked, spec.model.trust_remote_code)
     schemes = {variant.name: fitted(shapes.fitted[variant.name], variant, spec, device) for variant in spec.variants}
     kept = []
     for variant in swept:
@@ -206,8 +207,8 @@ def shapes_key(model: ModelRef, variants: list[Variant], trust_remote_code: bool
     return content_key("shapes", SHAPES_VERSION, model.fingerprint, trust_remote_code, specs)
 
 
-def check_shapes(model: ModelRef, variants: list[Variant], spec: ModelSpec) -> Shapes:
-    skeleton = weightless_model(model.path, spec.trust_remote_code)
+def check_shapes(model: ModelRef, variants: list[Variant], trust_remote_code: bool) -> Shapes:
+    skeleton = weightless_model(model.path, trust_remote_code)
     return Shapes(fitted={variant.name: fit_shapes(skeleton, variant) for variant in variants})
 
 
