@@ -223,7 +223,7 @@ def main() -> None:
         help="fused q/k/v and gate/up (quantflow.evaluation.fuse) for every runtime",
     )
     parser.add_argument("--compile-modes", default="default", help="torch.compile modes, comma-separated")
-    parser.add_argument("--compile-scopes", default="layers", help="'layers' and/or 'step', comma-separated")
+    parser.add_argument("--compile-scopes", default="step", help="'layers' and/or 'step', comma-separated")
     parser.add_argument(
         "--caches",
         default="default",

@@ -55,7 +55,7 @@ def check(artifact: Path, baseline: Path) -> dict:
     from quantflow.evaluation.fp8 import load_fp8
 
     ids = torch.randint(0, 32000, (1, 64), generator=torch.Generator().manual_seed(1)).cuda()
-    logits, one = {}, {}  # one: a single token, so every Linear sees one row (the compiled decode step's FP8 GEMV)
+    logits, one = {}, {}  # one: a single token, so every Linear sees one row, as in the compiled decode step
     for name, load in (
         ("fp8", lambda: load_fp8(artifact, "cuda")),
         ("simulated", lambda: AutoModelForCausalLM.from_pretrained(artifact, dtype=torch.bfloat16).cuda()),
@@ -69,7 +69,7 @@ def check(artifact: Path, baseline: Path) -> dict:
         del model
         torch.cuda.empty_cache()
     return {
-        "fp8_gemv_one_row_vs_dequantized_reference": relative(one["fp8"], one["simulated"]),
+        "fp8_compiled_one_row_vs_dequantized_reference": relative(one["fp8"], one["simulated"]),
         "fp8_vs_dequantized_reference": relative(logits["fp8"], logits["simulated"]),
         "fp8_vs_bf16": relative(logits["fp8"], logits["bf16"]),
         "dequantized_reference_vs_bf16": relative(logits["simulated"], logits["bf16"]),
