@@ -102,7 +102,7 @@ def main() -> None:
                 "gemlite": gemlite_layer(unsigned, scale, zero),
                 "tinygemm": Int4Linear.from_unsigned(
                     unsigned, scale, zero, args.group_size, None, torch.device("cuda")
-                ),
+                ).pack(),
                 **optional_kernels(unsigned, scale, zero, args.group_size),
                 "bf16": torch.nn.Linear(in_features, out_features, bias=False, device="cuda", dtype=torch.bfloat16),
             }

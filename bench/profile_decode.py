@@ -46,7 +46,7 @@ def build(shape: str, int4: str, group_size: int = 128) -> torch.nn.Module:
                 scale = torch.rand(out_f, in_f // group_size, device="cuda") * 0.01
                 layer = Int4Linear.from_unsigned(
                     unsigned, scale, torch.zeros_like(scale), group_size, None, torch.device("cuda")
-                )
+                ).pack()
                 parent, _, child = name.rpartition(".")
                 model.model.layers.get_submodule(parent).register_module(child, layer)
     return model

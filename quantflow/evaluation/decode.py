@@ -19,6 +19,7 @@ import torch
 from pydantic import BaseModel
 
 from quantflow.evaluation.fuse import FusedProjections, fuse_projections
+from quantflow.evaluation.int4 import pack_all
 from quantflow.spec import SpeedSpec
 
 # Peak HBM bandwidth (bytes/s) by device name fragment; the floor is weights / bandwidth per step.
@@ -180,13 +181,14 @@ def benchmark(
     """Time prefill and ``speed.gen_len`` greedy decode steps of ``model`` at ``batch`` on random prompts (the same
     prompts for every model), with ``speed``'s warm-up and repeats.
 
-    On CUDA, ``fuse`` first joins q/k/v and gate/up into one matmul each (``quantflow.evaluation.fuse``, in place, for
-    dense and int4 models alike). ``reset_peak=False`` leaves the peak-memory counter alone, for callers
+    Int4 layers switch to tinygemm's packed layout first (``Int4Linear.pack``). On CUDA, ``fuse`` then joins q/k/v
+    and gate/up into one matmul each (``quantflow.evaluation.fuse``, in place, for dense and int4 models alike). ``reset_peak=False`` leaves the peak-memory counter alone, for callers
     that report one peak for a whole evaluation.
     """
     from transformers import StaticCache
 
     prompt_len, gen_len = speed.prompt_len, speed.gen_len
+    pack_all(model)
     device = next(model.parameters()).device
     prompt = torch.randint(
         0, model.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(seed)

@@ -79,9 +79,9 @@ def concat(layers: list[nn.Module]) -> nn.Module | None:
         return joined
     if (
         all(isinstance(layer, Int4Linear) for layer in layers)
-        and len({(layer.group_size, layer.packed.shape[1:]) for layer in layers}) == 1
+        and len({(layer.group_size, layer.in_features) for layer in layers}) == 1
     ):
-        like = torch.empty(0, dtype=torch.bfloat16, device=layers[0].packed.device)  # Int4Linear keeps its bias in bf16
+        like = torch.empty(0, dtype=torch.bfloat16, device=layers[0].scales_and_zeros.device)  # its bias is bf16
         return Int4Linear.concat(layers, joined_bias(layers, like))
     kind = type(layers[0])
     if kind in (FP8Linear, Int8Linear, Int8WeightOnlyLinear) and all(type(layer) is kind for layer in layers):

@@ -39,20 +39,34 @@ def inner_k_tiles(in_features: int) -> int:
 
 
 class Int4Linear(nn.Module):
-    """A Linear whose weight is int4 in tinygemm's packed layout; activations are bf16."""
+    """A Linear whose weight is 4-bit with per-group scale and zero; activations are bf16.
+
+    It holds the weight in one of two forms of the same size (half a byte per weight), so peak memory does not depend
+    on the form:
+
+    - plain (as loaded): the 4-bit values two to a byte, ``[out, in / 2]``. Each call dequantizes the weight to bf16
+      with tinygemm's formula and runs a dense matmul. That suits long inputs such as perplexity windows: tinygemm is
+      built for a few rows and dequantizes the weight again for every 16-row tile, so at thousands of rows a dense
+      matmul is several times faster (``bench/int4_prefill.py``). AutoAWQ's GEMM kernels take the same route for
+      long inputs.
+    - packed (after ``pack()``): tinygemm's layout, for decode and short prefills. The decode harness packs every
+      layer before it fuses or compiles anything.
+    """
 
     def __init__(
         self,
-        packed: torch.Tensor,
+        weight: torch.Tensor,
         scales_and_zeros: torch.Tensor,
         group_size: int,
         in_features: int,
         out_features: int,
         bias: torch.Tensor | None,
+        packed: bool,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        self.register_buffer("packed", packed)
+        self.is_packed = packed
+        self.register_buffer("packed" if packed else "nibbles", weight)
         self.register_buffer("scales_and_zeros", scales_and_zeros)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
@@ -66,51 +80,76 @@ class Int4Linear(nn.Module):
         bias: torch.Tensor | None,
         device: torch.device,
     ) -> Int4Linear:
-        """Build from u in [0, 15] ([out, in], int32), and per-group scale and zero ([out, in / group])."""
+        """The plain form of u in [0, 15] ([out, in], int32), and per-group scale and zero ([out, in / group])."""
         out_features, in_features = unsigned.shape
-        tiles = inner_k_tiles(in_features)
+        inner_k_tiles(in_features)  # refuse a width the kernels cannot take now, not at the first decode
         scales_and_zeros = torch.stack([scale, zero], dim=2).transpose(0, 1).contiguous().to(device, torch.bfloat16)
         unsigned = unsigned.to(device, torch.int32)
-        if device.type == "cuda":
-            nibbles = (unsigned[:, ::2] << 4 | unsigned[:, 1::2]).to(torch.uint8)
-            packed = torch.ops.aten._convert_weight_to_int4pack(nibbles, tiles)
+        nibbles = (unsigned[:, ::2] << 4 | unsigned[:, 1::2]).to(torch.uint8)
+        bias = bias.to(device, torch.bfloat16) if bias is not None else None
+        return cls(nibbles, scales_and_zeros, group_size, in_features, out_features, bias, packed=False)
+
+    def pack(self) -> Int4Linear:
+        """Switch to tinygemm's layout in place (no-op when packed); returns the layer."""
+        if self.is_packed:
+            return self
+        tiles = inner_k_tiles(self.in_features)
+        if self.nibbles.device.type == "cuda":
+            packed = torch.ops.aten._convert_weight_to_int4pack(self.nibbles, tiles)
         else:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, tiles)
-        return cls(
-            packed,
-            scales_and_zeros,
-            group_size,
-            in_features,
-            out_features,
-            bias.to(device, torch.bfloat16) if bias is not None else None,
-        )
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.unsigned().to(torch.int32), tiles)
+        del self.nibbles
+        self.register_buffer("packed", packed)
+        self.is_packed = True
+        return self
+
+    def unsigned(self) -> torch.Tensor:
+        """u in [0, 15] as [out, in] uint8 (plain form only)."""
+        return torch.stack([self.nibbles >> 4, self.nibbles & 15], dim=-1).reshape(self.out_features, -1)
+
+    def dequantized(self) -> torch.Tensor:
+        """The bf16 weight [out, in] as tinygemm computes it: (u - 8) * scale + zero per group (plain form only)."""
+        groups = (self.unsigned().to(torch.bfloat16) - 8).view(self.out_features, -1, self.group_size)
+        scale, zero = self.scales_and_zeros.transpose(0, 1).unsqueeze(-1).unbind(2)  # [out, in / group, 1] each
+        return torch.addcmul(zero, groups, scale).reshape(self.out_features, self.in_features)
 
     @classmethod
     def concat(cls, layers: list[Int4Linear], bias: torch.Tensor | None) -> Int4Linear:
         """Layers of one input width and group size as one, outputs side by side (``quantflow.evaluation.fuse``, which
-        joins the biases).
+        joins the biases); packs them first.
 
         Both packed layouts stack along the output dimension: CUDA's is [out / 8, in / (16 * tiles), 32, tiles / 2]
         (tiles of 8 output rows, which tinygemm needs anyway), the CPU's [out, in / 2]; scales and zeros are [in /
         group, out, 2].
         """
         return cls(
-            torch.cat([layer.packed for layer in layers]),
+            torch.cat([layer.pack().packed for layer in layers]),
             torch.cat([layer.scales_and_zeros for layer in layers], dim=1),
             layers[0].group_size,
             layers[0].in_features,
             sum(layer.out_features for layer in layers),
             bias,
+            packed=True,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if self.packed.device.type == "cuda":
+        if not self.is_packed:
+            y = flat @ self.dequantized().t()
+        elif self.packed.device.type == "cuda":
             y = torch.ops.aten._weight_int4pack_mm(flat, self.packed, self.group_size, self.scales_and_zeros)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size, self.scales_and_zeros)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return (y + self.bias if self.bias is not None else y).to(x.dtype)
+
+
+def pack_all(model: nn.Module) -> nn.Module:
+    """Every Int4Linear of ``model`` in tinygemm's layout (for decoding); returns the model."""
+    for module in model.modules():
+        if isinstance(module, Int4Linear):
+            module.pack()
+    return model
 
 
 def weight_scheme(config: dict) -> dict:
@@ -230,7 +269,7 @@ def runtime_label(model: nn.Module) -> str:
 
     kinds = [type(m) for m in model.modules() if isinstance(m, nn.Linear | Int4Linear | Int8WeightOnlyLinear)]
     four, eight, dense = kinds.count(Int4Linear), kinds.count(Int8WeightOnlyLinear), kinds.count(nn.Linear)
-    label = "int4 tinygemm kernels on the packed weights (bf16 activations)"
+    label = "int4 tinygemm kernels on the packed weights (bf16 activations; perplexity windows dequantize per layer)"
     if eight or dense > 1:  # more than lm_head left dense: a mixed artifact
         label += f" for {four} Linears; {eight} on the int8 weight-only kernel, {dense} in bf16 (lm_head included)"
     return label

@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def test_cuda_int4_matches_dequantized_reference(tmp_path, symmetric, group_size):
     from transformers import AutoModelForCausalLM
 
-    from quantflow.evaluation.int4 import load_int4
+    from quantflow.evaluation.int4 import load_int4, pack_all
     from quantflow.infra.resources import Resources
     from quantflow.quantization.quantize import Scheme, quantize_weights
     from quantflow.spec import RTNVariant
@@ -31,7 +31,7 @@ def test_cuda_int4_matches_dequantized_reference(tmp_path, symmetric, group_size
         out,
     )
     dense = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).cuda()  # transformers' dequantized weights
-    packed = load_int4(out, "cuda")
+    packed = pack_all(load_int4(out, "cuda"))
     dense(torch.tensor([[1, 2, 3]], device="cuda"))  # transformers decompresses on the first forward
     for (name, width), rows in itertools.product(
         (("model.layers.0.self_attn.q_proj", 256), ("model.layers.1.mlp.down_proj", 512)), (1, 3, 8, 16)
@@ -55,15 +55,16 @@ def test_int4_layer_matches_dense_at_real_shapes(shape, group_size):
     unsigned = torch.randint(0, 16, shape, dtype=torch.int32)
     scale = torch.rand(out_features, in_features // group_size) * 0.02 + 0.001
     zero = torch.randn(out_features, in_features // group_size) * 0.01
-    layer = Int4Linear.from_unsigned(unsigned, scale, zero, group_size, None, torch.device("cuda"))
+    plain = Int4Linear.from_unsigned(unsigned, scale, zero, group_size, None, torch.device("cuda"))
+    packed = Int4Linear.from_unsigned(unsigned, scale, zero, group_size, None, torch.device("cuda")).pack()
     reference_weight = (
         (unsigned - 8) * scale.repeat_interleave(group_size, 1) + zero.repeat_interleave(group_size, 1)
     ).cuda()
-    for rows in (1, 2, 8):
+    for (form, layer), rows in itertools.product((("plain", plain), ("packed", packed)), (1, 2, 8, 2048)):
         x = torch.randn(rows, in_features, device="cuda", dtype=torch.bfloat16)
         reference = x.float() @ reference_weight.t()
         error = ((layer(x).float() - reference).norm() / reference.norm()).item()
-        assert error < 0.01, (rows, error)
+        assert error < 0.01, (form, rows, error)
 
 
 @pytest.mark.parametrize("group_size", [32, 128])
@@ -82,7 +83,7 @@ def test_concatenated_int4_layers_compute_each_part(group_size):
         )
         parts.append(
             Int4Linear.from_unsigned(unsigned, scale, zero, group_size, torch.randn(out_features), torch.device("cuda"))
-        )
+        )  # plain: concat packs them
     joined = Int4Linear.concat(parts, torch.cat([part.bias for part in parts]))
     x = torch.randn(3, 2048, device="cuda", dtype=torch.bfloat16)
     torch.testing.assert_close(joined(x), torch.cat([part(x) for part in parts], dim=-1), rtol=0.01, atol=0.01)

@@ -46,8 +46,16 @@ def test_int4_layers_match_the_dequantized_reference(artifacts, name):
     for layer_name, layer in layers.items():
         x = torch.randn(5, layer.in_features)
         reference = x @ dense.get_submodule(layer_name).weight.float().t()
-        error = ((layer(x).float() - reference).norm() / reference.norm()).item()
-        assert error < 0.01, (layer_name, error)  # bf16 activations and scales: ~0.2-0.4% expected
+        plain, size = layer(x).float(), buffer_bytes(layer)
+        packed_output = layer.pack()(x).float()
+        for form, output in (("plain", plain), ("packed", packed_output)):
+            error = ((output - reference).norm() / reference.norm()).item()
+            assert error < 0.01, (layer_name, form, error)  # bf16 activations and scales: ~0.2-0.4% expected
+        assert layer.is_packed and buffer_bytes(layer) == size  # both forms hold half a byte per weight
+
+
+def buffer_bytes(module: torch.nn.Module) -> int:
+    return sum(b.numel() * b.element_size() for b in module.buffers())
 
 
 def test_int4_refuses_a_scheme_its_kernels_do_not_cover(artifacts):
@@ -84,10 +92,10 @@ def test_fused_projections_give_the_same_logits_in_one_matmul_each(artifacts, ru
 
     from quantflow.evaluation.decode import weight_bytes
     from quantflow.evaluation.fuse import FusedProjections, fuse_projections
-    from quantflow.evaluation.int4 import Int4Linear, load_int4
+    from quantflow.evaluation.int4 import Int4Linear, load_int4, pack_all
 
     model = (
-        load_int4(artifacts / "asym", "cpu")
+        pack_all(load_int4(artifacts / "asym", "cpu"))  # fusion joins tinygemm's layout; the plain form is apart
         if runtime == "int4"
         else AutoModelForCausalLM.from_pretrained(artifacts.parent / "model")
     )
