@@ -87,6 +87,26 @@ def test_rerun_is_all_cache_hits(finished):
     assert all(s.cached for s in second), [s for s in second if not s.cached]
 
 
+def test_rerun_into_the_same_folder_keeps_the_published_weights_and_rewrites_the_card(finished):
+    """A re-run must not copy every artifact again (3.7 GB each at 7B); a changed or damaged copy is replaced."""
+    import os
+
+    spec, out = finished
+    weights = {name: out / name / "model.safetensors" for name in ("rtn", "gptq", "awq")}
+    inodes = {name: path.stat().st_ino for name, path in weights.items()}
+    (out / "rtn" / "README.md").write_text("stale")
+    keys = {s.variant: s.key for s in load_report(out / "report.json").steps if s.step == "quantize"}
+    assert pipeline.run(spec, progress=lambda _: None) == out
+    assert {name: path.stat().st_ino for name, path in weights.items()} == inodes  # not copied again
+    assert (out / "rtn" / "README.md").read_text().startswith("---")  # the model card is written anew
+    (out / "gptq" / "tokenizer.json").unlink()  # a damaged copy
+    os.utime(spec.output.cache_dir / "quantize" / keys["rtn"] / "model.safetensors")  # a cache entry written again
+    pipeline.run(spec, progress=lambda _: None)
+    changed = {name for name, path in weights.items() if path.stat().st_ino != inodes[name]}
+    assert changed == {"rtn", "gptq"} and (out / "gptq" / "tokenizer.json").is_file(), changed
+    assert not list(out.glob(".tmp-*")) and not list(out.glob(".old-*"))
+
+
 def test_changing_one_variant_reruns_only_that_branch(finished):
     spec, _ = finished
     changed = parse_spec(
