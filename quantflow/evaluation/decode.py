@@ -182,8 +182,9 @@ def benchmark(
     prompts for every model), with ``speed``'s warm-up and repeats.
 
     Int4 layers switch to tinygemm's packed layout first (``Int4Linear.pack``). On CUDA, ``fuse`` then joins q/k/v
-    and gate/up into one matmul each (``quantflow.evaluation.fuse``, in place, for dense and int4 models alike). ``reset_peak=False`` leaves the peak-memory counter alone, for callers
-    that report one peak for a whole evaluation.
+    and gate/up into one matmul each (``quantflow.evaluation.fuse``, in place, for dense and int4 models alike).
+    ``reset_peak=False`` leaves the peak-memory counter alone, for callers that report one peak for a whole
+    evaluation.
     """
     from transformers import StaticCache
 

@@ -65,7 +65,6 @@ class Int4Linear(nn.Module):
     ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        self.is_packed = packed
         self.register_buffer("packed" if packed else "nibbles", weight)
         self.register_buffer("scales_and_zeros", scales_and_zeros)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
@@ -100,8 +99,12 @@ class Int4Linear(nn.Module):
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.unsigned().to(torch.int32), tiles)
         del self.nibbles
         self.register_buffer("packed", packed)
-        self.is_packed = True
         return self
+
+    @property
+    def is_packed(self) -> bool:
+        """Which form the layer holds: the buffer it has says so."""
+        return "packed" in self._buffers
 
     def unsigned(self) -> torch.Tensor:
         """u in [0, 15] as [out, in] uint8 (plain form only)."""
