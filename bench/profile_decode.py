@@ -90,7 +90,8 @@ def run_variant(model, variant: str, batch: int, prompt_len: int, gen_len: int, 
             torch.compiler.cudagraph_mark_step_begin()
             token.copy_(compiled(token.clone(), torch.tensor([prompt_len + index], device="cuda")))
     else:  # the harness's own capture (quantflow.evaluation.decode), of the compiled or the eager step
-        decode = captured(step, prefill, token, position, prompt_len, mode if variant == "compile+graph" else None)
+        compiled = torch.compile(step, mode=mode, fullgraph=True) if variant == "compile+graph" else step
+        decode = captured(compiled, prefill, token, position, prompt_len)
 
     def once() -> float:
         prefill()

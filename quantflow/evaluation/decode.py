@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from quantflow.evaluation.fuse import FusedProjections, fuse_projections
 from quantflow.evaluation.int4 import pack_all
+from quantflow.evaluation.precompiled import default_folder, load_or_compile
 from quantflow.spec import SpeedSpec
 
 # Peak HBM bandwidth (bytes/s) by device name fragment; the floor is weights / bandwidth per step.
@@ -129,24 +130,15 @@ def compiled_layers(step: Callable, model: torch.nn.Module, cache, mode: str) ->
 
 
 def captured(
-    step: Callable,
-    prefill: Callable[[], None],
-    token: torch.Tensor,
-    position: torch.Tensor,
-    start: int,
-    mode: str | None,
-    regional: Callable | None = None,
+    compiled: Callable, prefill: Callable[[], None], token: torch.Tensor, position: torch.Tensor, start: int
 ) -> Callable[[int], None]:
-    """The decode step compiled by Inductor (fused kernels, no CUDA graphs of its own) and captured once into a CUDA
-    graph.
+    """The decode step ``compiled`` (by Inductor, without CUDA graphs of its own; or eager) warmed up and captured once
+    into a CUDA graph.
 
     Captured by hand rather than with ``mode="reduce-overhead"``: torch.compile's CUDA-graph trees
     check and copy every input on each call, about 0.4 ms per step on an H200, a fifth of a 1.1B
     bf16 step (bench/profile_decode.py). Here a step is one ``position`` fill, one replay and one copy.
-    ``mode=None`` captures the eager step (bench/profile_decode.py compares the two); ``regional`` is the step
-    with compiled layers (``compiled_layers``), used instead of compiling the whole step.
     """
-    compiled = regional or (torch.compile(step, mode=mode, fullgraph=True) if mode else step)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side), torch.no_grad():  # compile, autotune and warm up outside the capture
@@ -165,6 +157,34 @@ def captured(
         token.copy_(out)
 
     return replay
+
+
+def decode_logits(model: torch.nn.Module, cache, ids: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """The last position's logits of one step at positions ``at``: the function the harness compiles. Model and cache
+    are arguments, not closed over, so the compiled step can be saved and loaded by another process
+    (``quantflow.evaluation.precompiled``, which compares a loaded step's logits with these, eager)."""
+    position_ids = at.expand(ids.shape[0], -1)
+    return model(ids, past_key_values=cache, cache_position=at, position_ids=position_ids, use_cache=True).logits[:, -1]
+
+
+def greedy(logits_fn: Callable, model: torch.nn.Module, cache) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A step that returns the next tokens: ``logits_fn`` (eager or compiled) then argmax."""
+    return lambda ids, at: logits_fn(model, cache, ids, at).argmax(-1, keepdim=True)
+
+
+def compiled_step(
+    model: torch.nn.Module, cache, token: torch.Tensor, position: torch.Tensor, speed: SpeedSpec, reset: Callable
+):
+    """The decode step compiled as ``speed`` asks, and a label of how: one compiled layer reused (``layers``), or the
+    whole step, loaded when an earlier process of the same shape family saved it. ``reset`` refills the cache from the
+    prompt: the cache counts the tokens written to it, so a step is compared with the eager one from the same state."""
+    if speed.compile_scope == "layers":
+        regional = compiled_layers(greedy(decode_logits, model, cache), model, cache, speed.compile_mode)
+        if regional is not None:
+            return regional, "one decoder layer, reused"
+    args = (model, cache, token, position)
+    whole, how = load_or_compile(decode_logits, args, speed.compile_mode, default_folder(), reset)
+    return greedy(whole, model, cache), f"whole step, {how}"
 
 
 def benchmark(
@@ -199,11 +219,7 @@ def benchmark(
     token = torch.zeros(batch, 1, dtype=torch.long, device=device)
     position = torch.zeros(1, dtype=torch.long, device=device)
 
-    def step(ids: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
-        logits = model(
-            ids, past_key_values=cache, cache_position=at, position_ids=at.expand(batch, -1), use_cache=True
-        ).logits
-        return logits[:, -1].argmax(-1, keepdim=True)
+    step = greedy(decode_logits, model, cache)
 
     def eager(index: int) -> None:
         position.fill_(prompt_len + index)
@@ -212,6 +228,10 @@ def benchmark(
     def prefill() -> None:
         cache.reset()
         token.copy_(step(prompt, torch.arange(prompt_len, device=device)))
+
+    def restart() -> None:  # the state before the first decode step
+        prefill()
+        position.fill_(prompt_len)
 
     @torch.no_grad()
     def once() -> tuple[float, float]:
@@ -235,12 +255,11 @@ def benchmark(
             with torch.no_grad():
                 prefill()  # allocates the cache's buffers, which the graph then uses by address
             start = time.perf_counter()
-            by_layer = speed.compile_scope == "layers"
-            regional = compiled_layers(step, model, cache, speed.compile_mode) if by_layer else None
-            decode = captured(step, prefill, token, position, prompt_len, speed.compile_mode, regional)
+            with torch.no_grad():  # the whole step is traced here, ahead of its first call
+                compiled, scope = compiled_step(model, cache, token, position, speed, restart)
+            decode = captured(compiled, prefill, token, position, prompt_len)
             compile_seconds = time.perf_counter() - start
             fusion = ", fused q/k/v and gate/up" if fused else ""
-            scope = "one decoder layer, reused" if regional else "whole step"
             harness = f"static cache{fusion}, torch.compile ({speed.compile_mode}, {scope}) + CUDA graph"
         # a model whose step cannot be compiled or captured is still measured, labelled eager
         except Exception as error:
