@@ -19,6 +19,7 @@ from prefect.settings import (
     PREFECT_HOME,
     PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
     PREFECT_UI_URL,
+    temporary_settings,
 )
 
 from flows.quantize import quantflow_run
@@ -44,27 +45,34 @@ def quiet_user_errors() -> None:
             handler.addFilter(_no_user_error_traceback)
 
 
+def _startup_wait() -> dict:
+    """Prefect waits 20 s for its temporary server by default; a busy 2-core machine was seen to need longer (the wait
+    is a bound, not a delay). Set through Prefect's settings context: Prefect reads the environment once, at import,
+    so setting the variable here would not reach it. A user's own value wins."""
+    if "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in os.environ:
+        return {}
+    return {PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: STARTUP_WAIT_S}
+
+
 def run_flow(spec: RunSpec) -> tuple[Path, str]:
     """Run the flow; return the output folder and a few lines naming the run, its UI URL and artifacts."""
     # The temporary server inherits this environment. Its telemetry heartbeat cannot reach the internet
     # from an offline machine, and it raced the server's first writes on SQLite ("database is locked"
     # traceback in the demo's output), so it is off, as `quantflow serve` starts its server with --analytics-off.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # Prefect waits 20 s for it by default; a busy 2-core machine was seen to need longer (the wait is a bound, not a
-    # delay)
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(STARTUP_WAIT_S))
     quiet_user_errors()
-    try:
-        state = quantflow_run(spec, return_state=True)
-    except RuntimeError as error:
-        if "ephemeral Prefect API" not in str(error):
-            raise
-        raise QuantflowError(
-            "the temporary Prefect server did not answer within "
-            f"{PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()} s (a busy machine?)",
-            "start a server once with `quantflow serve` (or point PREFECT_API_URL at one) and run again, raise "
-            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or use --engine local",
-        ) from None
+    with temporary_settings(updates=_startup_wait()):
+        waited = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+        try:
+            state = quantflow_run(spec, return_state=True)
+        except RuntimeError as error:
+            if "ephemeral Prefect API" not in str(error):
+                raise
+            raise QuantflowError(
+                f"the temporary Prefect server did not answer within {waited} s (a busy machine?)",
+                "start a server once with `quantflow serve` (or point PREFECT_API_URL at one) and run again, raise "
+                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or use --engine local",
+            ) from None
     out = Path(state.result())  # re-raises the flow's error (a QuantflowError reaches the CLI intact)
     run_id = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:

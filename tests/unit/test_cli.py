@@ -120,3 +120,26 @@ def test_a_temporary_prefect_server_that_does_not_answer_is_one_clear_error(tiny
     )
     assert "Traceback" not in result.stdout + result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_temporary_server_gets_quantflows_longer_startup_wait_when_the_user_sets_none(monkeypatch):
+    """Prefect reads its environment once, at import: the wait must reach it through its settings context (setting
+    the variable at run time left Prefect's 20 s, seen failing a loaded CI machine). The flow is replaced by one that
+    fails as a server that never answered does, so only the wait Prefect would use is under test."""
+    import pytest
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+    import flows.run
+    from quantflow.errors import QuantflowError
+
+    seen = []
+
+    def unanswered(spec, return_state):
+        seen.append(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+        raise RuntimeError("Timed out while attempting to connect to ephemeral Prefect API server.")
+
+    monkeypatch.delenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", raising=False)
+    monkeypatch.setattr(flows.run, "quantflow_run", unanswered)
+    with pytest.raises(QuantflowError, match=f"did not answer within {flows.run.STARTUP_WAIT_S} s"):
+        flows.run.run_flow(None)
+    assert seen == [flows.run.STARTUP_WAIT_S]
