@@ -217,6 +217,14 @@ class FP8Variant(_Strict):
     name: str = Field("", pattern=r"^$|" + NAME_PATTERN, description="Variant name; defaults to the method.")
     method: Literal["fp8"] = "fp8"
     ignore: list[str] = Field(["lm_head"], description="Layers left in full precision (names or 're:' patterns).")
+    algorithm: Literal["rtn", "gptq"] = Field(
+        "rtn",
+        description="How the weights are rounded to e4m3: 'rtn' (min-max scales, no calibration data) or 'gptq' "
+        "(GPTQ on the calibration set, the same stored scheme; on SmolLM2-135M +0.40% perplexity against rtn's "
+        "+2.56%).",
+    )
+    dampening_frac: float = Field(0.01, gt=0, lt=1, description="GPTQ Hessian dampening (algorithm 'gptq').")
+    block_size: int = Field(128, ge=1, description="Columns quantized per GPTQ block (algorithm 'gptq').")
 
 
 class Int8Variant(_Strict):

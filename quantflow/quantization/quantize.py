@@ -202,7 +202,8 @@ def scheme_label(variant: WeightVariant, group_size: int | None, precision: dict
             f"{grouping}, {counts['w8']} W8A16 int per-channel, {counts['bf16']} kept in bf16"
         )
     if isinstance(variant, FP8Variant):
-        return "W8A8 FP8 e4m3 (per-channel weights, dynamic per-token activations)"
+        rounding = ", GPTQ-rounded" if variant.algorithm == "gptq" else ""
+        return f"W8A8 FP8 e4m3 (per-channel weights{rounding}, dynamic per-token activations)"
     if isinstance(variant, Int8Variant):
         return "W8A8 INT8 (per-channel weights, dynamic per-token activations)"
     grouping = f"group {group_size}" if group_size else "per-channel"
@@ -214,16 +215,16 @@ def recipe_for(variant: WeightVariant, group_size: int | None, scale_dtype: str 
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
     groups = {"group_0": scheme_for(variant, group_size, scale_dtype)}
+    gptq_settings = {"config_groups": groups, "ignore": variant.ignore}
+    if isinstance(variant, FP8Variant | Int8Variant | GPTQVariant):
+        gptq_settings.update(block_size=variant.block_size, dampening_frac=variant.dampening_frac)
+    if isinstance(variant, FP8Variant) and variant.algorithm == "gptq":
+        return [GPTQModifier(**gptq_settings)]
     if isinstance(variant, Int8Variant):
         from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
 
-        gptq = GPTQModifier(
-            config_groups=groups,
-            ignore=variant.ignore,
-            block_size=variant.block_size,
-            dampening_frac=variant.dampening_frac,
-        )
-        return [SmoothQuantModifier(smoothing_strength=variant.smoothing_strength), gptq]
+        smoothing = SmoothQuantModifier(smoothing_strength=variant.smoothing_strength)
+        return [smoothing, GPTQModifier(**gptq_settings)]
     if isinstance(variant, AutoRoundVariant):
         from llmcompressor.modifiers.autoround import AutoRoundModifier
 
@@ -238,13 +239,7 @@ def recipe_for(variant: WeightVariant, group_size: int | None, scale_dtype: str 
             )
         ]
     if isinstance(variant, GPTQVariant):  # plain GPTQ, or AWQ smoothing first
-        gptq = GPTQModifier(
-            config_groups=groups,
-            ignore=variant.ignore,
-            block_size=variant.block_size,
-            dampening_frac=variant.dampening_frac,
-            actorder=variant.actorder,
-        )
+        gptq = GPTQModifier(**gptq_settings, actorder=variant.actorder)
         return [awq_modifier(variant), gptq] if isinstance(variant, AWQGPTQVariant) else [gptq]
     quantizer = QuantizationModifier(config_groups=groups, ignore=variant.ignore)
     return [awq_modifier(variant), quantizer] if isinstance(variant, AWQVariant) else [quantizer]
@@ -462,10 +457,10 @@ def smoothing(variant: WeightVariant, mappings: list[dict], quantized: list[str]
 
 
 def needs_calibration(variant: WeightVariant) -> bool:
-    """Every method reads calibration data but FP8 (dynamic activations, min-max weights) and RTN, which reads it
-    only for the activation-weighted observer."""
+    """Every method reads calibration data but FP8 with min-max weights (its activations are scaled at run time) and
+    RTN, which reads it only for the activation-weighted observer."""
     if isinstance(variant, FP8Variant):
-        return False
+        return variant.algorithm == "gptq"
     return not isinstance(variant, RTNVariant) or variant.observer == "imatrix_mse"
 
 

@@ -3,6 +3,7 @@ the FP8 runtime against the dequantized reference; the plan-time refusals."""
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from quantflow import pipeline
 from quantflow.errors import QuantflowError
@@ -12,6 +13,7 @@ from tests.conftest import make_model, read_json, small_spec
 
 VARIANTS = [
     {"method": "fp8"},
+    {"method": "fp8", "algorithm": "gptq", "name": "fp8-gptq"},
     {"method": "int8"},
     {"method": "gptq", "bits": 8, "group_size": None, "name": "gptq-w8"},
     {"method": "awq-gptq", "group_size": 32, "n_grid": 4},
@@ -46,6 +48,16 @@ def test_each_recipe_writes_its_compressed_tensors_scheme(finished):
         "int",
     )
     assert w8["weights"]["num_bits"] == 8 and w8["input_activations"] is None  # W8A16
+    fp8_gptq = scheme(finished / "fp8-gptq")  # GPTQ changes the rounding and records its column order, no more
+    assert fp8_gptq["weights"].pop("actorder") == "static" and fp8["weights"].pop("actorder") is None
+    assert fp8_gptq == fp8
+    assert "GPTQModifier" in (finished / "fp8-gptq" / "recipe.yaml").read_text()
+    rtn_weight, gptq_weight = (
+        safe_open(finished / name / "model.safetensors", "pt").get_tensor("model.layers.1.mlp.down_proj.weight")
+        for name in ("fp8", "fp8-gptq")
+    )
+    assert rtn_weight.dtype == gptq_weight.dtype == torch.float8_e4m3fn
+    assert (rtn_weight.view(torch.uint8) != gptq_weight.view(torch.uint8)).float().mean() > 0.05
     for name in ("awq-gptq", "autoround"):
         weights = scheme(finished / name)["weights"]
         assert (weights["num_bits"], weights["group_size"]) == (4, 32)
@@ -58,7 +70,8 @@ def test_each_recipe_writes_its_compressed_tensors_scheme(finished):
 def test_report_rows_name_the_scheme_bits_and_smoothing(finished):
     report = load_report(finished / "report.json")
     rows = {r.name: r for r in report.rows}
-    assert set(rows) == {"baseline", "fp8", "int8", "gptq-w8", "awq-gptq", "autoround"}
+    assert set(rows) == {"baseline", "fp8", "fp8-gptq", "int8", "gptq-w8", "awq-gptq", "autoround"}
+    assert "GPTQ-rounded" in rows["fp8-gptq"].scheme and "GPTQ-rounded" not in rows["fp8"].scheme
     # per-channel 8-bit: 8 bits plus one 16-bit scale per output row, 512 rows per block's 36,864 weights;
     # W4 g32 asym: 4 + 16/32 + 4/32
     assert rows["fp8"].effective_bits == rows["int8"].effective_bits == rows["gptq-w8"].effective_bits == 8.222
