@@ -5,11 +5,14 @@ which dequantizes the weight and fake-quantizes each activation in bf16: the qua
 model's, the speed and memory are not. Here every quantized Linear keeps its e4m3 weight and
 per-output-channel scale; each call scales the activations per token to e4m3 (as vLLM's dynamic
 FP8 does) and calls PyTorch's ``_scaled_mm`` with row-wise scales, which runs on the FP8 tensor
-cores of Ada and Hopper GPUs (compute capability 8.9+). Nothing else needs installing.
+cores of Ada and Hopper GPUs (compute capability 8.9+). A one-row product (batch-1 decode) runs instead on
+``quantflow.evaluation.fp8_gemv``, the same maths streamed through a Triton kernel, since cuBLASLt's FP8 GEMM reads
+the weight at a third of the card's bandwidth there. Nothing else needs installing.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -18,9 +21,11 @@ from torch import nn
 
 from quantflow.errors import QuantflowError
 
+GEMV_ROWS = 1  # batch-1 decode runs on quantflow.evaluation.fp8_gemv; from 2 rows _scaled_mm was as fast or faster
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max
 MIN_CAPABILITY = (8, 9)
+_HAS_TRITON = importlib.util.find_spec("triton") is not None  # CUDA builds of torch ship it; CPU builds do not
 
 
 def fp8_matmuls_missing(device: str) -> str | None:
@@ -58,6 +63,12 @@ class FP8Linear(nn.Module):
         flat = x.reshape(-1, self.in_features)
         scale = flat.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
         quantized = (flat.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+        if flat.shape[0] <= GEMV_ROWS and flat.is_cuda and _HAS_TRITON:
+            from quantflow.evaluation.fp8_gemv import fp8_gemv
+
+            y = fp8_gemv(quantized, scale, self.weight, self.scale).to(torch.bfloat16)
+            y = y + self.bias if self.bias is not None else y
+            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         y = torch._scaled_mm(
             quantized, self.weight.t(), scale_a=scale, scale_b=self.scale, bias=self.bias, out_dtype=torch.bfloat16
         )

@@ -73,7 +73,8 @@ def on_kernels(path: str, kernels: str, device: str):
         return model, runtime_label(model)
     if use_fp8(path, kernels, device):
         try:
-            return load_fp8(path, device), "FP8 matmuls (_scaled_mm, e4m3, per-token activation scales)"
+            label = "FP8 matmuls (_scaled_mm, batch 1 on a Triton GEMV; e4m3, per-token activation scales)"
+            return load_fp8(path, device), label
         except QuantflowError as error:
             if kernels == "fp8":  # asked for by name: no silent substitute
                 raise

@@ -1,5 +1,7 @@
 """FP8 matmuls on the GPU: the runtime picks them on cards that have them and matches the reference maths."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -27,12 +29,20 @@ def test_cuda_fp8_layers_match_the_reference_and_the_runtime_picks_them(tmp_path
         str(model), FP8Variant(name="fp8"), Scheme(group_size=None), None, Resources(device="cuda"), out, out
     )
     fp8 = load_fp8(out, "cuda")
-    for name, layer in ((n, m) for n, m in fp8.named_modules() if isinstance(m, FP8Linear)):
-        x = torch.randn(3, layer.in_features, dtype=torch.bfloat16, device="cuda")
+    layers = [(n, m) for n, m in fp8.named_modules() if isinstance(m, FP8Linear)]
+    for (name, layer), rows in itertools.product(layers, (1, 3)):  # 1 on fp8_gemv, 3 on _scaled_mm
+        x = torch.randn(rows, layer.in_features, dtype=torch.bfloat16, device="cuda")
         scale = x.float().abs().amax(-1, keepdim=True) / E4M3_MAX
         weight = layer.weight.float() * layer.scale.t()
         expected = ((x.float() / scale).to(E4M3).float() * scale) @ weight.t()
         error = ((layer(x).float() - expected).norm() / expected.norm()).item()
-        assert error < 0.01, (name, error)
+        assert error < 0.01, (name, rows, error)
+    name, layer = layers[0]
+    for rows in (1, 8):  # as the decode harness runs them: compiled, in a CUDA graph
+        torch.compiler.reset()
+        x = torch.randn(rows, layer.in_features, dtype=torch.bfloat16, device="cuda")
+        compiled = torch.compile(layer, fullgraph=True, mode="reduce-overhead")
+        eager, graphed = layer(x).float(), [compiled(x).float() for _ in range(3)][-1]
+        assert ((graphed - eager).norm() / eager.norm()).item() < 1e-3, (name, rows)
     loaded, _, _, runtime = load_on_runtime(Subject(name="fp8", model_path=str(out)), "auto", Resources(device="cuda"))
     assert "FP8 matmuls" in runtime and isinstance(loaded.model.layers[0].mlp.up_proj, FP8Linear)

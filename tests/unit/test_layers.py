@@ -34,7 +34,10 @@ def test_importing_the_whole_core_loads_no_prefect():
     """Stronger than the source scan: no module of the core pulls Prefect in through a dependency either."""
     code = (
         "import importlib, pkgutil, sys, quantflow\n"
-        "for m in pkgutil.walk_packages(quantflow.__path__, 'quantflow.'): importlib.import_module(m.name)\n"
+        "for m in pkgutil.walk_packages(quantflow.__path__, 'quantflow.'):\n"
+        "    try: importlib.import_module(m.name)\n"
+        "    except ModuleNotFoundError as e:\n"  # the FP8 kernel module needs Triton, which CPU torch lacks
+        "        if e.name != 'triton': raise\n"
         "print(sorted(n for n in sys.modules if n.split('.')[0] in ('prefect', 'tasks', 'flows', 'deployments')))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
