@@ -95,13 +95,25 @@ class RTNVariant(_WeightOnly):
     method: Literal["rtn"] = "rtn"
 
 
-class GPTQVariant(_WeightOnly):
-    method: Literal["gptq"] = "gptq"
-    dampening_frac: float = Field(0.01, gt=0, lt=1, description="Hessian dampening as a fraction of its mean diagonal.")
+class _GPTQSettings(_Strict):
+    """GPTQ's settings, shared by every recipe that rounds with GPTQ (W4/W8, mixed, FP8's 'gptq', INT8)."""
+
+    dampening_frac: float = Field(
+        0.01, gt=0, lt=1, description="GPTQ Hessian dampening as a fraction of its mean diagonal."
+    )
+    block_size: int = Field(128, ge=1, description="Columns quantized per GPTQ block.")
+
+
+class _GPTQOrdered(_GPTQSettings):
+    """GPTQ with a choice of column order: the integer weight-only recipes (FP8 and INT8 keep llm-compressor's)."""
+
     actorder: Literal["static", "group", "weight"] | None = Field(
         "static", description="Activation ordering of columns; null disables it."
     )
-    block_size: int = Field(128, ge=1, description="Columns quantized per GPTQ block.")
+
+
+class GPTQVariant(_GPTQOrdered, _WeightOnly):
+    method: Literal["gptq"] = "gptq"
 
 
 def check_awq_grid(n_grid: int, duo_scaling: bool | str) -> None:
@@ -173,7 +185,7 @@ class AutoRoundVariant(_WeightOnly):
 MenuOption = Literal["w4", "w8", "bf16"]
 
 
-class MixedVariant(_AWQSearch, _WeightOnly):
+class MixedVariant(_AWQSearch, _GPTQOrdered, _WeightOnly):
     """Per-layer precision chosen by measured sensitivity to fit an effective-bits budget (quantflow's allocation),
     then one llm-compressor pass whose config groups target the layers by name: standard compressed-tensors."""
 
@@ -197,9 +209,6 @@ class MixedVariant(_AWQSearch, _WeightOnly):
         "each layer group quantized alone (the reference, one forward pass per group and option).",
     )
     sensitivity_tokens: int = Field(4096, ge=16, description="Calibration tokens the sensitivity is measured on.")
-    dampening_frac: float = Field(0.01, gt=0, lt=1, description="GPTQ Hessian dampening.")
-    actorder: Literal["static", "group", "weight"] | None = Field("static", description="GPTQ activation ordering.")
-    block_size: int = Field(128, ge=1, description="Columns quantized per GPTQ block.")
 
     @field_validator("options")
     @classmethod
@@ -209,36 +218,35 @@ class MixedVariant(_AWQSearch, _WeightOnly):
         return options
 
 
-class FP8Variant(_Strict):
+class _W8A8(_Strict):
+    """Shared options of the W8A8 schemes (FP8, INT8): every quantized Linear gets the one scheme."""
+
+    name: str = Field("", pattern=r"^$|" + NAME_PATTERN, description="Variant name; defaults to the method.")
+    ignore: list[str] = Field(["lm_head"], description="Layers left in full precision (names or 're:' patterns).")
+
+
+class FP8Variant(_GPTQSettings, _W8A8):
     """W8A8 FP8 (e4m3): per-output-channel weight scales, activations scaled per token at run time.
 
     Needs no calibration data; vLLM serves it on FP8 matmuls (compute capability 8.9+: Ada, Hopper)."""
 
-    name: str = Field("", pattern=r"^$|" + NAME_PATTERN, description="Variant name; defaults to the method.")
     method: Literal["fp8"] = "fp8"
-    ignore: list[str] = Field(["lm_head"], description="Layers left in full precision (names or 're:' patterns).")
     algorithm: Literal["rtn", "gptq"] = Field(
         "rtn",
         description="How the weights are rounded to e4m3: 'rtn' (min-max scales, no calibration data) or 'gptq' "
         "(GPTQ on the calibration set, the same stored scheme; on SmolLM2-135M +0.40% perplexity against rtn's "
-        "+2.56%).",
+        "+2.56%); the GPTQ settings apply to 'gptq' only.",
     )
-    dampening_frac: float = Field(0.01, gt=0, lt=1, description="GPTQ Hessian dampening (algorithm 'gptq').")
-    block_size: int = Field(128, ge=1, description="Columns quantized per GPTQ block (algorithm 'gptq').")
 
 
-class Int8Variant(_Strict):
+class Int8Variant(_GPTQSettings, _W8A8):
     """W8A8 INT8: SmoothQuant moves activation outliers into the weights, then GPTQ rounds the weights to int8
     per output channel; activations are quantized per token at run time."""
 
-    name: str = Field("", pattern=r"^$|" + NAME_PATTERN, description="Variant name; defaults to the method.")
     method: Literal["int8"] = "int8"
-    ignore: list[str] = Field(["lm_head"], description="Layers left in full precision (names or 're:' patterns).")
     smoothing_strength: float = Field(
         0.8, gt=0, lt=1, description="SmoothQuant's alpha: how much of the activations' range moves into the weights."
     )
-    dampening_frac: float = Field(0.01, gt=0, lt=1, description="GPTQ Hessian dampening.")
-    block_size: int = Field(128, ge=1, description="Columns quantized per GPTQ block.")
 
 
 class BnbVariant(_Strict):
