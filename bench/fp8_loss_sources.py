@@ -19,7 +19,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-E4M3, E4M3_MAX = torch.float8_e4m3fn, 448.0
+from quantflow.evaluation.fp8 import E4M3, E4M3_MAX  # noqa: E402
 
 
 def rows_minmax(weight: torch.Tensor, clip: float = 1.0) -> torch.Tensor:
@@ -28,7 +28,7 @@ def rows_minmax(weight: torch.Tensor, clip: float = 1.0) -> torch.Tensor:
 
 
 def rows_mse(weight: torch.Tensor) -> torch.Tensor:
-    best, error = rows_minmax(weight), None
+    best = rows_minmax(weight)
     error = ((best - weight) ** 2).sum(1, keepdim=True)
     for clip in (1.0 - 0.02 * i for i in range(1, 15)):
         candidate = rows_minmax(weight, clip)
