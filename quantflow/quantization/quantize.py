@@ -349,6 +349,13 @@ def equal_length_batches(lengths: list[int], batch_size: int) -> list[list[int]]
     ]
 
 
+def calibration_batch(variant: WeightVariant, resources: Resources) -> int:
+    """Samples per calibration forward pass. AutoRound's gets one: llm-compressor hands AutoRound each captured
+    layer input to batch itself (``batch_size``), and auto-round 0.15 exits the process on a capture that is already
+    wider than its batch, as the GPU's default batch of 16 is."""
+    return 1 if isinstance(variant, AutoRoundVariant) else resources.calibration_batch
+
+
 def calibration_data(record: CalibrationRecord, batch_size: int) -> dict:
     """oneshot's calibration arguments: the samples one at a time, or as a loader of equal-length batches."""
     if batch_size == 1:
@@ -399,7 +406,7 @@ def quantize_weights(
         recipe = mixed_recipe(variant, precision, scheme.group_size, dtype)
     else:
         recipe = recipe_for(variant, scheme.group_size, dtype)
-    data = calibration_data(calibration, resources.calibration_batch) if needs_calibration(variant) else {}
+    data = calibration_data(calibration, calibration_batch(variant, resources)) if needs_calibration(variant) else {}
     cap_gpu_memory(budget)
     if resources.device == "cuda":
         torch.cuda.init()  # creating the CUDA context is process start-up, not quantization time

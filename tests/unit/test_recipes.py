@@ -167,3 +167,15 @@ def test_plan_refuses_what_the_machine_or_model_cannot_run(tmp_path):
 
         variant_for("fp9")
     assert not (tmp_path / "out").exists()
+
+
+def test_autoround_calibrates_when_the_calibration_batch_is_larger_than_its_own(tmp_path):
+    """On a GPU the calibration batch defaults to 16, above AutoRound's 8; AutoRound batches the captured samples
+    itself and exits the process when a captured input is already a batch wider than its own."""
+    model = make_model(tmp_path / "model")
+    variants = [{"method": "autoround", "group_size": 32, "iters": 2, "batch_size": 2}]
+    raw = small_spec(model, tmp_path / "out", tmp_path / "cache", variants)
+    raw["calibration_batch_size"] = 8
+    raw["evaluation"]["speed"]["batch_sizes"] = [1]
+    rows = {r.name: r for r in load_report(pipeline.run(parse_spec(raw), progress=lambda _: None) / "report.json").rows}
+    assert rows["autoround"].kl_mean > 0 and rows["autoround"].effective_bits == 4.5
