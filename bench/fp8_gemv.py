@@ -37,6 +37,19 @@ def time_per_layer(call, weights: list) -> float:
     return do_bench_cudagraph(lambda: [call(w) for w in weights], rep=30) * 1e3 / len(weights)
 
 
+def add_bandwidth(row: dict, peak: float) -> None:
+    """Each ``*_us`` time of ``row`` as a fraction of the card's bandwidth (bf16 reads two bytes a weight), rounded."""
+    for key in [k for k in row if k.endswith("_us")]:
+        size = row["out"] * row["in"] * (2 if key == "bf16_us" else 1)
+        row[key.replace("_us", "_bandwidth_fraction")] = round(size / row[key] / 1e-6 / peak, 3)
+        row[key] = round(row[key], 2)
+
+
+def write(out: Path | None, results: list[dict]) -> None:
+    if out:
+        out.write_text(json.dumps({"card": torch.cuda.get_device_name(), "rows": results}, indent=1))
+
+
 def main() -> None:
     from quantflow.evaluation.decode import bandwidth
     from quantflow.evaluation.fp8 import E4M3, E4M3_MAX
@@ -82,14 +95,10 @@ def main() -> None:
                     best = (us, config)
             if best:  # the grid is searched at one row, decode's batch 1
                 row["best_us"], row["best_config"] = best[0], best[1].__dict__
-            for key in [k for k in ("bf16_us", "scaled_mm_us", "gemv_us", "best_us") if k in row]:
-                size = out_features * in_features * (2 if key == "bf16_us" else 1)
-                row[key.replace("_us", "_bandwidth_fraction")] = round(size / row[key] / 1e-6 / peak, 3)
-                row[key] = round(row[key], 2)
+            add_bandwidth(row, peak)
             results.append(row)
             print(json.dumps(row), flush=True)
-    if args.out:
-        args.out.write_text(json.dumps({"card": torch.cuda.get_device_name(), "rows": results}, indent=1))
+    write(args.out, results)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from bench.fp8_gemv import copies_for, time_per_layer  # noqa: E402
+from bench.fp8_gemv import add_bandwidth, copies_for, time_per_layer, write  # noqa: E402
 from bench.gemv import SHAPES  # noqa: E402
 
 GRID = {"block_n": (32, 64, 128), "block_k": (128, 256), "stages": (3, 5), "split_k": (1, 2, 4)}
@@ -104,15 +104,10 @@ def main() -> None:
             if best is None or us < best[0]:
                 best = (us, config)
         row["dot_us"], row["dot_config"] = best
-        for key in ("gemv_us", "dot_us"):
-            row[key.replace("_us", "_bandwidth_fraction")] = round(
-                out_features * in_features / row[key] / 1e-6 / peak, 3
-            )
-            row[key] = round(row[key], 2)
+        add_bandwidth(row, peak)
         results.append(row)
         print(json.dumps(row), flush=True)
-    if args.out:
-        args.out.write_text(json.dumps({"card": torch.cuda.get_device_name(), "rows": results}, indent=1))
+    write(args.out, results)
 
 
 if __name__ == "__main__":
