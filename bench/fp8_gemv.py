@@ -37,6 +37,29 @@ def time_per_layer(call, weights: list) -> float:
     return do_bench_cudagraph(lambda: [call(w) for w in weights], rep=30) * 1e3 / len(weights)
 
 
+def layer_copies(out_features: int, in_features: int) -> tuple[list, list, torch.Tensor]:
+    """Copies of one random Linear, enough to pass 4x the L2 cache: dense fp32, e4m3 scaled per output channel,
+    and the first copy's scales as [1, out] (every copy is timed with them)."""
+    from quantflow.evaluation.fp8 import E4M3, E4M3_MAX
+
+    dense = [
+        torch.randn(out_features, in_features, device="cuda") * 0.02
+        for _ in range(copies_for(out_features * in_features))
+    ]
+    scales = [w.abs().amax(1, keepdim=True) / E4M3_MAX for w in dense]
+    fp8 = [(w / s).to(E4M3) for w, s in zip(dense, scales, strict=True)]
+    return dense, fp8, scales[0].reshape(1, -1).contiguous()
+
+
+def activation(rows: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A random bf16 activation, its per-row fp32 scales and its e4m3 values, as the FP8 runtime scales it."""
+    from quantflow.evaluation.fp8 import E4M3, E4M3_MAX
+
+    x = torch.randn(rows, in_features, device="cuda", dtype=torch.bfloat16)
+    x_scale = x.float().abs().amax(-1, keepdim=True) / E4M3_MAX
+    return x, x_scale, (x.float() / x_scale).to(E4M3)
+
+
 def add_bandwidth(row: dict, peak: float) -> None:
     """Each ``*_us`` time of ``row`` as a fraction of the card's bandwidth (bf16 reads two bytes a weight), rounded."""
     for key in [k for k in row if k.endswith("_us")]:
@@ -52,7 +75,6 @@ def write(out: Path | None, results: list[dict]) -> None:
 
 def main() -> None:
     from quantflow.evaluation.decode import bandwidth
-    from quantflow.evaluation.fp8 import E4M3, E4M3_MAX
     from quantflow.evaluation.fp8_gemv import GemvConfig, gemv_config, launch
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -63,19 +85,13 @@ def main() -> None:
     peak, results = bandwidth(), []
     layers = sorted({layer for shape in args.shapes.split(",") for layer in SHAPES[shape]})
     for out_features, in_features in layers:
-        n = copies_for(out_features * in_features)
-        dense = [torch.randn(out_features, in_features, device="cuda") * 0.02 for _ in range(n)]
-        scales = [w.abs().amax(1, keepdim=True) / E4M3_MAX for w in dense]
-        fp8 = [(w / s).to(E4M3) for w, s in zip(dense, scales, strict=True)]
-        w_scale = scales[0].reshape(1, -1).contiguous()
+        dense, fp8, w_scale = layer_copies(out_features, in_features)
         bf16 = [w.to(torch.bfloat16) for w in dense]
         del dense
         for rows in (int(r) for r in args.rows.split(",")):
-            x = torch.randn(rows, in_features, device="cuda", dtype=torch.bfloat16)
-            x_scale = x.float().abs().amax(-1, keepdim=True) / E4M3_MAX
-            xq = (x.float() / x_scale).to(E4M3)
+            x, x_scale, xq = activation(rows, in_features)
             reference = (xq.float() * x_scale) @ (fp8[0].float() * w_scale.t()).t()
-            row = {"out": out_features, "in": in_features, "rows": rows, "copies": n}
+            row = {"out": out_features, "in": in_features, "rows": rows, "copies": len(fp8)}
             row["bf16_us"] = time_per_layer(lambda w: x @ w.t(), bf16)
             row["scaled_mm_us"] = time_per_layer(
                 lambda w: torch._scaled_mm(xq, w.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=torch.bfloat16), fp8

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from bench.fp8_gemv import add_bandwidth, copies_for, time_per_layer, write  # noqa: E402
+from bench.fp8_gemv import activation, add_bandwidth, layer_copies, time_per_layer, write  # noqa: E402
 from bench.gemv import SHAPES  # noqa: E402
 
 GRID = {"block_n": (32, 64, 128), "block_k": (128, 256), "stages": (3, 5), "split_k": (1, 2, 4)}
@@ -72,7 +72,6 @@ def dot_gemv(x, x_scale, weight, weight_scale, block_n: int, block_k: int, stage
 
 def main() -> None:
     from quantflow.evaluation.decode import bandwidth
-    from quantflow.evaluation.fp8 import E4M3, E4M3_MAX
     from quantflow.evaluation.fp8_gemv import fp8_gemv
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -82,15 +81,10 @@ def main() -> None:
     peak, results = bandwidth(), []
     layers = sorted({layer for shape in args.shapes.split(",") for layer in SHAPES[shape]})
     for out_features, in_features in layers:
-        n = copies_for(out_features * in_features)
-        dense = [torch.randn(out_features, in_features, device="cuda") * 0.02 for _ in range(n)]
-        w_scale = (dense[0].abs().amax(1, keepdim=True) / E4M3_MAX).t().contiguous()  # [1, out]
-        fp8 = [(w / w_scale.t()).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3) for w in dense]  # one scale: times only
-        x = torch.randn(1, in_features, device="cuda")
-        x_scale = x.abs().amax(-1, keepdim=True) / E4M3_MAX
-        xq = (x / x_scale).to(E4M3)
+        _, fp8, w_scale = layer_copies(out_features, in_features)
+        _, x_scale, xq = activation(1, in_features)
         reference = (xq.float() * x_scale) @ (fp8[0].float() * w_scale.t()).t()
-        row = {"out": out_features, "in": in_features, "copies": n}
+        row = {"out": out_features, "in": in_features, "copies": len(fp8)}
         row["gemv_us"] = time_per_layer(lambda w: fp8_gemv(xq, x_scale, w, w_scale), fp8)
         best = None
         for values in itertools.product(*GRID.values()):
