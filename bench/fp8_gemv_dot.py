@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 from bench.fp8_gemv import activation, add_bandwidth, layer_copies, time_per_layer, write  # noqa: E402
 from bench.gemv import SHAPES  # noqa: E402
 
-GRID = {"block_n": (32, 64, 128), "block_k": (128, 256), "stages": (3, 5), "split_k": (1, 2, 4)}
+GRID = {"block_n": (16, 32, 64), "block_k": (256, 512), "stages": (3, 4, 6), "split_k": (1, 2), "warps": (4, 8)}
 BLOCK_M = 16  # the smallest tile tl.dot takes; row 0 is the activation, the rest zeros
 
 
@@ -56,7 +56,7 @@ def _fp8_dot_gemv_kernel(
         tl.atomic_add(y_ptr + rows[:, None] * N + outs[None, :], y, mask=mask, sem="relaxed")
 
 
-def dot_gemv(x, x_scale, weight, weight_scale, block_n: int, block_k: int, stages: int, split_k: int):
+def dot_gemv(x, x_scale, weight, weight_scale, block_n: int, block_k: int, stages: int, split_k: int, warps: int):
     """fp32 [rows, out] for e4m3 ``x`` [rows <= 16, in], ``weight`` [out, in]; the input width must divide."""
     rows, in_features = x.shape
     out_features = weight.shape[0]
@@ -65,7 +65,7 @@ def dot_gemv(x, x_scale, weight, weight_scale, block_n: int, block_k: int, stage
     grid = (triton.cdiv(out_features, block_n), split_k)
     _fp8_dot_gemv_kernel[grid](
         x, x_scale, weight, weight_scale, y, rows, out_features, in_features,
-        BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, num_stages=stages,
+        BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return y
 
@@ -75,11 +75,13 @@ def main() -> None:
     from quantflow.evaluation.fp8_gemv import fp8_gemv
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default="7b-fused")
+    parser.add_argument("--shapes", default="7b-fused,7b")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     peak, results = bandwidth(), []
-    layers = sorted({layer for shape in args.shapes.split(",") for layer in SHAPES[shape]})
+    layers = sorted(
+        {layer for shape in args.shapes.split(",") for layer in SHAPES[shape]} - {(11008, 4096)}
+    )  # 7b's unfused gate
     for out_features, in_features in layers:
         _, fp8, w_scale = layer_copies(out_features, in_features)
         _, x_scale, xq = activation(1, in_features)
@@ -91,7 +93,10 @@ def main() -> None:
             config = dict(zip(GRID, values, strict=True))
             if in_features % (config["block_k"] * config["split_k"]):
                 continue
-            error = (dot_gemv(xq, x_scale, fp8[0], w_scale, **config) - reference).norm() / reference.norm()
+            try:
+                error = (dot_gemv(xq, x_scale, fp8[0], w_scale, **config) - reference).norm() / reference.norm()
+            except triton.runtime.errors.OutOfResources:  # tiles times stages past the shared memory
+                continue
             if not error < 1e-4:
                 raise SystemExit(f"the candidate is {error.item():.2e} off the reference at {config}")
             us = time_per_layer(lambda w, c=config: dot_gemv(xq, x_scale, w, w_scale, **c), fp8)
@@ -101,7 +106,7 @@ def main() -> None:
         add_bandwidth(row, peak)
         results.append(row)
         print(json.dumps(row), flush=True)
-    write(args.out, results)
+        write(args.out, results)  # after every layer, so a run cut short keeps what it measured
 
 
 if __name__ == "__main__":
