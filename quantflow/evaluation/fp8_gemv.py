@@ -7,8 +7,10 @@ GEMV kernel (vLLM's and FBGEMM's are not installable here). The maths is the FP8
 activations and scales, products summed in fp32, only the order of the sums differs.
 
 The kernel is a Triton op (``torch.library.triton_op``), so ``torch.compile`` and CUDA graphs see through it.
-Each program reduces ``block_n`` output rows over a slice of the input width; with ``split_k`` above one the
-slices' partial sums meet through fp32 atomic adds, which keeps the card busy on layers with few outputs.
+Each program multiplies e4m3 tiles on the tensor cores (``tl.dot``), the rows padded to 16: Triton
+software-pipelines the loads that feed a ``tl.dot`` (several tiles in flight), which plain loads summed on the CUDA
+cores did not get, and that read the weight at 0.70-0.79 of the bandwidth instead of 0.61-0.71 on the wide layers
+(bench/results/fp8-gemv-dot-h200.json). With ``split_k`` above one, slices of the input width meet through fp32 atomic adds.
 """
 
 from __future__ import annotations
@@ -19,71 +21,69 @@ import torch
 import triton
 import triton.language as tl
 
+BLOCK_M = 16  # the smallest tile tl.dot takes: the rows (at most 16) padded with zeros
+
 
 @dataclass(frozen=True)
 class GemvConfig:
-    block_n: int = 16
-    block_k: int = 512
+    block_n: int = 32
+    block_k: int = 256
     split_k: int = 1
     warps: int = 4
-    stages: int = 3
+    stages: int = 5
 
 
-def gemv_config(out_features: int, in_features: int, programs_wanted: int = 528) -> GemvConfig:
-    """Enough programs to fill the card: split the input width when there are few outputs.
-
-    528 is four programs for each of an H100/H200's 132 SMs. Measured on an H200 (bench/fp8_decode.py, 7B
-    shape, batch 1): these blocks gave 1.34x bf16's decode; the layer benchmark's per-layer best (8 outputs by
-    256 inputs) gave 1.22x in the whole step, so the layer timings alone do not pick the blocks."""
-    base = GemvConfig()
-    programs = triton.cdiv(out_features, base.block_n)
-    split = 1
-    while programs * split < programs_wanted and in_features % (base.block_k * split * 2) == 0:
-        split *= 2
-    return GemvConfig(split_k=split)
+def gemv_config(out_features: int, in_features: int) -> GemvConfig:
+    """The blocks the per-layer benchmark liked best on an H200 (bench/results/fp8-gemv-dot-h200.json): 32 outputs
+    by 256 inputs with deep pipelining, 64 outputs with shallower pipelining on the widest layers (gate/up)."""
+    if out_features >= 16384:
+        return GemvConfig(block_n=64, stages=3)
+    return GemvConfig()
 
 
 @triton.jit
 def _fp8_gemv_kernel(
-    x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, y_ptr, N, K,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+    x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, y_ptr, M, N, K,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):  # fmt: skip
-    pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    rows = tl.arange(0, BLOCK_M)
     outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    out_mask = outs < N
+    row_mask, out_mask = rows < M, outs < N
     span = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
     start = pid_k * span
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(start, tl.minimum(start + span, K), BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        if EVEN_K:
-            x = tl.load(x_ptr + row * K + ks)
-            w = tl.load(w_ptr + outs[:, None] * K + ks[None, :], mask=out_mask[:, None], other=0.0)
-        else:
-            k_mask = ks < K
-            x = tl.load(x_ptr + row * K + ks, mask=k_mask, other=0.0)
-            w = tl.load(w_ptr + outs[:, None] * K + ks[None, :], mask=out_mask[:, None] & k_mask[None, :], other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-    scale = tl.load(x_scale_ptr + row) * tl.load(w_scale_ptr + outs, mask=out_mask, other=0.0)
-    y = tl.sum(acc, axis=1) * scale
+        x_mask, w_mask = row_mask[:, None], out_mask[:, None]
+        if not EVEN_K:
+            x_mask, w_mask = x_mask & (ks < K)[None, :], w_mask & (ks < K)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=x_mask, other=0.0)
+        w = tl.load(w_ptr + outs[:, None] * K + ks[None, :], mask=w_mask, other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc)
+    x_scale = tl.load(x_scale_ptr + rows, mask=row_mask, other=0.0)
+    y = acc * x_scale[:, None] * tl.load(w_scale_ptr + outs, mask=out_mask, other=0.0)[None, :]
+    mask = row_mask[:, None] & out_mask[None, :]
     if SPLIT_K == 1:
-        tl.store(y_ptr + row * N + outs, y, mask=out_mask)
+        tl.store(y_ptr + rows[:, None] * N + outs[None, :], y, mask=mask)
     else:
-        tl.atomic_add(y_ptr + row * N + outs, y, mask=out_mask, sem="relaxed")
+        tl.atomic_add(y_ptr + rows[:, None] * N + outs[None, :], y, mask=mask, sem="relaxed")
 
 
 def launch(
     x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, config: GemvConfig
 ) -> torch.Tensor:
-    """The kernel on one configuration (bench/fp8_gemv.py times several); fp32 [rows, out]."""
+    """The kernel on one configuration (bench/fp8_gemv.py times several); fp32 [rows, out] for up to 16 rows."""
     rows, in_features = x.shape
     out_features = weight.shape[0]
+    if rows > BLOCK_M:
+        raise ValueError(f"fp8_gemv takes at most {BLOCK_M} rows, got {rows}: use torch._scaled_mm")
     fill = torch.zeros if config.split_k > 1 else torch.empty
     y = fill((rows, out_features), dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(out_features, config.block_n), config.split_k, rows)
+    grid = (triton.cdiv(out_features, config.block_n), config.split_k)
     torch.library.wrap_triton(_fp8_gemv_kernel)[grid](
-        x, x_scale, weight, weight_scale, y, out_features, in_features,
-        BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
+        x, x_scale, weight, weight_scale, y, rows, out_features, in_features,
+        BLOCK_M=BLOCK_M, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
         EVEN_K=in_features % (config.block_k * config.split_k) == 0,
         num_warps=config.warps, num_stages=config.stages,
     )  # fmt: skip

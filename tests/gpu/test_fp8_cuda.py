@@ -49,19 +49,27 @@ def test_cuda_fp8_layers_match_the_reference_and_the_runtime_picks_them(tmp_path
 
 
 @torch.no_grad()
-@pytest.mark.parametrize(("out_features", "in_features"), [(96, 4096), (4112, 1000), (32, 8192)])
-def test_the_gemv_matches_the_reference_with_and_without_a_split_of_the_input(out_features, in_features):
-    """Split 8 and 16 ways (few outputs), unsplit with a ragged input width (masked loads), as gemv_config picks."""
+@pytest.mark.parametrize(("out_features", "in_features", "rows", "split_k"), [
+    (96, 4096, 1, 1), (4112, 1000, 1, 1), (4112, 1000, 5, 2), (22016, 4096, 16, 1), (32, 8192, 3, 4),
+])  # fmt: skip
+def test_the_gemv_matches_the_reference_on_ragged_widths_several_rows_and_split_inputs(
+    out_features, in_features, rows, split_k
+):
+    """Ragged input widths (masked loads), rows padded up to the 16 of a tensor-core tile, split inputs (atomics)."""
     from quantflow.evaluation.fp8 import E4M3, E4M3_MAX
-    from quantflow.evaluation.fp8_gemv import fp8_gemv, gemv_config
+    from quantflow.evaluation.fp8_gemv import GemvConfig, fp8_gemv, gemv_config, launch
 
     dense = torch.randn(out_features, in_features, device="cuda") * 0.02
     w_scale = dense.abs().amax(1, keepdim=True) / E4M3_MAX
     weight = (dense / w_scale).to(E4M3)
-    x = torch.randn(1, in_features, device="cuda")
+    x = torch.randn(rows, in_features, device="cuda")
     x_scale = x.abs().amax(-1, keepdim=True) / E4M3_MAX
     xq = (x / x_scale).to(E4M3)
     expected = (xq.float() * x_scale) @ (weight.float() * w_scale).t()
-    y = fp8_gemv(xq, x_scale, weight, w_scale.t().contiguous())
-    assert y.shape == (1, out_features)
-    assert ((y - expected).norm() / expected.norm()).item() < 1e-4, gemv_config(out_features, in_features)
+    chosen = gemv_config(out_features, in_features)
+    for y in (
+        fp8_gemv(xq, x_scale, weight, w_scale.t().contiguous()),
+        launch(xq, x_scale, weight, w_scale.t().contiguous(), GemvConfig(block_n=chosen.block_n, split_k=split_k)),
+    ):
+        assert y.shape == (rows, out_features)
+        assert ((y - expected).norm() / expected.norm()).item() < 1e-4, (chosen, split_k)
