@@ -23,7 +23,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from bench.gemv import SHAPES  # noqa: E402
 
-GRID = {"block_n": (32, 64), "block_k": (256, 512), "stages": (3, 5), "split_k": (1, 2), "warps": (4,)}
+GRID = {"block_n": (16, 32, 64), "block_k": (256, 512), "stages": (3, 5), "split_k": (1, 2), "warps": (2, 4)}
 
 
 def copies_for(nbytes: int) -> int:

@@ -2,7 +2,8 @@
 
 Builds a random-weight Llama of a real shape in bf16 (optionally with every decoder Linear
 swapped for random packed int4 weights as ``quantflow.evaluation.int4.Int4Linear``, i.e. PyTorch's tinygemm op
-(``--int4 quantflow``): speed does not depend on the values),
+(``--int4 quantflow``), or for random e4m3 ``FP8Linear``s with q/k/v and gate/up fused (``--int4 fp8``): speed does
+not depend on the values),
 then times one-token decode steps three ways:
   - ``compile``: ``torch.compile(mode="reduce-overhead")``, the harness before 2026-11-26;
   - ``graph``: the eager step captured once into a ``torch.cuda.CUDAGraph`` by ``quantflow.evaluation.decode.captured``;
@@ -29,6 +30,21 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 from bench.models import SHAPES  # noqa: E402
 
 
+def fp8_layers(model: torch.nn.Module) -> None:
+    """Every decoder Linear as ``quantflow.evaluation.fp8.FP8Linear`` with random e4m3 weights, then q/k/v and
+    gate/up fused, as ``bench/fp8_decode.py`` runs the FP8 artifact."""
+    from quantflow.evaluation.fp8 import E4M3, FP8Linear
+    from quantflow.evaluation.fuse import fuse_projections
+
+    for name, module in list(model.model.layers.named_modules()):
+        if isinstance(module, torch.nn.Linear):
+            weight = (torch.randn_like(module.weight, dtype=torch.float32) * 16).to(E4M3)
+            scale = torch.rand(module.out_features, device=module.weight.device) * 0.01
+            parent, _, child = name.rpartition(".")
+            model.model.layers.get_submodule(parent).register_module(child, FP8Linear(weight, scale, None))
+    fuse_projections(model)
+
+
 def build(shape: str, int4: str, group_size: int = 128) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -38,7 +54,9 @@ def build(shape: str, int4: str, group_size: int = 128) -> torch.nn.Module:
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
-    if int4 != "none":
+    if int4 == "fp8":
+        fp8_layers(model)
+    elif int4 != "none":
         for name, module in list(model.model.layers.named_modules()):
             if isinstance(module, torch.nn.Linear):
                 out_f, in_f = module.weight.shape
@@ -113,7 +131,7 @@ def run_variant(model, variant: str, batch: int, prompt_len: int, gen_len: int, 
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     total_us = sum(e.self_device_time_total for e in events) / 16
     kernels = sum(e.count for e in events) / 16
-    top = sorted(events, key=lambda e: -e.self_device_time_total)[:8]
+    top = sorted(events, key=lambda e: -e.self_device_time_total)[:24]
     return {
         "variant": variant,
         "batch": batch,
@@ -128,7 +146,7 @@ def run_variant(model, variant: str, batch: int, prompt_len: int, gen_len: int, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="1.1b")
-    parser.add_argument("--int4", choices=["none", "quantflow"], default="none")
+    parser.add_argument("--int4", choices=["none", "quantflow", "fp8"], default="none")
     parser.add_argument("--batches", default="1")
     parser.add_argument(
         "--mode", default="max-autotune-no-cudagraphs", help="torch.compile mode of the compile+graph variant"
