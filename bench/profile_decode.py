@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._inductor.config as inductor_config
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from bench.models import SHAPES  # noqa: E402
@@ -152,8 +153,14 @@ def main() -> None:
         "--mode", default="max-autotune-no-cudagraphs", help="torch.compile mode of the compile+graph variant"
     )
     parser.add_argument("--variants", default="compile,graph,compile+graph")
+    parser.add_argument(
+        "--no-split-reductions", action="store_true", help="Inductor reduces a one-row reduction in one program"
+    )
+    parser.add_argument("--no-cudnn-attention", action="store_true", help="SDPA without its cuDNN backend")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    inductor_config.split_reductions = not args.no_split_reductions
+    torch.backends.cuda.enable_cudnn_sdp(not args.no_cudnn_attention)
     model = build(args.shape, args.int4)
     results = []
     for variant, batch in ((v, int(b)) for b in args.batches.split(",") for v in args.variants.split(",")):
@@ -168,7 +175,14 @@ def main() -> None:
     if args.out:
         args.out.write_text(
             json.dumps(
-                {"shape": args.shape, "int4": args.int4, "card": torch.cuda.get_device_name(), "results": results},
+                {
+                    "shape": args.shape,
+                    "int4": args.int4,
+                    "split_reductions": not args.no_split_reductions,
+                    "cudnn_attention": not args.no_cudnn_attention,
+                    "card": torch.cuda.get_device_name(),
+                    "results": results,
+                },
                 indent=1,
             )
         )
