@@ -31,6 +31,8 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from bench.fp8_gemv import activation, copies_for  # noqa: E402
+from quantflow.evaluation.fp8 import E4M3, E4M3_MAX  # noqa: E402
+from quantflow.evaluation.fp8_gemv import fp8_gemv  # noqa: E402
 
 BLOCK_M = 16
 GRID = {"block_n": (16, 32, 64), "stages": (3, 4, 5)}
@@ -64,17 +66,24 @@ def _gate_up_kernel(
 
 
 @triton.jit
+def _row_scale(partial_ptr, P, rows, row_mask, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Each row's e4m3 scale from the maxima ``gate_up`` left, one per program and row."""
+    parts = tl.arange(0, BLOCK_P)
+    peaks = tl.load(
+        partial_ptr + parts[:, None] * BLOCK_M + rows[None, :], mask=(parts < P)[:, None] & row_mask[None, :], other=0.0
+    )
+    return tl.maximum(tl.max(peaks, axis=0), 1e-12) / 448.0
+
+
+@triton.jit
 def _down_kernel(
     h_ptr, partial_ptr, P, w_ptr, w_scale_ptr, y_ptr, M, N, K,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    rows, outs, parts = tl.arange(0, BLOCK_M), pid * BLOCK_N + tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_P)
+    rows, outs = tl.arange(0, BLOCK_M), pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask, out_mask = rows < M, outs < N
-    peaks = tl.load(
-        partial_ptr + parts[:, None] * BLOCK_M + rows[None, :], mask=(parts < P)[:, None] & row_mask[None, :], other=0.0
-    )
-    scale = tl.maximum(tl.max(peaks, axis=0), 1e-12) / 448.0
+    scale = _row_scale(partial_ptr, P, rows, row_mask, BLOCK_M, BLOCK_P)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -92,12 +101,9 @@ def _scale_kernel(
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    rows, parts, ks = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_P), pid * BLOCK_K + tl.arange(0, BLOCK_K)
+    rows, ks = tl.arange(0, BLOCK_M), pid * BLOCK_K + tl.arange(0, BLOCK_K)
     row_mask = rows < M
-    peaks = tl.load(
-        partial_ptr + parts[:, None] * BLOCK_M + rows[None, :], mask=(parts < P)[:, None] & row_mask[None, :], other=0.0
-    )
-    scale = tl.maximum(tl.max(peaks, axis=0), 1e-12) / 448.0
+    scale = _row_scale(partial_ptr, P, rows, row_mask, BLOCK_M, BLOCK_P)
     mask = row_mask[:, None] & (ks < K)[None, :]
     h = tl.load(h_ptr + rows[:, None] * K + ks[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(
@@ -109,8 +115,6 @@ def _scale_kernel(
 
 def scaled(h: torch.Tensor, partial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``h`` in e4m3 and its fp32 per-row scales [rows, 1], from the row maxima ``gate_up`` left: one kernel."""
-    from quantflow.evaluation.fp8 import E4M3
-
     rows, inter = h.shape
     q = torch.empty(rows, inter, dtype=E4M3, device=h.device)
     scale = torch.empty(rows, 1, dtype=torch.float32, device=h.device)
@@ -155,11 +159,13 @@ def candidate(xq, x_scale, w_gate_up, s_gate_up, w_down, s_down, block_n: int, s
     return down(*gate_up(xq, x_scale, w_gate_up, s_gate_up, block_n, stages), w_down, s_down)
 
 
+def split(xq, x_scale, w_gate_up, s_gate_up, w_down, s_down, block_n: int, stages: int) -> torch.Tensor:
+    """``gate_up``, the scaling kernel, then the step's own down GEMV."""
+    return fp8_gemv(*scaled(*gate_up(xq, x_scale, w_gate_up, s_gate_up, block_n, stages)), w_down, s_down)
+
+
 def current(xq, x_scale, w_gate_up, s_gate_up, w_down, s_down) -> torch.Tensor:
     """The step's path: gate/up GEMV, SiLU·mul and the per-token scaling in torch (Inductor fuses them), down GEMV."""
-    from quantflow.evaluation.fp8 import E4M3, E4M3_MAX
-    from quantflow.evaluation.fp8_gemv import fp8_gemv
-
     gate, up = fp8_gemv(xq, x_scale, w_gate_up, s_gate_up).to(torch.bfloat16).chunk(2, dim=-1)
     h = torch.nn.functional.silu(gate) * up
     scale = h.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
@@ -168,8 +174,6 @@ def current(xq, x_scale, w_gate_up, s_gate_up, w_down, s_down) -> torch.Tensor:
 
 
 def weights(out_features: int, in_features: int, copies: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    from quantflow.evaluation.fp8 import E4M3
-
     fp8 = [(torch.randn(out_features, in_features, device="cuda") * 64).to(E4M3) for _ in range(copies)]
     return fp8, torch.rand(1, out_features, device="cuda") * 1e-3
 
@@ -182,17 +186,10 @@ def time_pairs(call, pairs: list) -> float:
 
 def halves(xq, x_scale, pairs: list, s_gate_up, s_down, block_n: int, stages: int) -> dict:
     """Each half alone, the candidate's and the step's GEMV, to tell which half the fusion slows."""
-    from quantflow.evaluation.fp8 import E4M3
-    from quantflow.evaluation.fp8_gemv import fp8_gemv
-
     h, partial = gate_up(xq, x_scale, pairs[0][0], s_gate_up, block_n, stages)
     hq, h_scale = h.to(E4M3), torch.ones(h.shape[0], 1, device=h.device)
-
-    def split(g, d):  # the fused gate/up, the scaling kernel, then the step's own down GEMV
-        return fp8_gemv(*scaled(*gate_up(xq, x_scale, g, s_gate_up, block_n, stages)), d, s_down)
-
     times = {
-        "split": time_pairs(split, pairs),
+        "split": time_pairs(lambda g, d: split(xq, x_scale, g, s_gate_up, d, s_down, block_n, stages), pairs),
         "scaled": time_pairs(lambda g, d: scaled(h, partial), pairs),
         "gate_up_candidate": time_pairs(lambda g, d: gate_up(xq, x_scale, g, s_gate_up, block_n, stages), pairs),
         "gate_up_gemv": time_pairs(lambda g, d: fp8_gemv(xq, x_scale, g, s_gate_up), pairs),
@@ -208,8 +205,6 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=11008)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    from quantflow.evaluation.fp8_gemv import fp8_gemv
-
     hidden, inter = args.hidden, args.intermediate
     copies = copies_for(3 * hidden * inter)
     gate_ups, s_gate_up = weights(2 * inter, hidden, copies)
@@ -219,7 +214,7 @@ def main() -> None:
     compiled = torch.compile(current)
     reference = compiled(xq, x_scale, gate_ups[0], s_gate_up, downs[0], s_down)
     result = {"card": torch.cuda.get_device_name(), "hidden": hidden, "intermediate": inter, "copies": copies}
-    result["current_us"] = time_pairs(lambda g, d: compiled(xq, x_scale, g, s_gate_up, d, s_down), pairs)
+    result["current_us"] = round(time_pairs(lambda g, d: compiled(xq, x_scale, g, s_gate_up, d, s_down), pairs), 2)
     result["candidates"] = []
     for block_n, stages in itertools.product(*GRID.values()):
         run = lambda g, d, n=block_n, s=stages: candidate(xq, x_scale, g, s_gate_up, d, s_down, n, s)  # noqa: E731
@@ -231,12 +226,11 @@ def main() -> None:
         row["us"] = round(time_pairs(run, pairs), 2)
         result["candidates"].append(row)
         print(json.dumps(row), flush=True)
-    result["current_us"] = round(result["current_us"], 2)
     best = min(result["candidates"], key=lambda row: row["us"])
     result["parts_us"] = halves(xq, x_scale, pairs, s_gate_up, s_down, best["block_n"], best["stages"])
-    g, d = pairs[0]
-    split = fp8_gemv(*scaled(*gate_up(xq, x_scale, g, s_gate_up, best["block_n"], best["stages"])), d, s_down)
-    result["split_rel_error"] = round(((split - reference).norm() / reference.norm()).item(), 6)
+    (g, d), config = pairs[0], (best["block_n"], best["stages"])
+    y = split(xq, x_scale, g, s_gate_up, d, s_down, *config)
+    result["split_rel_error"] = round(((y - reference).norm() / reference.norm()).item(), 6)
     print(json.dumps({k: v for k, v in result.items() if k != "candidates"}))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
