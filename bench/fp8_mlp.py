@@ -30,7 +30,7 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from bench.fp8_gemv import activation, copies_for  # noqa: E402
 from quantflow.evaluation.fp8_gemv import BLOCK_M, fp8_gemv  # noqa: E402
-from quantflow.evaluation.fp8_mlp import fp8_gate_up_silu, fp8_scale_rows  # noqa: E402
+from quantflow.evaluation.fp8_mlp import fp8_gate_up_silu, fp8_scale_rows, row_scale  # noqa: E402
 
 
 @triton.jit
@@ -39,12 +39,9 @@ def _down_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    rows, outs, parts = tl.arange(0, BLOCK_M), pid * BLOCK_N + tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_P)
+    rows, outs = tl.arange(0, BLOCK_M), pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask, out_mask = rows < M, outs < N
-    peaks = tl.load(
-        partial_ptr + parts[:, None] * BLOCK_M + rows[None, :], mask=(parts < P)[:, None] & row_mask[None, :], other=0.0
-    )
-    scale = tl.maximum(tl.max(peaks, axis=0), 1e-12) / 448.0
+    scale = row_scale(partial_ptr, P, rows, row_mask, 448.0, BLOCK_M, BLOCK_P)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)

@@ -22,6 +22,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,43 +32,48 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 from bench.models import SHAPES  # noqa: E402
 
 
-def fp8_layers(model: torch.nn.Module) -> None:
-    """Every decoder Linear as ``quantflow.evaluation.fp8.FP8Linear`` with random e4m3 weights, then q/k/v and
-    gate/up fused, as ``bench/fp8_decode.py`` runs the FP8 artifact."""
-    from quantflow.evaluation.fp8 import E4M3, FP8Linear
-    from quantflow.evaluation.fuse import fuse_projections
-
+def replace_linears(model: torch.nn.Module, make: Callable[[torch.nn.Linear], torch.nn.Module]) -> None:
+    """Every decoder Linear swapped for ``make(linear)``, under the same name."""
     for name, module in list(model.model.layers.named_modules()):
         if isinstance(module, torch.nn.Linear):
-            weight = (torch.randn_like(module.weight, dtype=torch.float32) * 16).to(E4M3)
-            scale = torch.rand(module.out_features, device=module.weight.device) * 0.01
             parent, _, child = name.rpartition(".")
-            model.model.layers.get_submodule(parent).register_module(child, FP8Linear(weight, scale, None))
-    fuse_projections(model)
+            model.model.layers.get_submodule(parent).register_module(child, make(module))
+
+
+def int4_layer(module: torch.nn.Linear, group_size: int) -> torch.nn.Module:
+    """A random packed int4 ``Int4Linear`` of the Linear's shape."""
+    from quantflow.evaluation.int4 import Int4Linear
+
+    out_f, in_f = module.weight.shape
+    unsigned = torch.randint(0, 16, (out_f, in_f), dtype=torch.int32, device="cuda")
+    scale = torch.rand(out_f, in_f // group_size, device="cuda") * 0.01
+    return Int4Linear.from_unsigned(
+        unsigned, scale, torch.zeros_like(scale), group_size, None, torch.device("cuda")
+    ).pack()
+
+
+def fp8_layer(module: torch.nn.Linear) -> torch.nn.Module:
+    """A random e4m3 ``FP8Linear`` of the Linear's shape."""
+    from quantflow.evaluation.fp8 import E4M3, FP8Linear
+
+    weight = (torch.randn_like(module.weight, dtype=torch.float32) * 16).to(E4M3)
+    return FP8Linear(weight, torch.rand(module.out_features, device=module.weight.device) * 0.01, None)
 
 
 def build(shape: str, int4: str, group_size: int = 128) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from quantflow.evaluation.int4 import Int4Linear
+    from quantflow.evaluation.fuse import fuse_projections
 
     config = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, **SHAPES[shape])
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
-    if int4 == "fp8":
-        fp8_layers(model)
+    if int4 == "fp8":  # q/k/v and gate/up fused, as bench/fp8_decode.py runs the FP8 artifact
+        replace_linears(model, fp8_layer)
+        fuse_projections(model)
     elif int4 != "none":
-        for name, module in list(model.model.layers.named_modules()):
-            if isinstance(module, torch.nn.Linear):
-                out_f, in_f = module.weight.shape
-                unsigned = torch.randint(0, 16, (out_f, in_f), dtype=torch.int32, device="cuda")
-                scale = torch.rand(out_f, in_f // group_size, device="cuda") * 0.01
-                layer = Int4Linear.from_unsigned(
-                    unsigned, scale, torch.zeros_like(scale), group_size, None, torch.device("cuda")
-                ).pack()
-                parent, _, child = name.rpartition(".")
-                model.model.layers.get_submodule(parent).register_module(child, layer)
+        replace_linears(model, lambda module: int4_layer(module, group_size))
     return model
 
 

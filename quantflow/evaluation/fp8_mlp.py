@@ -57,17 +57,24 @@ def _gate_up_kernel(
 
 
 @triton.jit
+def row_scale(peak_ptr, P, rows, row_mask, E4M3_MAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Each row's e4m3 scale from the maxima the gate/up kernel left, one per program and row."""
+    tiles = tl.arange(0, BLOCK_P)
+    peaks = tl.load(
+        peak_ptr + tiles[:, None] * BLOCK_M + rows[None, :], mask=(tiles < P)[:, None] & row_mask[None, :], other=0.0
+    )
+    return tl.maximum(tl.max(peaks, axis=0), 1e-12) / E4M3_MAX
+
+
+@triton.jit
 def _scale_kernel(
     h_ptr, peak_ptr, P, q_ptr, scale_ptr, M, K, E4M3_MAX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    rows, tiles, ks = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_P), pid * BLOCK_K + tl.arange(0, BLOCK_K)
+    rows, ks = tl.arange(0, BLOCK_M), pid * BLOCK_K + tl.arange(0, BLOCK_K)
     row_mask = rows < M
-    peaks = tl.load(
-        peak_ptr + tiles[:, None] * BLOCK_M + rows[None, :], mask=(tiles < P)[:, None] & row_mask[None, :], other=0.0
-    )
-    scale = tl.maximum(tl.max(peaks, axis=0), 1e-12) / E4M3_MAX
+    scale = row_scale(peak_ptr, P, rows, row_mask, E4M3_MAX, BLOCK_M, BLOCK_P)
     mask = row_mask[:, None] & (ks < K)[None, :]
     h = tl.load(h_ptr + rows[:, None] * K + ks[None, :], mask=mask, other=0.0).to(tl.float32)
     q = tl.clamp(h / scale[:, None], -E4M3_MAX, E4M3_MAX).to(tl.float8e4nv)
