@@ -59,10 +59,15 @@ class FP8Linear(nn.Module):
             torch.cat([layer.weight for layer in layers]), torch.cat([layer.scale for layer in layers], dim=1), bias
         )
 
+    @staticmethod
+    def quantize(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows [rows, in] as e4m3 with their fp32 scales [rows, 1], one per token (vLLM's dynamic FP8)."""
+        scale = flat.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
+        return (flat.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        scale = flat.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
-        quantized = (flat.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+        quantized, scale = self.quantize(flat)
         if flat.shape[0] <= GEMV_ROWS and flat.is_cuda and _HAS_TRITON:
             from quantflow.evaluation.fp8_gemv import fp8_gemv
 
@@ -73,6 +78,30 @@ class FP8Linear(nn.Module):
             quantized, self.weight.t(), scale_a=scale, scale_b=self.scale, bias=self.bias, out_dtype=torch.bfloat16
         )
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class FP8GatedMLP(nn.Module):
+    """down(SiLU(gate(x)) · up(x)) of FP8 Linears, gate and up fused. One row on CUDA runs three kernels
+    (``quantflow.evaluation.fp8_mlp``: SiLU·mul and the row maxima in the gate/up kernel, one scaling kernel, the
+    down GEMV) where the separate Linears took five; any other input takes the Linears' own path."""
+
+    def __init__(self, gate: FP8Linear, up: FP8Linear, down: FP8Linear) -> None:
+        super().__init__()
+        self.gate_up, self.down_proj = FP8Linear.concat([gate, up], None), down
+        self.intermediate = gate.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] <= GEMV_ROWS and flat.is_cuda and _HAS_TRITON:
+            from quantflow.evaluation.fp8_gemv import fp8_gemv
+            from quantflow.evaluation.fp8_mlp import fp8_gate_up_silu, fp8_scale_rows
+
+            h = fp8_gate_up_silu(*self.gate_up.quantize(flat), self.gate_up.weight, self.gate_up.scale)
+            y = fp8_gemv(*fp8_scale_rows(*h), self.down_proj.weight, self.down_proj.scale).to(torch.bfloat16)
+            y = y + self.down_proj.bias if self.down_proj.bias is not None else y
+            return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+        gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
+        return self.down_proj(nn.functional.silu(gate) * up)
 
 
 def fp8_scheme(config: dict) -> dict:

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.activations import SiLUActivation
 
-from quantflow.evaluation.fp8 import FP8Linear
+from quantflow.evaluation.fp8 import FP8GatedMLP, FP8Linear
 from quantflow.evaluation.int4 import Int4Linear
 from quantflow.evaluation.int8 import Int8Linear, Int8WeightOnlyLinear
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+GATED_SILU_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")  # forward: down(act(gate(x)) * up(x))
 
 
 class FusedProjections(nn.Module):
@@ -90,9 +92,28 @@ def concat(layers: list[nn.Module]) -> nn.Module | None:
     return None
 
 
+def gated_fp8_mlp(module: nn.Module) -> FP8GatedMLP | None:
+    """The FP8 form of a SiLU-gated MLP of FP8 Linears (its gate and up without biases), else None. Only the
+    families whose forward is known to be down(SiLU(gate(x)) * up(x)) qualify: the new module replaces that forward."""
+    if type(module).__name__ not in GATED_SILU_MLPS or not isinstance(
+        getattr(module, "act_fn", None), nn.SiLU | SiLUActivation
+    ):
+        return None
+    gate, up, down = (getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj"))
+    if not all(type(layer) is FP8Linear for layer in (gate, up, down)) or gate.bias is not None or up.bias is not None:
+        return None
+    return FP8GatedMLP(gate, up, down) if gate.in_features == up.in_features else None
+
+
 def fuse_projections(model: nn.Module) -> int:
-    """Fuse q/k/v and gate/up in every module that has them; returns how many groups were fused (0 if already done)."""
+    """Fuse q/k/v and gate/up in every module that has them (a SiLU-gated FP8 MLP becomes one ``FP8GatedMLP``);
+    returns how many groups were fused (0 if already done)."""
     fused = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if (mlp := gated_fp8_mlp(child)) is not None:
+                parent.register_module(name, mlp)
+                fused += 1
     for module in list(model.modules()):
         for names in GROUPS:
             layers = [getattr(module, name, None) for name in names]

@@ -73,3 +73,24 @@ def test_the_gemv_matches_the_reference_on_ragged_widths_several_rows_and_split_
     ):
         assert y.shape == (rows, out_features)
         assert ((y - expected).norm() / expected.norm()).item() < 1e-4, (chosen, split_k)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(("hidden", "intermediate"), [(4096, 11008), (576, 1536), (208, 336)])
+def test_the_gated_mlp_at_one_row_matches_its_linears_path_eager_and_compiled(hidden, intermediate):
+    """The three-kernel path (SiLU·mul and row maxima in the gate/up kernel, the scaling kernel, the down GEMV)
+    against the same module's path through its Linears (several rows); 208 and 336 are not multiples of 256."""
+    from quantflow.evaluation.fp8 import E4M3, E4M3_MAX, FP8GatedMLP, FP8Linear
+
+    def linear(out_features: int, in_features: int) -> FP8Linear:
+        dense = torch.randn(out_features, in_features, device="cuda") * 0.02
+        scale = dense.abs().amax(1, keepdim=True) / E4M3_MAX
+        return FP8Linear((dense / scale).to(E4M3), scale, None)
+
+    mlp = FP8GatedMLP(linear(intermediate, hidden), linear(intermediate, hidden), linear(hidden, intermediate))
+    x = torch.randn(1, 1, hidden, device="cuda", dtype=torch.bfloat16)
+    expected = mlp(x.expand(1, 2, hidden))[:, :1]  # two rows: the Linears' path, _scaled_mm
+    compiled = torch.compile(mlp, fullgraph=True)
+    for y in (mlp(x), compiled(x)):
+        assert y.shape == x.shape and y.dtype == torch.bfloat16
+        assert ((y.float() - expected.float()).norm() / expected.float().norm()).item() < 0.02

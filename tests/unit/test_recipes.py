@@ -103,7 +103,7 @@ def test_fp8_matmuls_match_the_dequantized_reference(finished):
     as FP8 itself (3.7% here), so against it only the whole model's distance from the baseline is compared."""
     from transformers import AutoModelForCausalLM
 
-    from quantflow.evaluation.fp8 import E4M3, E4M3_MAX, FP8Linear, load_fp8
+    from quantflow.evaluation.fp8 import E4M3, E4M3_MAX, FP8GatedMLP, FP8Linear, load_fp8
     from quantflow.evaluation.fuse import fuse_projections
 
     simulated = AutoModelForCausalLM.from_pretrained(finished / "fp8", dtype=torch.bfloat16)
@@ -120,6 +120,7 @@ def test_fp8_matmuls_match_the_dequantized_reference(finished):
         expected = ((x.float() / scale).to(E4M3).float() * scale) @ simulated.get_submodule(name).weight.float().t()
         assert relative(layer(x), expected) < 0.01, name  # bf16 output and scales: ~0.2% expected
     assert fuse_projections(fp8) == 4  # q/k/v and gate/up of two blocks, each joined as one FP8 layer
+    assert sum(isinstance(m, FP8GatedMLP) for m in fp8.modules()) == 2  # each block's MLP: on CPU, its Linears' path
     assert relative(fp8(ids).logits, logits) < 1e-3
 
 
