@@ -3,7 +3,9 @@
 Fake-quantizes every decoder Linear of the spec's model in float32 (weights per output channel, activations per
 token, as the ``fp8`` variant's scheme) and scores the spec's evaluation windows, so each half of the scheme is
 measured apart. Also tries a calibration-free clipping search for the weight scales (the per-row clip from
-1.0 down to 0.72 that minimizes the weight's squared error), the one cheap change that needs no calibration data.
+1.0 down to 0.72 that minimizes the weight's squared error), the one cheap change that needs no calibration data,
+and int8 weights per channel for contrast. First prints each rounding's relative error over all decoder weights: e4m3
+keeps 3 mantissa bits whatever the scale, so a scale search cannot take its error much below min-max's.
 
     python bench/fp8_loss_sources.py --config examples/smollm2-135m-recipes.yaml
 """
@@ -36,6 +38,21 @@ def rows_mse(weight: torch.Tensor) -> torch.Tensor:
         best = torch.where(candidate_error < error, candidate, best)
         error = torch.minimum(candidate_error, error)
     return best
+
+
+def rows_int8(weight: torch.Tensor) -> torch.Tensor:
+    scale = weight.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127
+    return (weight / scale).round().clamp(-127, 127) * scale
+
+
+def weight_errors(model) -> dict[str, float]:
+    """Relative RMS rounding error of every decoder Linear's weight together, per rounding."""
+    weights = [m.weight.data for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    norm = sum((w**2).sum() for w in weights)
+    return {
+        rounding.__name__: math.sqrt(sum(((rounding(w) - w) ** 2).sum() for w in weights) / norm)
+        for rounding in (rows_minmax, rows_mse, rows_int8)
+    }
 
 
 def tokens_e4m3(x: torch.Tensor) -> torch.Tensor:
@@ -72,6 +89,8 @@ def main() -> None:
         span, bos = window_span(spec.evaluation, model, tokenizer)
         return math.exp(score(model, ids, spec.evaluation, span, bos, None, None)[0])
 
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    print("relative weight error:", {name: f"{100 * error:.2f}%" for name, error in weight_errors(model).items()})
     baseline = perplexity(None, False)
     print(f"| case | perplexity | Δ |\n|---|---|---|\n| float32 | {baseline:.3f} | – |")
     for label, weights, activations in (
@@ -80,6 +99,7 @@ def main() -> None:
         ("both, min-max (the fp8 variant)", rows_minmax, True),
         ("e4m3 weights (clipping search), activations float", rows_mse, False),
         ("both, weights by clipping search", rows_mse, True),
+        ("int8 weights per channel (W8A16), activations float", rows_int8, False),
     ):
         value = perplexity(weights, activations)
         print(f"| {label} | {value:.3f} | {100 * (value / baseline - 1):+.2f}% |", flush=True)
