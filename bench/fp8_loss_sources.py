@@ -21,7 +21,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from quantflow.evaluation.fp8 import E4M3, E4M3_MAX  # noqa: E402
+from quantflow.evaluation.fp8 import E4M3, E4M3_MAX, FP8Linear  # noqa: E402
 
 
 def rows_minmax(weight: torch.Tensor, clip: float = 1.0) -> torch.Tensor:
@@ -45,9 +45,14 @@ def rows_int8(weight: torch.Tensor) -> torch.Tensor:
     return (weight / scale).round().clamp(-127, 127) * scale
 
 
+def decoder_linears(model) -> list[torch.nn.Linear]:
+    """The Linears the ``fp8`` variant quantizes: all but ``lm_head``."""
+    return [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+
+
 def weight_errors(model) -> dict[str, float]:
     """Relative RMS rounding error of every decoder Linear's weight together, per rounding."""
-    weights = [m.weight.data for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    weights = [module.weight.data for module in decoder_linears(model)]
     norm = sum((w**2).sum() for w in weights)
     return {
         rounding.__name__: math.sqrt(sum(((rounding(w) - w) ** 2).sum() for w in weights) / norm)
@@ -56,8 +61,9 @@ def weight_errors(model) -> dict[str, float]:
 
 
 def tokens_e4m3(x: torch.Tensor) -> torch.Tensor:
-    scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-12) / E4M3_MAX
-    return (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).float() * scale
+    """``x`` rounded as the FP8 runtime rounds activations, per token, then dequantized."""
+    quantized, scale = FP8Linear.quantize(x)
+    return quantized.float() * scale
 
 
 def main() -> None:
@@ -80,12 +86,11 @@ def main() -> None:
 
     def perplexity(weights, activations: bool) -> float:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
-                if weights:
-                    module.weight.data = weights(module.weight.data)
-                if activations:
-                    module.register_forward_pre_hook(lambda _module, inputs: (tokens_e4m3(inputs[0]),))
+        for module in decoder_linears(model):
+            if weights:
+                module.weight.data = weights(module.weight.data)
+            if activations:
+                module.register_forward_pre_hook(lambda _module, inputs: (tokens_e4m3(inputs[0]),))
         span, bos = window_span(spec.evaluation, model, tokenizer)
         return math.exp(score(model, ids, spec.evaluation, span, bos, None, None)[0])
 

@@ -42,6 +42,11 @@ def fp8_matmuls(device: str) -> bool:
     return fp8_matmuls_missing(device) is None
 
 
+def on_gemv(flat: torch.Tensor) -> bool:
+    """Whether rows [rows, in] take the one-row Triton kernels (batch-1 decode) instead of ``_scaled_mm``."""
+    return flat.shape[0] <= GEMV_ROWS and flat.is_cuda and _HAS_TRITON
+
+
 class FP8Linear(nn.Module):
     """A Linear with an e4m3 weight and one fp32 scale per output row; activations scaled per token to e4m3."""
 
@@ -65,15 +70,19 @@ class FP8Linear(nn.Module):
         scale = flat.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
         return (flat.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
+    def gemv(self, quantized: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """This layer's output for ``x`` from its rows already in e4m3, through ``quantflow.evaluation.fp8_gemv``."""
+        from quantflow.evaluation.fp8_gemv import fp8_gemv
+
+        y = fp8_gemv(quantized, scale, self.weight, self.scale).to(torch.bfloat16)
+        y = y + self.bias if self.bias is not None else y
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         quantized, scale = self.quantize(flat)
-        if flat.shape[0] <= GEMV_ROWS and flat.is_cuda and _HAS_TRITON:
-            from quantflow.evaluation.fp8_gemv import fp8_gemv
-
-            y = fp8_gemv(quantized, scale, self.weight, self.scale).to(torch.bfloat16)
-            y = y + self.bias if self.bias is not None else y
-            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        if on_gemv(flat):
+            return self.gemv(quantized, scale, x)
         y = torch._scaled_mm(
             quantized, self.weight.t(), scale_a=scale, scale_b=self.scale, bias=self.bias, out_dtype=torch.bfloat16
         )
@@ -92,14 +101,11 @@ class FP8GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        if flat.shape[0] <= GEMV_ROWS and flat.is_cuda and _HAS_TRITON:
-            from quantflow.evaluation.fp8_gemv import fp8_gemv
+        if on_gemv(flat):
             from quantflow.evaluation.fp8_mlp import fp8_gate_up_silu, fp8_scale_rows
 
             h = fp8_gate_up_silu(*self.gate_up.quantize(flat), self.gate_up.weight, self.gate_up.scale)
-            y = fp8_gemv(*fp8_scale_rows(*h), self.down_proj.weight, self.down_proj.scale).to(torch.bfloat16)
-            y = y + self.down_proj.bias if self.down_proj.bias is not None else y
-            return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+            return self.down_proj.gemv(*fp8_scale_rows(*h), x)
         gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
         return self.down_proj(nn.functional.silu(gate) * up)
 
