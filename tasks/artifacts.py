@@ -13,16 +13,11 @@ from pathlib import Path
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from quantflow.reporting.report import PLOTS, Report, load_report
-from quantflow.spec import RunSpec
+from quantflow.spec import RunSpec, short_model_name
 from quantflow.sweep import grid_size
 from tasks.credentials import store_credentials
 
 KEY = "quantflow"
-
-
-def short_model_name(source: str) -> str:
-    """'facebook/opt-125m' -> 'opt-125m', 'demo:smollm2-135m' -> 'smollm2-135m', a folder -> its name."""
-    return source.rstrip("/").split("/")[-1].split(":")[-1] or source
 
 
 def run_name() -> str:

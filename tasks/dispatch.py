@@ -16,8 +16,7 @@ from prefect.deployments import run_deployment
 from prefect.exceptions import PrefectHTTPStatusError
 from prefect.logging import get_run_logger
 
-from quantflow.spec import RunSpec
-from tasks.artifacts import short_model_name
+from quantflow.spec import RunSpec, short_model_name
 
 POLL_SECONDS = 5  # one read per child per interval: a 30-variant sweep polls 6 times a second
 
