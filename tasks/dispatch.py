@@ -38,7 +38,7 @@ def api_hiccup(task, task_run, state) -> bool:
 @task(
     name="dispatch",
     cache_policy=NO_CACHE,
-    task_run_name="dispatch-{variant}",
+    task_run_name="dispatch {variant}",
     retries=3,
     retry_delay_seconds=[5, 20, 60],
     retry_condition_fn=api_hiccup,
