@@ -29,6 +29,7 @@ from tasks.dispatch import dispatch_task
 from tasks.stages import (
     baseline_task,
     calibration_task,
+    detached,
     evaluate_task,
     gather_task,
     plan_task,
@@ -50,13 +51,15 @@ VARIANT_DEPLOYMENT = Field(
 @flow(name="quantflow", flow_run_name=run_name, log_prints=True, validate_parameters=True)
 def quantflow_run(spec: RunSpec = RunSpec(), variant_deployment: str | None = VARIANT_DEPLOYMENT) -> str:
     """Quantize a model into every variant of the spec, evaluate them all, write the report, upload."""
-    plan = plan_task(spec)
+    planned = plan_task(spec)
     progress = create_progress_artifact(0.0, key="quantflow-progress", description="variants finished (%)")
     if variant_deployment:
-        gathered = _fanned_out(plan, variant_deployment, progress)
+        gathered = _fanned_out(planned, variant_deployment, progress)
         calibration, baseline, variants, held = gathered.calibration, gathered.baseline, gathered.variants, []
+        plan = _for_later_tasks(planned)
     else:
-        calibration, baseline = calibration_task.submit(plan), baseline_task.submit(plan)
+        calibration, baseline = calibration_task.submit(planned), baseline_task.submit(planned)
+        plan = _for_later_tasks(planned)
         baseline.wait()  # variants share the accelerator with the baseline: they start once it is measured
         variants, held = _in_turn(plan, calibration, baseline, progress)
     out, report_uri = report_task(plan, calibration, baseline, variants), None
@@ -66,6 +69,17 @@ def quantflow_run(spec: RunSpec = RunSpec(), variant_deployment: str | None = VA
     publish_run_artifacts(out, spec, report_uri)
     del held  # only now may the quantize results' ids be reused
     return out
+
+
+def _for_later_tasks(planned: Plan) -> Plan:
+    """The plan for the tasks after calibration and baseline: a copy that shares no object with the plan task's result.
+
+    Every task reads the plan, but Prefect links a task to a later one by the id() of the result's parts: given the
+    plan task's own result, each task drew an edge from it (about 45 in the demo's graph). With the copy, the graph
+    shows what each task consumes (calibration, baseline, quantize, evaluate). The caller keeps the original until the
+    flow returns: a freed part's id, reused by a new object, would link the plan task again.
+    """
+    return detached(planned)
 
 
 def _quantized(plan: Plan, variant, calibration, held: list):
@@ -108,9 +122,10 @@ def quantflow_variant(
     spec: RunSpec, variant: str | None = Field(None, description="Variant name from the spec; empty: baseline only.")
 ) -> None:
     """One branch of a fanned-out run: calibration and baseline (cache hits after the first), then one variant."""
-    plan = plan_task(spec)
+    planned = plan_task(spec)
+    plan = _for_later_tasks(planned)
     chosen = plan.variant(variant) if variant is not None else None  # a name from the spec or its sweep
-    calibration, baseline = calibration_task.submit(plan), baseline_task.submit(plan)
+    calibration, baseline = calibration_task.submit(planned), baseline_task.submit(planned)
     baseline.wait()
     if chosen is not None:
         held: list = []

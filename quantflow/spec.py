@@ -6,12 +6,24 @@ and hashed into cache keys, so every field carries a description and a default.
 
 from __future__ import annotations
 
+import itertools
 import re
+import typing
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
 
 from quantflow.errors import QuantflowError
 
@@ -19,6 +31,12 @@ NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 DEMO_MODEL = "demo:smollm2-135m"
 PYDOC_CORPUS = "builtin:pydoc"
 DEFAULT_CALIBRATION_SAMPLES = 128
+
+
+def _form(position: int, title: str) -> dict[str, Any]:
+    """Where a field sits in the Prefect UI's run form and its label there: what most runs change comes first, the
+    advanced settings after it under one prefix (Prefect's form draws every nested field; it cannot fold a group)."""
+    return {"title": title, "json_schema_extra": {"position": position}}
 
 
 class _Strict(BaseModel):
@@ -45,7 +63,7 @@ class CalibrationSpec(_Strict):
     source: str = Field(
         PYDOC_CORPUS,
         description="'builtin:pydoc' (offline corpus shipped with CPython), a .txt/.jsonl/.parquet/.csv file, "
-        "or 'hf:<dataset>[:<config>][:<split>]'.",
+        "or a hub dataset: 'hf:DATASET', 'hf:DATASET:CONFIG' or 'hf:DATASET:CONFIG:SPLIT'.",
     )
     text_column: str = Field("text", description="Column holding the text in JSONL/Parquet/CSV/HF sources.")
     num_samples: int | None = Field(
@@ -263,20 +281,60 @@ class BnbVariant(_Strict):
     save: bool = Field(False, description="Also write the bitsandbytes-serialized weights as an artifact.")
 
 
-Variant = Annotated[
-    Union[
-        RTNVariant,
-        GPTQVariant,
-        AWQVariant,
-        AWQGPTQVariant,
-        AutoRoundVariant,
-        MixedVariant,
-        FP8Variant,
-        Int8Variant,
-        BnbVariant,
-    ],
-    Field(discriminator="method"),
-]
+class _FormBranches:
+    """The variants' union as the Prefect UI's run form draws it: one tab per method, holding that method's fields.
+
+    Prefect 3.9's form (V2 UI) renders a ``oneOf`` as tabs labelled by each branch's title and picks the tab of a
+    value by the most property names shared, the first branch winning a tie. So each branch gets a short title, a
+    ``method`` dropdown and its defaults (a new tab or list item starts valid), and the union lists a branch before
+    any branch whose fields include all of its own (FP8 before mixed). The data and its validation are unchanged.
+    """
+
+    def __get_pydantic_json_schema__(self, core_schema: Any, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        schema = handler(core_schema)
+        for branch, model in zip(schema["oneOf"], _BRANCHES, strict=True):
+            definition = handler.resolve_ref_schema(branch)
+            default = _branch_default(model)
+            methods = typing.get_args(model.model_fields["method"].annotation)
+            definition["title"] = BRANCH_TITLES[methods[0]]
+            definition["default"] = default
+            definition["properties"]["method"] = {
+                "title": "Method",
+                "enum": list(methods),
+                "default": default["method"],
+            }
+        schema["default"] = _branch_default(RTNVariant)
+        return schema
+
+
+def _branch_default(model: type[BaseModel]) -> dict[str, Any]:
+    methods = typing.get_args(model.model_fields["method"].annotation)
+    return model(method=methods[0]).model_dump(mode="json")
+
+
+_BRANCHES = (
+    RTNVariant,
+    GPTQVariant,
+    AWQVariant,
+    AWQGPTQVariant,
+    AutoRoundVariant,
+    FP8Variant,
+    Int8Variant,
+    BnbVariant,
+    MixedVariant,
+)
+BRANCH_TITLES = {
+    "rtn": "RTN",
+    "gptq": "GPTQ",
+    "awq": "AWQ",
+    "awq-gptq": "AWQ+GPTQ",
+    "autoround": "AutoRound",
+    "fp8": "FP8",
+    "int8": "INT8",
+    "bnb-nf4": "bitsandbytes",
+    "mixed": "Mixed",
+}
+Variant = Annotated[Union[_BRANCHES], Field(discriminator="method"), _FormBranches()]
 METHODS = (
     "rtn",
     "gptq",
@@ -413,7 +471,7 @@ class StoreSpec(_Strict):
     credentials_block: str | None = Field(
         None,
         pattern=r"^(aws-credentials|s3-bucket)/[A-Za-z0-9_-]+$",
-        description="Prefect block holding the keys and endpoint: 'aws-credentials/<name>' or 's3-bucket/<name>'. "
+        description="Prefect block holding the keys and endpoint: 'aws-credentials/NAME' or 's3-bucket/NAME'. "
         "Read only under Prefect.",
     )
     roundtrip_windows: int = Field(
@@ -434,8 +492,16 @@ class StoreSpec(_Strict):
         return "/".join(slug(p) for p in parts[1].split("/") if p) if len(parts) > 1 else ""
 
 
+FRESH_OUTPUT = Path("runs/{model}-{time}")
+
+
 class OutputSpec(_Strict):
-    dir: Path = Field(Path("runs/latest"), description="Where variant folders, report.json, report.md and plots go.")
+    dir: Path = Field(
+        FRESH_OUTPUT,
+        description="Where variant folders, report.json, report.md and plots go. {model} and {time} are filled in "
+        "when the run starts (runs/smollm2-135m-20261204-101500), so every run gets a folder of its own.",
+        **_form(0, "Folder"),
+    )
     cache_dir: Path | None = Field(
         None, description="Content-addressed step cache; default $QUANTFLOW_HOME/cache or ~/.cache/quantflow/cache."
     )
@@ -447,21 +513,30 @@ class OutputSpec(_Strict):
 class RunSpec(_Strict):
     """Everything that defines a quantflow run."""
 
-    model: ModelSpec = Field(default_factory=ModelSpec)
-    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec, **_form(0, "Model"))
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec, **_form(4, "Advanced: calibration"))
     variants: list[Variant] = Field(
         default_factory=lambda: [RTNVariant(), AWQVariant(), GPTQVariant()],
-        description="Quantized variants to build and evaluate against the baseline (empty when a sweep gives them).",
+        description="Quantized variants to build and evaluate against the baseline (empty when a sweep gives them). "
+        "Add item, then pick the method: each method shows its own settings.",
+        **_form(1, "Variants"),
     )
     sweep: SweepSpec | None = Field(
-        None, description="A grid expanded into more variants; combinations the model cannot take are left out."
+        None,
+        description="A grid expanded into more variants; combinations the model cannot take are left out.",
+        **_form(7, "Advanced: sweep"),
     )
-    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
-    constraints: ConstraintsSpec = Field(default_factory=ConstraintsSpec)
-    output: OutputSpec = Field(default_factory=OutputSpec)
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks CUDA when present.")
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, **_form(5, "Advanced: evaluation"))
+    constraints: ConstraintsSpec = Field(default_factory=ConstraintsSpec, **_form(6, "Advanced: constraints"))
+    output: OutputSpec = Field(default_factory=OutputSpec, **_form(2, "Output"))
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="'auto' picks CUDA when present.", **_form(3, "Device")
+    )
     step_timeout_s: float | None = Field(
-        None, gt=0, description="Kill any one heavy step (calibrate, quantize, evaluate) that runs longer."
+        None,
+        gt=0,
+        description="Kill any one heavy step (calibrate, quantize, evaluate) that runs longer.",
+        **_form(8, "Advanced: step timeout (s)"),
     )
     calibration_batch_size: int | None = Field(
         None,
@@ -470,6 +545,7 @@ class RunSpec(_Strict):
         description="Calibration samples per forward pass while quantizing (null = 16 on a GPU, where one sample at a "
         "time leaves it idle between kernel launches; 1 on the CPU). Only samples of one length share a batch: no "
         "token is cut or padded, so the result is the same up to rounding.",
+        **_form(9, "Advanced: calibration batch size"),
     )
     gpu_memory_gb: float | None = Field(
         None,
@@ -477,6 +553,7 @@ class RunSpec(_Strict):
         description="GPU memory each step may use, per GPU (GiB; null = all). Quantization keeps the weights in host "
         "memory and onloads one layer at a time; evaluation places what does not fit on further GPUs, then in host "
         "memory.",
+        **_form(10, "Advanced: GPU memory (GiB)"),
     )
 
     @model_validator(mode="before")
@@ -585,6 +662,28 @@ def apply_overrides(spec: RunSpec, overrides: dict[str, Any], aliases: dict[str,
             node = node.setdefault(part, {})
         node[leaf] = value
     return parse_spec(data, "command-line flags", aliases)
+
+
+def short_model_name(source: str) -> str:
+    """'facebook/opt-125m' -> 'opt-125m', 'demo:smollm2-135m' -> 'smollm2-135m', a folder -> its name."""
+    return source.rstrip("/").split("/")[-1].split(":")[-1] or source
+
+
+def with_output_folder(spec: RunSpec, now: datetime) -> RunSpec:
+    """The spec with {model} and {time} in output.dir filled in, once, when the run starts: a run started from
+    the UI's form writes a folder of its own, never over another run's (a second run in the same second gets -2)."""
+    template = str(spec.output.dir)
+    if "{model}" not in template and "{time}" not in template:
+        return spec
+    filled = template.replace("{model}", slug(short_model_name(spec.model.source))).replace(
+        "{time}", now.strftime("%Y%m%d-%H%M%S")
+    )
+    folder = Path(filled)
+    for n in itertools.count(2):
+        if not folder.exists():
+            break
+        folder = Path(f"{filled}-{n}")
+    return spec.model_copy(update={"output": spec.output.model_copy(update={"dir": folder})})
 
 
 def slug(text: str) -> str:

@@ -13,16 +13,11 @@ from pathlib import Path
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from quantflow.reporting.report import PLOTS, Report, load_report
-from quantflow.spec import RunSpec
+from quantflow.spec import RunSpec, short_model_name
 from quantflow.sweep import grid_size
 from tasks.credentials import store_credentials
 
 KEY = "quantflow"
-
-
-def short_model_name(source: str) -> str:
-    """'facebook/opt-125m' -> 'opt-125m', 'demo:smollm2-135m' -> 'smollm2-135m', a folder -> its name."""
-    return source.rstrip("/").split("/")[-1].split(":")[-1] or source
 
 
 def run_name() -> str:
@@ -44,8 +39,15 @@ def run_name() -> str:
     return f"{short_model_name(spec.model.source)}: {what}"
 
 
+MB = 10**6 / 2**20  # the report's sizes are MiB; the table shows decimal megabytes, as file browsers do
+
+
+def _or_dash(value: float | None, template: str) -> str:
+    return "–" if value is None else template.format(value)
+
+
 def comparison_rows(report: Report) -> list[dict]:
-    """One row per variant with the headers a reader expects, best first marked."""
+    """One row per variant, rounded for a reader (report.json keeps the full values), the best one marked."""
     rows = []
     for r in report.rows:
         decode = next((s["decode_tokens_per_s"] for s in r.speed if s["batch"] == 1), None)
@@ -53,15 +55,15 @@ def comparison_rows(report: Report) -> list[dict]:
             {
                 "Variant": r.name + (" (best)" if r.name == report.best else ""),
                 "Method": r.method,
-                "Perplexity": r.perplexity,
-                "Δ perplexity %": r.ppl_delta_pct,
-                "KL (nats/token)": r.kl_mean,
-                "Bits/weight": r.effective_bits,
-                "Size (MiB)": r.size_mb,
-                "Size vs baseline": r.size_ratio,
-                "Peak memory (MiB)": r.peak_memory_mb,
-                "Decode tok/s (batch 1)": decode,
-                "Quantize (s)": r.quantize_seconds,
+                "Perplexity": f"{r.perplexity:.3f}",
+                "Δ perplexity": f"{r.ppl_delta_pct:+.2f}%",
+                "KL (nats/token)": _or_dash(r.kl_mean, "{:.4f}"),
+                "Bits/weight": _or_dash(r.effective_bits, "{:.2f}"),
+                "Size": f"{r.size_mb / MB:.1f} MB",
+                "Size vs baseline": f"{r.size_ratio:.2f}×",
+                "Peak memory": f"{r.peak_memory_mb / MB:.0f} MB",
+                "Decode (batch 1)": _or_dash(decode, "{:.1f} tok/s"),
+                "Quantize": _or_dash(r.quantize_seconds, "{:.1f} s"),
             }
         )
     return rows

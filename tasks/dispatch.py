@@ -16,8 +16,7 @@ from prefect.deployments import run_deployment
 from prefect.exceptions import PrefectHTTPStatusError
 from prefect.logging import get_run_logger
 
-from quantflow.spec import RunSpec
-from tasks.artifacts import short_model_name
+from quantflow.spec import RunSpec, short_model_name
 
 POLL_SECONDS = 5  # one read per child per interval: a 30-variant sweep polls 6 times a second
 
@@ -39,7 +38,7 @@ def api_hiccup(task, task_run, state) -> bool:
 @task(
     name="dispatch",
     cache_policy=NO_CACHE,
-    task_run_name="dispatch-{variant}",
+    task_run_name="dispatch {variant}",
     retries=3,
     retry_delay_seconds=[5, 20, 60],
     retry_condition_fn=api_hiccup,

@@ -64,14 +64,21 @@ def _did(step) -> str:
     return "cached" if step is None or step.cached else f"computed in {step.seconds:.1f} s"
 
 
-@task(name="plan", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_io_only)
+@task(
+    name="plan",
+    task_run_name="plan",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    retry_condition_fn=retry_io_only,
+)
 def plan_task(spec: RunSpec) -> planning.Plan:
     """Validate the spec against the model's shapes and this machine; download or convert the model."""
     with store_credentials(spec):  # an s3:// model source reads with the same credentials
         return detached(planning.plan(spec, progress=get_run_logger().info))
 
 
-@task(name="calibration", cache_policy=NO_CACHE)
+@task(name="calibration", task_run_name="calibration", cache_policy=NO_CACHE)
 def calibration_task(plan: planning.Plan) -> steps.Calibrated:
     """Tokenize the calibration set (CPU work: it runs beside the baseline's evaluation)."""
     calibrated = steps.calibrate(plan)
@@ -84,7 +91,7 @@ def calibration_task(plan: planning.Plan) -> steps.Calibrated:
     return detached(calibrated)
 
 
-@task(name="baseline", **ON_ACCELERATOR)
+@task(name="baseline", task_run_name="baseline", **ON_ACCELERATOR)
 def baseline_task(plan: planning.Plan) -> steps.Baseline:
     """Evaluate the unquantized model: the reference every variant is compared with."""
     baseline = steps.evaluate_baseline(plan)
@@ -92,7 +99,7 @@ def baseline_task(plan: planning.Plan) -> steps.Baseline:
     return detached(baseline)
 
 
-@task(name="sensitivity", task_run_name="sensitivity-{variant.name}", **ON_ACCELERATOR)
+@task(name="sensitivity", task_run_name="sensitivity {variant.name}", **ON_ACCELERATOR)
 def sensitivity_task(plan: planning.Plan, variant: Variant, calibration: steps.Calibrated) -> steps.Sensitivity:
     """Score every Linear group of a mixed variant at every menu option on the calibration set."""
     measured = steps.measure(plan, variant, calibration.record)
@@ -108,7 +115,7 @@ def sensitivity_task(plan: planning.Plan, variant: Variant, calibration: steps.C
     return detached(measured)
 
 
-@task(name="quantize", task_run_name="quantize-{variant.name}", **ON_ACCELERATOR)
+@task(name="quantize", task_run_name="quantize {variant.name}", **ON_ACCELERATOR)
 def quantize_task(
     plan: planning.Plan,
     variant: Variant,
@@ -121,7 +128,7 @@ def quantize_task(
     return detached(quantized)
 
 
-@task(name="evaluate", task_run_name="evaluate-{variant.name}", **ON_ACCELERATOR)
+@task(name="evaluate", task_run_name="evaluate {variant.name}", **ON_ACCELERATOR)
 def evaluate_task(
     plan: planning.Plan, variant: Variant, quantized: steps.Quantized, baseline: steps.Baseline
 ) -> VariantResult:
@@ -133,7 +140,7 @@ def evaluate_task(
     return detached(result)
 
 
-@task(name="gather", cache_policy=NO_CACHE)
+@task(name="gather", task_run_name="gather", cache_policy=NO_CACHE)
 def gather_task(plan: planning.Plan) -> steps.Gathered:
     """Read a fanned-out run's records from the shared cache by their keys (fails if a worker's result is missing)."""
     return detached(steps.gather(plan))
@@ -158,7 +165,7 @@ def _report(
     )
 
 
-@task(name="report", cache_policy=NO_CACHE)
+@task(name="report", task_run_name="report", cache_policy=NO_CACHE)
 def report_task(
     plan: planning.Plan, calibration: steps.Calibrated, baseline: steps.Baseline, variants: list[VariantResult]
 ) -> str:
@@ -173,7 +180,7 @@ def report_task(
 
 @task(
     name="upload",
-    task_run_name="upload-{variant.name}",
+    task_run_name="upload {variant.name}",
     cache_policy=NO_CACHE,
     retries=3,
     retry_delay_seconds=[10, 30, 90],
@@ -198,6 +205,7 @@ def upload_task(plan: planning.Plan, variant: VariantResult, out: str) -> Stored
 
 @task(
     name="store-report",
+    task_run_name="store report",
     cache_policy=NO_CACHE,
     retries=3,
     retry_delay_seconds=[10, 30, 90],

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from quantflow.spec import (
+    FRESH_OUTPUT,
     AWQVariant,
     BnbVariant,
     CalibrationSpec,
@@ -25,7 +26,8 @@ from quantflow.spec import (
 )
 
 
-def demo_spec(output: Path = Path("runs/demo")) -> RunSpec:
+def demo_spec(output: Path = FRESH_OUTPUT) -> RunSpec:
+    """The demo's spec; `quantflow demo` writes runs/demo, the served deployment's form a fresh folder per run."""
     scheme = {"bits": 4, "group_size": 64, "symmetric": False}
     return RunSpec(
         calibration=CalibrationSpec(num_samples=16, seq_len=256, min_chars=500),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -25,7 +26,7 @@ from quantflow.quantization.quantize import (
     scheme_label,
     weightless_model,
 )
-from quantflow.spec import BnbVariant, FP8Variant, MixedVariant, RunSpec, Variant
+from quantflow.spec import BnbVariant, FP8Variant, MixedVariant, RunSpec, Variant, with_output_folder
 from quantflow.sweep import Dropped, expand
 
 # AWQ's grid search runs thousands of small forwards: at one sample each they are launch-bound
@@ -127,6 +128,7 @@ def check_folder(field: str, folder: Path) -> None:
 
 def plan(spec: RunSpec, progress: Progress = print) -> Plan:
     """Validate the spec against this machine and the model's shapes; resolve the model source."""
+    spec = with_output_folder(spec, datetime.now())
     device = pick_device(spec.device)
     check_environment(spec)
     cache = StepCache(spec.output.cache_dir or default_cache_root())

@@ -26,6 +26,7 @@ def run(spec: RunSpec, progress: Progress = print) -> Path:
             "environment or a profile",
         )
     the_plan = plan(spec, progress)
+    spec = the_plan.spec  # output.dir filled in
     progress(f"device: {the_plan.device}; cache: {the_plan.cache_root}")
     calibration = steps.calibrate(the_plan)
     if calibration.record.note:
