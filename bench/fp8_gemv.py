@@ -76,7 +76,7 @@ def write(out: Path | None, results: list[dict]) -> None:
 
 def main() -> None:
     from quantflow.evaluation.decode import bandwidth
-    from quantflow.evaluation.fp8_gemv import GemvConfig, gemv_config, launch
+    from quantflow.kernels.fp8_gemv import GemvConfig, gemv_config, launch
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="1,2,4")

@@ -1,9 +1,9 @@
 """Candidates for the FP8 decode step's MLP at one row: SiLU·mul and the activation scaling moved into kernels.
 
-The step now runs gate/up as one GEMV (``quantflow.evaluation.fp8_gemv``), then three Inductor kernels for SiLU·mul
+The step now runs gate/up as one GEMV (``quantflow.kernels.fp8_gemv``), then three Inductor kernels for SiLU·mul
 and the per-token e4m3 scaling of its output (a split reduction for the maximum, its final pass, the scaling), then
 the down GEMV: 4.6 µs a layer between the two GEMVs (bench/results/profile-fp8-7b-h200.json). Two paths after the
-runtime's gate/up kernel (``quantflow.evaluation.fp8_mlp``: SiLU(gate)·up in bf16 and each tile's row maxima):
+runtime's gate/up kernel (``quantflow.kernels.fp8_mlp``: SiLU(gate)·up in bf16 and each tile's row maxima):
   - split, the runtime's (``FP8GatedMLP``): one kernel scales the row to e4m3 from those maxima, then the down GEMV;
   - fused: a down kernel that reduces the maxima to the row's scale and scales the bf16 row as it streams the weight.
 Times them at 7B's MLP shape (4096 -> 2 x 11008 -> 4096) in CUDA-graph replays over weight copies past 4x the L2
@@ -29,8 +29,8 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from bench.fp8_gemv import activation, copies_for  # noqa: E402
-from quantflow.evaluation.fp8_gemv import BLOCK_M, fp8_gemv  # noqa: E402
-from quantflow.evaluation.fp8_mlp import fp8_gate_up_silu, fp8_scale_rows, row_scale  # noqa: E402
+from quantflow.kernels.fp8_gemv import BLOCK_M, fp8_gemv  # noqa: E402
+from quantflow.kernels.fp8_mlp import fp8_gate_up_silu, fp8_scale_rows, row_scale  # noqa: E402
 
 
 @triton.jit
@@ -79,7 +79,7 @@ def split(xq, x_scale, w_gate_up, s_gate_up, w_down, s_down) -> torch.Tensor:
 def current(xq, x_scale, w_gate_up, s_gate_up, w_down, s_down) -> torch.Tensor:
     """The step's path: gate/up GEMV, SiLU·mul and the per-token scaling in torch (Inductor fuses them), down GEMV."""
     from quantflow.evaluation.fp8 import E4M3, E4M3_MAX
-    from quantflow.evaluation.fp8_gemv import fp8_gemv
+    from quantflow.kernels.fp8_gemv import fp8_gemv
 
     gate, up = fp8_gemv(xq, x_scale, w_gate_up, s_gate_up).to(torch.bfloat16).chunk(2, dim=-1)
     h = torch.nn.functional.silu(gate) * up

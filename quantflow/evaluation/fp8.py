@@ -6,7 +6,7 @@ model's, the speed and memory are not. Here every quantized Linear keeps its e4m
 per-output-channel scale; each call scales the activations per token to e4m3 (as vLLM's dynamic
 FP8 does) and calls PyTorch's ``_scaled_mm`` with row-wise scales, which runs on the FP8 tensor
 cores of Ada and Hopper GPUs (compute capability 8.9+). A one-row product (batch-1 decode) runs instead on
-``quantflow.evaluation.fp8_gemv``, the same maths streamed through a Triton kernel, since cuBLASLt's FP8 GEMM reads
+``quantflow.kernels.fp8_gemv``, the same maths streamed through a Triton kernel, since cuBLASLt's FP8 GEMM reads
 the weight at a third of the card's bandwidth there. Nothing else needs installing.
 """
 
@@ -21,7 +21,7 @@ from torch import nn
 
 from quantflow.errors import QuantflowError
 
-GEMV_ROWS = 1  # batch-1 decode runs on quantflow.evaluation.fp8_gemv; from 2 rows _scaled_mm was as fast or faster
+GEMV_ROWS = 1  # batch-1 decode runs on quantflow.kernels.fp8_gemv; from 2 rows _scaled_mm was as fast or faster
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max
 MIN_CAPABILITY = (8, 9)
@@ -71,8 +71,8 @@ class FP8Linear(nn.Module):
         return (flat.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
     def gemv(self, quantized: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """This layer's output for ``x`` from its rows already in e4m3, through ``quantflow.evaluation.fp8_gemv``."""
-        from quantflow.evaluation.fp8_gemv import fp8_gemv
+        """This layer's output for ``x`` from its rows already in e4m3, through ``quantflow.kernels.fp8_gemv``."""
+        from quantflow.kernels.fp8_gemv import fp8_gemv
 
         y = fp8_gemv(quantized, scale, self.weight, self.scale).to(torch.bfloat16)
         y = y + self.bias if self.bias is not None else y
@@ -91,7 +91,7 @@ class FP8Linear(nn.Module):
 
 class FP8GatedMLP(nn.Module):
     """down(SiLU(gate(x)) · up(x)) of FP8 Linears, gate and up fused. One row on CUDA runs three kernels
-    (``quantflow.evaluation.fp8_mlp``: SiLU·mul and the row maxima in the gate/up kernel, one scaling kernel, the
+    (``quantflow.kernels.fp8_mlp``: SiLU·mul and the row maxima in the gate/up kernel, one scaling kernel, the
     down GEMV) where the separate Linears took five; any other input takes the Linears' own path."""
 
     def __init__(self, gate: FP8Linear, up: FP8Linear, down: FP8Linear) -> None:
@@ -102,7 +102,7 @@ class FP8GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         if on_gemv(flat):
-            from quantflow.evaluation.fp8_mlp import fp8_gate_up_silu, fp8_scale_rows
+            from quantflow.kernels.fp8_mlp import fp8_gate_up_silu, fp8_scale_rows
 
             h = fp8_gate_up_silu(*self.gate_up.quantize(flat), self.gate_up.weight, self.gate_up.scale)
             return self.down_proj.gemv(*fp8_scale_rows(*h), x)

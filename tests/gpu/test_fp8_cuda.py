@@ -57,7 +57,7 @@ def test_the_gemv_matches_the_reference_on_ragged_widths_several_rows_and_split_
 ):
     """Ragged input widths (masked loads), rows padded up to the 16 of a tensor-core tile, split inputs (atomics)."""
     from quantflow.evaluation.fp8 import E4M3, E4M3_MAX
-    from quantflow.evaluation.fp8_gemv import GemvConfig, fp8_gemv, gemv_config, launch
+    from quantflow.kernels.fp8_gemv import GemvConfig, fp8_gemv, gemv_config, launch
 
     dense = torch.randn(out_features, in_features, device="cuda") * 0.02
     w_scale = dense.abs().amax(1, keepdim=True) / E4M3_MAX
