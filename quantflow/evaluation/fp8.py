@@ -20,10 +20,9 @@ import torch
 from torch import nn
 
 from quantflow.errors import QuantflowError
+from quantflow.kernels.e4m3 import E4M3, E4M3_MAX
 
 GEMV_ROWS = 1  # batch-1 decode runs on quantflow.kernels.fp8_gemv; from 2 rows _scaled_mm was as fast or faster
-E4M3 = torch.float8_e4m3fn
-E4M3_MAX = torch.finfo(E4M3).max
 MIN_CAPABILITY = (8, 9)
 _HAS_TRITON = importlib.util.find_spec("triton") is not None  # CUDA builds of torch ship it; CPU builds do not
 

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from quantflow.evaluation.fp8 import E4M3, E4M3_MAX
+from quantflow.kernels.e4m3 import E4M3, E4M3_MAX
 from quantflow.kernels.fp8_gemv import BLOCK_M
 
 BLOCK_N = 32  # gate and up outputs per program (64 weight rows): the fastest tile at 7B's shape, 3 stages
