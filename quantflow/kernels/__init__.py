@@ -1,1 +1,79 @@
-"""The kernels quantflow's runtimes run: each module names its weight layout at the top and keeps a reference."""
+"""The kernels quantflow's runtimes run, behind one call: ``linear(x, packed)``.
+
+Each kernel module names its weight layout at the top and keeps a reference beside it:
+
+- ``w4_pack``: the 4-bit weight layout, its repack from compressed-tensors and the dequantized reference;
+- ``w4a16``: Triton kernels on it (decode for 1-32 rows, unpack to bf16 for prefill);
+- ``fp8_gemv``, ``fp8_mlp``, ``e4m3``: the FP8 runtime's few-row kernels.
+
+``linear`` picks the kernel by row count and falls back to the dequantized reference where no kernel can run (a
+layout the kernels cannot take, no GPU, no Triton): never a wrong number, and ``route`` says which ran and why.
+Nothing here imports Triton until a kernel runs, so CPU-only installs use the reference.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from quantflow.kernels.w4_pack import W4Weight, reference_linear
+
+DECODE_ROWS = 32  # up to here the W4 decode kernel; above, unpack to bf16 + cuBLAS
+MIN_CAPABILITY = (8, 0)  # bf16 tensor cores
+_checked: dict[str, int | str] = {}  # device -> unpack form that passed the self-check, or why none did
+
+
+def kernel_problem(x: torch.Tensor, packed: W4Weight) -> str | None:
+    """Why ``x`` times ``packed`` cannot run on a kernel, or None when it can."""
+    if packed.reason is not None:
+        return packed.reason
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    if not x.is_cuda:
+        return "the W4 kernels run on CUDA GPUs"
+    capability = torch.cuda.get_device_capability(x.device)
+    if capability < MIN_CAPABILITY:
+        return f"{torch.cuda.get_device_name(x.device)} has compute capability {capability[0]}.{capability[1]}"
+    form = unpack_form(x.device)
+    return form if isinstance(form, str) else None
+
+
+def unpack_form(device: torch.device) -> int | str:
+    """The fastest unpack that gives the plain unpack's numbers on this device (checked once), or why none does."""
+    from quantflow.kernels import w4a16
+
+    if os.environ.get("TRITON_INTERPRET") == "1" or device.type != "cuda":
+        return w4a16.PLAIN
+    key = str(device)
+    if key not in _checked:
+        _checked[key] = w4a16.self_check(device)
+    return _checked[key]
+
+
+def route(rows: int, x: torch.Tensor, packed: W4Weight) -> str:
+    """Which kernel ``linear`` runs for ``rows`` rows of ``x``'s kind: the label the report shows."""
+    problem = kernel_problem(x, packed)
+    if problem is not None:
+        return f"reference, no kernel ({problem})"
+    return "W4A16 Triton decode" if rows <= DECODE_ROWS else "W4A16 unpack to bf16 + cuBLAS"
+
+
+def linear(x: torch.Tensor, packed: W4Weight) -> torch.Tensor:
+    """``x @ w.T`` in bf16 for activations ``x`` [..., K] and a packed weight, on the kernel ``route`` names."""
+    if kernel_problem(x, packed) is not None:
+        return reference_linear(x, packed)
+    from quantflow.kernels import w4a16  # noqa: F401 (registers the custom ops)
+
+    form = unpack_form(x.device)
+    flat = x.reshape(-1, packed.in_features).to(torch.bfloat16).contiguous()
+    args = (packed.words, packed.scale, packed.offset)
+    if flat.shape[0] <= DECODE_ROWS:
+        y = torch.ops.quantflow.w4a16_decode(flat, *args, packed.count, packed.out_features, packed.group_size, form)
+    else:
+        w = torch.ops.quantflow.w4a16_dequantize(*args, packed.out_features, packed.group_size, form)
+        y = flat @ w.t()
+    return y.reshape(*x.shape[:-1], packed.out_features)

@@ -1,0 +1,87 @@
+"""The W4A16 kernels at 7B shapes on the GPU: the inline-PTX unpack forms against the plain one, the products within
+bf16 rounding of a float64 reference, CUDA graphs and torch.compile (GPU machines only)."""
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+# (out, in, group or None for channel-wise, symmetric): the 7B layer's Linears across the schemes
+SHAPES = [(12288, 4096, 128, False), (4096, 4096, 64, True), (22016, 4096, 32, False), (4096, 11008, None, True)]
+
+
+def quantized(out: int, width: int, group: int | None, symmetric: bool, seed: int):
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    group = group or width
+    q = torch.randint(-8, 8, (out, width), generator=generator, device="cuda", dtype=torch.int8)
+    scale = (torch.rand(out, width // group, generator=generator, device="cuda") * 0.01 + 0.001).to(torch.bfloat16)
+    zp = None if symmetric else torch.randint(-8, 8, scale.shape, generator=generator, device="cuda", dtype=torch.int8)
+    zero = zp.double().repeat_interleave(group, dim=1) if zp is not None else 0.0
+    exact = (q.double() - zero) * scale.double().repeat_interleave(group, dim=1)
+    return q, scale, zp, group, exact
+
+
+def within_rounding(y: torch.Tensor, x: torch.Tensor, exact: torch.Tensor, ulps: float) -> float:
+    """The worst error of ``y`` in units of one bf16 rounding of the float64 product (plus fp32 sums' slack)."""
+    reference = x.double() @ exact.t()
+    slack = (x.double().abs() @ exact.abs().t()) * 2**-18
+    return ((y.double() - reference).abs() / (reference.abs() * 2**-8 * ulps + slack)).max().item()
+
+
+def test_the_ptx_unpack_runs_here_and_matches_the_plain_one_bit_for_bit():
+    from quantflow.kernels import w4a16
+    from quantflow.kernels.w4_pack import dequantize, repack
+
+    assert w4a16.self_check(torch.device("cuda")) in (w4a16.LOP3, w4a16.LOP3_SPLIT)
+    q, scale, zp, group, _ = quantized(4096, 4096, 128, False, 0)
+    weight = repack(q, scale, zp, group)
+    x = torch.randn(8, 4096, device="cuda").to(torch.bfloat16)
+    config = w4a16.decode_config(4096, 4096, 128)
+    plain = w4a16.decode_launch(x, weight, config, w4a16.PLAIN)
+    assert torch.equal(w4a16.dequantize_launch(weight, w4a16.PLAIN), dequantize(weight))
+    built = []
+    for form in (w4a16.LOP3, w4a16.LOP3_SPLIT):
+        try:
+            y, w = w4a16.decode_launch(x, weight, config, form), w4a16.dequantize_launch(weight, form)
+        except Exception:  # noqa: BLE001 - a form that does not build here; at least one must
+            continue
+        built.append(form)
+        assert torch.equal(y, plain) and torch.equal(w, dequantize(weight)), form
+    assert built
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{o}x{i}-g{g}-{'sym' if s else 'asym'}" for o, i, g, s in SHAPES])
+def test_linear_at_7b_shapes_is_within_bf16_rounding_for_every_row_count(shape):
+    from quantflow.kernels import linear, route
+    from quantflow.kernels.w4_pack import repack
+
+    q, scale, zp, group, exact = quantized(*shape, seed=1)
+    weight = repack(q, scale, zp, group)
+    for rows in (1, 3, 8, 16, 17, 32, 2048):
+        x = torch.randn(rows, shape[1], device="cuda").to(torch.bfloat16)
+        assert not route(rows, x, weight).startswith("reference")
+        y = linear(x, weight)
+        # decode: one rounding of fp32 sums; prefill: cuBLAS's bf16 product of the rounded weight (two roundings)
+        assert within_rounding(y, x, exact, 1.0 if rows <= 32 else 4.0) <= 1.0, rows
+        assert not weight.count.any()
+
+
+def test_decode_replays_in_a_cuda_graph_and_compiles():
+    from quantflow.kernels import linear
+    from quantflow.kernels.w4_pack import repack
+
+    q, scale, zp, group, exact = quantized(4096, 11008, 128, False, 2)
+    weight = repack(q, scale, zp, group)
+    x = torch.randn(4, 11008, device="cuda").to(torch.bfloat16)
+    eager = linear(x, weight)
+    graph = torch.cuda.CUDAGraph()
+    linear(x, weight)  # warm up outside the capture
+    with torch.cuda.graph(graph):
+        captured = linear(x, weight)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        assert torch.equal(captured, linear(x, weight))
+    compiled = torch.compile(lambda inputs: linear(inputs, weight), fullgraph=True)
+    assert torch.equal(compiled(x), linear(x, weight))
+    assert not torch.equal(eager, captured)  # the replays did read the new inputs
