@@ -22,23 +22,37 @@ from quantflow.kernels.w4_pack import W4Weight, reference_linear
 
 DECODE_ROWS = 32  # up to here the W4 decode kernel; above, unpack to bf16 + cuBLAS
 MIN_CAPABILITY = (8, 0)  # bf16 tensor cores
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton reads it once too, at import
 _checked: dict[str, int | str] = {}  # device -> unpack form that passed the self-check, or why none did
+_problems: dict[str, str | None] = {}  # device -> why the kernels cannot run there (filled eagerly: pack, first call)
 
 
 def kernel_problem(x: torch.Tensor, packed: W4Weight) -> str | None:
     """Why ``x`` times ``packed`` cannot run on a kernel, or None when it can."""
-    if packed.reason is not None:
-        return packed.reason
-    if importlib.util.find_spec("triton") is None:
+    return packed.reason or device_problem(x.device)
+
+
+def device_problem(device: torch.device) -> str | None:
+    """Why the W4 kernels cannot run on ``device``, or None when they can (their self-check passed there). Cached per
+    device, so a compiled graph reads a constant."""
+    key = str(device)
+    if key not in _problems:
+        _problems[key] = _device_problem(device)
+    return _problems[key]
+
+
+def _device_problem(device: torch.device) -> str | None:
+    if not _HAS_TRITON:
         return "Triton is not installed"
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if _INTERPRETED:
         return None
-    if not x.is_cuda:
+    if device.type != "cuda":
         return "the W4 kernels run on CUDA GPUs"
-    capability = torch.cuda.get_device_capability(x.device)
+    capability = torch.cuda.get_device_capability(device)
     if capability < MIN_CAPABILITY:
-        return f"{torch.cuda.get_device_name(x.device)} has compute capability {capability[0]}.{capability[1]}"
-    form = unpack_form(x.device)
+        return f"{torch.cuda.get_device_name(device)} has compute capability {capability[0]}.{capability[1]}"
+    form = unpack_form(device)
     return form if isinstance(form, str) else None
 
 
@@ -46,7 +60,7 @@ def unpack_form(device: torch.device) -> int | str:
     """The fastest unpack that gives the plain unpack's numbers on this device (checked once), or why none does."""
     from quantflow.kernels import w4a16
 
-    if os.environ.get("TRITON_INTERPRET") == "1" or device.type != "cuda":
+    if _INTERPRETED or device.type != "cuda":
         return w4a16.PLAIN
     key = str(device)
     if key not in _checked:

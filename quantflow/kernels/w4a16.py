@@ -10,9 +10,12 @@ nothing needs clearing before the next launch) sums them in a fixed order and wr
 
 The unpack (``UNPACK``): ``PLAIN`` shifts, masks and converts each nibble in Triton (runs under Triton's CPU
 interpreter, which is how CI checks the layout and tiling); ``LOP3`` makes two bf16 values per instruction with inline
-PTX ``lop3`` (the magic-number trick the layout is built for), packed two outputs per asm call; ``LOP3_SPLIT`` is the
-same instruction with two 16-bit outputs instead (a fallback if the packed form lowers badly). Both PTX forms run on
-CUDA only and are checked against the plain one by tests/gpu/test_w4a16_cuda.py.
+PTX ``lop3`` (the magic-number trick the layout is built for), two 16-bit outputs per asm call. Both spread each word
+over its 8 K values (a reshape, which Triton lowers through shared memory). The ``SUBDOT`` forms avoid the reshape:
+they take nibble position p of every word of the tile as one [BN, 16] operand (K values 8j + p) and multiply it by
+the matching strided rows of x, eight products of depth 16 per 128-wide tile; ``SUBDOT_LOP3`` makes each bf16 pair
+from two words with ``prmt`` + ``lop3``. The PTX forms run on CUDA only and are checked against the plain ones by
+``self_check`` at first use and by tests/gpu/test_w4a16_cuda.py. Groups of 32 and 64 use the one-product forms.
 
 Prefill (``w4a16_dequantize``): the same unpack writes ``(q - zp) * s`` in bf16; ``quantflow.kernels.linear`` then
 calls cuBLAS, which beats any hand-written product at thousands of rows.
@@ -29,7 +32,8 @@ import triton.language as tl
 
 from quantflow.kernels.w4_pack import TILE_N, W4Weight
 
-PLAIN, LOP3, LOP3_SPLIT = 0, 1, 2
+PLAIN, LOP3, SUBDOT, SUBDOT_LOP3 = 0, 1, 2, 3
+FORMS = {PLAIN: "plain", LOP3: "lop3", SUBDOT: "sub-dots plain", SUBDOT_LOP3: "sub-dots lop3"}
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -42,39 +46,74 @@ class DecodeConfig:
 
 
 def decode_config(out_features: int, in_features: int, block_k: int) -> DecodeConfig:
-    """Blocks after a probe on an H200 at 7B shapes: 128 outputs per program on wide layers, 64 on narrow ones, and
-    enough K splits for about 480 programs (3.6 per SM): the largest split up to that which divides the K tiles."""
-    block_n = 128 if out_features >= 8192 else 64
-    tiles, wanted = in_features // block_k, round(480 / triton.cdiv(out_features, block_n))
+    """Blocks after a sweep on an H200 at 7B shapes (bench/kernels.py): 64 outputs per program, 4 warps, and enough K
+    splits for about 1,000 programs (7.6 per SM): the largest split up to that which divides the K tiles."""
+    block_n = 64
+    tiles, wanted = in_features // block_k, round(1000 / triton.cdiv(out_features, block_n))
     split = max(s for s in range(1, tiles + 1) if tiles % s == 0 and s <= max(wanted, 1))
-    warps = 4 if block_n == 128 and out_features < 16384 else 2
-    return DecodeConfig(block_n, split, warps)
+    return DecodeConfig(block_n, split, 4)
 
 
 @triton.jit
-def _unpack(words, BN: tl.constexpr, W: tl.constexpr, UNPACK: tl.constexpr):
-    """int32 words [BN, W] to bf16 [BN, 8 W]: 128 + u in K order (value 8j + 2s + h sits at bit 4s + 16h)."""
+def _load_unpacked(row_ptrs, mask, BN: tl.constexpr, BK: tl.constexpr, UNPACK: tl.constexpr):
+    """bf16 [BN, BK] of 128 + u for one K tile in K order, from each row's first word pointer ``row_ptrs`` [BN]."""
+    W: tl.constexpr = BK // 8
+    words = tl.load(row_ptrs[:, None] + tl.arange(0, W)[None, :], mask=mask[:, None])
     shifted = words[:, :, None] >> (tl.arange(0, 4) * 4)[None, None, :]  # [BN, W, 4]: values 2s, 2s + 1 at 0 and 16
     if UNPACK == 0:
-        halves = tl.arange(0, 2) * 16
-        u = (shifted[:, :, :, None] >> halves[None, None, None, :]) & 15
+        u = (shifted[:, :, :, None] >> (tl.arange(0, 2) * 16)[None, None, None, :]) & 15
         pairs = (u + 128).to(tl.float32).to(tl.bfloat16)  # via fp32: the CPU interpreter botches int -> bf16
-    elif UNPACK == 1:
-        both = tl.broadcast_to(shifted[:, :, :, None], (BN, W, 4, 2))
-        pairs = tl.inline_asm_elementwise(
-            "lop3.b32 $0, $1, 0x000F000F, 0x43004300, 0xEA;", "=r,r,r", [both], dtype=tl.bfloat16, is_pure=True, pack=2
-        )
     else:
         lo, hi = tl.inline_asm_elementwise(
             "{ .reg .b32 t; lop3.b32 t, $2, 0x000F000F, 0x43004300, 0xEA; mov.b32 {$0, $1}, t; }",
-            "=h,=h,r",
-            [shifted],
-            dtype=(tl.bfloat16, tl.bfloat16),
-            is_pure=True,
-            pack=1,
-        )
+            "=h,=h,r", [shifted], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1,
+        )  # fmt: skip
         pairs = tl.join(lo, hi)
-    return tl.reshape(pairs, (BN, W * 8))
+    return tl.reshape(pairs, (BN, BK))
+
+
+@triton.jit
+def _subdot_operand(words, p: tl.constexpr, UNPACK: tl.constexpr):
+    """bf16 [BN, W] of 128 + u at nibble position ``p`` (bit 4 (p // 2) + 16 (p % 2)) of every word: K values
+    ``8j + p``. Elementwise, so the words' register layout carries over to the dot operand without a reshape."""
+    shifted = words >> (4 * (p // 2)) if p >= 2 else words
+    if UNPACK == 2:
+        return (((shifted >> (16 * (p % 2))) & 15) + 128).to(tl.float32).to(tl.bfloat16)
+    # two words per asm call: prmt gathers their low (or high) halves, lop3 makes the bf16 pair
+    selector: tl.constexpr = "0x5410" if p % 2 == 0 else "0x7632"
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 t; prmt.b32 t, $1, $2, " + selector + "; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA; }",
+        "=r,r,r", [shifted], dtype=tl.bfloat16, is_pure=True, pack=2,
+    )  # fmt: skip
+
+
+@triton.jit
+def _tile_dot(words_ptr, x_ptr, row_ptrs, out_ok, rows, row_ok, k0, K, BN: tl.constexpr, BK: tl.constexpr,
+              BM: tl.constexpr, UNPACK: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
+    """(sum over the tile of (128 + u) x [BN, BM], sum of x [BM]) in fp32 for one K tile starting at ``k0``."""
+    if UNPACK >= 2:  # eight products of depth BK / 8, one per nibble position (BK = 128: depth 16)
+        W: tl.constexpr = BK // 8
+        words = tl.load(row_ptrs[:, None] + tl.arange(0, W)[None, :], mask=out_ok[:, None])
+        dot = tl.zeros((BN, BM), dtype=tl.float32)
+        x_sum = tl.zeros((BM,), dtype=tl.float32)
+        for p in tl.static_range(8):
+            ks = k0 + 8 * tl.arange(0, W) + p
+            xt = tl.load(x_ptr + rows[None, :] * K + ks[:, None], mask=row_ok[None, :], other=0.0)  # [W, BM]
+            w = _subdot_operand(words, p, UNPACK)
+            if INTERPRET:  # the CPU interpreter multiplies bf16 tiles as their raw bits: give it fp32 (exact here)
+                dot = tl.dot(w.to(tl.float32), xt.to(tl.float32), dot, input_precision="ieee")
+            else:
+                dot = tl.dot(w, xt, dot)
+            x_sum += tl.sum(xt.to(tl.float32), axis=0)
+        return dot, x_sum
+    ks = k0 + tl.arange(0, BK)
+    xt = tl.load(x_ptr + rows[None, :] * K + ks[:, None], mask=row_ok[None, :], other=0.0)  # [BK, BM]
+    w = _load_unpacked(row_ptrs, out_ok, BN, BK, UNPACK)
+    if INTERPRET:
+        dot = tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+    else:
+        dot = tl.dot(w, xt)
+    return dot, tl.sum(xt.to(tl.float32), axis=0)
 
 
 @triton.jit
@@ -94,18 +133,13 @@ def _decode_kernel(
     acc = tl.zeros((BN, BM), dtype=tl.float32)
     for step in range(PER_SPLIT):
         t = first + step
-        words = tl.load(words_ptr + row_words[:, None] + t * (64 * W) + tl.arange(0, W)[None, :], mask=out_ok[:, None])
-        ks = t * BK + tl.arange(0, BK)
-        xt = tl.load(x_ptr + rows[None, :] * K + ks[:, None], mask=row_ok[None, :], other=0.0)  # [BK, BM]
-        w = _unpack(words, BN, W, UNPACK)
-        if INTERPRET:  # the CPU interpreter multiplies bf16 tiles as their raw bits: give it fp32 (exact here)
-            dot = tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
-        else:
-            dot = tl.dot(w, xt)  # [BN, BM]: sum of (128 + u) x
+        row_ptrs = words_ptr + row_words + t * (64 * W)
+        dot, x_sum = _tile_dot(
+            words_ptr, x_ptr, row_ptrs, out_ok, rows, row_ok, t * BK, K, BN, BK, BM, UNPACK, INTERPRET
+        )
         group = t * BK // GROUP
         scale = tl.load(scale_ptr + group * N_PAD + outs, mask=out_ok, other=0.0).to(tl.float32)
         offset = tl.load(offset_ptr + group * N_PAD + outs, mask=out_ok, other=0.0).to(tl.float32)
-        x_sum = tl.sum(xt.to(tl.float32), axis=0)  # [BM]
         acc += scale[:, None] * (dot - offset[:, None] * x_sum[None, :])
     y_ptrs = y_ptr + rows[None, :] * N + outs[:, None]
     y_mask = row_ok[None, :] & (outs < N)[:, None]
@@ -114,6 +148,7 @@ def _decode_kernel(
     else:
         part_ptrs = part_ptr + (outs[:, None] * BM + rows[None, :])  # partials [SPLIT, N_PAD, BM]
         tl.store(part_ptrs + pid_k * N_PAD * BM, acc, mask=out_ok[:, None])
+        tl.debug_barrier()  # every warp's partials are written before the release below publishes them
         arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
         if arrived == SPLIT - 1:  # the last program of this output block: sum in split order, reset the counter
             total = tl.zeros((BN, BM), dtype=tl.float32)
@@ -132,13 +167,11 @@ def _dequantize_kernel(
     W: tl.constexpr = BK // 8
     tiles = K // BK
     outs = block * 64 + tl.arange(0, 64)
-    words = tl.load(
-        words_ptr + (block * tiles + t) * (64 * W) + tl.arange(0, 64)[:, None] * W + tl.arange(0, W)[None, :]
-    )
     group = t * BK // GROUP
     scale = tl.load(scale_ptr + group * N_PAD + outs).to(tl.float32)
     offset = tl.load(offset_ptr + group * N_PAD + outs).to(tl.float32)
-    w = (_unpack(words, 64, W, UNPACK).to(tl.float32) - offset[:, None]) * scale[:, None]
+    row_ptrs = words_ptr + (block * tiles + t) * (64 * W) + tl.arange(0, 64) * W
+    w = (_load_unpacked(row_ptrs, outs >= 0, 64, BK, UNPACK % 2).to(tl.float32) - offset[:, None]) * scale[:, None]
     ks = t * BK + tl.arange(0, BK)
     tl.store(w_ptr + outs[:, None] * K + ks[None, :], w.to(tl.bfloat16), mask=(outs < N)[:, None])
 
@@ -146,6 +179,8 @@ def _dequantize_kernel(
 def decode_launch(x: torch.Tensor, weight: W4Weight, config: DecodeConfig, unpack: int) -> torch.Tensor:
     """``x @ w.T`` in bf16 for bf16 ``x`` [rows <= 32, K] on one configuration (bench/kernels.py times several)."""
     rows = x.shape[0]
+    if unpack >= SUBDOT and weight.block_k != 128:  # sub-dots need depth 16: the same unpack in one product per tile
+        unpack %= 2
     if weight.in_features // weight.block_k % config.split_k:
         raise ValueError(f"split_k {config.split_k} does not divide the {weight.in_features // weight.block_k} K tiles")
     if rows > 32:
@@ -208,29 +243,32 @@ def w4a16_dequantize(
 
 
 def self_check(device: torch.device) -> int | str:
-    """The fastest unpack whose decode and dequantize give, on a random weight, the plain unpack's numbers exactly
-    (and the plain one the reference's weight): a GPU or Triton build that lowers the inline PTX differently, or
-    not at all, is found here, once, instead of as wrong numbers. A string says why even the plain form failed."""
+    """The first unpack form, fastest first, whose unpack gives the plain one's integers exactly and whose decode
+    product agrees with the plain one's to bf16 rounding (the order of fp32 sums may differ), on a random weight: a
+    GPU or Triton build that lowers the inline PTX differently, or not at all, is found here, once, instead of as
+    wrong numbers. A string says why even the plain form failed."""
     from quantflow.kernels.w4_pack import dequantize, repack
 
     generator = torch.Generator().manual_seed(0)
-    q = torch.randint(-8, 8, (192, 256), generator=generator, dtype=torch.int8)
-    scale = torch.rand(192, 2, generator=generator) + 0.5
-    weight = repack(q.to(device), scale.to(device), torch.randint(-8, 8, (192, 2), generator=generator).to(device), 128)
-    x = torch.randn(5, 256, generator=generator).to(device, torch.bfloat16)
+    q = torch.randint(-8, 8, (192, 512), generator=generator, dtype=torch.int8)
+    scale = torch.rand(192, 4, generator=generator) + 0.5
+    zero_point = torch.randint(-8, 8, (192, 4), generator=generator)
+    weight = repack(q.to(device), scale.to(device), zero_point.to(device), 128)
+    unit = repack(q.to(device), torch.ones_like(scale).to(device), None, 128)
+    x = torch.randn(5, 512, generator=generator).to(device, torch.bfloat16)
     config = DecodeConfig(split_k=2)
     try:
-        plain = decode_launch(x, weight, config, PLAIN), dequantize_launch(weight, PLAIN)
-        if not torch.equal(plain[1], dequantize(weight)):
+        plain = decode_launch(x, weight, config, PLAIN)
+        if not torch.equal(dequantize_launch(weight, PLAIN), dequantize(weight)):
             return "the plain W4 unpack kernel disagreed with the reference on this GPU"
     except Exception as error:  # noqa: BLE001 - any failure to build or run means: no kernel here
         return f"the W4 kernels failed to run here ({type(error).__name__})"
-    for form in (LOP3, LOP3_SPLIT):
+    for form in (SUBDOT_LOP3, LOP3, SUBDOT):
         try:
-            if torch.equal(decode_launch(x, weight, config, form), plain[0]) and torch.equal(
-                dequantize_launch(weight, form), plain[1]
-            ):
-                return form
+            exact = torch.equal(dequantize_launch(unit, form).to(torch.int8), q.to(device))
+            y = decode_launch(x, weight, config, form)
         except Exception:  # noqa: BLE001, S112 - this PTX form does not build here: try the next
             continue
+        if exact and ((y.float() - plain.float()).abs() <= plain.float().abs() * 2**-7 + 1e-3).all():
+            return form
     return PLAIN
