@@ -29,26 +29,20 @@ def within_rounding(y: torch.Tensor, x: torch.Tensor, exact: torch.Tensor, ulps:
     return ((y.double() - reference).abs() / (reference.abs() * 2**-8 * ulps + slack)).max().item()
 
 
-def test_the_ptx_unpack_runs_here_and_matches_the_plain_one_bit_for_bit():
+def test_the_ptx_unpack_runs_here_and_matches_the_plain_one():
     from quantflow.kernels import w4a16
     from quantflow.kernels.w4_pack import dequantize, repack
 
-    assert w4a16.self_check(torch.device("cuda")) in (w4a16.LOP3, w4a16.LOP3_SPLIT)
-    q, scale, zp, group, _ = quantized(4096, 4096, 128, False, 0)
+    assert w4a16.self_check(torch.device("cuda")) in (w4a16.SUBDOT_LOP3, w4a16.LOP3)
+    q, scale, zp, group, exact = quantized(4096, 4096, 128, False, 0)
+    unit = repack(q, torch.ones_like(scale), None, group)
     weight = repack(q, scale, zp, group)
     x = torch.randn(8, 4096, device="cuda").to(torch.bfloat16)
     config = w4a16.decode_config(4096, 4096, 128)
-    plain = w4a16.decode_launch(x, weight, config, w4a16.PLAIN)
     assert torch.equal(w4a16.dequantize_launch(weight, w4a16.PLAIN), dequantize(weight))
-    built = []
-    for form in (w4a16.LOP3, w4a16.LOP3_SPLIT):
-        try:
-            y, w = w4a16.decode_launch(x, weight, config, form), w4a16.dequantize_launch(weight, form)
-        except Exception:  # noqa: BLE001 - a form that does not build here; at least one must
-            continue
-        built.append(form)
-        assert torch.equal(y, plain) and torch.equal(w, dequantize(weight)), form
-    assert built
+    for form in w4a16.FORMS:
+        assert torch.equal(w4a16.dequantize_launch(unit, form).to(torch.int8), q), form  # the unpack, bit for bit
+        assert within_rounding(w4a16.decode_launch(x, weight, config, form), x, exact, 1.0, 2**-18) <= 1.0, form
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{o}x{i}-g{g}-{'sym' if s else 'asym'}" for o, i, g, s in SHAPES])
@@ -89,3 +83,22 @@ def test_decode_replays_in_a_cuda_graph_and_compiles():
     compiled = torch.compile(lambda inputs: linear(inputs, weight), fullgraph=True)
     assert torch.equal(compiled(x), linear(x, weight))
     assert not torch.equal(eager, captured)  # the replays did read the new inputs
+
+
+def test_int4_linear_packs_to_w4a16_on_cuda_and_fuses_like_tinygemm():
+    from quantflow.evaluation.int4 import Int4Linear
+
+    layers = []
+    for seed, out in enumerate((4096, 1024, 1024)):  # q, k, v of a grouped-query layer
+        q, scale, zp, group, exact = quantized(out, 4096, 128, False, 10 + seed)
+        zero = -zp.float() * scale.float()
+        layers.append((Int4Linear.from_unsigned(q.int() + 8, scale.float(), zero, group, None, "cuda"), exact))
+    x = torch.randn(8, 4096, device="cuda").to(torch.bfloat16)
+    fresh = [Int4Linear.from_unsigned(layer.unsigned().int(), *layer.scales_and_zeros.transpose(0, 1).float().unbind(2),
+                                      128, None, "cuda") for layer, _ in layers]  # fmt: skip
+    tinygemm = Int4Linear.concat([layer.pack("tinygemm") for layer, _ in layers], None)
+    assert all("w4_words" in layer.pack()._buffers for layer in fresh)  # 'auto' picks W4A16 here
+    joined = Int4Linear.concat(fresh, None)
+    exact = torch.cat([e for _, e in layers])
+    assert within_rounding(joined(x), x, exact, 1.0, 2**-18) <= 1.0
+    assert within_rounding(tinygemm(x), x, exact, 4.0, 2**-9) <= 1.0  # tinygemm's bf16 zero rounds once more
