@@ -162,8 +162,8 @@ def main() -> None:
         if method == "tinygemm":
             return [lambda w=w: w[name]["tinygemm"](flat) for w in weights]
         if rows <= 32:
-            form, config = chosen[name]
-            return [lambda w=w: w4a16.decode_launch(flat, w[name]["packed"], config, form) for w in weights]
+            unpack, config = chosen[name]
+            return [lambda w=w: w4a16.decode_launch(flat, w[name]["packed"], config, unpack) for w in weights]
         return [lambda w=w: flat @ w4a16.dequantize_launch(w[name]["packed"], form).t() for w in weights]
 
     def weight_bytes(method: str, name: str) -> int:

@@ -10,12 +10,12 @@ nothing needs clearing before the next launch) sums them in a fixed order and wr
 
 The unpack (``UNPACK``): ``PLAIN`` shifts, masks and converts each nibble in Triton (runs under Triton's CPU
 interpreter, which is how CI checks the layout and tiling); ``LOP3`` makes two bf16 values per instruction with inline
-PTX ``lop3`` (the magic-number trick the layout is built for), two 16-bit outputs per asm call. Both spread each word
-over its 8 K values (a reshape, which Triton lowers through shared memory). The ``SUBDOT`` forms avoid the reshape:
-they take nibble position p of every word of the tile as one [BN, 16] operand (K values 8j + p) and multiply it by
-the matching strided rows of x, eight products of depth 16 per 128-wide tile; ``SUBDOT_LOP3`` makes each bf16 pair
-from two words with ``prmt`` + ``lop3``. The PTX forms run on CUDA only and are checked against the plain ones by
-``self_check`` at first use and by tests/gpu/test_w4a16_cuda.py. Groups of 32 and 64 use the one-product forms.
+PTX ``lop3`` (the magic-number trick the layout is built for), two 16-bit outputs per asm call; it runs on CUDA only
+and is checked against the plain form by ``self_check`` at first use and by tests/gpu/test_w4a16_cuda.py. Measured on
+an H200 at 7B shapes (bench/results/kernels-w4a16-h200.json): lop3 123 µs a layer at one row with default blocks,
+plain 190. Two other forms were slower and are gone: eight products of depth 16 per tile on each nibble position of
+the words (no reshape; prmt + lop3: 160 µs, plain 190), and lop3 with its two bf16 outputs packed in one register,
+whose pairing of elements Triton does not guarantee (wrong numbers, caught by the check).
 
 Prefill (``w4a16_dequantize``): the same unpack writes ``(q - zp) * s`` in bf16; ``quantflow.kernels.linear`` then
 calls cuBLAS, which beats any hand-written product at thousands of rows.
@@ -23,6 +23,7 @@ calls cuBLAS, which beats any hand-written product at thousands of rows.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -32,8 +33,8 @@ import triton.language as tl
 
 from quantflow.kernels.w4_pack import TILE_N, W4Weight
 
-PLAIN, LOP3, SUBDOT, SUBDOT_LOP3 = 0, 1, 2, 3
-FORMS = {PLAIN: "plain", LOP3: "lop3", SUBDOT: "sub-dots plain", SUBDOT_LOP3: "sub-dots lop3"}
+PLAIN, LOP3 = 0, 1
+FORMS = {PLAIN: "plain", LOP3: "lop3"}
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -46,12 +47,14 @@ class DecodeConfig:
 
 
 def decode_config(out_features: int, in_features: int, block_k: int) -> DecodeConfig:
-    """Blocks after a sweep on an H200 at 7B shapes (bench/kernels.py): 64 outputs per program, 4 warps, and enough K
-    splits for about 1,000 programs (7.6 per SM): the largest split up to that which divides the K tiles."""
-    block_n = 64
-    tiles, wanted = in_features // block_k, round(1000 / triton.cdiv(out_features, block_n))
-    split = max(s for s in range(1, tiles + 1) if tiles % s == 0 and s <= max(wanted, 1))
-    return DecodeConfig(block_n, split, 4)
+    """The blocks a sweep on an H200 picked at 7B shapes (bench/kernels.py, lop3 unpack, one row): 4 warps, 128 outputs
+    per program on the wide layers (qkv, gate/up) and 64 on the narrow ones, and K split in the power of two nearest
+    to about 450 programs (3.4 per SM): qkv 4, gate/up 2, o 8. down (86 tiles) could split only 2 ways while splits
+    had to divide the tiles (43.8 µs, slower than bf16's 29); splits may now run short, so it takes 8 like o."""
+    block_n = 128 if out_features >= 8192 else 64
+    blocks, tiles = triton.cdiv(out_features, block_n), in_features // block_k
+    split = 2 ** max(0, round(math.log2(450 / blocks)))
+    return DecodeConfig(block_n, min(split, tiles), 4)
 
 
 @triton.jit
@@ -73,50 +76,6 @@ def _load_unpacked(row_ptrs, mask, BN: tl.constexpr, BK: tl.constexpr, UNPACK: t
 
 
 @triton.jit
-def _subdot_operand(words, p: tl.constexpr, UNPACK: tl.constexpr):
-    """bf16 [BN, W] of 128 + u at nibble position ``p`` (bit 4 (p // 2) + 16 (p % 2)) of every word: K values
-    ``8j + p``. Elementwise, so the words' register layout carries over to the dot operand without a reshape."""
-    shifted = words >> (4 * (p // 2)) if p >= 2 else words
-    if UNPACK == 2:
-        return (((shifted >> (16 * (p % 2))) & 15) + 128).to(tl.float32).to(tl.bfloat16)
-    # two words per asm call: prmt gathers their low (or high) halves, lop3 makes the bf16 pair
-    selector: tl.constexpr = "0x5410" if p % 2 == 0 else "0x7632"
-    return tl.inline_asm_elementwise(
-        "{ .reg .b32 t; prmt.b32 t, $1, $2, " + selector + "; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA; }",
-        "=r,r,r", [shifted], dtype=tl.bfloat16, is_pure=True, pack=2,
-    )  # fmt: skip
-
-
-@triton.jit
-def _tile_dot(words_ptr, x_ptr, row_ptrs, out_ok, rows, row_ok, k0, K, BN: tl.constexpr, BK: tl.constexpr,
-              BM: tl.constexpr, UNPACK: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
-    """(sum over the tile of (128 + u) x [BN, BM], sum of x [BM]) in fp32 for one K tile starting at ``k0``."""
-    if UNPACK >= 2:  # eight products of depth BK / 8, one per nibble position (BK = 128: depth 16)
-        W: tl.constexpr = BK // 8
-        words = tl.load(row_ptrs[:, None] + tl.arange(0, W)[None, :], mask=out_ok[:, None])
-        dot = tl.zeros((BN, BM), dtype=tl.float32)
-        x_sum = tl.zeros((BM,), dtype=tl.float32)
-        for p in tl.static_range(8):
-            ks = k0 + 8 * tl.arange(0, W) + p
-            xt = tl.load(x_ptr + rows[None, :] * K + ks[:, None], mask=row_ok[None, :], other=0.0)  # [W, BM]
-            w = _subdot_operand(words, p, UNPACK)
-            if INTERPRET:  # the CPU interpreter multiplies bf16 tiles as their raw bits: give it fp32 (exact here)
-                dot = tl.dot(w.to(tl.float32), xt.to(tl.float32), dot, input_precision="ieee")
-            else:
-                dot = tl.dot(w, xt, dot)
-            x_sum += tl.sum(xt.to(tl.float32), axis=0)
-        return dot, x_sum
-    ks = k0 + tl.arange(0, BK)
-    xt = tl.load(x_ptr + rows[None, :] * K + ks[:, None], mask=row_ok[None, :], other=0.0)  # [BK, BM]
-    w = _load_unpacked(row_ptrs, out_ok, BN, BK, UNPACK)
-    if INTERPRET:
-        dot = tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
-    else:
-        dot = tl.dot(w, xt)
-    return dot, tl.sum(xt.to(tl.float32), axis=0)
-
-
-@triton.jit
 def _decode_kernel(
     x_ptr, words_ptr, scale_ptr, offset_ptr, y_ptr, part_ptr, count_ptr, M, N, N_PAD, K,
     GROUP: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, SPLIT: tl.constexpr,
@@ -128,18 +87,23 @@ def _decode_kernel(
     rows = tl.arange(0, BM)
     out_ok, row_ok = outs < N_PAD, rows < M
     tiles = K // BK
-    first = pid_k * PER_SPLIT  # PER_SPLIT * SPLIT = tiles (decode_config); a constant trip count pipelines best
+    first = pid_k * PER_SPLIT  # PER_SPLIT = ceil(tiles / SPLIT): a constant trip count; the last split may run short
     row_words = (outs // 64) * (tiles * 64 * W) + (outs % 64) * W  # [BN]: the row's first word in tile 0
     acc = tl.zeros((BN, BM), dtype=tl.float32)
     for step in range(PER_SPLIT):
         t = first + step
-        row_ptrs = words_ptr + row_words + t * (64 * W)
-        dot, x_sum = _tile_dot(
-            words_ptr, x_ptr, row_ptrs, out_ok, rows, row_ok, t * BK, K, BN, BK, BM, UNPACK, INTERPRET
-        )
+        in_k = t < tiles  # past the end: x and scales load as zeros, so the tile adds nothing
+        ks = t * BK + tl.arange(0, BK)
+        xt = tl.load(x_ptr + rows[None, :] * K + ks[:, None], mask=row_ok[None, :] & in_k, other=0.0)  # [BK, BM]
+        w = _load_unpacked(words_ptr + row_words + t * (64 * W), out_ok & in_k, BN, BK, UNPACK)
+        if INTERPRET:  # the CPU interpreter multiplies bf16 tiles as their raw bits: give it fp32 (exact here)
+            dot = tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+        else:
+            dot = tl.dot(w, xt)  # [BN, BM]: sum of (128 + u) x
+        x_sum = tl.sum(xt.to(tl.float32), axis=0)  # [BM]
         group = t * BK // GROUP
-        scale = tl.load(scale_ptr + group * N_PAD + outs, mask=out_ok, other=0.0).to(tl.float32)
-        offset = tl.load(offset_ptr + group * N_PAD + outs, mask=out_ok, other=0.0).to(tl.float32)
+        scale = tl.load(scale_ptr + group * N_PAD + outs, mask=out_ok & in_k, other=0.0).to(tl.float32)
+        offset = tl.load(offset_ptr + group * N_PAD + outs, mask=out_ok & in_k, other=0.0).to(tl.float32)
         acc += scale[:, None] * (dot - offset[:, None] * x_sum[None, :])
     y_ptrs = y_ptr + rows[None, :] * N + outs[:, None]
     y_mask = row_ok[None, :] & (outs < N)[:, None]
@@ -171,7 +135,7 @@ def _dequantize_kernel(
     scale = tl.load(scale_ptr + group * N_PAD + outs).to(tl.float32)
     offset = tl.load(offset_ptr + group * N_PAD + outs).to(tl.float32)
     row_ptrs = words_ptr + (block * tiles + t) * (64 * W) + tl.arange(0, 64) * W
-    w = (_load_unpacked(row_ptrs, outs >= 0, 64, BK, UNPACK % 2).to(tl.float32) - offset[:, None]) * scale[:, None]
+    w = (_load_unpacked(row_ptrs, outs >= 0, 64, BK, UNPACK).to(tl.float32) - offset[:, None]) * scale[:, None]
     ks = t * BK + tl.arange(0, BK)
     tl.store(w_ptr + outs[:, None] * K + ks[None, :], w.to(tl.bfloat16), mask=(outs < N)[:, None])
 
@@ -179,10 +143,9 @@ def _dequantize_kernel(
 def decode_launch(x: torch.Tensor, weight: W4Weight, config: DecodeConfig, unpack: int) -> torch.Tensor:
     """``x @ w.T`` in bf16 for bf16 ``x`` [rows <= 32, K] on one configuration (bench/kernels.py times several)."""
     rows = x.shape[0]
-    if unpack >= SUBDOT and weight.block_k != 128:  # sub-dots need depth 16: the same unpack in one product per tile
-        unpack %= 2
-    if weight.in_features // weight.block_k % config.split_k:
-        raise ValueError(f"split_k {config.split_k} does not divide the {weight.in_features // weight.block_k} K tiles")
+    tiles = weight.in_features // weight.block_k
+    if not 1 <= config.split_k <= tiles:
+        raise ValueError(f"split_k {config.split_k} is not between 1 and the {tiles} K tiles")
     if rows > 32:
         raise ValueError(f"the W4 decode kernel takes at most 32 rows, got {rows}")
     block_m = 16 if rows <= 16 else 32
@@ -195,7 +158,7 @@ def decode_launch(x: torch.Tensor, weight: W4Weight, config: DecodeConfig, unpac
     torch.library.wrap_triton(_decode_kernel)[grid](
         x, weight.words, weight.scale, weight.offset, y, part, weight.count, rows, n, n_pad, k,
         GROUP=weight.group_size, BK=weight.block_k, BN=config.block_n, BM=block_m, SPLIT=config.split_k,
-        PER_SPLIT=k // weight.block_k // config.split_k,
+        PER_SPLIT=triton.cdiv(tiles, config.split_k),
         UNPACK=unpack, INTERPRET=INTERPRETED, num_warps=config.warps, num_stages=config.stages,
     )  # fmt: skip
     return y
@@ -243,32 +206,33 @@ def w4a16_dequantize(
 
 
 def self_check(device: torch.device) -> int | str:
-    """The first unpack form, fastest first, whose unpack gives the plain one's integers exactly and whose decode
-    product agrees with the plain one's to bf16 rounding (the order of fp32 sums may differ), on a random weight: a
-    GPU or Triton build that lowers the inline PTX differently, or not at all, is found here, once, instead of as
-    wrong numbers. A string says why even the plain form failed."""
+    """LOP3 when its unpack gives the plain one's integers exactly and its product the plain one's numbers, else PLAIN;
+    a string when even the plain kernels disagree with the reference. Run once per device on a random weight (with
+    a split-K that runs short), so a GPU or Triton build that lowers the kernels or the inline PTX differently is
+    found here instead of as wrong numbers."""
     from quantflow.kernels.w4_pack import dequantize, repack
 
     generator = torch.Generator().manual_seed(0)
-    q = torch.randint(-8, 8, (192, 512), generator=generator, dtype=torch.int8)
-    scale = torch.rand(192, 4, generator=generator) + 0.5
-    zero_point = torch.randint(-8, 8, (192, 4), generator=generator)
+    q = torch.randint(-8, 8, (192, 640), generator=generator, dtype=torch.int8)
+    scale = (torch.rand(192, 5, generator=generator) + 0.5).to(torch.bfloat16)
+    zero_point = torch.randint(-8, 8, (192, 5), generator=generator)
     weight = repack(q.to(device), scale.to(device), zero_point.to(device), 128)
     unit = repack(q.to(device), torch.ones_like(scale).to(device), None, 128)
-    x = torch.randn(5, 512, generator=generator).to(device, torch.bfloat16)
-    config = DecodeConfig(split_k=2)
+    x = torch.randn(5, 640, generator=generator).to(device, torch.bfloat16)
+    config = DecodeConfig(split_k=2)  # 5 tiles: splits of 3 and 2
+    dense = dequantize(weight).float()
+    expected, slack = x.float() @ dense.t(), x.float().abs() @ dense.abs().t() * 2**-8  # + the weight's rounding
     try:
         plain = decode_launch(x, weight, config, PLAIN)
-        if not torch.equal(dequantize_launch(weight, PLAIN), dequantize(weight)):
-            return "the plain W4 unpack kernel disagreed with the reference on this GPU"
+        right = ((plain.float() - expected).abs() <= expected.abs() * 2**-8 + slack).all()
+        right = right and torch.equal(dequantize_launch(weight, PLAIN), dequantize(weight))
     except Exception as error:  # noqa: BLE001 - any failure to build or run means: no kernel here
         return f"the W4 kernels failed to run here ({type(error).__name__})"
-    for form in (SUBDOT_LOP3, LOP3, SUBDOT):
-        try:
-            exact = torch.equal(dequantize_launch(unit, form).to(torch.int8), q.to(device))
-            y = decode_launch(x, weight, config, form)
-        except Exception:  # noqa: BLE001, S112 - this PTX form does not build here: try the next
-            continue
-        if exact and ((y.float() - plain.float()).abs() <= plain.float().abs() * 2**-7 + 1e-3).all():
-            return form
-    return PLAIN
+    if not right:
+        return "the W4 kernels disagreed with the dequantized reference on this GPU"
+    try:
+        unpacked = dequantize_launch(unit, LOP3).to(torch.int8)
+        same = torch.equal(unpacked, q.to(device)) and torch.equal(decode_launch(x, weight, config, LOP3), plain)
+    except Exception:  # noqa: BLE001 - the inline PTX does not build here: the plain unpack runs
+        return PLAIN
+    return LOP3 if same else PLAIN
