@@ -51,10 +51,13 @@ class Int4Linear(nn.Module):
       built for a few rows and dequantizes the weight again for every 16-row tile, so at thousands of rows a dense
       matmul is several times faster (``bench/int4_prefill.py``). AutoAWQ's GEMM kernels take the same route for
       long inputs.
-    - packed (after ``pack()``) for decode and prefill: on CUDA GPUs where quantflow's W4A16 Triton kernels pass their
-      check (``quantflow.kernels``), their layout, run through ``quantflow.kernels.linear`` (a tensor-core decode kernel
-      up to 32 rows, unpack to bf16 + cuBLAS above); elsewhere tinygemm's layout. The decode harness packs every layer
-      before it fuses or compiles anything.
+    - packed (after ``pack()``) for decode and short prefills: tinygemm's layout, or with ``pack("w4a16")`` (or
+      "auto") on CUDA GPUs where quantflow's W4A16 Triton kernels pass their check, their layout, run through
+      ``quantflow.kernels.linear`` (a tensor-core decode kernel up to 32 rows, unpack to bf16 + cuBLAS above). Per 7B
+      layer on an H200 (docs/benchmarks.md) tinygemm is faster at one row (65 µs against 109), W4A16 from 4 rows on
+      (113 against 143 at 8, 173 against 466 at 32) and at 2,048-token prefills (1.2 ms against 28), so tinygemm stays
+      the default until the one-row kernel catches up. The decode harness packs every layer before it fuses or
+      compiles anything.
     """
 
     def __init__(
@@ -92,8 +95,8 @@ class Int4Linear(nn.Module):
         bias = bias.to(device, torch.bfloat16) if bias is not None else None
         return cls(nibbles, scales_and_zeros, group_size, in_features, out_features, bias, packed=False)
 
-    def pack(self, kernel: str = "auto") -> Int4Linear:
-        """Switch to a packed layout in place (no-op when packed); returns the layer. ``kernel``: 'w4a16', 'tinygemm'
+    def pack(self, kernel: str = "tinygemm") -> Int4Linear:
+        """Switch to a packed layout in place (no-op when packed); returns the layer. ``kernel``: 'tinygemm', 'w4a16'
         or 'auto' (W4A16 where its kernels run, else tinygemm)."""
         if self.is_packed:
             return self
@@ -193,7 +196,7 @@ def w4a16_runs(device: torch.device, out_features: int) -> bool:
     return device.type == "cuda" and out_features % 64 == 0 and device_problem(device) is None
 
 
-def pack_all(model: nn.Module, kernel: str = "auto") -> nn.Module:
+def pack_all(model: nn.Module, kernel: str = "tinygemm") -> nn.Module:
     """Every Int4Linear of ``model`` in a packed layout (for decoding, ``Int4Linear.pack``); returns the model."""
     for module in model.modules():
         if isinstance(module, Int4Linear):
@@ -318,8 +321,7 @@ def runtime_label(model: nn.Module) -> str:
 
     kinds = [type(m) for m in model.modules() if isinstance(m, nn.Linear | Int4Linear | Int8WeightOnlyLinear)]
     four, eight, dense = kinds.count(Int4Linear), kinds.count(Int8WeightOnlyLinear), kinds.count(nn.Linear)
-    first = next((m for m in model.modules() if isinstance(m, Int4Linear)), None)
-    if first is not None and w4a16_runs(next(first.buffers()).device, 64):  # what pack() picks (the decode harness)
+    if any(isinstance(m, Int4Linear) and "w4_words" in m._buffers for m in model.modules()):
         kernel = "W4A16 Triton kernels (tensor-core decode to 32 rows, unpack to bf16 + cuBLAS above)"
     else:
         kernel = "tinygemm kernels"
