@@ -72,13 +72,13 @@ def fused(xq, x_scale, w_gate_up, s_gate_up, w_down, s_down) -> torch.Tensor:
 
 
 def split(xq, x_scale, w_gate_up, s_gate_up, w_down, s_down) -> torch.Tensor:
-    """The runtime's path (``quantflow.evaluation.fp8.FP8GatedMLP``): gate/up kernel, scaling kernel, down GEMV."""
+    """The runtime's path (``quantflow.kernels.fp8.FP8GatedMLP``): gate/up kernel, scaling kernel, down GEMV."""
     return fp8_gemv(*fp8_scale_rows(*fp8_gate_up_silu(xq, x_scale, w_gate_up, s_gate_up)), w_down, s_down)
 
 
 def current(xq, x_scale, w_gate_up, s_gate_up, w_down, s_down) -> torch.Tensor:
     """The step's path: gate/up GEMV, SiLU·mul and the per-token scaling in torch (Inductor fuses them), down GEMV."""
-    from quantflow.evaluation.fp8 import E4M3, E4M3_MAX
+    from quantflow.kernels.e4m3 import E4M3, E4M3_MAX
     from quantflow.kernels.fp8_gemv import fp8_gemv
 
     gate, up = fp8_gemv(xq, x_scale, w_gate_up, s_gate_up).to(torch.bfloat16).chunk(2, dim=-1)
@@ -95,7 +95,7 @@ def exact(xq, x_scale, w_gate_up, s_gate_up, w_down, s_down) -> torch.Tensor:
 
 
 def weights(out_features: int, in_features: int, copies: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    from quantflow.evaluation.fp8 import E4M3
+    from quantflow.kernels.e4m3 import E4M3
 
     fp8 = [(torch.randn(out_features, in_features, device="cuda") * 64).to(E4M3) for _ in range(copies)]
     return fp8, torch.rand(1, out_features, device="cuda") * 1e-3
@@ -109,7 +109,7 @@ def time_pairs(call, pairs: list) -> float:
 
 def halves(xq, x_scale, pairs: list, s_gate_up, s_down) -> dict:
     """Each kernel alone, against the plain GEMV of the same weights, to tell which part costs what."""
-    from quantflow.evaluation.fp8 import E4M3
+    from quantflow.kernels.e4m3 import E4M3
 
     h, peaks = fp8_gate_up_silu(xq, x_scale, pairs[0][0], s_gate_up)
     hq, h_scale = h.to(E4M3), torch.ones(h.shape[0], 1, device=h.device)

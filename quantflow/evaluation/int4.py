@@ -280,7 +280,7 @@ def convert_any(
     weight-only kernel when symmetric, else dequantized to a bf16 Linear (no kernel takes 8-bit zero points)."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
-    from quantflow.evaluation.int8 import Int8WeightOnlyLinear
+    from quantflow.kernels.int8 import Int8WeightOnlyLinear
 
     shape = torch.Size(parts["weight_shape"].tolist())
     if parts["weight_packed"].shape[1] * 8 == shape[1]:  # eight 4-bit values per int32
@@ -299,8 +299,9 @@ def convert_any(
 
 def load_int4(path: str | Path, device: str) -> nn.Module:
     """Load a quantflow W4 (or mixed) artifact with its 4-bit Linears on int4 kernels and everything else in bf16."""
-    from quantflow.evaluation.int8 import Int8WeightOnlyLinear, check_layer
+    from quantflow.evaluation.int8 import check_layer
     from quantflow.evaluation.packed import load_converted
+    from quantflow.kernels.int8 import Int8WeightOnlyLinear
 
     args = weight_scheme(json.loads((Path(path) / "config.json").read_text()))
     model = load_converted(
@@ -317,7 +318,7 @@ def load_int4(path: str | Path, device: str) -> nn.Module:
 
 def runtime_label(model: nn.Module) -> str:
     """What ran the Linears: the int4 kernels, and for a mixed artifact what ran the rest."""
-    from quantflow.evaluation.int8 import Int8WeightOnlyLinear
+    from quantflow.kernels.int8 import Int8WeightOnlyLinear
 
     kinds = [type(m) for m in model.modules() if isinstance(m, nn.Linear | Int4Linear | Int8WeightOnlyLinear)]
     four, eight, dense = kinds.count(Int4Linear), kinds.count(Int8WeightOnlyLinear), kinds.count(nn.Linear)

@@ -1,4 +1,4 @@
-"""The kernels of ``quantflow.evaluation.fp8.FP8GatedMLP`` at one row: SiLU(gate)·up, then down, in three kernels.
+"""The kernels of ``quantflow.kernels.fp8.FP8GatedMLP`` at one row: SiLU(gate)·up, then down, in three kernels.
 
 At batch-1 decode the step ran gate/up as one FP8 GEMV, then three Inductor kernels for SiLU·mul and the per-token
 e4m3 scaling of its result (a split reduction for the maximum, its last pass, the scaling: 4.6 µs a layer on an
