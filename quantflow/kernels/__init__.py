@@ -4,7 +4,10 @@ Each kernel module names its weight layout at the top and keeps a reference besi
 
 - ``w4_pack``: the 4-bit weight layout, its repack from compressed-tensors and the dequantized reference;
 - ``w4a16``: Triton kernels on it (decode for 1-32 rows, unpack to bf16 for prefill);
-- ``fp8_gemv``, ``fp8_mlp``, ``e4m3``: the FP8 runtime's few-row kernels.
+- ``fp8``: the FP8 W8A8 Linears (``_scaled_mm``), with ``fp8_gemv`` and ``fp8_mlp`` for one row and ``e4m3``;
+- ``int8``: the INT8 W8A8 and W8A16 Linears on PyTorch's int8 kernels.
+
+The FP8 and INT8 Linears are modules the runtimes swap in; the W4 kernels go through ``linear``.
 
 ``linear`` picks the kernel by row count and falls back to the dequantized reference where no kernel can run (a
 layout the kernels cannot take, no GPU, no Triton): never a wrong number, and ``route`` says which ran and why.
