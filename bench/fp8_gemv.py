@@ -41,7 +41,7 @@ def time_per_layer(call, weights: list) -> float:
 def layer_copies(out_features: int, in_features: int) -> tuple[list, list, torch.Tensor]:
     """Copies of one random Linear, enough to pass 4x the L2 cache: dense fp32, e4m3 scaled per output channel,
     and the first copy's scales as [1, out] (every copy is timed with them)."""
-    from quantflow.evaluation.fp8 import E4M3, E4M3_MAX
+    from quantflow.kernels.e4m3 import E4M3, E4M3_MAX
 
     dense = [
         torch.randn(out_features, in_features, device="cuda") * 0.02
@@ -54,7 +54,7 @@ def layer_copies(out_features: int, in_features: int) -> tuple[list, list, torch
 
 def activation(rows: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A random bf16 activation, its per-row fp32 scales and its e4m3 values, as the FP8 runtime scales it."""
-    from quantflow.evaluation.fp8 import E4M3, E4M3_MAX
+    from quantflow.kernels.e4m3 import E4M3, E4M3_MAX
 
     x = torch.randn(rows, in_features, device="cuda", dtype=torch.bfloat16)
     x_scale = x.float().abs().amax(-1, keepdim=True) / E4M3_MAX
@@ -76,7 +76,7 @@ def write(out: Path | None, results: list[dict]) -> None:
 
 def main() -> None:
     from quantflow.evaluation.decode import bandwidth
-    from quantflow.evaluation.fp8_gemv import GemvConfig, gemv_config, launch
+    from quantflow.kernels.fp8_gemv import GemvConfig, gemv_config, launch
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="1,2,4")

@@ -21,7 +21,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from quantflow.evaluation.fp8 import E4M3, E4M3_MAX, FP8Linear  # noqa: E402
+from quantflow.kernels.fp8 import E4M3, E4M3_MAX, FP8Linear  # noqa: E402
 
 
 def rows_minmax(weight: torch.Tensor, clip: float = 1.0) -> torch.Tensor:

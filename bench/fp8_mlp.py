@@ -1,9 +1,9 @@
 """Candidates for the FP8 decode step's MLP at one row: SiLU·mul and the activation scaling moved into kernels.
 
-The step now runs gate/up as one GEMV (``quantflow.evaluation.fp8_gemv``), then three Inductor kernels for SiLU·mul
+The step now runs gate/up as one GEMV (``quantflow.kernels.fp8_gemv``), then three Inductor kernels for SiLU·mul
 and the per-token e4m3 scaling of its output (a split reduction for the maximum, its final pass, the scaling), then
 the down GEMV: 4.6 µs a layer between the two GEMVs (bench/results/profile-fp8-7b-h200.json). Two paths after the
-runtime's gate/up kernel (``quantflow.evaluation.fp8_mlp``: SiLU(gate)·up in bf16 and each tile's row maxima):
+runtime's gate/up kernel (``quantflow.kernels.fp8_mlp``: SiLU(gate)·up in bf16 and each tile's row maxima):
   - split, the runtime's (``FP8GatedMLP``): one kernel scales the row to e4m3 from those maxima, then the down GEMV;
   - fused: a down kernel that reduces the maxima to the row's scale and scales the bf16 row as it streams the weight.
 Times them at 7B's MLP shape (4096 -> 2 x 11008 -> 4096) in CUDA-graph replays over weight copies past 4x the L2
@@ -29,8 +29,8 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from bench.fp8_gemv import activation, copies_for  # noqa: E402
-from quantflow.evaluation.fp8_gemv import BLOCK_M, fp8_gemv  # noqa: E402
-from quantflow.evaluation.fp8_mlp import fp8_gate_up_silu, fp8_scale_rows, row_scale  # noqa: E402
+from quantflow.kernels.fp8_gemv import BLOCK_M, fp8_gemv  # noqa: E402
+from quantflow.kernels.fp8_mlp import fp8_gate_up_silu, fp8_scale_rows, row_scale  # noqa: E402
 
 
 @triton.jit
@@ -72,14 +72,14 @@ def fused(xq, x_scale, w_gate_up, s_gate_up, w_down, s_down) -> torch.Tensor:
 
 
 def split(xq, x_scale, w_gate_up, s_gate_up, w_down, s_down) -> torch.Tensor:
-    """The runtime's path (``quantflow.evaluation.fp8.FP8GatedMLP``): gate/up kernel, scaling kernel, down GEMV."""
+    """The runtime's path (``quantflow.kernels.fp8.FP8GatedMLP``): gate/up kernel, scaling kernel, down GEMV."""
     return fp8_gemv(*fp8_scale_rows(*fp8_gate_up_silu(xq, x_scale, w_gate_up, s_gate_up)), w_down, s_down)
 
 
 def current(xq, x_scale, w_gate_up, s_gate_up, w_down, s_down) -> torch.Tensor:
     """The step's path: gate/up GEMV, SiLU·mul and the per-token scaling in torch (Inductor fuses them), down GEMV."""
-    from quantflow.evaluation.fp8 import E4M3, E4M3_MAX
-    from quantflow.evaluation.fp8_gemv import fp8_gemv
+    from quantflow.kernels.e4m3 import E4M3, E4M3_MAX
+    from quantflow.kernels.fp8_gemv import fp8_gemv
 
     gate, up = fp8_gemv(xq, x_scale, w_gate_up, s_gate_up).to(torch.bfloat16).chunk(2, dim=-1)
     h = torch.nn.functional.silu(gate) * up
@@ -95,7 +95,7 @@ def exact(xq, x_scale, w_gate_up, s_gate_up, w_down, s_down) -> torch.Tensor:
 
 
 def weights(out_features: int, in_features: int, copies: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    from quantflow.evaluation.fp8 import E4M3
+    from quantflow.kernels.e4m3 import E4M3
 
     fp8 = [(torch.randn(out_features, in_features, device="cuda") * 64).to(E4M3) for _ in range(copies)]
     return fp8, torch.rand(1, out_features, device="cuda") * 1e-3
@@ -109,7 +109,7 @@ def time_pairs(call, pairs: list) -> float:
 
 def halves(xq, x_scale, pairs: list, s_gate_up, s_down) -> dict:
     """Each kernel alone, against the plain GEMV of the same weights, to tell which part costs what."""
-    from quantflow.evaluation.fp8 import E4M3
+    from quantflow.kernels.e4m3 import E4M3
 
     h, peaks = fp8_gate_up_silu(xq, x_scale, pairs[0][0], s_gate_up)
     hq, h_scale = h.to(E4M3), torch.ones(h.shape[0], 1, device=h.device)

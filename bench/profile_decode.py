@@ -54,7 +54,7 @@ def int4_layer(module: torch.nn.Linear, group_size: int) -> torch.nn.Module:
 
 def fp8_layer(module: torch.nn.Linear) -> torch.nn.Module:
     """A random e4m3 ``FP8Linear`` of the Linear's shape."""
-    from quantflow.evaluation.fp8 import E4M3, FP8Linear
+    from quantflow.kernels.fp8 import E4M3, FP8Linear
 
     weight = (torch.randn_like(module.weight, dtype=torch.float32) * 16).to(E4M3)
     return FP8Linear(weight, torch.rand(module.out_features, device=module.weight.device) * 0.01, None)

@@ -566,13 +566,13 @@ class RunSpec(_Strict):
 
     @model_validator(mode="after")
     def _check_sweep(self) -> "RunSpec":
-        from quantflow.sweep import entries
+        from quantflow.sweep_grid import entries
 
         if not self.variants and self.sweep is None:
             raise ValueError("the spec has no variants: list some under 'variants' or give a 'sweep'")
         if self.sweep is None:
             return self
-        swept = {entry["name"] for entry in entries(self.sweep)}
+        swept = {entry["name"] for entry in entries(self.sweep, Variant)}
         if len(swept) > self.sweep.max_variants:
             raise ValueError(
                 f"the sweep expands to {len(swept)} variants, over its max_variants {self.sweep.max_variants}: "

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from transformers.activations import SiLUActivation
 
-from quantflow.evaluation.fp8 import FP8GatedMLP, FP8Linear
 from quantflow.evaluation.int4 import Int4Linear
-from quantflow.evaluation.int8 import Int8Linear, Int8WeightOnlyLinear
+from quantflow.kernels.fp8 import FP8GatedMLP, FP8Linear
+from quantflow.kernels.int8 import Int8Linear, Int8WeightOnlyLinear
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 GATED_SILU_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")  # forward: down(act(gate(x)) * up(x))

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from quantflow.errors import QuantflowError
+from quantflow.kernels import device_problem, linear
+from quantflow.kernels.w4_pack import W4Weight
 
 GROUP_SIZES = (32, 64, 128, 256)
 
@@ -49,8 +51,13 @@ class Int4Linear(nn.Module):
       built for a few rows and dequantizes the weight again for every 16-row tile, so at thousands of rows a dense
       matmul is several times faster (``bench/int4_prefill.py``). AutoAWQ's GEMM kernels take the same route for
       long inputs.
-    - packed (after ``pack()``): tinygemm's layout, for decode and short prefills. The decode harness packs every
-      layer before it fuses or compiles anything.
+    - packed (after ``pack()``) for decode and short prefills: tinygemm's layout, or with ``pack("w4a16")`` (or
+      "auto") on CUDA GPUs where quantflow's W4A16 Triton kernels pass their check, their layout, run through
+      ``quantflow.kernels.linear`` (a tensor-core decode kernel up to 32 rows, unpack to bf16 + cuBLAS above). Per 7B
+      layer on an H200 (docs/benchmarks.md) tinygemm is faster at one row (65 µs against 109), W4A16 from 4 rows on
+      (113 against 143 at 8, 173 against 466 at 32) and at 2,048-token prefills (1.2 ms against 28), so tinygemm stays
+      the default until the one-row kernel catches up. The decode harness packs every layer before it fuses or
+      compiles anything.
     """
 
     def __init__(
@@ -88,10 +95,13 @@ class Int4Linear(nn.Module):
         bias = bias.to(device, torch.bfloat16) if bias is not None else None
         return cls(nibbles, scales_and_zeros, group_size, in_features, out_features, bias, packed=False)
 
-    def pack(self) -> Int4Linear:
-        """Switch to tinygemm's layout in place (no-op when packed); returns the layer."""
+    def pack(self, kernel: str = "tinygemm") -> Int4Linear:
+        """Switch to a packed layout in place (no-op when packed); returns the layer. ``kernel``: 'tinygemm', 'w4a16'
+        or 'auto' (W4A16 where its kernels run, else tinygemm)."""
         if self.is_packed:
             return self
+        if kernel == "w4a16" or (kernel == "auto" and w4a16_runs(self.nibbles.device, self.out_features)):
+            return self._pack_w4a16()
         tiles = inner_k_tiles(self.in_features)
         if self.nibbles.device.type == "cuda":
             packed = torch.ops.aten._convert_weight_to_int4pack(self.nibbles, tiles)
@@ -101,10 +111,29 @@ class Int4Linear(nn.Module):
         self.register_buffer("packed", packed)
         return self
 
+    def _pack_w4a16(self) -> Int4Linear:
+        from quantflow.kernels.w4_pack import repack
+
+        scale, zero = self.scales_and_zeros.transpose(0, 1).float().unbind(2)  # [out, in / group] each
+        zero_point = torch.round(-zero / scale)  # zero = -zp * scale in bf16: zp comes back exactly
+        weight = repack((self.unsigned().to(torch.int32) - 8).to(torch.int8), scale, zero_point, self.group_size)
+        del self.nibbles, self.scales_and_zeros
+        for name in ("words", "scale", "offset", "count"):
+            self.register_buffer(f"w4_{name}", getattr(weight, name))
+        return self
+
     @property
     def is_packed(self) -> bool:
         """Which form the layer holds: the buffer it has says so."""
-        return "packed" in self._buffers
+        return "packed" in self._buffers or "w4_words" in self._buffers
+
+    @property
+    def w4(self) -> W4Weight:
+        """The weight in quantflow's W4A16 layout (that form only), as ``quantflow.kernels.linear`` takes it."""
+        return W4Weight(
+            self.w4_words, self.w4_scale, self.w4_offset, self.out_features, self.in_features, self.group_size,
+            self.w4_count,
+        )  # fmt: skip
 
     def unsigned(self) -> torch.Tensor:
         """u in [0, 15] as [out, in] uint8 (plain form only)."""
@@ -121,10 +150,23 @@ class Int4Linear(nn.Module):
         """Layers of one input width and group size as one, outputs side by side (``quantflow.evaluation.fuse``, which
         joins the biases); packs them first.
 
-        Both packed layouts stack along the output dimension: CUDA's is [out / 8, in / (16 * tiles), 32, tiles / 2]
-        (tiles of 8 output rows, which tinygemm needs anyway), the CPU's [out, in / 2]; scales and zeros are [in /
-        group, out, 2].
+        Every packed layout stacks along the output dimension: tinygemm's CUDA one is [out / 8, in / (16 * tiles), 32,
+        tiles / 2] (tiles of 8 output rows, which tinygemm needs anyway), the CPU's [out, in / 2], scales and zeros [in
+        / group, out, 2]; W4A16's words are [out / 64, ...] (``quantflow.kernels.w4_pack``), scales and offsets [in /
+        group, out]: layers whose widths are multiples of 64 join without padding in between.
         """
+        packed = [layer.pack() for layer in layers]
+        if all("w4_words" in layer._buffers for layer in packed) and all(m.out_features % 64 == 0 for m in packed):
+            joined = cls.__new__(cls)
+            nn.Module.__init__(joined)
+            joined.in_features, joined.group_size = layers[0].in_features, layers[0].group_size
+            joined.out_features = sum(layer.out_features for layer in layers)
+            joined.register_buffer("w4_words", torch.cat([layer.w4_words for layer in layers]))
+            for name in ("scale", "offset"):
+                joined.register_buffer(f"w4_{name}", torch.cat([getattr(layer, f"w4_{name}") for layer in layers], 1))
+            joined.register_buffer("w4_count", torch.cat([layer.w4_count for layer in layers]))
+            joined.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+            return joined
         return cls(
             torch.cat([layer.pack().packed for layer in layers]),
             torch.cat([layer.scales_and_zeros for layer in layers], dim=1),
@@ -137,7 +179,9 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if not self.is_packed:
+        if "w4_words" in self._buffers:
+            y = linear(flat, self.w4)
+        elif not self.is_packed:
             y = flat @ self.dequantized().t()
         elif self.packed.device.type == "cuda":
             y = torch.ops.aten._weight_int4pack_mm(flat, self.packed, self.group_size, self.scales_and_zeros)
@@ -147,11 +191,16 @@ class Int4Linear(nn.Module):
         return (y + self.bias if self.bias is not None else y).to(x.dtype)
 
 
-def pack_all(model: nn.Module) -> nn.Module:
-    """Every Int4Linear of ``model`` in tinygemm's layout (for decoding); returns the model."""
+def w4a16_runs(device: torch.device, out_features: int) -> bool:
+    """Whether quantflow's W4A16 kernels run a layer here (CUDA, their check passed, a width fused layers can join)."""
+    return device.type == "cuda" and out_features % 64 == 0 and device_problem(device) is None
+
+
+def pack_all(model: nn.Module, kernel: str = "tinygemm") -> nn.Module:
+    """Every Int4Linear of ``model`` in a packed layout (for decoding, ``Int4Linear.pack``); returns the model."""
     for module in model.modules():
         if isinstance(module, Int4Linear):
-            module.pack()
+            module.pack(kernel)
     return model
 
 
@@ -231,7 +280,7 @@ def convert_any(
     weight-only kernel when symmetric, else dequantized to a bf16 Linear (no kernel takes 8-bit zero points)."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
-    from quantflow.evaluation.int8 import Int8WeightOnlyLinear
+    from quantflow.kernels.int8 import Int8WeightOnlyLinear
 
     shape = torch.Size(parts["weight_shape"].tolist())
     if parts["weight_packed"].shape[1] * 8 == shape[1]:  # eight 4-bit values per int32
@@ -250,8 +299,9 @@ def convert_any(
 
 def load_int4(path: str | Path, device: str) -> nn.Module:
     """Load a quantflow W4 (or mixed) artifact with its 4-bit Linears on int4 kernels and everything else in bf16."""
-    from quantflow.evaluation.int8 import Int8WeightOnlyLinear, check_layer
+    from quantflow.evaluation.int8 import check_layer
     from quantflow.evaluation.packed import load_converted
+    from quantflow.kernels.int8 import Int8WeightOnlyLinear
 
     args = weight_scheme(json.loads((Path(path) / "config.json").read_text()))
     model = load_converted(
@@ -268,11 +318,15 @@ def load_int4(path: str | Path, device: str) -> nn.Module:
 
 def runtime_label(model: nn.Module) -> str:
     """What ran the Linears: the int4 kernels, and for a mixed artifact what ran the rest."""
-    from quantflow.evaluation.int8 import Int8WeightOnlyLinear
+    from quantflow.kernels.int8 import Int8WeightOnlyLinear
 
     kinds = [type(m) for m in model.modules() if isinstance(m, nn.Linear | Int4Linear | Int8WeightOnlyLinear)]
     four, eight, dense = kinds.count(Int4Linear), kinds.count(Int8WeightOnlyLinear), kinds.count(nn.Linear)
-    label = "int4 tinygemm kernels on the packed weights (bf16 activations; perplexity windows dequantize per layer)"
+    if any(isinstance(m, Int4Linear) and "w4_words" in m._buffers for m in model.modules()):
+        kernel = "W4A16 Triton kernels (tensor-core decode to 32 rows, unpack to bf16 + cuBLAS above)"
+    else:
+        kernel = "tinygemm kernels"
+    label = f"int4 {kernel} on the packed weights (bf16 activations; perplexity windows dequantize per layer)"
     if eight or dense > 1:  # more than lm_head left dense: a mixed artifact
         label += f" for {four} Linears; {eight} on the int8 weight-only kernel, {dense} in bf16 (lm_head included)"
     return label

@@ -1,4 +1,4 @@
-"""Execute compressed-tensors INT8 artifacts on int8 kernels that ship with PyTorch.
+"""Execute compressed-tensors INT8 artifacts on int8 kernels that ship with PyTorch (``quantflow.kernels.int8``).
 
 - W8A8 (the ``int8`` method): int8 weights with one scale per output channel; each call quantizes
   the activations per token to int8 and multiplies on the int8 matmul (``torch._int_mm``, int32
@@ -22,66 +22,13 @@ import torch
 from torch import nn
 
 from quantflow.errors import QuantflowError
+from quantflow.kernels.int8 import Int8Linear, Int8WeightOnlyLinear
 
-MIN_ROWS = 17  # cuBLAS int8 GEMM wants more than 16 rows in the first operand
 # where each kind keeps a quantized layer: the tensor that marks it, and the tensors it is built from
 LAYOUTS = {
     "w8a8": ("weight_scale", ("weight", "weight_scale")),  # int-quantized: int8 weights as they are
     "w8a16": ("weight_packed", ("weight_packed", "weight_scale", "weight_shape")),  # pack-quantized: 4 per int32
 }
-
-
-class Int8Linear(nn.Module):
-    """W8A8: int8 weight [out, in] with a per-output-channel scale; activations quantized per token."""
-
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight", weight.to(torch.int8))
-        self.register_buffer("scale", scale.reshape(1, -1).float().contiguous())
-        self.bias = nn.Parameter(bias.to(torch.bfloat16), requires_grad=False) if bias is not None else None
-
-    @classmethod
-    def concat(cls, layers: list[Int8Linear], bias: torch.Tensor | None) -> Int8Linear:
-        return cls(torch.cat([m.weight for m in layers]), torch.cat([m.scale for m in layers], dim=1), bias)
-
-    def dequantized(self) -> torch.Tensor:
-        return self.weight.float() * self.scale.t()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        rows = flat.shape[0]
-        scale = flat.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / 127
-        quantized = (flat.float() / scale).round().clamp(-127, 127).to(torch.int8)
-        if flat.is_cuda and rows < MIN_ROWS:
-            quantized = torch.nn.functional.pad(quantized, (0, 0, 0, 32 - rows))
-        y = torch._int_mm(quantized, self.weight.t())[:rows].float() * scale * self.scale
-        y = y.to(torch.bfloat16) + (self.bias if self.bias is not None else 0)
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-
-
-class Int8WeightOnlyLinear(nn.Module):
-    """W8A16: int8 weight [out, in] with a per-output-channel scale; bf16 activations."""
-
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight", weight.to(torch.int8).contiguous())
-        self.register_buffer("scale", scale.reshape(-1).to(torch.bfloat16).contiguous())
-        self.bias = nn.Parameter(bias.to(torch.bfloat16), requires_grad=False) if bias is not None else None
-
-    @classmethod
-    def concat(cls, layers: list[Int8WeightOnlyLinear], bias: torch.Tensor | None) -> Int8WeightOnlyLinear:
-        return cls(torch.cat([m.weight for m in layers]), torch.cat([m.scale for m in layers]), bias)
-
-    def dequantized(self) -> torch.Tensor:
-        return self.weight.float() * self.scale.float()[:, None]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scale)
-        y = y + self.bias if self.bias is not None else y
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
 def int8_kind(config: dict) -> str | None:

@@ -21,11 +21,11 @@ from quantflow.quantization.quantize import (
     Scheme,
     WeightVariant,
     check_ignore,
-    mixed_groups,
     resolve_group_size,
     scheme_label,
     weightless_model,
 )
+from quantflow.quantization.targets import mixed_groups
 from quantflow.spec import BnbVariant, FP8Variant, MixedVariant, RunSpec, Variant, with_output_folder
 from quantflow.sweep import Dropped, expand
 

@@ -26,8 +26,8 @@ from quantflow.infra.resources import (
     visible_devices,
 )
 from quantflow.inputs.calibration import CalibrationRecord, load_samples
-from quantflow.quantization.mixed import LayerGroup
 from quantflow.quantization.sensitivity import SensitivityRecord
+from quantflow.quantization.targets import target_layers
 from quantflow.spec import (
     AutoRoundVariant,
     AWQGPTQVariant,
@@ -80,24 +80,6 @@ class QuantizeRecord(BaseModel):
     smoothing: Smoothing | None = None
     precision: dict[str, str] = {}  # mixed variants: each quantized Linear's menu option ('w4', 'w8', 'bf16')
     allocated_bits: float | None = None  # mixed variants: the allocation's effective bits per weight
-
-
-def target_layers(model: torch.nn.Module, ignore: list[str]) -> tuple[list[str], list[str]]:
-    """(quantized, skipped) Linear layer names under llm-compressor's own matching rules."""
-    from compressed_tensors.utils import match_named_modules
-
-    linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
-    targeted = {name for name, _ in match_named_modules(model, ["Linear"], ignore)}
-    return [n for n in linear if n in targeted], [n for n in linear if n not in targeted]
-
-
-def mixed_groups(model: torch.nn.Module, variant: MixedVariant, group_size: int | None) -> list[LayerGroup]:
-    """A mixed variant's quantized Linears grouped for fused kernels, with each menu option's bits."""
-    from quantflow.quantization.mixed import layer_groups
-
-    quantized, _ = target_layers(model, variant.ignore)
-    widths = {n: (model.get_submodule(n).out_features, model.get_submodule(n).in_features) for n in quantized}
-    return layer_groups(widths, variant.options, group_size, variant.symmetric)
 
 
 def weightless_model(model_path: str, trust_remote_code: bool = False) -> torch.nn.Module:

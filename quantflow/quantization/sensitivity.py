@@ -181,7 +181,7 @@ def measure_sensitivity(
     the table as JSON (the report copies it beside itself)."""
     from transformers import AutoModelForCausalLM
 
-    from quantflow.quantization.quantize import mixed_groups
+    from quantflow.quantization.targets import mixed_groups
 
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=getattr(torch, resources.compute_dtype), use_safetensors=True

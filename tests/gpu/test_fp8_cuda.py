@@ -16,9 +16,10 @@ pytestmark = [
 
 @torch.no_grad()
 def test_cuda_fp8_layers_match_the_reference_and_the_runtime_picks_them(tmp_path):
-    from quantflow.evaluation.fp8 import E4M3, E4M3_MAX, FP8Linear, load_fp8
+    from quantflow.evaluation.fp8 import load_fp8
     from quantflow.evaluation.runtime import Subject, load_on_runtime
     from quantflow.infra.resources import Resources
+    from quantflow.kernels.fp8 import E4M3, E4M3_MAX, FP8Linear
     from quantflow.quantization.quantize import Scheme, quantize_weights
     from quantflow.spec import FP8Variant
     from tests.conftest import make_model
@@ -56,8 +57,8 @@ def test_the_gemv_matches_the_reference_on_ragged_widths_several_rows_and_split_
     out_features, in_features, rows, split_k
 ):
     """Ragged input widths (masked loads), rows padded up to the 16 of a tensor-core tile, split inputs (atomics)."""
-    from quantflow.evaluation.fp8 import E4M3, E4M3_MAX
-    from quantflow.evaluation.fp8_gemv import GemvConfig, fp8_gemv, gemv_config, launch
+    from quantflow.kernels.e4m3 import E4M3, E4M3_MAX
+    from quantflow.kernels.fp8_gemv import GemvConfig, fp8_gemv, gemv_config, launch
 
     dense = torch.randn(out_features, in_features, device="cuda") * 0.02
     w_scale = dense.abs().amax(1, keepdim=True) / E4M3_MAX
@@ -83,7 +84,7 @@ def test_the_gated_mlp_at_one_row_is_as_close_to_the_exact_maths_as_its_linears_
     than the same module's path through its Linears (two rows, on _scaled_mm). Both round activations to e4m3 twice
     (a few percent each), so they are compared through the exact result, not to each other. 208 and 336 are not
     multiples of 256."""
-    from quantflow.evaluation.fp8 import E4M3, E4M3_MAX, FP8GatedMLP, FP8Linear
+    from quantflow.kernels.fp8 import E4M3, E4M3_MAX, FP8GatedMLP, FP8Linear
 
     def linear(out_features: int, in_features: int) -> FP8Linear:
         dense = torch.randn(out_features, in_features, device="cuda") * 0.02

@@ -165,7 +165,7 @@ def assert_runtime_matches_dense(folder, precision):
     from transformers import AutoModelForCausalLM
 
     from quantflow.evaluation.int4 import Int4Linear, load_int4, runtime_label
-    from quantflow.evaluation.int8 import Int8WeightOnlyLinear
+    from quantflow.kernels.int8 import Int8WeightOnlyLinear
 
     packed = load_int4(folder, "cpu")
     dense = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()

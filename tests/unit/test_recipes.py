@@ -103,8 +103,9 @@ def test_fp8_matmuls_match_the_dequantized_reference(finished):
     as FP8 itself (3.7% here), so against it only the whole model's distance from the baseline is compared."""
     from transformers import AutoModelForCausalLM
 
-    from quantflow.evaluation.fp8 import E4M3, E4M3_MAX, FP8GatedMLP, FP8Linear, load_fp8
+    from quantflow.evaluation.fp8 import load_fp8
     from quantflow.evaluation.fuse import fuse_projections
+    from quantflow.kernels.fp8 import E4M3, E4M3_MAX, FP8GatedMLP, FP8Linear
 
     simulated = AutoModelForCausalLM.from_pretrained(finished / "fp8", dtype=torch.bfloat16)
     baseline = AutoModelForCausalLM.from_pretrained(finished.parent / "model", dtype=torch.bfloat16)
@@ -131,7 +132,8 @@ def test_int8_kernels_match_the_dequantized_reference(finished, name, kind):
     from transformers import AutoModelForCausalLM
 
     from quantflow.evaluation.fuse import fuse_projections
-    from quantflow.evaluation.int8 import Int8Linear, Int8WeightOnlyLinear, load_int8, use_int8
+    from quantflow.evaluation.int8 import load_int8, use_int8
+    from quantflow.kernels.int8 import Int8Linear, Int8WeightOnlyLinear
 
     assert use_int8(finished / name, "auto", "cuda") and not use_int8(finished / name, "auto", "cpu")
     model, found = load_int8(finished / name, "cpu")  # load checks one layer against its dequantized weights

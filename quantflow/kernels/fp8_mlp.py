@@ -1,11 +1,11 @@
-"""The kernels of ``quantflow.evaluation.fp8.FP8GatedMLP`` at one row: SiLU(gate)·up, then down, in three kernels.
+"""The kernels of ``quantflow.kernels.fp8.FP8GatedMLP`` at one row: SiLU(gate)·up, then down, in three kernels.
 
 At batch-1 decode the step ran gate/up as one FP8 GEMV, then three Inductor kernels for SiLU·mul and the per-token
 e4m3 scaling of its result (a split reduction for the maximum, its last pass, the scaling: 4.6 µs a layer on an
 H200, bench/results/profile-fp8-7b-h200.json), then the down GEMV. Here the gate/up kernel multiplies the same
 outputs of gate and of up in each program, writes SiLU(gate)·up in bf16 and its tile's row maxima to a small
 buffer (no atomics, so nothing to zero first); one kernel scales the row to e4m3 from those maxima; the down product
-is ``quantflow.evaluation.fp8_gemv``. Measured at 7B's shape: 43.8 µs a layer against 47.1, and the whole 7B
+is ``quantflow.kernels.fp8_gemv``. Measured at 7B's shape: 43.8 µs a layer against 47.1, and the whole 7B
 decode step from 1.46x to 1.51x bf16's speed (bench/results/fp8-mlp-h200.json, fp8-7b-h200-gated-mlp.json). Scaling
 inside the down GEMV's weight loop instead was slower (61.9 µs).
 
@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from quantflow.evaluation.fp8 import E4M3, E4M3_MAX
-from quantflow.evaluation.fp8_gemv import BLOCK_M
+from quantflow.kernels.e4m3 import E4M3, E4M3_MAX
+from quantflow.kernels.fp8_gemv import BLOCK_M
 
 BLOCK_N = 32  # gate and up outputs per program (64 weight rows): the fastest tile at 7B's shape, 3 stages
 STAGES = 3
