@@ -5,8 +5,10 @@ artifact's files and ``manifest.json`` (every file's size and sha256, the spec, 
 calibration hash, model source, environment). Readers treat a variant as existing only when
 its manifest does, and the manifest is written only after every file it names has been
 uploaded and checked (size and sha256 from the object's metadata). So an interrupted upload
-is invisible, a repeat upload of identical bytes transfers nothing, and ``pull`` refuses any
-file whose bytes differ from the manifest.
+is invisible, a repeat upload of identical bytes transfers nothing (a file counts as already
+there only when the sha256 of the bytes the server returns matches), an abandoned multipart
+upload is aborted by the next attempt, and ``pull`` refuses any file whose bytes differ from
+the manifest.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ SHA_META = "sha256"
 
 
 class TransferRecord(BaseModel):
-    """What an upload did: ``files_skipped`` were found whole in the store (by size and sha256) and not sent again."""
+    """What an upload did: ``files_skipped`` were found whole in the store (their bytes' sha256) and not sent again."""
 
     uri: str
     files: int
@@ -184,6 +186,30 @@ def _remote_matches(s3, spec: StoreSpec, key: str, entry: dict) -> bool:
     return head["ContentLength"] == entry["size"] and head.get("Metadata", {}).get(SHA_META) == entry["sha256"]
 
 
+def _remote_sha256(s3, spec: StoreSpec, key: str) -> str:
+    """The sha256 of the bytes the server returns for ``key``, streamed (metadata can be copied onto other bytes)."""
+    digest = hashlib.sha256()
+    for chunk in s3.get_object(Bucket=spec.bucket, Key=key)["Body"].iter_chunks(2**20):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _remote_whole(s3, spec: StoreSpec, key: str, entry: dict) -> bool:
+    """Whether the object holds exactly the entry's bytes: a cheap HEAD first, then the bytes themselves hashed."""
+    return _remote_matches(s3, spec, key, entry) and _remote_sha256(s3, spec, key) == entry["sha256"]
+
+
+def abort_incomplete_uploads(s3, spec: StoreSpec, prefix: str) -> list[str]:
+    """Abort every multipart upload under ``prefix`` begun and never finished (a killed uploader, a server lost
+    mid-file): their parts are invisible but stay stored, and billed, until aborted. Returns the keys aborted."""
+    aborted = []
+    for page in s3.get_paginator("list_multipart_uploads").paginate(Bucket=spec.bucket, Prefix=prefix):
+        for upload in page.get("Uploads", []):
+            s3.abort_multipart_upload(Bucket=spec.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+            aborted.append(upload["Key"])
+    return aborted
+
+
 def ensure_bucket(s3, spec: StoreSpec) -> None:
     from botocore.exceptions import ClientError
 
@@ -250,10 +276,12 @@ def upload(
         ensure_bucket(s3, spec)
         remote = _remote_manifest(s3, spec, prefix)
         # a manifest only says the upload once finished: objects can be deleted or overwritten behind it, so every
-        # object it lists is checked (HEAD: size and the sha256 kept in its metadata) before the artifact counts as
-        # whole
+        # object it lists is checked (size and sha256 metadata by HEAD, then the sha256 of the bytes the server
+        # returns) before the artifact counts as whole
         finished = remote is not None and remote["files"] == manifest["files"]
-        whole = {e["name"] for e in manifest["files"] if _remote_matches(s3, spec, prefix + e["name"], e)}
+        whole = {e["name"] for e in manifest["files"] if _remote_whole(s3, spec, prefix + e["name"], e)}
+        # an earlier attempt killed mid-file left its multipart upload open; this attempt sends that file again
+        abort_incomplete_uploads(s3, spec, prefix)
         if finished and len(whole) == len(manifest["files"]):
             return TransferRecord(
                 uri=uri, files=len(whole), bytes_sent=0, files_skipped=len(whole), already_complete=True

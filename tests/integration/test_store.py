@@ -102,6 +102,69 @@ def test_upload_behind_a_finished_manifest_repairs_a_deleted_or_short_shard(s3_e
     ).read_bytes()
 
 
+def test_same_size_object_with_copied_metadata_but_other_bytes_is_not_already_uploaded(s3_env, tmp_path):
+    """Size and the sha256 kept in metadata can be copied onto any bytes: only the bytes the server returns count."""
+    spec = bucket_spec()
+    folder = artifact(tmp_path, sizes=(1000, 2_000_000))
+    prefix = artifact_prefix(spec, "m", "v", "h")
+    upload(folder, spec, prefix, {})
+    s3 = client(spec)
+    key = prefix + "model-00001.safetensors"
+    metadata = s3.head_object(Bucket=spec.bucket, Key=key)["Metadata"]
+    s3.put_object(Bucket=spec.bucket, Key=key, Body=os.urandom(2_000_000), Metadata=metadata)
+    again = upload(folder, spec, prefix, {})
+    assert not again.already_complete and again.repaired == ["model-00001.safetensors"]
+    assert again.bytes_sent == 2_000_000 and again.files_skipped == 2
+    body = s3.get_object(Bucket=spec.bucket, Key=key)["Body"].read()
+    assert body == (folder / "model-00001.safetensors").read_bytes()
+
+
+def incomplete_uploads(spec: StoreSpec) -> list[str]:
+    """Keys of multipart uploads begun and never completed or aborted anywhere in the bucket."""
+    listing = client(spec).list_multipart_uploads(Bucket=spec.bucket)
+    return [u["Key"] for u in listing.get("Uploads", [])]
+
+
+KILL_UPLOADER = """
+import os, signal, sys
+from pathlib import Path
+from quantflow.delivery.store import StoreSpec, upload
+
+sent = 0
+
+def die_midway(name, chunk, size):
+    global sent
+    if name == "model-00001.safetensors":
+        sent += chunk
+        if sent >= 12 * 2**20:  # three 5 MiB parts of the 30 MiB shard went through
+            os.kill(os.getpid(), signal.SIGKILL)
+
+spec = StoreSpec(uri=sys.argv[2], create_bucket=True, part_size_mb=5, concurrency=1)
+upload(Path(sys.argv[1]), spec, sys.argv[3], {}, progress=die_midway)
+"""
+
+
+def test_uploader_killed_mid_multipart_leaves_no_incomplete_upload_after_the_resume(s3_env, tmp_path):
+    import subprocess
+    import sys
+
+    spec = bucket_spec()
+    folder = artifact(tmp_path, sizes=(1000, 30 * 2**20))
+    prefix = artifact_prefix(spec, "m", "v", "h")
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_UPLOADER, str(folder), spec.uri, prefix], capture_output=True, timeout=300
+    )
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    assert incomplete_uploads(spec) == [prefix + "model-00001.safetensors"]  # the kill left one behind
+    assert MANIFEST not in " ".join(keys(spec))
+    result = upload(folder, spec, prefix, {})
+    assert not result.already_complete and incomplete_uploads(spec) == []
+    pull(f"s3://{spec.bucket}/{prefix}", tmp_path / "pulled", spec)
+    assert (tmp_path / "pulled" / "model-00001.safetensors").read_bytes() == (
+        folder / "model-00001.safetensors"
+    ).read_bytes()
+
+
 @pytest.mark.parametrize("name", ["../escaped.txt", "/tmp/absolute.txt", "sub/../../escaped.txt", "..\\escaped.txt"])
 def test_pull_refuses_a_hostile_manifest_before_downloading(s3_env, tmp_path, name):
     import json
@@ -232,7 +295,9 @@ def test_server_killed_mid_upload_then_restarted_resumes(tmp_path, monkeypatch):
         assert isinstance(error, QuantflowError) and sent["model-00001.safetensors"] < 80 * 2**20
         server = s3server.start(data, ports=server.ports)
         assert MANIFEST not in " ".join(keys(spec))
+        assert incomplete_uploads(spec) == [prefix + "model-00001.safetensors"]  # its abort never reached the server
         result = upload(folder, spec, prefix, {})  # resumes: files already whole in the store are not sent again
+        assert incomplete_uploads(spec) == []
         total = sum(p.stat().st_size for p in folder.iterdir())
         assert not result.already_complete and result.files_skipped >= 2  # config.json and the 3 MiB shard
         assert result.bytes_sent == total - 3 * 2**20 - (folder / "config.json").stat().st_size < total
