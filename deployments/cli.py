@@ -1,4 +1,4 @@
-"""The ``quantflow`` command line: run, demo, pull, storage, report, serve, doctor.
+"""The ``quantflow`` command line: run, demo, pull, storage, report, serve, server, doctor.
 
 It lives with the deployments because it sits on top of everything: by default it runs the
 Prefect flow (so a CLI run shows in the UI like any other), and ``serve`` starts a server.
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from typer._click import Context, exceptions  # typer 0.29 vendors click: the installed click's classes are others
+from typer._click import Context, exceptions  # typer 0.29 vendors click: the installed click's are other classes
 from typer.core import TyperGroup
 
 from quantflow.errors import QuantflowError
@@ -332,6 +332,42 @@ def serve(
         serve_locally(port, home, announce=lambda message: typer.echo(f"[quantflow] {message}", err=True))
     except QuantflowError as error:
         _fail(error)
+
+
+@app.command()
+def server(
+    database: str = typer.Option(
+        "sqlite", help="sqlite (one person), postgres (a local PostgreSQL, for teams) or a postgresql://... URL."
+    ),
+    port: int = typer.Option(4200, help="Port of the Prefect server (API and UI)."),
+    home: Path = typer.Option(Path(".quantflow/prefect"), help="PREFECT_HOME of the server."),
+    data: Path = typer.Option(Path(".quantflow/postgres"), help="Data folder of the local PostgreSQL (postgres)."),
+) -> None:
+    """Start a Prefect server for workers to share, on SQLite or PostgreSQL; Ctrl-C stops it."""
+    import os
+    import time
+
+    from deployments.local import start_server, stop_server
+    from deployments.postgres import database_url, stop_postgres
+
+    try:
+        url = database_url(database, data)
+        if url:
+            os.environ["PREFECT_API_DATABASE_CONNECTION_URL"] = url
+            os.environ.setdefault("PREFECT_SERVER_DATABASE_TIMEOUT", "10")  # Prefect's default: no lock queue to wait
+        process = start_server(port, home)
+    except QuantflowError as error:
+        _fail(error)
+    typer.echo(f"[quantflow] Prefect server at http://127.0.0.1:{port}/api on {database} (Ctrl-C stops)", err=True)
+    try:
+        while process.poll() is None:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_server(process)
+        if database == "postgres":
+            stop_postgres(data)
 
 
 @app.command()
