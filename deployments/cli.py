@@ -1,4 +1,4 @@
-"""The ``quantflow`` command line: run, demo, pull, storage, report, serve, doctor.
+"""The ``quantflow`` command line: run, demo, pull, storage, report, serve, server, doctor.
 
 It lives with the deployments because it sits on top of everything: by default it runs the
 Prefect flow (so a CLI run shows in the UI like any other), and ``serve`` starts a server.
@@ -8,14 +8,58 @@ The core (``quantflow/``) never imports Prefect; ``--engine local`` runs the cor
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from typer._click import Context, exceptions  # typer 0.29 vendors click: the installed click's are other classes
+from typer.core import TyperGroup
 
 from quantflow.errors import QuantflowError
 
+
+class _PlainUsageErrors(TyperGroup):
+    """The command line's own refusals (a value of the wrong type, a flag without its value, an unknown flag or
+    command) come before any quantflow code runs, as click's boxed usage message; under either engine they print
+    the one ``error: ... fix: ...`` of every other refusal instead."""
+
+    def make_context(self, info_name, args, parent=None, **extra) -> Context:
+        with _plain_usage_errors(args):
+            ctx = super().make_context(info_name, list(args), parent, **extra)
+        ctx.meta["quantflow.argv"] = list(args)
+        return ctx
+
+    def invoke(self, ctx: Context) -> Any:
+        with _plain_usage_errors(ctx.meta.get("quantflow.argv", [])):
+            return super().invoke(ctx)
+
+
+@contextmanager
+def _plain_usage_errors(argv: list[str]) -> Iterator[None]:
+    try:
+        yield
+    except exceptions.NoArgsIsHelpError:
+        raise  # bare `quantflow`: the help, as asked
+    except exceptions.UsageError as error:
+        _fail(_usage_error(error, argv))
+
+
+def _usage_error(error: exceptions.UsageError, argv: list[str]) -> QuantflowError:
+    """Click's message on one line, with the value it refused (typer's own message omits it)."""
+    problem = " ".join(error.format_message().split())
+    opts = getattr(error, "param", None) and error.param.opts
+    if isinstance(error, exceptions.BadParameter) and opts:
+        given = [b for a, b in zip(argv, argv[1:]) if a in opts]
+        given += [a.split("=", 1)[1] for a in argv if "=" in a and a.split("=", 1)[0] in opts]
+        problem += f" (got {given[-1]!r})" if given else ""
+    command = error.ctx.command_path if error.ctx else "quantflow"
+    return QuantflowError(problem[:1].lower() + problem[1:], f"see `{command} --help` for what it accepts")
+
+
 app = typer.Typer(
+    cls=_PlainUsageErrors,
     add_completion=False,
     no_args_is_help=True,
     help="Quantize an LLM (AWQ, GPTQ, RTN, bitsandbytes), evaluate every variant, report.",
@@ -288,6 +332,42 @@ def serve(
         serve_locally(port, home, announce=lambda message: typer.echo(f"[quantflow] {message}", err=True))
     except QuantflowError as error:
         _fail(error)
+
+
+@app.command()
+def server(
+    database: str = typer.Option(
+        "sqlite", help="sqlite (one person), postgres (a local PostgreSQL, for teams) or a postgresql://... URL."
+    ),
+    port: int = typer.Option(4200, help="Port of the Prefect server (API and UI)."),
+    home: Path = typer.Option(Path(".quantflow/prefect"), help="PREFECT_HOME of the server."),
+    data: Path = typer.Option(Path(".quantflow/postgres"), help="Data folder of the local PostgreSQL (postgres)."),
+) -> None:
+    """Start a Prefect server for workers to share, on SQLite or PostgreSQL; Ctrl-C stops it."""
+    import os
+    import time
+
+    from deployments.local import start_server, stop_server
+    from deployments.postgres import database_url, stop_postgres
+
+    try:
+        url = database_url(database, data)
+        if url:
+            os.environ["PREFECT_API_DATABASE_CONNECTION_URL"] = url
+            os.environ.setdefault("PREFECT_SERVER_DATABASE_TIMEOUT", "10")  # Prefect's default: no lock queue to wait
+        process = start_server(port, home)
+    except QuantflowError as error:
+        _fail(error)
+    typer.echo(f"[quantflow] Prefect server at http://127.0.0.1:{port}/api on {database} (Ctrl-C stops)", err=True)
+    try:
+        while process.poll() is None:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_server(process)
+        if database == "postgres":
+            stop_postgres(data)
 
 
 @app.command()

@@ -5,8 +5,10 @@ artifact's files and ``manifest.json`` (every file's size and sha256, the spec, 
 calibration hash, model source, environment). Readers treat a variant as existing only when
 its manifest does, and the manifest is written only after every file it names has been
 uploaded and checked (size and sha256 from the object's metadata). So an interrupted upload
-is invisible, a repeat upload of identical bytes transfers nothing, and ``pull`` refuses any
-file whose bytes differ from the manifest.
+is invisible, a repeat upload of identical bytes transfers nothing (a file counts as already
+there only when the sha256 of the bytes the server returns matches), an abandoned multipart
+upload is aborted by the next attempt, and ``pull`` refuses any file whose bytes differ from
+the manifest.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from quantflow.errors import QuantflowError, TransientError
 from quantflow.infra.atomic import atomic_folder
@@ -34,7 +36,7 @@ SHA_META = "sha256"
 
 
 class TransferRecord(BaseModel):
-    """What an upload did: ``files_skipped`` were found whole in the store (by size and sha256) and not sent again."""
+    """What an upload did: ``files_skipped`` were found whole in the store (their bytes' sha256) and not sent again."""
 
     uri: str
     files: int
@@ -160,16 +162,79 @@ def build_manifest(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _remote_manifest(s3, spec: StoreSpec, prefix: str) -> dict | None:
+def _remote_manifest(s3, spec: StoreSpec, prefix: str) -> bytes | None:
+    """The stored manifest's raw bytes, None when there is none (the artifact does not exist)."""
     from botocore.exceptions import ClientError
 
     try:
-        body = s3.get_object(Bucket=spec.bucket, Key=prefix + MANIFEST)["Body"].read()
+        return s3.get_object(Bucket=spec.bucket, Key=prefix + MANIFEST)["Body"].read()
     except ClientError as error:
         if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
             return None
         raise
-    return json.loads(body)
+
+
+class ManifestFile(BaseModel):
+    """One file a manifest lists, as pull trusts it: a plain relative name, a size and a sha256."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: str
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern="^[0-9a-f]{64}$")
+
+    @field_validator("name")
+    @classmethod
+    def inside_the_artifact(cls, name: str) -> str:
+        """Only names that land inside the destination and nowhere else: no absolute or drive paths ('/x', 'C:x'),
+        no '..', '.', empty or doubled segments, backslashes or control characters, not the manifest itself."""
+        parts = name.split("/")
+        if (
+            any(part in ("", ".", "..") for part in parts)
+            or any(char in name for char in ":\\")
+            or not name.isprintable()
+            or name == MANIFEST
+        ):
+            raise ValueError(f"{name!r} is not a plain file name inside the artifact")
+        return name
+
+
+class Manifest(BaseModel):
+    """The fields pull reads from a manifest; the rest (spec, metrics, ...) pass through untouched."""
+
+    files: list[ManifestFile]
+
+    @field_validator("files")
+    @classmethod
+    def one_file_per_path(cls, files: list[ManifestFile]) -> list[ManifestFile]:
+        """Two entries for one name, or a name that is also another's folder ('sub' and 'sub/x'), can't both be
+        written: the later would overwrite the earlier or fail half-way."""
+        names = [f.name for f in files]
+        folders = {"/".join(n.split("/")[:i]) for n in names for i in range(1, n.count("/") + 1)}
+        clash = sorted({n for n in names if names.count(n) > 1} | (set(names) & folders))
+        if clash:
+            raise ValueError(f"{clash[0]!r} is listed twice, or as a file and as a folder")
+        return files
+
+
+def _first_problem(error: ValidationError) -> str:
+    """'files.0.size: Field required': where in the manifest, and what is wrong there."""
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    return f"{where}: {first['msg']}" if where else first["msg"]
+
+
+def read_manifest(body: bytes, uri: str) -> dict:
+    """The stored manifest, refused whole with one error unless it is JSON whose file list pull can write safely."""
+    try:
+        manifest = json.loads(body)
+        Manifest.model_validate(manifest)
+    except (ValueError, ValidationError) as error:
+        reason = _first_problem(error) if isinstance(error, ValidationError) else "it is not JSON"
+        raise QuantflowError(
+            f"the manifest under {uri} is not one quantflow wrote ({reason})",
+            "do not use this artifact; re-upload it from its source",
+        ) from None
+    return manifest
 
 
 def _remote_matches(s3, spec: StoreSpec, key: str, entry: dict) -> bool:
@@ -182,6 +247,38 @@ def _remote_matches(s3, spec: StoreSpec, key: str, entry: dict) -> bool:
             return False
         raise
     return head["ContentLength"] == entry["size"] and head.get("Metadata", {}).get(SHA_META) == entry["sha256"]
+
+
+def _remote_sha256(s3, spec: StoreSpec, key: str) -> str:
+    """The sha256 of the bytes the server returns for ``key``, streamed (metadata can be copied onto other bytes)."""
+    digest = hashlib.sha256()
+    for chunk in s3.get_object(Bucket=spec.bucket, Key=key)["Body"].iter_chunks(2**20):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _remote_whole(s3, spec: StoreSpec, key: str, entry: dict) -> bool:
+    """Whether the object holds exactly the entry's bytes: a cheap HEAD first, then the bytes themselves hashed."""
+    return _remote_matches(s3, spec, key, entry) and _remote_sha256(s3, spec, key) == entry["sha256"]
+
+
+def abort_incomplete_uploads(s3, spec: StoreSpec, prefix: str) -> list[str]:
+    """Abort every multipart upload under ``prefix`` begun and never finished (a killed uploader, a server lost
+    mid-file): their parts are invisible but stay stored, and billed, until aborted. Returns the keys aborted."""
+    aborted = []
+    for page in s3.get_paginator("list_multipart_uploads").paginate(Bucket=spec.bucket, Prefix=prefix):
+        for upload in page.get("Uploads", []):
+            s3.abort_multipart_upload(Bucket=spec.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+            aborted.append(upload["Key"])
+    return aborted
+
+
+def _listed_files(body: bytes) -> list | None:
+    """The file list of a stored manifest, None when it has none (then the upload writes a fresh one)."""
+    try:
+        return json.loads(body).get("files")
+    except (ValueError, AttributeError):
+        return None
 
 
 def ensure_bucket(s3, spec: StoreSpec) -> None:
@@ -250,10 +347,12 @@ def upload(
         ensure_bucket(s3, spec)
         remote = _remote_manifest(s3, spec, prefix)
         # a manifest only says the upload once finished: objects can be deleted or overwritten behind it, so every
-        # object it lists is checked (HEAD: size and the sha256 kept in its metadata) before the artifact counts as
-        # whole
-        finished = remote is not None and remote["files"] == manifest["files"]
-        whole = {e["name"] for e in manifest["files"] if _remote_matches(s3, spec, prefix + e["name"], e)}
+        # object it lists is checked (size and sha256 metadata by HEAD, then the sha256 of the bytes the server
+        # returns) before the artifact counts as whole
+        finished = remote is not None and _listed_files(remote) == manifest["files"]
+        whole = {e["name"] for e in manifest["files"] if _remote_whole(s3, spec, prefix + e["name"], e)}
+        # an earlier attempt killed mid-file left its multipart upload open; this attempt sends that file again
+        abort_incomplete_uploads(s3, spec, prefix)
         if finished and len(whole) == len(manifest["files"]):
             return TransferRecord(
                 uri=uri, files=len(whole), bytes_sent=0, files_skipped=len(whole), already_complete=True
@@ -314,16 +413,18 @@ def pull(uri: str, dest: Path, spec: StoreSpec | None = None) -> dict:
     spec = spec or StoreSpec(uri=f"s3://{bucket}")
     s3 = client(spec)
     dest = Path(dest)
+    if dest.is_symlink():
+        raise QuantflowError(f"{dest} is a link", "pull into a new folder that is not a link")
     if dest.exists():
         raise QuantflowError(f"{dest} already exists", "pull into a new folder")
     try:
-        manifest = _remote_manifest(s3, spec, prefix)
-        if manifest is None:
+        body = _remote_manifest(s3, spec, prefix)
+        if body is None:
             raise QuantflowError(
                 f"no manifest.json under {uri}: the artifact does not exist or its upload never finished",
                 "check the URI, or re-run the upload",
             )
-        _check_manifest(manifest, uri)
+        manifest = read_manifest(body, uri)
         _check_objects(s3, spec, prefix, manifest, uri)
         dest.parent.mkdir(parents=True, exist_ok=True)
         need, free = sum(e["size"] for e in manifest["files"]), shutil.disk_usage(dest.parent).free
@@ -359,26 +460,6 @@ def _download(s3, bucket: str, prefix: str, manifest: dict, folder: Path, uri: s
                 "re-upload the artifact from its source",
             )
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
-
-
-def _check_manifest(manifest: dict, uri: str) -> None:
-    """Refuse a manifest whose file names could write outside the destination folder (absolute, '..', backslashes)."""
-    entries = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(entries, list) or not all(
-        isinstance(e, dict) and {"name", "size", "sha256"} <= set(e) for e in entries
-    ):
-        raise QuantflowError(
-            f"manifest under {uri} is not a quantflow manifest (no list of files with name, size, sha256)",
-            "do not use this artifact; re-upload it from its source",
-        )
-    for entry in entries:
-        name = str(entry["name"])
-        parts = PurePosixPath(name).parts
-        if not name or name.startswith(("/", "\\")) or "\\" in name or ".." in parts or ":" in parts[0]:
-            raise QuantflowError(
-                f"manifest under {uri} names a file outside the artifact: {name!r}",
-                "do not use this artifact: its manifest was written by something other than quantflow",
-            )
 
 
 def _check_objects(s3, spec: StoreSpec, prefix: str, manifest: dict, uri: str) -> None:

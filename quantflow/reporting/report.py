@@ -9,6 +9,7 @@ and speed vs perplexity (batch-1 decode, or the smallest batch timed).
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import time
@@ -204,15 +205,21 @@ def pick_best(rows: list[Row], constraints: ConstraintsSpec) -> tuple[str | None
 
 
 def front(rows: list[Row], cost) -> list[str]:
-    """Rows no other row dominates in (cost, perplexity): at least as good in both and better in one."""
+    """Rows no other row dominates in (cost, perplexity): at least as good in both and better in one.
+
+    A row with a NaN or infinite cost or perplexity (a diverged variant) is no trade-off: comparisons with NaN are
+    all false, so it would otherwise sit on the front, never dominated. Such rows are left out before comparing.
+    Exact duplicates dominate neither each other, so both stay.
+    """
+    finite = [r for r in rows if math.isfinite(cost(r)) and math.isfinite(r.perplexity)]
 
     def dominated(r: Row) -> bool:
         return any(
             cost(o) <= cost(r) and o.perplexity <= r.perplexity and (cost(o) < cost(r) or o.perplexity < r.perplexity)
-            for o in rows
+            for o in finite
         )
 
-    return [r.name for r in rows if not dominated(r)]
+    return [r.name for r in finite if not dominated(r)]
 
 
 def pareto(rows: list[Row]) -> list[str]:

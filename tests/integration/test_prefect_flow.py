@@ -41,7 +41,12 @@ def prefect_module(env, module: str) -> str:
 
 @pytest.fixture(scope="module")
 def deployed(prefect_server):
-    env = {**prefect_server, "QUANTFLOW_ROOT": str(ROOT)}
+    return deploy(prefect_server)
+
+
+def deploy(server_env: dict) -> dict:
+    """The work pools, every deployment of prefect.yaml and the automations on the server; returns the env."""
+    env = {**server_env, "QUANTFLOW_ROOT": str(ROOT)}
     pools = {
         "quantflow-gpu": "process",
         "quantflow-local": "process",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import uuid
 from pathlib import Path
@@ -102,20 +104,139 @@ def test_upload_behind_a_finished_manifest_repairs_a_deleted_or_short_shard(s3_e
     ).read_bytes()
 
 
-@pytest.mark.parametrize("name", ["../escaped.txt", "/tmp/absolute.txt", "sub/../../escaped.txt", "..\\escaped.txt"])
-def test_pull_refuses_a_hostile_manifest_before_downloading(s3_env, tmp_path, name):
-    import json
+def test_same_size_object_with_copied_metadata_but_other_bytes_is_not_already_uploaded(s3_env, tmp_path):
+    """Size and the sha256 kept in metadata can be copied onto any bytes: only the bytes the server returns count."""
+    spec = bucket_spec()
+    folder = artifact(tmp_path, sizes=(1000, 2_000_000))
+    prefix = artifact_prefix(spec, "m", "v", "h")
+    upload(folder, spec, prefix, {})
+    s3 = client(spec)
+    key = prefix + "model-00001.safetensors"
+    metadata = s3.head_object(Bucket=spec.bucket, Key=key)["Metadata"]
+    s3.put_object(Bucket=spec.bucket, Key=key, Body=os.urandom(2_000_000), Metadata=metadata)
+    again = upload(folder, spec, prefix, {})
+    assert not again.already_complete and again.repaired == ["model-00001.safetensors"]
+    assert again.bytes_sent == 2_000_000 and again.files_skipped == 2
+    body = s3.get_object(Bucket=spec.bucket, Key=key)["Body"].read()
+    assert body == (folder / "model-00001.safetensors").read_bytes()
 
+
+def incomplete_uploads(spec: StoreSpec) -> list[str]:
+    """Keys of multipart uploads begun and never completed or aborted anywhere in the bucket."""
+    listing = client(spec).list_multipart_uploads(Bucket=spec.bucket)
+    return [u["Key"] for u in listing.get("Uploads", [])]
+
+
+KILL_UPLOADER = """
+import os, signal, sys
+from pathlib import Path
+from quantflow.delivery.store import StoreSpec, upload
+
+sent = 0
+
+def die_midway(name, chunk, size):
+    global sent
+    if name == "model-00001.safetensors":
+        sent += chunk
+        if sent >= 12 * 2**20:  # three 5 MiB parts of the 30 MiB shard went through
+            os.kill(os.getpid(), signal.SIGKILL)
+
+spec = StoreSpec(uri=sys.argv[2], create_bucket=True, part_size_mb=5, concurrency=1)
+upload(Path(sys.argv[1]), spec, sys.argv[3], {}, progress=die_midway)
+"""
+
+
+def test_uploader_killed_mid_multipart_leaves_no_incomplete_upload_after_the_resume(s3_env, tmp_path):
+    import subprocess
+    import sys
+
+    spec = bucket_spec()
+    folder = artifact(tmp_path, sizes=(1000, 30 * 2**20))
+    prefix = artifact_prefix(spec, "m", "v", "h")
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_UPLOADER, str(folder), spec.uri, prefix], capture_output=True, timeout=300
+    )
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    assert incomplete_uploads(spec) == [prefix + "model-00001.safetensors"]  # the kill left one behind
+    assert MANIFEST not in " ".join(keys(spec))
+    result = upload(folder, spec, prefix, {})
+    assert not result.already_complete and incomplete_uploads(spec) == []
+    pull(f"s3://{spec.bucket}/{prefix}", tmp_path / "pulled", spec)
+    assert (tmp_path / "pulled" / "model-00001.safetensors").read_bytes() == (
+        folder / "model-00001.safetensors"
+    ).read_bytes()
+
+
+PAYLOAD = b"payload"
+PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
+
+
+def entries(*names: str) -> bytes:
+    files = [{"name": name, "size": len(PAYLOAD), "sha256": PAYLOAD_SHA} for name in names]
+    return json.dumps({"manifest_version": "1.0", "files": files}).encode()
+
+
+HOSTILE_MANIFESTS = {
+    "parent": entries("../escaped.txt"),
+    "absolute": entries("/tmp/absolute.txt"),
+    "parent inside": entries("sub/../../escaped.txt"),
+    "backslash": entries("..\\escaped.txt"),
+    "windows drive": entries("C:x"),
+    "windows absolute": entries("C:\\escaped.txt"),
+    "empty name": entries(""),
+    "dot": entries("."),
+    "a name that is a folder": entries("sub", "sub/x"),
+    "a folder name": entries("sub/"),
+    "doubled slash": entries("sub//x"),
+    "duplicate name": entries("x", "x"),
+    "the manifest itself": entries("manifest.json"),
+    "control character": entries("x\n.txt"),
+    "not JSON": b"{not json",
+    "JSON but no object": b"[]",
+    "no file list": json.dumps({"manifest_version": "1.0"}).encode(),
+    "missing size": json.dumps({"files": [{"name": "x", "sha256": PAYLOAD_SHA}]}).encode(),
+    "size not a number": json.dumps({"files": [{"name": "x", "size": "7", "sha256": PAYLOAD_SHA}]}).encode(),
+    "negative size": json.dumps({"files": [{"name": "x", "size": -1, "sha256": PAYLOAD_SHA}]}).encode(),
+    "sha256 not hex": json.dumps({"files": [{"name": "x", "size": 7, "sha256": "z" * 64}]}).encode(),
+    "name not a string": json.dumps({"files": [{"name": 7, "size": 7, "sha256": PAYLOAD_SHA}]}).encode(),
+}
+
+
+def tree(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize("case", HOSTILE_MANIFESTS)
+def test_pull_refuses_a_hostile_or_malformed_manifest_with_one_error_and_writes_nothing(s3_env, tmp_path, case):
+    """Every object the manifest could name is in the store, whole: only the manifest's checks stand in the way."""
     spec = bucket_spec()
     prefix = artifact_prefix(spec, "m", "v", "h")
     s3 = client(spec)
-    s3.put_object(Bucket=spec.bucket, Key=prefix + "x", Body=b"payload", Metadata={"sha256": "0" * 64})
-    manifest = {"manifest_version": "1.0", "files": [{"name": name, "size": 7, "sha256": "0" * 64}]}
-    s3.put_object(Bucket=spec.bucket, Key=prefix + MANIFEST, Body=json.dumps(manifest).encode())
-    dest = tmp_path / "landing" / "pulled"
-    with pytest.raises(QuantflowError, match="names a file outside the artifact"):
+    s3.create_bucket(Bucket=spec.bucket)
+    for name in ["x", "sub", "sub/x", "escaped.txt"]:
+        s3.put_object(Bucket=spec.bucket, Key=prefix + name, Body=PAYLOAD, Metadata={"sha256": PAYLOAD_SHA})
+    s3.put_object(Bucket=spec.bucket, Key=prefix + MANIFEST, Body=HOSTILE_MANIFESTS[case])
+    (tmp_path / "work").mkdir()
+    before = tree(tmp_path)
+    with pytest.raises(QuantflowError) as refused:
+        pull(f"s3://{spec.bucket}/{prefix}", tmp_path / "work" / "landing" / "pulled", spec)
+    assert refused.type is QuantflowError and "\n" not in refused.value.problem
+    assert refused.value.problem.startswith(f"the manifest under s3://{spec.bucket}/{prefix} ")
+    assert tree(tmp_path) == before and not Path("/tmp/absolute.txt").exists()
+
+
+@pytest.mark.parametrize("link_to", ["outside", "missing"])
+def test_pull_refuses_a_destination_that_is_a_link(s3_env, tmp_path, link_to):
+    """A link at the destination would send the files wherever it points (or fail after the whole download)."""
+    spec = bucket_spec()
+    prefix = artifact_prefix(spec, "m", "v", "h")
+    upload(artifact(tmp_path), spec, prefix, {})
+    (tmp_path / "outside").mkdir()
+    dest = tmp_path / "pulled"
+    dest.symlink_to(tmp_path / link_to)
+    with pytest.raises(QuantflowError, match="is a link"):
         pull(f"s3://{spec.bucket}/{prefix}", dest, spec)
-    assert not (tmp_path / "landing").exists() and not (tmp_path / "escaped.txt").exists()
+    assert list((tmp_path / "outside").iterdir()) == [] and not list(tmp_path.glob(".tmp-*"))
 
 
 def test_pull_refuses_a_manifest_that_lists_a_missing_object(s3_env, tmp_path):
@@ -232,7 +353,9 @@ def test_server_killed_mid_upload_then_restarted_resumes(tmp_path, monkeypatch):
         assert isinstance(error, QuantflowError) and sent["model-00001.safetensors"] < 80 * 2**20
         server = s3server.start(data, ports=server.ports)
         assert MANIFEST not in " ".join(keys(spec))
+        assert incomplete_uploads(spec) == [prefix + "model-00001.safetensors"]  # its abort never reached the server
         result = upload(folder, spec, prefix, {})  # resumes: files already whole in the store are not sent again
+        assert incomplete_uploads(spec) == []
         total = sum(p.stat().st_size for p in folder.iterdir())
         assert not result.already_complete and result.files_skipped >= 2  # config.json and the 3 MiB shard
         assert result.bytes_sent == total - 3 * 2**20 - (folder / "config.json").stat().st_size < total

@@ -77,3 +77,45 @@ def test_a_refused_flag_prints_no_traceback_from_a_real_process(tmp_path):
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr + result.stdout
     assert result.stderr.count("\n") == 2, result.stderr  # the error line and its fix line
+
+
+# Values the command line itself refuses before quantflow sees them (a type, a missing argument, an unknown flag or
+# command): click's usage errors, under either engine.
+USAGE_ERRORS = {
+    "run --num-samples abc (prefect)": (["run", "--engine", "prefect", "--num-samples", "abc"], "--num-samples"),
+    "run --num-samples abc (local)": (["run", "--engine", "local", "--num-samples", "abc"], "--num-samples"),
+    "run --gpu-memory-gb lots (prefect)": (["run", "--gpu-memory-gb", "lots"], "--gpu-memory-gb"),
+    "run --window 1.5 (local)": (["run", "--engine", "local", "--window", "1.5"], "--window"),
+    "run --seq-len (no value)": (["run", "--engine", "prefect", "--seq-len"], "--seq-len"),
+    "run --frobnicate": (["run", "--frobnicate", "3"], "--frobnicate"),
+    "report --max-ppl-increase abc": (["report", "r.json", "--max-ppl-increase", "abc"], "--max-ppl-increase"),
+    "pull without a folder": (["pull", "s3://b/p/"], "dest"),
+    "serve --port http": (["serve", "--port", "http"], "--port"),
+    "an unknown command": (["quantise"], "quantise"),
+}
+
+
+@pytest.mark.parametrize("case", USAGE_ERRORS)
+def test_a_value_the_command_line_refuses_is_one_error_and_its_fix(case, tmp_path, monkeypatch):
+    args, words = USAGE_ERRORS[case]
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("error: ") and words in lines[0], result.stderr
+    assert lines[1].startswith("  fix: ") and "--help" in lines[1], result.stderr
+    assert result.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("engine", ["prefect", "local"])
+def test_a_type_error_prints_one_error_from_a_real_process(engine, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "deployments.cli", "run", "--engine", engine, "--num-samples", "abc"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2 and result.stdout == "", result.stdout
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 2, result.stderr
+    assert "'abc'" in result.stderr and "fix: " in result.stderr
