@@ -149,8 +149,11 @@ def demo(
         try:
             _execute(apply_overrides(demo_spec(output), {"output.store": store.model_dump(mode="json")}), engine)
         finally:
-            if not keep_storage:
-                s3server.stop(storage)
+            if not keep_storage and s3server.stop(storage):
+                typer.echo(
+                    f"[quantflow] local S3 stopped; `quantflow storage up --data {storage.resolve()}` serves it again",
+                    err=True,
+                )
     except QuantflowError as error:
         _fail(error)
 
