@@ -48,13 +48,14 @@ def test_a_stored_link_opens_after_the_store_is_brought_back_as_the_artifact_say
 
     artifacts = {a.key: a for a in asyncio.run(run_artifacts(state.state_details.flow_run_id)) if a.key}
     link = artifacts["quantflow-report-link"]
+    url = re.search(r"\((http[^)]+)\)", link.data).group(1)  # Prefect keeps a link artifact as [text](url)
     with pytest.raises(OSError):  # refused or reset: dead now, as the description says it may be
-        urllib.request.urlopen(link.data, timeout=10)
+        urllib.request.urlopen(url, timeout=10)
     command = re.search(r"`(quantflow storage up[^`]*)`", link.description)
     assert command, link.description
     up = subprocess.run(
         [str(BIN / "quantflow"), *shlex.split(command.group(1))[1:]], capture_output=True, text=True, timeout=180
     )
     assert up.returncode == 0, up.stderr
-    with urllib.request.urlopen(link.data, timeout=30) as response:
+    with urllib.request.urlopen(url, timeout=30) as response:
         assert response.read() == (tmp_path / "out" / "report.md").read_bytes()
