@@ -170,7 +170,9 @@ def _group_size(text: str) -> int | str | None:
 def demo(
     output: Path = typer.Option(Path("runs/demo"), "--output", "-o", help="Output folder."),
     engine: str = typer.Option("prefect", help="'prefect' or 'local' (see `run --help`)."),
-    storage: Path = typer.Option(Path(".quantflow/s3"), help="Data folder of the local S3 server the demo uploads to."),
+    storage: Optional[Path] = typer.Option(
+        None, help="Data folder of the local S3 server the demo uploads to (default $QUANTFLOW_HOME/s3)."
+    ),
     keep_storage: bool = typer.Option(False, help="Leave the local S3 server running afterwards."),
 ) -> None:
     """The embedded default: SmolLM2-135M, pydoc corpus, RTN/AWQ/GPTQ W4 g64 + bnb-nf4, offline on a CPU, stored to a
@@ -183,6 +185,7 @@ def demo(
 
     try:
         _check_engine(engine)
+        storage = storage or s3server.default_data_dir()
         server = s3server.start(storage)
         os.environ.update(server.env())
         typer.echo(f"[quantflow] local S3 (SeaweedFS) at {server.endpoint_url}, data in {storage}", err=True)
@@ -190,8 +193,11 @@ def demo(
         try:
             _execute(apply_overrides(demo_spec(output), {"output.store": store.model_dump(mode="json")}), engine)
         finally:
-            if not keep_storage:
-                s3server.stop(storage)
+            if not keep_storage and s3server.stop(storage):
+                typer.echo(
+                    f"[quantflow] local S3 stopped; `quantflow storage up --data {storage.resolve()}` serves it again",
+                    err=True,
+                )
     except QuantflowError as error:
         _fail(error)
 
@@ -220,14 +226,19 @@ def pull(
 @app.command()
 def storage(
     action: str = typer.Argument(..., help="up, down or status"),
-    data: Path = typer.Option(Path(".quantflow/s3"), help="Data folder of the local S3 server."),
+    data: Optional[Path] = typer.Option(None, help="Data folder of the local S3 server (default $QUANTFLOW_HOME/s3)."),
 ) -> None:
-    """Start, stop or show the local SeaweedFS S3 server (credentials are printed as shell exports)."""
+    """Start, stop or show the local SeaweedFS S3 server (credentials are printed as shell exports).
+
+    It starts on the address it last had, so links signed for it (the Prefect UI's artifacts) open again.
+    """
     from quantflow.devtools import s3server
 
+    data = data or s3server.default_data_dir()
     try:
         if action == "up":
             server = s3server.start(data)
+            typer.echo(f"[quantflow] local S3 (SeaweedFS) at {server.endpoint_url}, data in {data}", err=True)
             typer.echo("\n".join(f"export {k}={v}" for k, v in server.env().items()))
         elif action == "down":
             typer.echo("stopped" if s3server.stop(data) else "not running")

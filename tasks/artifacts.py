@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import re
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
@@ -118,15 +119,16 @@ def publish_run_artifacts(out: str | Path, spec: RunSpec, report_uri: str | None
 
 def _store_links(spec: RunSpec, report: Report, report_uri: str) -> None:
     """Presigned links to the stored report and each variant's manifest, which a browser opens as they are."""
-    from quantflow.delivery.store import presigned_url
+    from quantflow.delivery.store import endpoint, presigned_url
 
     store = spec.output.store
     with store_credentials(spec):
+        note = link_note(endpoint(store))
         create_link_artifact(
             presigned_url(store, report_uri, "report.md"),
             link_text="report.md in the store",
             key=f"{KEY}-report-link",
-            description=f"{report_uri} (link valid for 7 days)",
+            description=f"{report_uri}. {note}",
         )
         for row in report.rows:
             if row.artifact_uri:
@@ -134,5 +136,25 @@ def _store_links(spec: RunSpec, report: Report, report_uri: str) -> None:
                     presigned_url(store, row.artifact_uri, "manifest.json"),
                     link_text=f"{row.name} manifest.json",
                     key=f"{KEY}-{row.name}-manifest".replace(".", "-").replace("_", "-"),
-                    description=row.artifact_uri,
+                    description=f"{row.artifact_uri}. {note}",
                 )
+
+
+def link_note(endpoint_url: str | None) -> str:
+    """When a presigned link opens: while its signature lasts and the store answers; the local store stops with the
+    demo, so its links say how to bring it back."""
+    from quantflow.delivery.store import LINK_EXPIRES_S
+    from quantflow.devtools.s3server import restart_command
+
+    until = f"{datetime.now(timezone.utc) + timedelta(seconds=LINK_EXPIRES_S):%Y-%m-%d %H:%M} UTC"
+    command = restart_command(endpoint_url)
+    if command:
+        return (
+            f"The link opens only while the local store at {endpoint_url} runs, and until {until}. If it does not "
+            f"open, the store is offline (the demo stops it when it ends): `{command}` brings it back with the same "
+            "data at the same address."
+        )
+    where = f"the store at {endpoint_url}" if endpoint_url else "the store"
+    return (
+        f"The link opens while {where} answers, until {until} at the latest (sooner if the keys that signed it expire)."
+    )

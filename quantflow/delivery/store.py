@@ -480,7 +480,10 @@ def content_hash_of(manifest_files: list[dict]) -> str:
     return hashlib.sha256(json.dumps(manifest_files, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def presigned_url(spec: StoreSpec, uri: str, name: str, expires_s: int = 7 * 24 * 3600) -> str:
+LINK_EXPIRES_S = 7 * 24 * 3600  # SigV4's longest
+
+
+def presigned_url(spec: StoreSpec, uri: str, name: str, expires_s: int = LINK_EXPIRES_S) -> str:
     """An https link to ``name`` under artifact ``uri`` that a browser opens without keys (signed locally, for a
     week)."""
     bucket, prefix = parse_uri(uri)

@@ -3,6 +3,10 @@
 SeaweedFS is a real distributed object store; started here on loopback with one
 identity (generated keys, stored 0600 beside its data), it behaves like MinIO or Ceph RGW
 for everything quantflow does: path-style addressing, multipart uploads, 403s on bad keys.
+
+Its default home is ``$QUANTFLOW_HOME/s3``, and it comes back on the ports it last had (kept in
+``address.json``): a link signed for it (the Prefect UI's artifacts) opens again after
+``quantflow storage up``, with the same data, keys and address.
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from quantflow.errors import QuantflowError
+from quantflow.infra.cache import quantflow_home
 
 STATE_FILE = "server.json"
+ADDRESS_FILE = "address.json"  # the last start's ports; kept after a stop, unlike STATE_FILE
 
 
 class LocalS3(BaseModel):
@@ -41,6 +47,29 @@ class LocalS3(BaseModel):
             "AWS_ENDPOINT_URL_S3": self.endpoint_url,
             "AWS_DEFAULT_REGION": "us-east-1",
         }
+
+
+def default_data_dir() -> Path:
+    return quantflow_home() / "s3"
+
+
+def _endpoint(ports: dict[str, int]) -> str:
+    return f"http://127.0.0.1:{ports['s3']}"
+
+
+def remembered_ports(data_dir: Path) -> dict[str, int] | None:
+    """The ports the store under ``data_dir`` had when it last started (None: never started)."""
+    address = Path(data_dir) / ADDRESS_FILE
+    return json.loads(address.read_text()) if address.is_file() else None
+
+
+def restart_command(endpoint_url: str | None) -> str | None:
+    """The command that brings back the default local store when it last served ``endpoint_url`` (else None)."""
+    data_dir = default_data_dir()
+    ports = remembered_ports(data_dir)
+    if not ports or _endpoint(ports) != endpoint_url:
+        return None
+    return f"quantflow storage up --data {data_dir.resolve()}"
 
 
 def weed_binary() -> str:
@@ -107,9 +136,7 @@ def start(data_dir: Path, ports: dict[str, int] | None = None, timeout: float = 
     config = data_dir / "s3.json"
     config.write_text(json.dumps(identity))
     config.chmod(0o600)
-    if ports is None:
-        master, volume, filer, s3 = _free_ports(4)
-        ports = {"master": master, "volume": volume, "filer": filer, "s3": s3}
+    ports = ports or _last_ports_if_free(data_dir) or dict(zip(("master", "volume", "filer", "s3"), _free_ports(4)))
     command = [
         weed_binary(),
         "server",
@@ -131,7 +158,7 @@ def start(data_dir: Path, ports: dict[str, int] | None = None, timeout: float = 
     log = (data_dir / "weed.log").open("a")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     server = LocalS3(
-        endpoint_url=f"http://127.0.0.1:{ports['s3']}",
+        endpoint_url=_endpoint(ports),
         access_key=creds["access_key"],
         secret_key=creds["secret_key"],
         data_dir=str(data_dir),
@@ -141,7 +168,17 @@ def start(data_dir: Path, ports: dict[str, int] | None = None, timeout: float = 
     _wait_ready(server, process, timeout)
     (data_dir / STATE_FILE).write_text(server.model_dump_json())
     (data_dir / STATE_FILE).chmod(0o600)
+    (data_dir / ADDRESS_FILE).write_text(json.dumps(ports))
     return server
+
+
+def _last_ports_if_free(data_dir: Path) -> dict[str, int] | None:
+    """The last start's ports, so that its address (and the links signed for it) stay valid; None when another
+    program holds one of them now (the store then moves)."""
+    ports = remembered_ports(data_dir)
+    if ports and all(_is_free(port) and _is_free(port + 10000) for port in ports.values()):
+        return ports
+    return None
 
 
 def _wait_ready(server: LocalS3, process: subprocess.Popen, timeout: float) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+from pathlib import Path
 
 import torch
 
@@ -37,11 +38,22 @@ def environment() -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
+        "cpu": cpu_model(),
+        "torch_threads": torch.get_num_threads(),
         "packages": {name: package_version(name) for name in PACKAGES},
         "cuda": torch.version.cuda if cuda else None,
         "gpu": torch.cuda.get_device_name(0) if cuda else None,
         "gpu_count": torch.cuda.device_count() if cuda else 0,
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name: CPU results (GPTQ's and AWQ's rounding above all) follow float sums whose order depends on
+    the CPU's kernels and torch's thread count, so a report names both."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
 
 
 def code_version(*names: str) -> dict:

@@ -7,6 +7,7 @@ import os
 import resource
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from pydantic import BaseModel
@@ -25,14 +26,26 @@ class Resources(BaseModel):
     calibration_batch: int = 1  # calibration samples per forward pass while quantizing (equal lengths only)
 
     def use_compile_cache(self) -> None:
-        """Point Inductor at the shared compile cache (in this fresh step process, before anything compiles).
+        """Point Inductor (and Triton under it) at the shared compile cache, in this fresh step process.
 
         Every variant's evaluation runs in a process of its own; with the cache in one place, the
         second and later variants of a shape reuse the first one's compiled and autotuned kernels.
-        A user's own TORCHINDUCTOR_CACHE_DIR wins.
+        A user's own TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR wins; torch's machine-wide default does
+        not: torch writes that default into os.environ the first time anything asks for its folder
+        (importing torch._dynamo does), so the variable being set says nothing about who set it.
         """
-        if self.compile_cache:
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", self.compile_cache)
+        if not self.compile_cache:
+            return
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        torch_default = Path(default_cache_dir()).resolve()
+        current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        if current and Path(current).resolve() != torch_default:
+            return
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = self.compile_cache
+        triton = os.environ.get("TRITON_CACHE_DIR")
+        if triton and Path(triton).resolve().is_relative_to(torch_default):
+            del os.environ["TRITON_CACHE_DIR"]  # torch's own, under its default: let it follow Inductor's folder
 
     @property
     def compute_dtype(self) -> str:
