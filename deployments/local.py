@@ -17,6 +17,7 @@ from pathlib import Path
 
 from deployments.automations import HEARTBEAT_SECONDS, ensure_zombie_automation
 from quantflow.errors import QuantflowError
+from quantflow.spec import RunSpec
 
 
 def start_server(port: int, home: Path) -> subprocess.Popen:
@@ -88,7 +89,10 @@ def stop_server(server: subprocess.Popen, grace: float = 10) -> None:
     stop_group(server, signal.SIGTERM, grace)
 
 
-def serve_locally(port: int, home: Path, announce: Callable[[str], None]) -> None:
+def serve_locally(port: int, home: Path, announce: Callable[[str], None], spec: RunSpec | None = None) -> None:
+    """Start the server on ``home`` and serve the flow until Ctrl-C; the Run form opens on ``spec`` (the demo's by
+    default). The served runs run in this process's children: they keep their Prefect results in ``home`` too."""
+    os.environ["PREFECT_HOME"] = str(home.resolve())  # before Prefect is imported below: it reads it once
     server = start_server(port, home)
     os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
     os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_SECONDS))
@@ -98,8 +102,8 @@ def serve_locally(port: int, home: Path, announce: Callable[[str], None]) -> Non
         from flows.quantize import quantflow_run
         from quantflow.devtools.demo import demo_spec
 
-        # the form opens on the demo's spec: a run that fits a laptop's CPU as it stands (about 10 minutes)
-        defaults = {"spec": demo_spec().model_dump(mode="json")}
+        # the form opens on the demo's spec by default: a run that fits a laptop's CPU as it stands (about 10 minutes)
+        defaults = {"spec": (spec or demo_spec()).model_dump(mode="json")}
         quantflow_run.serve(name="quantflow-local", tags=["quantflow", "local"], parameters=defaults)
     finally:
         stop_server(server)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from quantflow.infra.atomic import atomic_files, atomic_folder
+from quantflow.infra.home import quantflow_home
 
 RESULT_FILE = "result.json"
 T = TypeVar("T", bound=BaseModel)
@@ -25,8 +25,7 @@ T = TypeVar("T", bound=BaseModel)
 
 def default_cache_root() -> Path:
     """``$QUANTFLOW_HOME/cache``, else ``~/.cache/quantflow/cache``."""
-    home = os.environ.get("QUANTFLOW_HOME")
-    return (Path(home) if home else Path.home() / ".cache" / "quantflow") / "cache"
+    return quantflow_home() / "cache"
 
 
 def content_key(*parts: Any) -> str:
