@@ -27,7 +27,9 @@ def use_quantflow_home() -> None:
     ``QUANTFLOW_HOME``. A user's own ``~/.prefect/profiles.toml`` stays in force (read, never written), so a server
     chosen with ``prefect config set PREFECT_API_URL=...`` is still the one runs go to."""
     if not os.environ.get("PREFECT_HOME"):
-        os.environ["PREFECT_HOME"] = str(prefect_home())
+        home = prefect_home()
+        home.mkdir(parents=True, exist_ok=True)  # Prefect creates its home without parents: a new QUANTFLOW_HOME
+        os.environ["PREFECT_HOME"] = str(home)
         profiles = USER_PROFILES.expanduser()
         if profiles.is_file():
             os.environ.setdefault("PREFECT_PROFILES_PATH", str(profiles))
