@@ -19,6 +19,9 @@ from deployments.automations import HEARTBEAT_SECONDS, ensure_zombie_automation
 from quantflow.errors import QuantflowError
 from quantflow.spec import RunSpec
 
+# a bound, not a delay: a fresh server answers in ~10 s on an idle 2-core machine, took over 90 s at load average 24
+STARTUP_WAIT_S = 180
+
 
 def start_server(port: int, home: Path) -> subprocess.Popen:
     """``prefect server start`` on loopback with its SQLite database under ``home``; waits for /api/health."""
@@ -54,7 +57,7 @@ def start_server(port: int, home: Path) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + STARTUP_WAIT_S
     while time.monotonic() < deadline:
         if server.poll() is not None:
             raise QuantflowError(
@@ -66,7 +69,9 @@ def start_server(port: int, home: Path) -> subprocess.Popen:
         except OSError:
             time.sleep(0.5)
     os.killpg(server.pid, signal.SIGKILL)
-    raise QuantflowError(f"the Prefect server did not answer on port {port} within 90 s", f"see {home}/server.log")
+    raise QuantflowError(
+        f"the Prefect server did not answer on port {port} within {STARTUP_WAIT_S} s", f"see {home}/server.log"
+    )
 
 
 def stop_group(process: subprocess.Popen, sig: int, grace: float) -> None:

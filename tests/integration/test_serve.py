@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deployments.local import stop_group
+from deployments.local import STARTUP_WAIT_S, stop_group
 from quantflow.devtools.demo import demo_spec
 from tests.conftest import read_json, small_spec
 from tests.integration.conftest import (
@@ -62,8 +62,8 @@ def start_serve(args: list[str], env: dict, log: Path) -> subprocess.Popen:
 
 def served_deployments(port: int) -> dict[str, dict]:
     """The server's deployments by name, once `serve` registered its own (it does so after the server answers)."""
-    wait_http(f"http://127.0.0.1:{port}/api/health", 90)
-    deadline = time.monotonic() + 60
+    wait_http(f"http://127.0.0.1:{port}/api/health", STARTUP_WAIT_S + 30)
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/api/deployments/filter",
@@ -75,7 +75,7 @@ def served_deployments(port: int) -> dict[str, dict]:
         if "quantflow-local" in found:
             return found
         time.sleep(1)
-    raise TimeoutError("`quantflow serve` registered no deployment within 60 s")
+    raise TimeoutError("`quantflow serve` registered no deployment within 120 s")
 
 
 def test_serve_starts_a_server_and_registers_the_deployment(tmp_path):
