@@ -22,14 +22,6 @@ app = typer.Typer(
 )
 
 
-@app.callback()
-def _prefect_under_quantflow_home() -> None:
-    """Runs before every command, before Prefect is imported (see deployments/prefect_home.py)."""
-    from deployments.prefect_home import use_quantflow_home
-
-    use_quantflow_home()
-
-
 def _fail(error: QuantflowError) -> None:
     typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
@@ -218,6 +210,9 @@ def _execute(spec, engine: str) -> None:
         out = run_pipeline(spec, progress=lambda message: typer.echo(f"[quantflow] {message}", err=True))
         where = None
     elif engine == "prefect":
+        from deployments.prefect_home import use_quantflow_home
+
+        use_quantflow_home()  # before Prefect is imported
         from flows.run import run_flow
 
         out, where = run_flow(spec)

@@ -3,7 +3,8 @@
 Left to itself Prefect keeps its database, result storage (a failed run's exception, a served run's results),
 logs and profiles in ``~/.prefect``: outside the one folder quantflow promises to write to. Prefect reads its
 environment when it is imported and passes it on to the servers and flow-run processes it starts, so the
-variables are set here, before the first Prefect import, and everything started from this process inherits them.
+variables are set just before a command first imports Prefect (only then: a refused command writes nothing), and
+everything started from this process inherits them.
 """
 
 from __future__ import annotations
