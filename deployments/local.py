@@ -57,6 +57,15 @@ def start_server(port: int, home: Path) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    try:
+        _wait_healthy(server, port, home)
+    except BaseException:  # Ctrl-C too: the server runs in its own session, where Ctrl-C does not reach it
+        stop_group(server, signal.SIGKILL, 10)
+        raise
+    return server
+
+
+def _wait_healthy(server: subprocess.Popen, port: int, home: Path) -> None:
     deadline = time.monotonic() + STARTUP_WAIT_S
     while time.monotonic() < deadline:
         if server.poll() is not None:
@@ -65,10 +74,9 @@ def start_server(port: int, home: Path) -> subprocess.Popen:
             )
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2):
-                return server
+                return
         except OSError:
             time.sleep(0.5)
-    os.killpg(server.pid, signal.SIGKILL)
     raise QuantflowError(
         f"the Prefect server did not answer on port {port} within {STARTUP_WAIT_S} s", f"see {home}/server.log"
     )
