@@ -265,6 +265,9 @@ def _execute(spec, engine: str) -> None:
         out = run_pipeline(spec, progress=lambda message: typer.echo(f"[quantflow] {message}", err=True))
         where = None
     elif engine == "prefect":
+        from deployments.prefect_home import use_quantflow_home
+
+        use_quantflow_home()  # before Prefect is imported
         from flows.run import run_flow
 
         out, where = run_flow(spec)
@@ -331,16 +334,25 @@ def report(
 @app.command()
 def serve(
     port: int = typer.Option(4200, help="Port of the local Prefect server (UI at http://127.0.0.1:PORT)."),
-    home: Path = typer.Option(
-        Path(".quantflow/prefect"),
-        help="PREFECT_HOME of the local server (SQLite database; scripts/demo uses the same).",
+    home: Optional[Path] = typer.Option(
+        None,
+        help="PREFECT_HOME of the local server (SQLite database, results); default $PREFECT_HOME, else "
+        "$QUANTFLOW_HOME/prefect, where `quantflow run` and `quantflow demo` record their runs.",
+    ),
+    config: Optional[Path] = typer.Option(
+        None, "--config", "-c", help="YAML run spec the Run form opens on (default: the demo's spec)."
     ),
 ) -> None:
     """Start a local Prefect server and serve the quantflow flow, so the UI's Run button works on a laptop."""
     from deployments.local import serve_locally
+    from deployments.prefect_home import prefect_home
+    from quantflow.spec import load_spec
 
     try:
-        serve_locally(port, home, announce=lambda message: typer.echo(f"[quantflow] {message}", err=True))
+        spec = load_spec(config) if config else None
+        serve_locally(
+            port, home or prefect_home(), lambda message: typer.echo(f"[quantflow] {message}", err=True), spec
+        )
     except QuantflowError as error:
         _fail(error)
 

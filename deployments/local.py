@@ -17,6 +17,10 @@ from pathlib import Path
 
 from deployments.automations import HEARTBEAT_SECONDS, ensure_zombie_automation
 from quantflow.errors import QuantflowError
+from quantflow.spec import RunSpec
+
+# a bound, not a delay: a fresh server answers in ~10 s on an idle 2-core machine, took over 90 s at load average 24
+STARTUP_WAIT_S = 180
 
 
 def start_server(port: int, home: Path) -> subprocess.Popen:
@@ -53,7 +57,16 @@ def start_server(port: int, home: Path) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    deadline = time.monotonic() + 90
+    try:
+        _wait_healthy(server, port, home)
+    except BaseException:  # Ctrl-C too: the server runs in its own session, where Ctrl-C does not reach it
+        stop_group(server, signal.SIGKILL, 10)
+        raise
+    return server
+
+
+def _wait_healthy(server: subprocess.Popen, port: int, home: Path) -> None:
+    deadline = time.monotonic() + STARTUP_WAIT_S
     while time.monotonic() < deadline:
         if server.poll() is not None:
             raise QuantflowError(
@@ -61,11 +74,12 @@ def start_server(port: int, home: Path) -> subprocess.Popen:
             )
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2):
-                return server
+                return
         except OSError:
             time.sleep(0.5)
-    os.killpg(server.pid, signal.SIGKILL)
-    raise QuantflowError(f"the Prefect server did not answer on port {port} within 90 s", f"see {home}/server.log")
+    raise QuantflowError(
+        f"the Prefect server did not answer on port {port} within {STARTUP_WAIT_S} s", f"see {home}/server.log"
+    )
 
 
 def stop_group(process: subprocess.Popen, sig: int, grace: float) -> None:
@@ -88,7 +102,10 @@ def stop_server(server: subprocess.Popen, grace: float = 10) -> None:
     stop_group(server, signal.SIGTERM, grace)
 
 
-def serve_locally(port: int, home: Path, announce: Callable[[str], None]) -> None:
+def serve_locally(port: int, home: Path, announce: Callable[[str], None], spec: RunSpec | None = None) -> None:
+    """Start the server on ``home`` and serve the flow until Ctrl-C; the Run form opens on ``spec`` (the demo's by
+    default). The served runs run in this process's children: they keep their Prefect results in ``home`` too."""
+    os.environ["PREFECT_HOME"] = str(home.resolve())  # before Prefect is imported below: it reads it once
     server = start_server(port, home)
     os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
     os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_SECONDS))
@@ -98,8 +115,8 @@ def serve_locally(port: int, home: Path, announce: Callable[[str], None]) -> Non
         from flows.quantize import quantflow_run
         from quantflow.devtools.demo import demo_spec
 
-        # the form opens on the demo's spec: a run that fits a laptop's CPU as it stands (about 10 minutes)
-        defaults = {"spec": demo_spec().model_dump(mode="json")}
+        # the form opens on the demo's spec by default: a run that fits a laptop's CPU as it stands (about 10 minutes)
+        defaults = {"spec": (spec or demo_spec()).model_dump(mode="json")}
         quantflow_run.serve(name="quantflow-local", tags=["quantflow", "local"], parameters=defaults)
     finally:
         stop_server(server)

@@ -10,20 +10,26 @@ of ``quantflow-variant`` on that deployment's pool, so each idle GPU worker take
 parent then gathers their records from the shared cache by their content keys and delivers.
 The parameters are Pydantic models, so the Prefect UI renders a form with descriptions,
 dropdowns and validation at submit time.
+
+No ``from __future__ import annotations`` here: ``Flow.serve`` pickles the flow (cloudpickle) into the process
+that runs it, and a pickled function keeps only the globals its body uses. Prefect builds the parameter model
+from the annotations there; a postponed ``"RunSpec"`` could not be resolved, and every served run failed
+before it began. Real annotations travel with the function.
 """
 
-from __future__ import annotations
-
+from typing import Annotated, Any
 from uuid import UUID
 
 from prefect import flow
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from pydantic import Field
+from prefect.logging.loggers import flow_run_logger
+from pydantic import Field, ValidationError, ValidatorFunctionWrapHandler, WrapValidator
 
+from quantflow.errors import QuantflowError
 from quantflow.pipeline import steps
 from quantflow.pipeline.planning import Plan
 from quantflow.reporting.report import VariantResult
-from quantflow.spec import MixedVariant, RunSpec
+from quantflow.spec import MixedVariant, RunSpec, explain
 from tasks.artifacts import publish_run_artifacts, run_name
 from tasks.dispatch import dispatch_task
 from tasks.stages import (
@@ -47,9 +53,40 @@ VARIANT_DEPLOYMENT = Field(
     "variants run in turn here.",
 )
 
+USER_ERROR = "quantflow_user_error"  # marks that log record: the CLI prints the error itself
 
-@flow(name="quantflow", flow_run_name=run_name, log_prints=True, validate_parameters=True)
-def quantflow_run(spec: RunSpec = RunSpec(), variant_deployment: str | None = VARIANT_DEPLOYMENT) -> str:
+
+def _explained(value: Any, handler: ValidatorFunctionWrapHandler) -> RunSpec:
+    """A spec the form (or an API call) got wrong fails with the CLI's one-line error instead of Prefect's dump of
+    Pydantic's errors: a QuantflowError passes through Pydantic and Prefect's parameter check unchanged."""
+    try:
+        return handler(value)
+    except ValidationError as error:
+        raise explain(error, "the flow run's parameters") from None
+
+
+FormSpec = Annotated[RunSpec, WrapValidator(_explained)]  # the same JSON schema, so the same form
+
+
+def say_user_error(flow, flow_run, state) -> None:
+    """Bad input's ``error: ... fix: ...``, as the CLI prints it, as a line of the run's log: the UI's run page shows
+    the log, where Prefect's own lines bury the message in a repr or (a bad parameter) say nothing."""
+    error = state.result(raise_on_failure=False)
+    if isinstance(error, QuantflowError):
+        flow_run_logger(flow_run, flow).error(f"error: {error}", extra={USER_ERROR: True})
+
+
+# both flows: named runs, parameters checked at the start, bad input said in the run's log
+FLOW_OPTIONS = {
+    "flow_run_name": run_name,
+    "log_prints": True,
+    "validate_parameters": True,
+    "on_failure": [say_user_error],
+}
+
+
+@flow(name="quantflow", **FLOW_OPTIONS)
+def quantflow_run(spec: FormSpec = RunSpec(), variant_deployment: str | None = VARIANT_DEPLOYMENT) -> str:
     """Quantize a model into every variant of the spec, evaluate them all, write the report, upload."""
     planned = plan_task(spec)
     progress = create_progress_artifact(0.0, key="quantflow-progress", description="variants finished (%)")
@@ -117,9 +154,9 @@ def _fanned_out(plan: Plan, deployment: str, progress: UUID):
     return gather_task(plan, wait_for=futures)
 
 
-@flow(name="quantflow-variant", flow_run_name=run_name, log_prints=True, validate_parameters=True)
+@flow(name="quantflow-variant", **FLOW_OPTIONS)
 def quantflow_variant(
-    spec: RunSpec, variant: str | None = Field(None, description="Variant name from the spec; empty: baseline only.")
+    spec: FormSpec, variant: str | None = Field(None, description="Variant name from the spec; empty: baseline only.")
 ) -> None:
     """One branch of a fanned-out run: calibration and baseline (cache hits after the first), then one variant."""
     planned = plan_task(spec)

@@ -22,7 +22,7 @@ from prefect.settings import (
     temporary_settings,
 )
 
-from flows.quantize import quantflow_run
+from flows.quantize import USER_ERROR, quantflow_run
 from quantflow.errors import QuantflowError
 from quantflow.spec import RunSpec
 
@@ -32,10 +32,10 @@ STARTUP_WAIT_S = 180
 
 def _no_user_error_traceback(record: logging.LogRecord) -> bool:
     """Prefect logs a failed task or flow with its traceback; for bad input (a QuantflowError) the console shows the
-    message only."""
+    message only, once: the CLI prints the run log's ``error:`` line itself."""
     if record.exc_info and isinstance(record.exc_info[1], QuantflowError):
         record.exc_info, record.exc_text = None, None
-    return True
+    return not getattr(record, USER_ERROR, False)
 
 
 def quiet_user_errors() -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from quantflow.infra.atomic import atomic_files, atomic_folder
+from quantflow.infra.home import quantflow_home
 
 RESULT_FILE = "result.json"
 T = TypeVar("T", bound=BaseModel)

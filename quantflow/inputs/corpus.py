@@ -11,8 +11,10 @@ import csv
 import hashlib
 import json
 import re
+import socket
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlparse
 
 from quantflow.errors import QuantflowError
 from quantflow.spec import CalibrationSpec, EvaluationSpec
@@ -21,15 +23,21 @@ Role = Literal["calibration", "evaluation"]
 TABLE_SUFFIXES = {".jsonl", ".parquet", ".csv"}
 
 
+OFFLINE_SOURCES = "a .txt/.jsonl/.parquet/.csv file, builtin:pydoc, or a local dataset folder as hf:/path/to/folder"
+
+
 def check_source(field: str, source: str) -> None:
-    """A cheap plan-time check of a local text source, so a typo fails before the model is even loaded."""
-    if source == "builtin:pydoc" or source.startswith("hf:"):
+    """A cheap plan-time check of a text source, so a typo or an unreachable hub fails before the model is loaded."""
+    if source.startswith("hf:"):
+        check_hub(field, source)
+        return
+    if source == "builtin:pydoc":
         return
     path = Path(source).expanduser()
     if not path.is_file():
         raise QuantflowError(
             f"{field} {source} does not exist",
-            "pass an existing .txt/.jsonl/.parquet/.csv file, builtin:pydoc or hf:<dataset>",
+            f"pass {OFFLINE_SOURCES}, or hf:<dataset> on the hub",
         )
     _refuse_binary(path)
 
@@ -98,8 +106,28 @@ def _column(rows: list[dict], column: str, path: Path) -> list[str]:
     return [str(row[column]) for row in rows if row.get(column)]
 
 
+def check_hub(field: str, source: str, timeout: float = 5.0) -> None:
+    """Offline, ``datasets`` retries for about a minute and prints its network error at every retry; one connection
+    attempt to the hub says the same at once, in one line. A local folder, or the hub's offline mode (which reads
+    the local cache), needs no network."""
+    from huggingface_hub import constants
+
+    dataset = source[3:].split(":")[0]
+    if Path(dataset).expanduser().is_dir() or constants.HF_HUB_OFFLINE:
+        return
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+    except OSError as error:
+        raise QuantflowError(
+            f"{field} {source}: the Hugging Face hub ({endpoint.hostname}) is unreachable ({error.strerror or error})",
+            f"use an offline source: {OFFLINE_SOURCES}; or connect this machine to the hub",
+        ) from None
+
+
 def _hub_texts(name: str, column: str) -> list[str]:
     dataset, config, split = (name.split(":") + [None, None])[:3]
+    check_hub("text source", f"hf:{name}")
     try:
         from datasets import load_dataset
 
@@ -107,7 +135,7 @@ def _hub_texts(name: str, column: str) -> list[str]:
     except Exception as error:  # datasets raises many unrelated types for "not reachable"
         raise QuantflowError(
             f"could not load hub dataset '{name}' ({type(error).__name__}: {error})",
-            "check the name and network, or export it to a local JSONL/Parquet file",
+            f"check the name, or use an offline source: {OFFLINE_SOURCES}",
         ) from None
     if column not in data.column_names:
         raise QuantflowError(

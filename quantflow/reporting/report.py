@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import time
@@ -20,6 +21,7 @@ from pydantic import BaseModel
 from quantflow.evaluation.evaluate import EvalRecord
 from quantflow.infra.atomic import atomic_files
 from quantflow.infra.environment import environment
+from quantflow.infra.home import quantflow_home
 from quantflow.infra.steps import StepRun
 from quantflow.inputs.calibration import CalibrationRecord
 from quantflow.inputs.sources import ModelRef
@@ -482,15 +484,23 @@ def _lm_eval_table(rows: list[Row]) -> list[str]:
     return lines
 
 
-def scatter(
-    points: list[tuple[str, float, float]], marked: list[str], labels: tuple[str, str, str], path: Path
-) -> None:
-    """One labelled scatter plot, rows on ``marked`` (a Pareto front) as stars joined by a line."""
+def _pyplot():
+    """matplotlib's pyplot on its file backend. Its font cache and config go under QUANTFLOW_HOME unless the user set
+    MPLCONFIGDIR: left alone, matplotlib writes them to ~/.cache/matplotlib and ~/.config/matplotlib."""
+    os.environ.setdefault("MPLCONFIGDIR", str(quantflow_home() / "matplotlib"))
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def scatter(
+    points: list[tuple[str, float, float]], marked: list[str], labels: tuple[str, str, str], path: Path
+) -> None:
+    """One labelled scatter plot, rows on ``marked`` (a Pareto front) as stars joined by a line."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name, x, y in points:
         ax.scatter(x, y, marker="*" if name in marked else "o", s=90 if name in marked else 30)
@@ -506,10 +516,7 @@ def scatter(
 
 def precision_map(precision: dict[str, str], title: str, path: Path) -> None:
     """Blocks x projection kinds, each cell coloured by the option its Linear took."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     from matplotlib.colors import ListedColormap
 
     from quantflow.quantization.mixed import OPTIONS, block_and_kind

@@ -1,13 +1,17 @@
-"""Real server processes for integration tests: a Prefect server on SQLite, started once per session."""
+"""Real server processes for integration tests: a Prefect server on SQLite, started once per session; and what the
+Prefect UI does with a deployment: fill its Run form, submit it, show the run's state, logs and artifacts."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,3 +72,62 @@ def s3_env(s3_server, monkeypatch):
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
     return s3_server
+
+
+def form_parameters(deployment) -> dict[str, Any]:
+    """What the UI's Run form submits when nothing is changed: each parameter as the deployment sets it, else its
+    schema default."""
+    properties = deployment.parameter_openapi_schema["properties"]
+    return {
+        **{name: field["default"] for name, field in properties.items() if "default" in field},
+        **deployment.parameters,
+    }
+
+
+def form_item(deployment, definition: str, **typed) -> dict[str, Any]:
+    """A list item as the form adds it (every field at its schema default), with what the user typed over it."""
+    fields = deployment.parameter_openapi_schema["definitions"][definition]["properties"]
+    return {**{name: field["default"] for name, field in fields.items() if "default" in field}, **typed}
+
+
+@contextmanager
+def prefect_api(url: str):
+    """Talk to this server, whatever server an earlier test of this process pointed Prefect at (Prefect reads its
+    environment once, at import)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        yield
+
+
+async def wait_final(run_id, timeout: float = 600):
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            run = await client.read_flow_run(run_id)
+            if run.state and run.state.is_final():
+                return run
+            await asyncio.sleep(1)
+    raise TimeoutError(f"flow run {run_id} did not finish within {timeout} s")
+
+
+async def run_artifacts(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async with get_client() as client:
+        return await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+
+
+async def run_logs(flow_run_id) -> list[str]:
+    """The run's log lines as the UI's run page lists them."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    async with get_client() as client:
+        logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return [log.message for log in logs]

@@ -17,7 +17,7 @@ from deployments.local import stop_group
 from quantflow.pipeline import run as run_pipeline
 from quantflow.spec import parse_spec
 from tests.conftest import read_json, small_spec
-from tests.integration.conftest import BIN
+from tests.integration.conftest import BIN, form_parameters, run_artifacts, wait_final
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]
@@ -82,25 +82,13 @@ def worker(deployed, tmp_path):
 
 
 async def trigger(spec: dict, deployment: str = "quantflow/local"):
-    """Create a flow run of a deployment through the API, as the UI's Run button does."""
+    """Create a flow run of a deployment through the API, as the UI's Run form does with the spec typed in."""
     from prefect.client.orchestration import get_client
 
     async with get_client() as client:
         found = await client.read_deployment_by_name(deployment)
-        return await client.create_flow_run_from_deployment(found.id, parameters={"spec": spec})
-
-
-async def wait_final(run_id, timeout: float = 600):
-    from prefect.client.orchestration import get_client
-
-    async with get_client() as client:
-        start = time.monotonic()
-        while time.monotonic() - start < timeout:
-            run = await client.read_flow_run(run_id)
-            if run.state and run.state.is_final():
-                return run
-            await asyncio.sleep(1)
-    raise TimeoutError(f"flow run {run_id} did not finish within {timeout} s")
+        parameters = {**form_parameters(found), "spec": spec}
+        return await client.create_flow_run_from_deployment(found.id, parameters=parameters)
 
 
 async def trigger_and_wait(spec: dict, deployment: str = "quantflow/local", timeout: float = 600):
@@ -116,16 +104,6 @@ async def child_runs(parent_id):
     async with get_client() as client:
         return await client.read_flow_runs(
             flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_id]))
-        )
-
-
-async def run_artifacts(flow_run_id):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
-    async with get_client() as client:
-        return await client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
         )
 
 

@@ -23,9 +23,18 @@ def test_unknown_method_exits_2_with_the_fix():
 
 
 def test_missing_model_folder(tmp_path):
-    result = quantflow("run", "--model", str(tmp_path / "nothing"), "--output", str(tmp_path / "out"))
-    assert result.returncode == 2 and "neither an existing folder nor a hub id" in result.stderr
+    """A failed run on a temporary Prefect server, as a user with no Prefect settings starts it: the error once, and
+    nothing written but under QUANTFLOW_HOME (Prefect wrote ~/.prefect before)."""
+    import os
+
+    (tmp_path / "home").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {"HOME": str(tmp_path / "home"), "QUANTFLOW_HOME": str(tmp_path / "qf")}
+    result = quantflow("run", "--model", str(tmp_path / "nothing"), "--output", str(tmp_path / "out"), env=env)
+    assert result.returncode == 2 and result.stderr.count("error: model source") == 1, result.stderr
+    assert "neither an existing folder nor a hub id" in result.stderr
     assert not (tmp_path / "out").exists()
+    assert list((tmp_path / "home").rglob("*")) == [] and (tmp_path / "qf" / "prefect" / "prefect.db").is_file()
 
 
 def test_bad_yaml_field(tmp_path):

@@ -130,3 +130,47 @@ def test_the_default_sample_count_takes_what_the_source_holds_and_says_so(tiny_m
     )  # a count the user chose and got: no warning
     with pytest.raises(QuantflowError, match="gives only 0 usable samples"):
         tokenize_samples(["x"], tokenizer, spec)
+
+
+def unreachable_hub() -> str:
+    """A hub endpoint nothing answers on (a loopback port just freed), so the test is offline on any machine."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_an_unreachable_hub_is_one_line_naming_the_offline_sources(tmp_path):
+    """Offline, `datasets` retried for about a minute and printed its network error at each retry."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "HF_ENDPOINT": unreachable_hub(), "QUANTFLOW_HOME": str(tmp_path / "qf")}
+    command = [sys.executable, "-m", "deployments.cli", "run", "--engine", "local", "--output", str(tmp_path / "out")]
+    start = time.monotonic()
+    result = subprocess.run(
+        [*command, "--calibration", "hf:no/such-dataset"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2 and time.monotonic() - start < 120  # no minute of retries (imports take a while)
+    said = [line for line in result.stderr.splitlines() if line.strip()]
+    assert said[0].startswith(
+        "error: calibration.source hf:no/such-dataset: the Hugging Face hub (127.0.0.1) is unreachable"
+    ), result.stderr
+    assert said[1:] == [
+        "  fix: use an offline source: a .txt/.jsonl/.parquet/.csv file, builtin:pydoc, or a local "
+        "dataset folder as hf:/path/to/folder; or connect this machine to the hub"
+    ], result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_local_dataset_folder_loads_without_the_hub(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", unreachable_hub())
+    (tmp_path / "data").mkdir()
+    rows = [{"text": f"Paragraph {i} of a dataset kept on this machine."} for i in range(3)]
+    (tmp_path / "data" / "train.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    assert load_texts(f"hf:{tmp_path / 'data'}") == [row["text"] for row in rows]
