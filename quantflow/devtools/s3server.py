@@ -25,7 +25,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from quantflow.errors import QuantflowError
-from quantflow.infra.cache import quantflow_home
+from quantflow.infra.home import quantflow_home
 
 STATE_FILE = "server.json"
 ADDRESS_FILE = "address.json"  # the last start's ports; kept after a stop, unlike STATE_FILE

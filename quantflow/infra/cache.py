@@ -23,12 +23,6 @@ RESULT_FILE = "result.json"
 T = TypeVar("T", bound=BaseModel)
 
 
-def quantflow_home() -> Path:
-    """``$QUANTFLOW_HOME``, else ``~/.cache/quantflow``: where quantflow keeps what outlives a run."""
-    home = os.environ.get("QUANTFLOW_HOME")
-    return Path(home) if home else Path.home() / ".cache" / "quantflow"
-
-
 def default_cache_root() -> Path:
     """``$QUANTFLOW_HOME/cache``, else ``~/.cache/quantflow/cache``."""
     return quantflow_home() / "cache"
