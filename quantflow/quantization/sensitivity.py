@@ -78,13 +78,37 @@ def fake_quantized(weight: torch.Tensor, args) -> torch.Tensor:
     return fake_quantize(w, scale, zero, args).to(weight.dtype)
 
 
+def rtn_errors(model: torch.nn.Module, groups: list[LayerGroup], args: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """Each Linear's weight error at each option under round-to-nearest."""
+    layers = {name: model.get_submodule(name) for g in groups for name in g.layers}
+    return {name: {o: fake_quantized(m.weight, a) - m.weight for o, a in args.items()} for name, m in layers.items()}
+
+
+def start_errors(
+    model: torch.nn.Module, groups: list[LayerGroup], args: dict, start: dict[str, torch.Tensor]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """The errors the final pass leaves: W4 is the uniform run's own weights (``start``, GPTQ's result) minus the
+    original, the other options round-to-nearest (GPTQ leaves W8 an error too small to rank by)."""
+    errors = rtn_errors(model, groups, {o: a for o, a in args.items() if o != "w4"})
+    for name, by_option in errors.items():
+        if "w4" in args:
+            by_option["w4"] = start[name].to(model.get_submodule(name).weight.dtype) - model.get_submodule(name).weight
+    return errors
+
+
 def fisher_scores(
-    model: torch.nn.Module, groups: list[LayerGroup], samples: list[torch.Tensor], args: dict, seed: int = 0
+    model: torch.nn.Module,
+    groups: list[LayerGroup],
+    samples: list[torch.Tensor],
+    args: dict,
+    seed: int = 0,
+    errors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Gradient-weighted output error of every group at every option (see the module docstring)."""
+    """Gradient-weighted output error of every group at every option (see the module docstring); ``errors`` are the
+    weight errors per Linear and option, round-to-nearest's unless given."""
     layers = {name: model.get_submodule(name) for g in groups for name in g.layers}
     sums = {name: {option: 0.0 for option in args} for name in layers}
-    errors = {name: {o: fake_quantized(m.weight, a) - m.weight for o, a in args.items()} for name, m in layers.items()}
+    errors = errors if errors is not None else rtn_errors(model, groups, args)
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
 
@@ -119,9 +143,14 @@ def fisher_scores(
 
 @torch.no_grad()
 def kl_scores(
-    model: torch.nn.Module, groups: list[LayerGroup], samples: list[torch.Tensor], args: dict
+    model: torch.nn.Module,
+    groups: list[LayerGroup],
+    samples: list[torch.Tensor],
+    args: dict,
+    errors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Measured KL from the unquantized model, per token, with one group at one option and the rest unquantized."""
+    """Measured KL from the unquantized model, per token, with one group at one option and the rest unquantized;
+    ``errors`` (per Linear and option) replace round-to-nearest's where given."""
     device = next(model.parameters()).device
     batches = [ids.unsqueeze(0).to(device) for ids in samples]
     reference = [F.log_softmax(model(ids).logits[0].float(), dim=-1) for ids in batches]  # float32: no rounding floor
@@ -134,7 +163,9 @@ def kl_scores(
                 continue
             kept = {name: model.get_submodule(name).weight.data for name in group.layers}
             for name, weight in kept.items():
-                model.get_submodule(name).weight.data = fake_quantized(weight, option_args)
+                model.get_submodule(name).weight.data = (
+                    weight + errors[name][option] if errors else fake_quantized(weight, option_args)
+                )
             total = 0.0
             for ids, base in zip(batches, reference, strict=True):
                 logprobs = F.log_softmax(model(ids).logits[0].float(), dim=-1)
@@ -168,6 +199,16 @@ def measurement_samples(samples: list[torch.Tensor], tokens: int) -> list[torch.
     return chosen
 
 
+def dense_weights(path: str, names: list[str]) -> dict[str, torch.Tensor]:
+    """The named Linears' weights of a compressed-tensors artifact, dequantized (float32)."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)
+    )
+    return {name: model.get_submodule(name).weight.detach().clone() for name in names}
+
+
 def measure_sensitivity(
     model_path: str,
     variant,
@@ -176,9 +217,12 @@ def measure_sensitivity(
     resources: Resources,
     out: Path,
     final: Path,
+    start: str | None = None,
 ) -> SensitivityRecord:
     """The sensitivity step: load the model, group its quantized Linears, score every group at every option, save
-    the table as JSON (the report copies it beside itself)."""
+    the table as JSON (the report copies it beside itself). ``start`` is the uniform variant's artifact: W4 is then
+    scored by the error the final algorithm leaves, not round-to-nearest's (GPTQ repairs most of RTN's error, and
+    not evenly: the layers RTN hurts are not the ones GPTQ cannot fix)."""
     from transformers import AutoModelForCausalLM
 
     from quantflow.quantization.quantize import mixed_groups
@@ -192,14 +236,21 @@ def measure_sensitivity(
     samples = measurement_samples(load_samples(calibration), variant.sensitivity_tokens)
     reset_peak_memory()
     start = time.perf_counter()
-    score = fisher_scores if variant.sensitivity == "fisher" else kl_scores
-    scores = score(model, groups, samples, args)
+    errors = None
+    if start is not None:
+        weights = dense_weights(start, [name for g in groups for name in g.layers])
+        errors = start_errors(model, groups, args, {n: w.to(resources.device) for n, w in weights.items()})
+    if variant.sensitivity == "fisher":
+        scores = fisher_scores(model, groups, samples, args, errors=errors)
+    else:
+        scores = kl_scores(model, groups, samples, args, errors=errors)
     seconds = time.perf_counter() - start
     table = {
         "measure": variant.sensitivity,
         "unit": "nats of KL from the unquantized model per token",
         "tokens": sum(s.numel() for s in samples),
         "group_size": group_size,
+        "start": "uniform " + variant.algorithm if start else "round-to-nearest",
         "groups": [{**g.model_dump(), "score": scores[g.name]} for g in groups],
     }
     (out / TABLE_FILE).write_text(json.dumps(table, indent=1))
