@@ -199,12 +199,12 @@ def measurement_samples(samples: list[torch.Tensor], tokens: int) -> list[torch.
     return chosen
 
 
-def dense_weights(path: str, names: list[str]) -> dict[str, torch.Tensor]:
-    """The named Linears' weights of a compressed-tensors artifact, dequantized (float32)."""
+def dense_weights(path: str, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The named Linears' weights of a compressed-tensors artifact, dequantized to ``dtype`` in host memory."""
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)
+        path, dtype=dtype, quantization_config=CompressedTensorsConfig(dequantize=True)
     )
     return {name: model.get_submodule(name).weight.detach().clone() for name in names}
 
@@ -238,7 +238,7 @@ def measure_sensitivity(
     start = time.perf_counter()
     errors = None
     if start is not None:
-        weights = dense_weights(start, [name for g in groups for name in g.layers])
+        weights = dense_weights(start, [name for g in groups for name in g.layers], model.dtype)
         errors = start_errors(model, groups, args, {n: w.to(resources.device) for n, w in weights.items()})
     if variant.sensitivity == "fisher":
         scores = fisher_scores(model, groups, samples, args, errors=errors)
