@@ -11,7 +11,12 @@ Two measures over the calibration tokens, both in nats of KL divergence from the
   gradient at the Linear's output: the second-order estimate of the KL the option adds (NVIDIA ModelOpt's
   AutoQuantize scores layers with the same kind of gradient-weighted output error).
 
-bench/mixed_sensitivity.py measures how well ``fisher`` ranks groups like ``kl`` and what it saves.
+Both score an option by its weight error. For W4 that is, when a start is given, the error the final algorithm
+left: the uniform W4 GPTQ weights minus the original (GPTQ repairs most of round-to-nearest's error, unevenly across
+layers, so RTN's ranking need not be GPTQ's); otherwise, and for W8, round-to-nearest's.
+
+bench/mixed_sensitivity.py measures how well ``fisher`` ranks groups like ``kl`` and what it saves;
+bench/mixed_allocation.py ranks against the direct measure from the uniform GPTQ start.
 """
 
 from __future__ import annotations
