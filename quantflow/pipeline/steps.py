@@ -22,7 +22,7 @@ from quantflow.pipeline.planning import Plan
 from quantflow.quantization.quantize import QuantizeRecord, needs_calibration, quantize_weights
 from quantflow.quantization.sensitivity import SensitivityRecord, measure_sensitivity
 from quantflow.reporting.report import VariantResult
-from quantflow.spec import BnbVariant, GPTQVariant, MixedVariant, Variant
+from quantflow.spec import BnbVariant, MixedVariant, Variant
 
 QUANT_PACKAGES = ("torch", "transformers", "llmcompressor", "compressed-tensors")
 EVAL_PACKAGES = ("torch", "transformers", "compressed-tensors", "bitsandbytes", "lm-eval")
@@ -89,15 +89,11 @@ def quantize_key(plan: Plan, variant: Variant, calibration: CalibrationRecord) -
     )
 
 
-def sensitivity_key(
-    plan: Plan, variant: MixedVariant, calibration: CalibrationRecord, start: Quantized | None = None
-) -> str:
-    """What the table depends on: the uniform start (its artifact's key), not the budget nor the allocation rule, so
-    variants differing only there share it."""
+def sensitivity_key(plan: Plan, variant: MixedVariant, calibration: CalibrationRecord) -> str:
+    """What the table depends on: not the budget nor the final algorithm, so variants differing only there share it."""
     measured = variant.model_dump(include={"options", "symmetric", "ignore", "sensitivity", "sensitivity_tokens"})
     return content_key(
         "sensitivity",
-        Path(start.record.path).name if start else None,
         plan.model.fingerprint,
         measured,
         plan.schemes[variant.name].group_size,
@@ -156,22 +152,13 @@ def evaluate_baseline(plan: Plan, isolate: bool = True) -> Baseline:
     return Baseline(evaluation=evaluation, key=key, step=step)
 
 
-def uniform_start(variant: MixedVariant) -> GPTQVariant:
-    """The uniform W4 GPTQ variant a mixed GPTQ variant starts from: its settings, so a spec's identical uniform row
-    shares the cached artifact (the quantize key leaves the name out)."""
-    kept = ("name", "group_size", "symmetric", "ignore", "observer", "dampening_frac", "block_size", "actorder")
-    return GPTQVariant(**variant.model_dump(include=set(kept)))
-
-
 def measure(plan: Plan, variant: MixedVariant, calibration: CalibrationRecord, isolate: bool = True) -> Sensitivity:
-    """Score every Linear group of a mixed variant at every menu option (cached). A GPTQ mixed variant quantizes its
-    uniform start first (a cached step of its own) and scores W4 by the error GPTQ left there."""
-    start = quantize(plan, uniform_start(variant), calibration, isolate) if variant.algorithm == "gptq" else None
+    """Score every Linear group of a mixed variant at every menu option (cached)."""
     record, step = cached(
         plan.cache,
         "sensitivity",
         variant.name,
-        sensitivity_key(plan, variant, calibration, start),
+        sensitivity_key(plan, variant, calibration),
         SensitivityRecord,
         measure_sensitivity,
         plan.spec.step_timeout_s,
@@ -181,7 +168,6 @@ def measure(plan: Plan, variant: MixedVariant, calibration: CalibrationRecord, i
         group_size=plan.schemes[variant.name].group_size,
         calibration=calibration,
         resources=plan.resources,
-        start=start.record.path if start else None,
     )
     return Sensitivity(variant=variant.name, record=record, step=step)
 

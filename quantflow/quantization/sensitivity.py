@@ -204,16 +204,6 @@ def measurement_samples(samples: list[torch.Tensor], tokens: int) -> list[torch.
     return chosen
 
 
-def dense_weights(path: str, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The named Linears' weights of a compressed-tensors artifact, dequantized to ``dtype`` in host memory."""
-    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
-
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, quantization_config=CompressedTensorsConfig(dequantize=True)
-    )
-    return {name: model.get_submodule(name).weight.detach().clone() for name in names}
-
-
 def measure_sensitivity(
     model_path: str,
     variant,
@@ -222,12 +212,9 @@ def measure_sensitivity(
     resources: Resources,
     out: Path,
     final: Path,
-    start: str | None = None,
 ) -> SensitivityRecord:
     """The sensitivity step: load the model, group its quantized Linears, score every group at every option, save
-    the table as JSON (the report copies it beside itself). ``start`` is the uniform variant's artifact: W4 is then
-    scored by the error the final algorithm leaves, not round-to-nearest's (GPTQ repairs most of RTN's error, and
-    not evenly: the layers RTN hurts are not the ones GPTQ cannot fix)."""
+    the table as JSON (the report copies it beside itself)."""
     from transformers import AutoModelForCausalLM
 
     from quantflow.quantization.quantize import mixed_groups
@@ -241,21 +228,14 @@ def measure_sensitivity(
     samples = measurement_samples(load_samples(calibration), variant.sensitivity_tokens)
     reset_peak_memory()
     start = time.perf_counter()
-    errors = None
-    if start is not None:
-        weights = dense_weights(start, [name for g in groups for name in g.layers], model.dtype)
-        errors = start_errors(model, groups, args, {n: w.to(resources.device) for n, w in weights.items()})
-    if variant.sensitivity == "fisher":
-        scores = fisher_scores(model, groups, samples, args, errors=errors)
-    else:
-        scores = kl_scores(model, groups, samples, args, errors=errors)
+    scores = (fisher_scores if variant.sensitivity == "fisher" else kl_scores)(model, groups, samples, args)
     seconds = time.perf_counter() - start
     table = {
         "measure": variant.sensitivity,
         "unit": "nats of KL from the unquantized model per token",
         "tokens": sum(s.numel() for s in samples),
         "group_size": group_size,
-        "start": "uniform " + variant.algorithm if start else "round-to-nearest",
+        "start": "round-to-nearest",
         "groups": [{**g.model_dump(), "score": scores[g.name]} for g in groups],
     }
     (out / TABLE_FILE).write_text(json.dumps(table, indent=1))
