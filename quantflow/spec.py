@@ -227,6 +227,11 @@ class MixedVariant(_AWQSearch, _GPTQOrdered, _WeightOnly):
         "each layer group quantized alone (the reference, one forward pass per group and option).",
     )
     sensitivity_tokens: int = Field(4096, ge=16, description="Calibration tokens the sensitivity is measured on.")
+    allocation: Literal["measured", "rule"] = Field(
+        "measured",
+        description="'measured': the least summed sensitivity within the budget; 'rule': llama.cpp's fixed mix "
+        "(value and down projections, first and last blocks first) at the same budget, the baseline to beat.",
+    )
 
     @field_validator("options")
     @classmethod

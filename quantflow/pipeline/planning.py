@@ -16,7 +16,7 @@ from quantflow.infra.cache import StepCache, content_key, default_cache_root
 from quantflow.infra.resources import Resources, check_fits, pick_device
 from quantflow.inputs.corpus import check_source
 from quantflow.inputs.sources import ModelRef, resolve_model
-from quantflow.quantization.mixed import check_budget
+from quantflow.quantization.mixed import check_budget, rule_order
 from quantflow.quantization.quantize import (
     Scheme,
     WeightVariant,
@@ -222,7 +222,10 @@ def fit_shapes(skeleton, variant: Variant) -> Fitted:
         check_ignore(skeleton, variant)
         scheme = resolve_group_size(skeleton, variant)
         if isinstance(variant, MixedVariant):
-            check_budget(mixed_groups(skeleton, variant, scheme.group_size), variant.target_bits, variant.name)
+            groups = mixed_groups(skeleton, variant, scheme.group_size)
+            check_budget(groups, variant.target_bits, variant.name)
+            if variant.allocation == "rule":
+                rule_order(groups, variant.name)
     except QuantflowError as error:
         return Fitted(problem=error.problem, fix=error.fix)
     return Fitted(scheme=scheme)

@@ -150,6 +150,46 @@ def allocate(groups: list[LayerGroup], scores: dict[str, dict[str, float]], targ
     return {g.name: chosen[g.name] for g in groups}
 
 
+def rule_order(groups: list[LayerGroup], variant: str) -> list[LayerGroup]:
+    """The groups llama.cpp's k-quant mixes give more bits, most important first: the value and down projections of
+    the first and last blocks, then of every third block between them (llama.cpp's ``use_more_bits``), then of the
+    rest, then the other groups of the first and last blocks. A model whose Linears are not named so is refused."""
+    blocks = sorted({b for g in groups if (b := block_and_kind(g.layers[0])[0]) is not None})
+    kinds = {block_and_kind(layer)[1] for g in groups for layer in g.layers}
+    if not blocks or not {"v_proj", "down_proj"} <= kinds:
+        known = ", ".join(sorted(kinds)[:6])
+        raise QuantflowError(
+            f"variant '{variant}': allocation 'rule' knows Linears named v_proj and down_proj in numbered blocks; "
+            f"this model's are named {known}",
+            "use allocation: measured (the default)",
+        )
+    first, last, n = blocks[0], blocks[-1], len(blocks)
+
+    def rank(group: LayerGroup) -> tuple[int, int]:
+        block, _ = block_and_kind(group.layers[0])
+        index = blocks.index(block) if block is not None else -1
+        named = {block_and_kind(layer)[1] for layer in group.layers} & {"v_proj", "down_proj"}
+        edge = block in (first, last)
+        more = index < n / 8 or index >= 7 * n / 8 or (index - n // 8) % 3 == 2
+        tier = (0 if edge else 1 if more else 2) if named else (3 if edge else 4)
+        return tier, index
+
+    return [g for g in sorted(groups, key=rank) if rank(g)[0] < 4]
+
+
+def rule_allocation(groups: list[LayerGroup], target_bits: float, variant: str) -> dict[str, str]:
+    """Every group at its cheapest option, then the rule's groups (``rule_order``) promoted in turn to the next dearer
+    option while the budget lasts: llama.cpp's fixed mix, at the same budget as the measured allocation."""
+    chosen = {g.name: min(g.bits, key=g.bits.get) for g in groups}
+    total = sum(g.weights for g in groups)
+    spare = target_bits * total - sum(g.bits[chosen[g.name]] * g.weights for g in groups)
+    for group in rule_order(groups, variant):
+        dearer = sorted((b, o) for o, b in group.bits.items() if b > group.bits[chosen[group.name]])
+        if dearer and (cost := (dearer[0][0] - group.bits[chosen[group.name]]) * group.weights) <= spare + 1e-6:
+            chosen[group.name], spare = dearer[0][1], spare - cost
+    return chosen
+
+
 def budget_cell(costs: list[float], spare: float) -> float:
     """The DP's unit of budget. Stored sizes are whole bits, so the greatest common divisor of the options' extra
     costs makes every cost a whole number of cells and the optimum exact; when that would need more than

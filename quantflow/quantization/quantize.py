@@ -430,11 +430,14 @@ def allocation(variant: WeightVariant, sensitivity: SensitivityRecord | None) ->
     """A mixed variant's option per Linear from its sensitivity table under its budget; nothing for the others."""
     if not isinstance(variant, MixedVariant):
         return {}, None
-    from quantflow.quantization.mixed import allocate, effective_bits, precision_by_layer
+    from quantflow.quantization.mixed import allocate, effective_bits, precision_by_layer, rule_allocation
     from quantflow.quantization.sensitivity import read_table
 
     groups, scores = read_table(sensitivity)
-    chosen = allocate(groups, scores, variant.target_bits)
+    if variant.allocation == "rule":
+        chosen = rule_allocation(groups, variant.target_bits, variant.name)
+    else:
+        chosen = allocate(groups, scores, variant.target_bits)
     return precision_by_layer(groups, chosen), round(effective_bits(groups, chosen), 4)
 
 

@@ -11,7 +11,12 @@ Two measures over the calibration tokens, both in nats of KL divergence from the
   gradient at the Linear's output: the second-order estimate of the KL the option adds (NVIDIA ModelOpt's
   AutoQuantize scores layers with the same kind of gradient-weighted output error).
 
-bench/mixed_sensitivity.py measures how well ``fisher`` ranks groups like ``kl`` and what it saves.
+Both score an option by its weight error. For W4 that is, when a start is given, the error the final algorithm
+left: the uniform W4 GPTQ weights minus the original (GPTQ repairs most of round-to-nearest's error, unevenly across
+layers, so RTN's ranking need not be GPTQ's); otherwise, and for W8, round-to-nearest's.
+
+bench/mixed_sensitivity.py measures how well ``fisher`` ranks groups like ``kl`` and what it saves;
+bench/mixed_allocation.py ranks against the direct measure from the uniform GPTQ start.
 """
 
 from __future__ import annotations
@@ -78,13 +83,37 @@ def fake_quantized(weight: torch.Tensor, args) -> torch.Tensor:
     return fake_quantize(w, scale, zero, args).to(weight.dtype)
 
 
+def rtn_errors(model: torch.nn.Module, groups: list[LayerGroup], args: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """Each Linear's weight error at each option under round-to-nearest."""
+    layers = {name: model.get_submodule(name) for g in groups for name in g.layers}
+    return {name: {o: fake_quantized(m.weight, a) - m.weight for o, a in args.items()} for name, m in layers.items()}
+
+
+def start_errors(
+    model: torch.nn.Module, groups: list[LayerGroup], args: dict, start: dict[str, torch.Tensor]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """The errors the final pass leaves: W4 is the uniform run's own weights (``start``, GPTQ's result) minus the
+    original, the other options round-to-nearest (GPTQ leaves W8 an error too small to rank by)."""
+    errors = rtn_errors(model, groups, {o: a for o, a in args.items() if o != "w4"})
+    for name, by_option in errors.items():
+        if "w4" in args:
+            by_option["w4"] = start[name].to(model.get_submodule(name).weight.dtype) - model.get_submodule(name).weight
+    return errors
+
+
 def fisher_scores(
-    model: torch.nn.Module, groups: list[LayerGroup], samples: list[torch.Tensor], args: dict, seed: int = 0
+    model: torch.nn.Module,
+    groups: list[LayerGroup],
+    samples: list[torch.Tensor],
+    args: dict,
+    seed: int = 0,
+    errors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Gradient-weighted output error of every group at every option (see the module docstring)."""
+    """Gradient-weighted output error of every group at every option (see the module docstring); ``errors`` are the
+    weight errors per Linear and option, round-to-nearest's unless given."""
     layers = {name: model.get_submodule(name) for g in groups for name in g.layers}
     sums = {name: {option: 0.0 for option in args} for name in layers}
-    errors = {name: {o: fake_quantized(m.weight, a) - m.weight for o, a in args.items()} for name, m in layers.items()}
+    errors = errors if errors is not None else rtn_errors(model, groups, args)
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
 
@@ -119,9 +148,14 @@ def fisher_scores(
 
 @torch.no_grad()
 def kl_scores(
-    model: torch.nn.Module, groups: list[LayerGroup], samples: list[torch.Tensor], args: dict
+    model: torch.nn.Module,
+    groups: list[LayerGroup],
+    samples: list[torch.Tensor],
+    args: dict,
+    errors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Measured KL from the unquantized model, per token, with one group at one option and the rest unquantized."""
+    """Measured KL from the unquantized model, per token, with one group at one option and the rest unquantized;
+    ``errors`` (per Linear and option) replace round-to-nearest's where given."""
     device = next(model.parameters()).device
     batches = [ids.unsqueeze(0).to(device) for ids in samples]
     reference = [F.log_softmax(model(ids).logits[0].float(), dim=-1) for ids in batches]  # float32: no rounding floor
@@ -134,7 +168,9 @@ def kl_scores(
                 continue
             kept = {name: model.get_submodule(name).weight.data for name in group.layers}
             for name, weight in kept.items():
-                model.get_submodule(name).weight.data = fake_quantized(weight, option_args)
+                model.get_submodule(name).weight.data = (
+                    weight + errors[name][option] if errors else fake_quantized(weight, option_args)
+                )
             total = 0.0
             for ids, base in zip(batches, reference, strict=True):
                 logprobs = F.log_softmax(model(ids).logits[0].float(), dim=-1)
@@ -192,14 +228,14 @@ def measure_sensitivity(
     samples = measurement_samples(load_samples(calibration), variant.sensitivity_tokens)
     reset_peak_memory()
     start = time.perf_counter()
-    score = fisher_scores if variant.sensitivity == "fisher" else kl_scores
-    scores = score(model, groups, samples, args)
+    scores = (fisher_scores if variant.sensitivity == "fisher" else kl_scores)(model, groups, samples, args)
     seconds = time.perf_counter() - start
     table = {
         "measure": variant.sensitivity,
         "unit": "nats of KL from the unquantized model per token",
         "tokens": sum(s.numel() for s in samples),
         "group_size": group_size,
+        "start": "round-to-nearest",
         "groups": [{**g.model_dump(), "score": scores[g.name]} for g in groups],
     }
     (out / TABLE_FILE).write_text(json.dumps(table, indent=1))

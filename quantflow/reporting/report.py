@@ -114,6 +114,7 @@ class Row(BaseModel):
     precision: dict[str, str] = {}
     allocated_bits: float | None = None
     sensitivity: SensitivityRecord | None = None
+    dominated_by: str | None = None  # mixed rows: a uniform row with fewer bits per weight and lower perplexity
 
 
 class Report(BaseModel):
@@ -189,11 +190,30 @@ def row_bits(row: Row, load_time: dict[str, BnbVariant], model: ModelRef) -> flo
     return bnb_bits(variant.method, variant.double_quant, Path(model.path)) if variant else None
 
 
+def dominating(row: Row, rows: list[Row]) -> str | None:
+    """For a mixed row, the uniform row that beats it with fewer bits per weight: the precision it bought was wasted,
+    and the report says so rather than offer it."""
+    if not row.precision or row.effective_bits is None:
+        return None
+    better = [
+        o
+        for o in rows
+        if o.name != "baseline"
+        and not o.precision
+        and o.effective_bits is not None
+        and o.effective_bits < row.effective_bits
+        and o.perplexity < row.perplexity
+    ]
+    return min(better, key=lambda o: o.perplexity).name if better else None
+
+
 def pick_best(rows: list[Row], constraints: ConstraintsSpec) -> tuple[str | None, str]:
+    """The smallest row within the constraints; a mixed row dominated by a uniform one is never picked."""
     candidates = [
         r
         for r in rows
         if r.name != "baseline"
+        and r.dominated_by is None
         and r.ppl_delta_pct <= constraints.max_ppl_increase_pct
         and (constraints.max_size_ratio is None or r.size_ratio <= constraints.max_size_ratio)
     ]
@@ -258,6 +278,7 @@ def build_report(
     ]
     load_time = {v.name: v for v in [*spec.variants, *expand(spec)[0]] if isinstance(v, BnbVariant)}
     rows = [row.model_copy(update={"effective_bits": row_bits(row, load_time, model)}) for row in rows]
+    rows = [row.model_copy(update={"dominated_by": dominating(row, rows)}) for row in rows]
     best, reason = pick_best(rows, spec.constraints)
     return Report(
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -421,7 +442,12 @@ def _mixed(rows: list[Row]) -> list[str]:
             f"**{r.name}**: {r.allocated_bits} bits per weight allocated ({r.effective_bits} stored), "
             f"{counts['w4']} Linears W4, {counts['w8']} W8, {counts['bf16']} bf16, from its {r.sensitivity.measure} "
             f"sensitivity on {r.sensitivity.tokens} tokens (`{sensitivity_file(r.name)}`). Above W4: "
-            f"{by_role(kept) or 'none'}.",
+            f"{by_role(kept) or 'none'}."
+            + (
+                f" **Dominated by {r.dominated_by}**: fewer bits per weight and a lower perplexity; never the Best pick."
+                if r.dominated_by
+                else ""
+            ),
             "",
             f"![precision per layer: {r.name}]({precision_file(r.name)})",
             "",
@@ -542,7 +568,9 @@ def plots(report: Report, out: Path) -> list[Path]:
     """The plots named in PLOTS (speed plots only when the rows were timed), and each mixed row's precision map."""
     for row in report.rows:
         if row.precision:
-            title = f"{row.name}: {row.allocated_bits} bits/weight (w4 / w8 / bf16)"
+            title = f"{row.name}: {row.allocated_bits} bits/weight (w4 / w8 / bf16)" + (
+                f"\ndominated by {row.dominated_by}" if row.dominated_by else ""
+            )
             precision_map(row.precision, title, out / precision_file(row.name))
     paths = [out / "quality_vs_size.png"]
     scatter(

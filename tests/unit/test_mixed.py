@@ -18,10 +18,18 @@ from quantflow.quantization.mixed import (
     effective_bits,
     layer_groups,
     option_bits,
+    rule_allocation,
 )
-from quantflow.quantization.sensitivity import fisher_scores, kl_scores, rank_correlation, weight_args
+from quantflow.quantization.sensitivity import (
+    fake_quantized,
+    fisher_scores,
+    kl_scores,
+    rank_correlation,
+    start_errors,
+    weight_args,
+)
 from quantflow.reporting.bits import artifact_bits
-from quantflow.reporting.report import load_report
+from quantflow.reporting.report import Row, dominating, load_report, pick_best
 from quantflow.spec import parse_spec
 from tests.conftest import read_json, small_spec
 
@@ -112,7 +120,8 @@ def test_more_budget_never_scores_worse():
     assert totals == sorted(totals, reverse=True) and totals[-1] == 0.0
 
 
-def test_both_measures_find_8_bits_gentler_than_4_and_rank_groups_alike(tiny_model):
+def scored_setup(tiny_model, count: int) -> tuple:
+    """The tiny model, its Linears' names, their groups at W4 g32 / W8 / bf16, the options' arguments, samples."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval().requires_grad_(False)
@@ -120,7 +129,12 @@ def test_both_measures_find_8_bits_gentler_than_4_and_rank_groups_alike(tiny_mod
     widths = {n: (model.get_submodule(n).out_features, model.get_submodule(n).in_features) for n in names}
     groups = layer_groups(widths, ["w4", "w8", "bf16"], 32, symmetric=True)
     args = {o: weight_args(o, 32, True) for o in ("w4", "w8")}
-    samples = [torch.randint(0, 300, (64,), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    samples = [torch.randint(0, 300, (64,), generator=torch.Generator().manual_seed(i)) for i in range(count)]
+    return model, names, groups, args, samples
+
+
+def test_both_measures_find_8_bits_gentler_than_4_and_rank_groups_alike(tiny_model):
+    model, _, groups, args, samples = scored_setup(tiny_model, 4)
     fisher, kl = fisher_scores(model, groups, samples, args), kl_scores(model, groups, samples, args)
     for scores in (fisher, kl):
         assert all(0 <= s["w8"] < s["w4"] and s["bf16"] == 0 for s in scores.values()), scores
@@ -198,6 +212,10 @@ def test_a_budget_the_model_cannot_spend_fails_at_plan_time(tiny_model, tmp_path
         ({"method": "mixed", "target_bits": 17}, "less than or equal to 16"),
         ({"method": "mixed", "target_bits": 4.1, "group_size": 32}, "target_bits 4.1 is outside"),
         ({"method": "mixed", "options": ["w4"], "group_size": 128}, "no menu option fits"),
+        (
+            {"method": "mixed", "allocation": "rule", "group_size": 32, "ignore": ["lm_head", "re:.*(v|down)_proj$"]},
+            "allocation 'rule' knows Linears named v_proj and down_proj",
+        ),
     ],
 )
 def test_bad_mixed_input_from_the_cli_is_one_message_and_nothing_written(variant, words, tiny_model, tmp_path):
@@ -230,3 +248,93 @@ def test_the_final_pass_targets_layers_by_name_with_gptq_or_awq():
     awq = mixed_recipe(MixedVariant(group_size=32, algorithm="awq", symmetric=False), precision, 32)
     assert [type(m) for m in awq] == [AWQModifier, QuantizationModifier]
     assert awq[1].config_groups["w8"].weights.symmetric is False
+
+
+def blocks(count: int) -> dict[str, tuple[int, int]]:
+    return {name.replace(".0.", f".{i}."): shape for i in range(count) for name, shape in BLOCK.items()}
+
+
+def test_the_rule_promotes_value_and_down_projections_of_the_edge_blocks_first():
+    groups = layer_groups(blocks(8), ["w4", "w8", "bf16"], 32, symmetric=True)
+    uniform = effective_bits(groups, {g.name: "w4" for g in groups})
+    chosen = rule_allocation(groups, uniform + 0.45, "mixed-rule")  # room for four of these groups at W8
+    promoted = sorted(name for name, option in chosen.items() if option != "w4")
+    assert promoted == [
+        "model.layers.0.mlp.down_proj",
+        "model.layers.0.self_attn.q_proj/k_proj/v_proj",
+        "model.layers.7.mlp.down_proj",
+        "model.layers.7.self_attn.q_proj/k_proj/v_proj",
+    ]
+    assert set(chosen.values()) <= {"w4", "w8"} and effective_bits(groups, chosen) <= uniform + 0.45
+    everything = rule_allocation(groups, 16, "mixed-rule")  # one step up; never a middle block's o or gate/up
+    assert everything["model.layers.3.self_attn.o_proj"] == "w4"
+    assert everything["model.layers.0.self_attn.o_proj"] == everything["model.layers.1.mlp.down_proj"] == "w8"
+
+
+def test_the_rule_refuses_linears_it_does_not_know():
+    gpt2 = {"transformer.h.0.attn.c_attn": (192, 64), "transformer.h.0.mlp.c_proj": (64, 256)}
+    groups = layer_groups(gpt2, ["w4", "w8"], 32, symmetric=True)
+    with pytest.raises(QuantflowError, match="allocation 'rule' knows Linears named v_proj and down_proj"):
+        rule_allocation(groups, 5.0, "mixed-rule")
+
+
+def test_w4_is_scored_by_the_error_the_uniform_start_left(tiny_model):
+    model, names, groups, args, samples = scored_setup(tiny_model, 2)
+    repaired = "model.layers.0.mlp.down_proj"  # the start left it exact, every other Linear at round-to-nearest's W4
+    start = {
+        n: model.get_submodule(n).weight if n == repaired else fake_quantized(model.get_submodule(n).weight, args["w4"])
+        for n in names
+    }
+    rtn = fisher_scores(model, groups, samples, args)
+    scored = fisher_scores(model, groups, samples, args, errors=start_errors(model, groups, args, start))
+    for group in groups:
+        assert scored[group.name]["w8"] == pytest.approx(rtn[group.name]["w8"], rel=1e-4)
+        if repaired in group.layers:
+            assert scored[group.name]["w4"] == 0 < rtn[group.name]["w4"]
+        else:
+            assert scored[group.name]["w4"] == pytest.approx(rtn[group.name]["w4"], rel=1e-4)
+
+
+def row(name: str, perplexity: float, bits: float, precision: dict | None = None) -> Row:
+    zero = dict(
+        kl_mean=None,
+        size_kind="disk",
+        peak_memory_mb=0,
+        memory_kind="cpu",
+        speed=[],
+        quantize_seconds=None,
+        quantize_peak_memory_mb=None,
+        quantized_layers=None,
+        skipped_layers=[],
+        group_size=None,
+        group_size_note=None,
+        runtime="",
+        artifact=None,
+    )
+    return Row(
+        name=name,
+        method="mixed" if precision else "gptq",
+        perplexity=perplexity,
+        ppl_delta_pct=perplexity - 10,
+        size_mb=bits * 10,
+        size_ratio=bits / 16,
+        effective_bits=bits,
+        precision=precision or {},
+        **zero,
+    )
+
+
+def test_a_mixed_row_worse_than_a_uniform_one_with_fewer_bits_is_dominated_and_never_best():
+    from quantflow.spec import ConstraintsSpec
+
+    rows = [
+        row("baseline", 10.0, 16),
+        row("gptq", 11.0, 4.3),
+        row("mixed-4.5", 11.2, 4.5, {"a": "w8"}),
+        row("mixed-4.8", 10.5, 4.8, {"a": "w8"}),
+        row("rtn", 12.0, 4.3),
+    ]
+    marked = [r.model_copy(update={"dominated_by": dominating(r, rows)}) for r in rows]
+    assert [r.dominated_by for r in marked] == [None, None, "gptq", None, None]
+    assert pick_best(marked, ConstraintsSpec(max_ppl_increase_pct=50))[0] == "gptq"
+    assert pick_best(marked[2:4], ConstraintsSpec(max_ppl_increase_pct=50))[0] == "mixed-4.8"

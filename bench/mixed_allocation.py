@@ -1,0 +1,197 @@
+"""Does the measured allocation win on a model it was not tuned on? Uniform GPTQ, then mixed GPTQ at three budgets
+with the measured allocation and with the llama.cpp-style rule, and how well each sensitivity proxy ranks layers.
+
+    python bench/mixed_allocation.py --spec examples/smollm2-135m-mixed.yaml --budgets 0.15 0.3 0.5 \
+        --out bench/results/mixed-allocation-smollm2-cpu.json
+
+Plans the spec (its model, calibration set, evaluation protocol and first mixed variant's menu, group size and
+symmetry), then in one process:
+
+1. uniform W4 GPTQ (the start), its perplexity and its dequantized weights;
+2. the direct measure (the reference): starting from the uniform GPTQ weights, each group alone moved to W8, the KL
+   from the unquantized model it removes, on ``--direct-tokens`` calibration tokens;
+3. the Fisher proxy on the errors GPTQ leaves (what a run uses) and on round-to-nearest's errors (the earlier
+   proxy), each group's gain from W4 to W8, and Spearman's rank correlation of each with the direct gains;
+4. per budget (bits per weight above uniform): mixed GPTQ with the measured allocation and with ``allocation: rule``,
+   their perplexities. Everything is written to ``--out`` as it is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", type=Path, default=ROOT / "examples/smollm2-135m-mixed.yaml")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.15, 0.3, 0.5])
+    parser.add_argument("--direct-tokens", type=int, default=1024)
+    parser.add_argument("--samples", type=int, help="calibration samples (default: the spec's)")
+    parser.add_argument("--seq-len", type=int, help="calibration sample length (default: the spec's)")
+    parser.add_argument("--windows", type=int, help="evaluation windows (default: the spec's)")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    import torch
+    import torch.nn.functional as F
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantflow.evaluation.evaluate import eval_tokens, score, window_span
+    from quantflow.inputs.calibration import load_samples
+    from quantflow.inputs.corpus import evaluation_documents
+    from quantflow.pipeline import steps
+    from quantflow.pipeline.planning import plan
+    from quantflow.quantization import mixed, sensitivity
+    from quantflow.quantization.quantize import calibration_data, mixed_groups, mixed_recipe, recipe_for
+    from quantflow.spec import GPTQVariant, MixedVariant, load_spec
+
+    torch.manual_seed(0)
+    spec = load_spec(args.spec)
+    calibrate = {k: v for k, v in (("num_samples", args.samples), ("seq_len", args.seq_len)) if v}
+    windows = {"max_windows": args.windows} if args.windows else {}
+    spec = spec.model_copy(
+        update={
+            "calibration": spec.calibration.model_copy(update=calibrate),
+            "evaluation": spec.evaluation.model_copy(update=windows),
+        }
+    )
+    planned = plan(spec, progress=lambda _: None)
+    variant = next(v for v in planned.variants if isinstance(v, MixedVariant))
+    group_size = planned.schemes[variant.name].group_size
+    calibration = steps.calibrate(planned).record
+    samples = load_samples(calibration)
+    path = planned.model.path
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().requires_grad_(False)
+    ids = eval_tokens(evaluation_documents(spec.calibration, spec.evaluation), tokenizer)
+    span, bos = window_span(spec.evaluation, base, tokenizer)
+    result: dict = {
+        "spec": str(args.spec),
+        "model": spec.model.source,
+        "group_size": group_size,
+        "calibration": f"{calibration.samples} samples of up to {spec.calibration.seq_len} tokens",
+        "evaluation": f"{spec.evaluation.max_windows} windows of {spec.evaluation.window} tokens",
+    }
+
+    def save() -> None:
+        args.out.write_text(json.dumps(result, indent=1))
+
+    def perplexity(model) -> float:
+        return round(math.exp(score(model, ids, spec.evaluation, span, bos, None, None)[0]), 4)
+
+    def gptq(recipe) -> tuple[torch.nn.Module, float]:
+        model = copy.deepcopy(base)
+        start = time.perf_counter()
+        oneshot(
+            model=model,
+            recipe=recipe,
+            shuffle_calibration_samples=False,
+            log_dir=None,
+            **calibration_data(calibration, 1),
+        )
+        return model.eval(), round(time.perf_counter() - start, 1)
+
+    result["bf16"] = perplexity(base)
+    print("bf16", result["bf16"], flush=True)
+    groups = mixed_groups(base, variant, group_size)
+    uniform = GPTQVariant(group_size=group_size, symmetric=variant.symmetric, ignore=variant.ignore)
+    quantized, seconds = gptq(recipe_for(uniform, group_size, "float32"))
+    start_weights = {n: quantized.get_submodule(n).weight.detach().clone() for g in groups for n in g.layers}
+    uniform_bits = mixed.effective_bits(groups, {g.name: "w4" for g in groups})
+    result["uniform"] = {"bits": round(uniform_bits, 4), "ppl": perplexity(quantized), "gptq_seconds": seconds}
+    del quantized
+    print("uniform", result["uniform"], flush=True)
+    save()
+
+    options = {o: sensitivity.weight_args(o, group_size, variant.symmetric) for o in variant.options if o != "bf16"}
+    full = sensitivity.measurement_samples(samples, variant.sensitivity_tokens)
+    clock = time.perf_counter()
+    errors = sensitivity.start_errors(base, groups, options, start_weights)
+    proxy = sensitivity.fisher_scores(base, groups, full, options, errors=errors)
+    proxy_seconds = round(time.perf_counter() - clock, 1)
+    rtn = sensitivity.fisher_scores(base, groups, full, options)
+    direct = direct_gains(base, groups, start_weights, options, samples, args.direct_tokens, F, torch)
+    names = [g.name for g in groups if "w8" in g.bits and "w4" in g.bits]
+    gain = lambda scores: [scores[n]["w4"] - scores[n]["w8"] for n in names]  # noqa: E731
+    result["sensitivity"] = {
+        "fisher_seconds": proxy_seconds,
+        "spearman_fisher_gptq_vs_direct": round(sensitivity.rank_correlation(gain(proxy), direct["gains"]), 4),
+        "spearman_fisher_rtn_vs_direct": round(sensitivity.rank_correlation(gain(rtn), direct["gains"]), 4),
+        "direct_seconds": direct["seconds"],
+        "direct_start_kl": direct["start_kl"],
+        "groups": {
+            n: {"fisher_gptq": p, "fisher_rtn": r, "direct": d}
+            for n, p, r, d in zip(names, gain(proxy), gain(rtn), direct["gains"], strict=True)
+        },
+    }
+    print({k: v for k, v in result["sensitivity"].items() if k != "groups"}, flush=True)
+    save()
+
+    result["budgets"] = []
+    for extra in args.budgets:
+        target = round(uniform_bits + extra, 4)
+        row = {"extra_bits": extra, "target_bits": target}
+        for label, chosen in (
+            ("measured", mixed.allocate(groups, proxy, target)),
+            ("rule", mixed.rule_allocation(groups, target, variant.name)),
+        ):
+            precision = mixed.precision_by_layer(groups, chosen)
+            budgeted = variant.model_copy(update={"target_bits": target})
+            model, seconds = gptq(mixed_recipe(budgeted, precision, group_size, "float32"))
+            row[label] = {
+                "bits": round(mixed.effective_bits(groups, chosen), 4),
+                "ppl": perplexity(model),
+                "gptq_seconds": seconds,
+                "counts": mixed.option_counts(precision),
+                "promoted": sorted(n for n, o in chosen.items() if o != "w4"),
+            }
+            del model
+            print(extra, label, {k: v for k, v in row[label].items() if k != "promoted"}, flush=True)
+        result["budgets"].append(row)
+        save()
+
+
+def direct_gains(base, groups, start_weights, options, samples, tokens, F, torch) -> dict:
+    """KL from the unquantized model that each group removes when it alone moves from the uniform GPTQ weights to W8."""
+    from quantflow.quantization.sensitivity import fake_quantized, measurement_samples
+
+    clock = time.perf_counter()
+    batches = [s.unsqueeze(0) for s in measurement_samples(samples, tokens)]
+    with torch.no_grad():
+        reference = [F.log_softmax(base(b).logits[0].float(), dim=-1) for b in batches]
+        original = {n: base.get_submodule(n).weight.data for n in start_weights}
+        model = copy.deepcopy(base)
+        for name, weight in start_weights.items():
+            model.get_submodule(name).weight.data = weight.clone()
+
+        def kl() -> float:
+            total = sum(
+                F.kl_div(F.log_softmax(model(b).logits[0].float(), dim=-1), r, log_target=True, reduction="sum").item()
+                for b, r in zip(batches, reference, strict=True)
+            )
+            return total / sum(b.numel() for b in batches)
+
+        start_kl, gains = kl(), []
+        for group in groups:
+            if "w8" not in group.bits or "w4" not in group.bits:
+                continue
+            for name in group.layers:
+                model.get_submodule(name).weight.data = fake_quantized(original[name], options["w8"])
+            gains.append(start_kl - kl())
+            for name in group.layers:
+                model.get_submodule(name).weight.data = start_weights[name]
+    return {"start_kl": round(start_kl, 5), "gains": gains, "seconds": round(time.perf_counter() - clock, 1)}
+
+
+if __name__ == "__main__":
+    main()
