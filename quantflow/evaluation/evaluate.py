@@ -303,6 +303,8 @@ def load_for_eval(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from quantflow.evaluation.expert_load import asymmetric_expert_load
+
     reset_peak_memory()
     kwargs = {"dtype": getattr(torch, compute_dtype), "use_safetensors": True}
     if quantization_config is not None:
@@ -312,7 +314,8 @@ def load_for_eval(
         kwargs["max_memory"] = placement_budget(gpu_memory_gb)
     elif quantization_config is not None:
         kwargs["device_map"] = device
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    with asymmetric_expert_load():
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if "device_map" not in kwargs:
         model = model.to(device)
     model.eval()

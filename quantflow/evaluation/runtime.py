@@ -48,13 +48,31 @@ def load_on_runtime(subject: Subject, kernels: str, resources: Resources):
     if subject.bnb is not None:
         model, tokenizer = load_for_eval(path, device, resources.compute_dtype, bnb_config(subject.bnb), budget)
         runtime = f"transformers {package_version('transformers')} + bitsandbytes {package_version('bitsandbytes')}"
-        return model, tokenizer, (model.get_memory_footprint(), "in_memory_weights"), runtime
+        if experts_of(path):
+            runtime += "; bitsandbytes quantizes Linear layers only, so the fused experts stay bf16"
+        return model, tokenizer, (model.get_memory_footprint(), "in_memory_weights"), runtime + moe_note(model, path)
     on_disk = (folder_size(Path(path)), "on_disk_safetensors")
     model, label = on_kernels(path, kernels, device)
     if model is not None:
-        return model, AutoTokenizer.from_pretrained(path), on_disk, f"PyTorch {package_version('torch')} {label}"
+        runtime = f"PyTorch {package_version('torch')} {label}"
+        return model, AutoTokenizer.from_pretrained(path), on_disk, runtime + moe_note(model, path)
     model, tokenizer = load_for_eval(path, device, resources.compute_dtype, None, budget)
-    return model, tokenizer, on_disk, f"transformers {package_version('transformers')}" + dense_note(Path(path)) + label
+    runtime = f"transformers {package_version('transformers')}" + dense_note(Path(path)) + label
+    return model, tokenizer, on_disk, runtime + moe_note(model, path)
+
+
+def experts_of(path: str) -> int | None:
+    from quantflow.quantization.moe import experts_per_layer
+
+    return experts_per_layer(json.loads((Path(path) / "config.json").read_text()))
+
+
+def moe_note(model, path: str) -> str:
+    """For a mixture of experts, how its experts ran (nothing for a dense model)."""
+    from quantflow.quantization.moe import expert_runtime
+
+    experts = experts_of(path)
+    return expert_runtime(model, experts) if experts else ""
 
 
 def on_kernels(path: str, kernels: str, device: str):

@@ -27,6 +27,7 @@ from quantflow.infra.resources import (
 )
 from quantflow.inputs.calibration import CalibrationRecord, load_samples
 from quantflow.quantization.mixed import LayerGroup
+from quantflow.quantization.moe import RoutingRecord, counted_routing, unfuse, unfuse_weightless, with_routers
 from quantflow.quantization.sensitivity import SensitivityRecord
 from quantflow.spec import (
     AutoRoundVariant,
@@ -80,6 +81,7 @@ class QuantizeRecord(BaseModel):
     smoothing: Smoothing | None = None
     precision: dict[str, str] = {}  # mixed variants: each quantized Linear's menu option ('w4', 'w8', 'bf16')
     allocated_bits: float | None = None  # mixed variants: the allocation's effective bits per weight
+    routing: RoutingRecord | None = None  # mixtures of experts: calibration tokens routed to each expert
 
 
 def target_layers(model: torch.nn.Module, ignore: list[str]) -> tuple[list[str], list[str]]:
@@ -95,18 +97,20 @@ def mixed_groups(model: torch.nn.Module, variant: MixedVariant, group_size: int 
     """A mixed variant's quantized Linears grouped for fused kernels, with each menu option's bits."""
     from quantflow.quantization.mixed import layer_groups
 
-    quantized, _ = target_layers(model, variant.ignore)
+    quantized, _ = target_layers(model, with_routers(variant.ignore))
     widths = {n: (model.get_submodule(n).out_features, model.get_submodule(n).in_features) for n in quantized}
     return layer_groups(widths, variant.options, group_size, variant.symmetric)
 
 
 def weightless_model(model_path: str, trust_remote_code: bool = False) -> torch.nn.Module:
-    """The model's module tree on the meta device: shapes without loading a byte of weights."""
+    """The model's module tree on the meta device: shapes without loading a byte of weights; a mixture of experts
+    with its experts unfused into Linears, as llm-compressor will quantize them."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return unfuse_weightless(model)
 
 
 def resolve_group_size(model: torch.nn.Module, variant: WeightVariant) -> Scheme:
@@ -119,7 +123,7 @@ def resolve_group_size(model: torch.nn.Module, variant: WeightVariant) -> Scheme
     """
     if not isinstance(variant, GROUPED) or variant.group_size is None:
         return Scheme(group_size=None)
-    quantized, _ = target_layers(model, variant.ignore)
+    quantized, _ = target_layers(model, with_routers(variant.ignore))
     widths = {name: model.get_submodule(name).in_features for name in quantized}
     if variant.group_size == "auto":
         for size in AUTO_GROUP_SIZES:
@@ -156,7 +160,7 @@ def resolve_group_size(model: torch.nn.Module, variant: WeightVariant) -> Scheme
 
 def check_ignore(model: torch.nn.Module, variant: WeightVariant) -> None:
     """Tied lm_head shares the embedding matrix, and embeddings are never quantized."""
-    quantized, _ = target_layers(model, variant.ignore)
+    quantized, _ = target_layers(model, with_routers(variant.ignore))
     if getattr(model.config, "tie_word_embeddings", False) and any(name.endswith("lm_head") for name in quantized):
         raise QuantflowError(
             f"variant '{variant.name}' would quantize lm_head, which is tied to the input embeddings here",
@@ -215,7 +219,7 @@ def recipe_for(variant: WeightVariant, group_size: int | None, scale_dtype: str 
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
     groups = {"group_0": scheme_for(variant, group_size, scale_dtype)}
-    gptq_settings = {"config_groups": groups, "ignore": variant.ignore}
+    gptq_settings = {"config_groups": groups, "ignore": with_routers(variant.ignore)}
     if isinstance(variant, FP8Variant | Int8Variant | GPTQVariant):
         gptq_settings.update(block_size=variant.block_size, dampening_frac=variant.dampening_frac)
     if isinstance(variant, FP8Variant) and variant.algorithm == "gptq":
@@ -231,7 +235,7 @@ def recipe_for(variant: WeightVariant, group_size: int | None, scale_dtype: str 
         return [
             AutoRoundModifier(
                 config_groups=groups,
-                ignore=variant.ignore,
+                ignore=with_routers(variant.ignore),
                 iters=variant.iters,
                 batch_size=variant.batch_size,
                 lr=variant.lr,
@@ -241,7 +245,7 @@ def recipe_for(variant: WeightVariant, group_size: int | None, scale_dtype: str 
     if isinstance(variant, GPTQVariant):  # plain GPTQ, or AWQ smoothing first
         gptq = GPTQModifier(**gptq_settings, actorder=variant.actorder)
         return [awq_modifier(variant), gptq] if isinstance(variant, AWQGPTQVariant) else [gptq]
-    quantizer = QuantizationModifier(config_groups=groups, ignore=variant.ignore)
+    quantizer = QuantizationModifier(config_groups=groups, ignore=with_routers(variant.ignore))
     return [awq_modifier(variant), quantizer] if isinstance(variant, AWQVariant) else [quantizer]
 
 
@@ -260,7 +264,7 @@ def mixed_recipe(
         if names:
             args = weight_args(option, group_size, variant.symmetric, variant.observer, getattr(torch, scale_dtype))
             groups[option] = QuantizationScheme(targets=names, weights=args)
-    ignore = [*variant.ignore, *(name for name, chosen in precision.items() if chosen == "bf16")]
+    ignore = [*with_routers(variant.ignore), *(name for name, chosen in precision.items() if chosen == "bf16")]
     if variant.algorithm == "awq":
         return [awq_modifier(variant), QuantizationModifier(config_groups=groups, ignore=ignore)]
     gptq = GPTQModifier(
@@ -413,8 +417,17 @@ def quantize_weights(
     reset_peak_memory()
     start = time.perf_counter()
     mappings: list[dict] = []
-    with cpu_safe_awq(), recorded_smoothing(mappings), over_budget("quantize", budget):
-        oneshot(model=model, recipe=recipe, shuffle_calibration_samples=False, log_dir=None, **data)
+    routing: list[RoutingRecord] = []
+    unfuse(model)  # before oneshot, which would do it too: the routing counters hook the unfused experts
+    with cpu_safe_awq(), recorded_smoothing(mappings), counted_routing(model, routing), over_budget("quantize", budget):
+        oneshot(
+            model=model,
+            recipe=recipe,
+            shuffle_calibration_samples=False,
+            log_dir=None,
+            moe_calibrate_all_experts=True,  # every expert's statistics from every token (llm-compressor's default)
+            **data,
+        )
     seconds = time.perf_counter() - start
     peak, kind = peak_memory_mb()
     quantized = [name for name, module in model.named_modules() if hasattr(module, "quantization_scheme")]
@@ -441,6 +454,7 @@ def quantize_weights(
         smoothing=smoothing(variant, mappings, quantized),
         precision=precision,
         allocated_bits=allocated,
+        routing=routing[0] if routing else None,
     )
 
 

@@ -181,11 +181,13 @@ def measure_sensitivity(
     the table as JSON (the report copies it beside itself)."""
     from transformers import AutoModelForCausalLM
 
+    from quantflow.quantization.moe import unfuse
     from quantflow.quantization.quantize import mixed_groups
 
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=getattr(torch, resources.compute_dtype), use_safetensors=True
-    ).to(resources.device)
+    )
+    model = unfuse(model).to(resources.device)  # a mixture's experts as Linears: each expert its own group
     model.eval().requires_grad_(False)
     groups = mixed_groups(model, variant, group_size)
     args = {o: weight_args(o, group_size, variant.symmetric) for o in variant.options if o != "bf16"}

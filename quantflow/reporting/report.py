@@ -68,6 +68,17 @@ class VariantResult(BaseModel):
         return all(step.cached for step in self.steps)
 
 
+class FailedVariant(BaseModel):
+    """A variant that did not finish: the step that failed and the error, named for the method and the model type.
+
+    It is a row of the report, not the end of the run: the variants that finished are reported beside it."""
+
+    name: str
+    method: str
+    stage: str
+    error: str
+
+
 class StoredArtifact(BaseModel):
     """Where a delivered variant went in the store, and its round-trip check when one ran."""
 
@@ -127,6 +138,7 @@ class Report(BaseModel):
     pareto: list[str]
     pareto_speed: list[str] = []
     dropped: list[Dropped] = []
+    failed: list[FailedVariant] = []
     generations: dict[str, list[dict]]
     environment: dict
     spec: dict
@@ -239,6 +251,7 @@ def build_report(
     steps: list[StepRun],
     stored: list[StoredArtifact] = (),
     dropped: list[Dropped] = (),
+    failed: list[FailedVariant] = (),
 ) -> Report:
     """The report of a run from its records; ``stored`` (after upload) adds each row's URI and round-trip check."""
     where = {s.name: s for s in stored}
@@ -263,6 +276,7 @@ def build_report(
         pareto=pareto(rows),
         pareto_speed=pareto_speed(rows),
         dropped=list(dropped),
+        failed=list(failed),
         generations={"baseline": baseline.generations, **{v.name: v.evaluation.generations for v in variants}},
         environment=environment(),
         spec=spec.model_dump(mode="json"),
@@ -320,6 +334,8 @@ def markdown(report: Report) -> str:
         cells.append("–" if r.quantize_seconds is None else f"{r.quantize_seconds:.1f}")
         cells.append(f"{r.compile_seconds:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
+    for f in report.failed:
+        lines.append("| " + " | ".join([f.name, f.method, f"failed at {f.stage}"] + ["–"] * (len(head) - 3)) + " |")
     p = report.protocol
     env = report.environment
     lines += [
@@ -347,7 +363,7 @@ def markdown(report: Report) -> str:
         harness = f"; timed with {r.speed[0]['harness']}" if r.speed and r.speed[0].get("harness") else ""
         card = f"; CUDA_VISIBLE_DEVICES={r.visible_devices}" if r.visible_devices is not None else ""
         lines.append(f"- **{r.name}**: {r.runtime}{harness}{layers}{note}{card}")
-    lines += _smoothing(report.rows) + _mixed(report.rows) + _dropped(report.dropped)
+    lines += _smoothing(report.rows) + _mixed(report.rows) + _dropped(report.dropped) + _failed(report.failed)
     lines += _lm_eval_table(report.rows)
     lines += ["", "## Greedy samples", ""]
     for name, samples in report.generations.items():
@@ -431,6 +447,12 @@ def _dropped(dropped: list[Dropped]) -> list[str]:
     if not dropped:
         return []
     return ["", "## Sweep combinations left out", ""] + [f"- **{d.name}**: {d.reason}" for d in dropped]
+
+
+def _failed(failed: list[FailedVariant]) -> list[str]:
+    if not failed:
+        return []
+    return ["", "## Variants that failed", ""] + [f"- **{f.name}** ({f.stage}): {f.error}" for f in failed]
 
 
 def fenced(text: str) -> list[str]:

@@ -1,0 +1,147 @@
+"""Mixtures of experts on tiny random models: shape checks over every expert, routers in bf16, the asymmetric expert
+load, routing counts, and a run whose variants all reach the report."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from quantflow.errors import QuantflowError
+from quantflow.infra.resources import Resources
+from quantflow.quantization.moe import counted_routing, routing_record, unfuse, with_routers
+from quantflow.quantization.quantize import (
+    Scheme,
+    quantize_weights,
+    resolve_group_size,
+    target_layers,
+    weightless_model,
+)
+from quantflow.spec import GPTQVariant, RTNVariant
+from tests.moe_models import make_moe
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe(tmp_path_factory):
+    return make_moe(tmp_path_factory.mktemp("qwen3-moe"), "qwen3_moe")
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory):
+    return make_moe(tmp_path_factory.mktemp("mixtral"), "mixtral")
+
+
+@pytest.mark.parametrize("family, layers", [("qwen3_moe", 2 * (4 + 8 * 3)), ("mixtral", 2 * (4 + 8 * 3))])
+def test_shape_checks_see_every_expert(family, layers, qwen3_moe, mixtral):
+    """The experts are fused 3-D tensors in transformers 5; the checks see them as llm-compressor will quantize
+    them: one Linear per expert and projection, whose width 32 decides the group size."""
+    skeleton = weightless_model(str({"qwen3_moe": qwen3_moe, "mixtral": mixtral}[family]))
+    quantized, skipped = target_layers(skeleton, with_routers(["lm_head"]))
+    assert len(quantized) == layers and skipped == ["lm_head"]
+    assert "model.layers.1.mlp.experts.7.down_proj" in quantized
+    assert resolve_group_size(skeleton, RTNVariant(name="rtn")).group_size == 32
+    with pytest.raises(QuantflowError, match=r"experts\.0\.down_proj \(32\)"):
+        resolve_group_size(skeleton, GPTQVariant(name="gptq", group_size=64))
+
+
+def test_shared_expert_gate_stays_in_bf16(tmp_path):
+    skeleton = weightless_model(str(make_moe(tmp_path, "qwen2_moe")))
+    quantized, skipped = target_layers(skeleton, with_routers(["lm_head"]))
+    assert skipped == ["model.layers.0.mlp.shared_expert_gate", "model.layers.1.mlp.shared_expert_gate", "lm_head"]
+    assert "model.layers.0.mlp.shared_expert.down_proj" in quantized
+
+
+def test_floor_flags_rarely_routed_experts():
+    record = routing_record({"layers.0": [300, 200, 99, 1]}, top_k=2)
+    assert record.tokens == 300 and record.floor == 15
+    assert [e.expert for e in record.flagged] == [3]
+    assert record.experts[0].share == 0.5
+
+
+@pytest.fixture(scope="module")
+def asymmetric(qwen3_moe, tmp_path_factory):
+    """RTN W4 asymmetric on the Qwen3-MoE shape (no calibration data): the layout AWQ writes."""
+    out = tmp_path_factory.mktemp("rtn-asym")
+    variant = RTNVariant(name="rtn", symmetric=False)
+    record = quantize_weights(str(qwen3_moe), variant, Scheme(group_size=32), None, Resources(device="cpu"), out, out)
+    return out, record
+
+
+def test_artifact_has_per_expert_layout_and_bf16_routers(asymmetric):
+    out, record = asymmetric
+    assert len(record.quantized_layers) == 56 and "model.layers.0.mlp.gate" not in record.quantized_layers
+    with safe_open(str(out / "model.safetensors"), "pt") as handle:
+        keys = set(handle.keys())
+        assert handle.get_tensor("model.layers.0.mlp.gate.weight").dtype == torch.bfloat16
+    for expert in range(8):
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            prefix = f"model.layers.1.mlp.experts.{expert}.{proj}"
+            assert {f"{prefix}.weight_packed", f"{prefix}.weight_scale", f"{prefix}.weight_zero_point"} <= keys
+    assert not any(k.endswith("experts.gate_up_proj") for k in keys)
+    groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert groups["group_0"]["weights"]["symmetric"] is False
+
+
+def test_upstream_still_drops_expert_zero_points(asymmetric):
+    """transformers 5.17 loses the experts' zero points (huggingface/transformers#47430). When this test fails,
+    the fix has landed: delete quantflow/evaluation/expert_load.py and its use in load_for_eval."""
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(RuntimeError, match="conversion of the weights"):
+        AutoModelForCausalLM.from_pretrained(asymmetric[0])
+
+
+def test_asymmetric_experts_load_with_their_zero_points(asymmetric, qwen3_moe):
+    from transformers import AutoModelForCausalLM
+
+    from quantflow.evaluation.expert_load import asymmetric_expert_load
+
+    with asymmetric_expert_load():
+        loaded = AutoModelForCausalLM.from_pretrained(asymmetric[0])
+    reference = AutoModelForCausalLM.from_pretrained(qwen3_moe)
+    for name in ("gate_up_proj", "down_proj"):
+        got = getattr(loaded.model.layers[1].mlp.experts, name).float()
+        want = getattr(reference.model.layers[1].mlp.experts, name).float()
+        error = ((got - want).abs().mean() / want.abs().mean()).item()
+        assert 0 < error < 0.2, (name, error)  # W4 group 32 rounding; zero points dropped would be far off
+
+
+def test_routing_counts_each_calibration_batch_once(qwen3_moe):
+    """Two forward passes of the same batch (as the pipeline's propagation pass does) count once."""
+    from llmcompressor.core import active_session
+    from transformers import AutoModelForCausalLM
+
+    model = unfuse(AutoModelForCausalLM.from_pretrained(qwen3_moe, dtype=torch.float32))
+    found = []
+    tokens = torch.randint(3, 300, (1, 40))
+    with counted_routing(model, found), torch.no_grad():
+        for batch in (0, 0, 1):
+            active_session().state.current_batch_idx = batch
+            model(tokens)
+    (record,) = found
+    assert record.top_k == 2 and record.tokens == 80
+    per_layer = {}
+    for expert in record.experts:
+        per_layer[expert.layer] = per_layer.get(expert.layer, 0) + expert.tokens
+    assert per_layer == {"model.layers.0.mlp.experts": 160, "model.layers.1.mlp.experts": 160}
+
+
+def test_experts_run_on_int4_kernels_one_per_expert(asymmetric):
+    """The kernel runtimes build the per-expert layout too: every expert Linear becomes an int4 kernel module
+    (PyTorch's CPU int4 kernel here), with the logits of transformers' dequantized load."""
+    from transformers import AutoModelForCausalLM
+
+    from quantflow.evaluation.expert_load import asymmetric_expert_load
+    from quantflow.evaluation.int4 import Int4Linear, load_int4
+    from quantflow.quantization.moe import expert_runtime
+
+    packed = load_int4(asymmetric[0], "cpu")
+    kernels = [n for n, m in packed.named_modules() if isinstance(m, Int4Linear)]
+    assert len(kernels) == 56 and "model.layers.1.mlp.experts.5.up_proj" in kernels
+    with asymmetric_expert_load():
+        dense = AutoModelForCausalLM.from_pretrained(asymmetric[0], dtype=torch.bfloat16)
+    ids = torch.randint(3, 300, (2, 16))
+    logits, reference = packed(ids).logits.float(), dense(ids).logits.float()
+    assert ((logits - reference).norm() / reference.norm()).item() < 0.02
+    assert "one Int4Linear per expert" in expert_runtime(packed, 8)
+    assert "fused bf16 tensors" in expert_runtime(dense, 8)
