@@ -15,6 +15,8 @@ from collections.abc import Iterator
 import torch
 from pydantic import BaseModel
 
+from quantflow.errors import QuantflowError
+
 # Linears that route tokens rather than transform them: they decide which expert runs, are tiny, and an error
 # in them sends tokens to the wrong expert, so they stay in bf16 (transformers 5's own routers are not Linears
 # and are never targeted; the shared-expert gate of Qwen2-MoE / Qwen3-Next is one).
@@ -83,6 +85,21 @@ def unfuse_weightless(model: torch.nn.Module) -> torch.nn.Module:
         with torch.device("meta"):
             model.set_submodule(name, unfused(getattr(module, "config", model.config)))
     return model
+
+
+def check_experts(skeleton: torch.nn.Module, variant_name: str, method: str) -> None:
+    """Refuse, at plan time, a mixture whose experts llm-compressor cannot unfuse: they would stay fused 3-D
+    tensors that no Linear-targeting recipe quantizes, and the artifact would be bf16 experts under a W4 label."""
+    fused = sorted({name.rpartition(".")[0] for name, p in skeleton.named_parameters() if p.ndim == 3})
+    if fused:
+        model_type = getattr(skeleton.config, "model_type", "unknown")
+        raise QuantflowError(
+            f"variant '{variant_name}' (method {method}) cannot quantize the experts of this {model_type} model: "
+            f"llm-compressor does not unfuse their layout ({len(fused)} modules with 3-D expert tensors, e.g. "
+            f"{fused[0]})",
+            "use a method on a supported MoE family (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, gpt-oss, Llama 4), "
+            "or a bitsandbytes variant (its experts stay bf16)",
+        )
 
 
 def with_routers(ignore: list[str]) -> list[str]:

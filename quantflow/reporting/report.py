@@ -23,6 +23,7 @@ from quantflow.infra.steps import StepRun
 from quantflow.inputs.calibration import CalibrationRecord
 from quantflow.inputs.sources import ModelRef
 from quantflow.quantization.mixed import option_counts
+from quantflow.quantization.moe import RoutingRecord
 from quantflow.quantization.quantize import QuantizeRecord, Smoothing
 from quantflow.quantization.sensitivity import SensitivityRecord
 from quantflow.reporting.bits import artifact_bits, bnb_bits
@@ -122,6 +123,7 @@ class Row(BaseModel):
     precision: dict[str, str] = {}
     allocated_bits: float | None = None
     sensitivity: SensitivityRecord | None = None
+    routing: RoutingRecord | None = None
 
 
 class Report(BaseModel):
@@ -178,6 +180,7 @@ def _row(
         precision=quantize.precision if quantize else {},
         allocated_bits=quantize.allocated_bits if quantize else None,
         sensitivity=sensitivity,
+        routing=quantize.routing if quantize else None,
         runtime=evaluation.runtime,
         artifact=artifact,
         placement=evaluation.placement,
@@ -364,6 +367,7 @@ def markdown(report: Report) -> str:
         card = f"; CUDA_VISIBLE_DEVICES={r.visible_devices}" if r.visible_devices is not None else ""
         lines.append(f"- **{r.name}**: {r.runtime}{harness}{layers}{note}{card}")
     lines += _smoothing(report.rows) + _mixed(report.rows) + _dropped(report.dropped) + _failed(report.failed)
+    lines += _routing(report.rows)
     lines += _lm_eval_table(report.rows)
     lines += ["", "## Greedy samples", ""]
     for name, samples in report.generations.items():
@@ -447,6 +451,31 @@ def _dropped(dropped: list[Dropped]) -> list[str]:
     if not dropped:
         return []
     return ["", "## Sweep combinations left out", ""] + [f"- **{d.name}**: {d.reason}" for d in dropped]
+
+
+def _routing(rows: list[Row]) -> list[str]:
+    """Per variant and MoE layer, the calibration tokens top-k routing sent each expert; experts under the floor
+    are named (every expert was still calibrated on every token)."""
+    routed = [r for r in rows if r.routing]
+    if not routed:
+        return []
+    lines = [
+        "",
+        "## Expert routing of the calibration tokens",
+        "",
+        "Every expert is calibrated on every calibration token (llm-compressor's `moe_calibrate_all_experts`); the "
+        "counts are the tokens top-k routing sent each expert during calibration, which is what it will see in use. "
+        "Experts under the floor (a tenth of an even share) are flagged.",
+    ]
+    for row in routed:
+        record = row.routing
+        lines += ["", f"**{row.name}**: {record.tokens} tokens, top-{record.top_k}, floor {record.floor} tokens", ""]
+        for layer in dict.fromkeys(e.layer for e in record.experts):
+            experts = [e for e in record.experts if e.layer == layer]
+            flagged = [str(e.expert) for e in experts if e.under_floor]
+            counts = ", ".join(str(e.tokens) for e in experts)
+            lines.append(f"- {layer}: {counts}" + (f" — under the floor: {', '.join(flagged)}" if flagged else ""))
+    return lines
 
 
 def _failed(failed: list[FailedVariant]) -> list[str]:

@@ -145,3 +145,74 @@ def test_experts_run_on_int4_kernels_one_per_expert(asymmetric):
     assert ((logits - reference).norm() / reference.norm()).item() < 0.02
     assert "one Int4Linear per expert" in expert_runtime(packed, 8)
     assert "fused bf16 tensors" in expert_runtime(dense, 8)
+
+
+def test_unknown_fused_expert_layout_is_refused_at_plan_time(qwen3_moe):
+    """Experts llm-compressor cannot unfuse would stay bf16 under a W4 label: one error naming method and type."""
+    from quantflow.pipeline.planning import fit_shapes
+
+    skeleton = weightless_model(str(qwen3_moe))
+    with torch.device("meta"):
+        custom = torch.nn.Module()
+        custom.weight = torch.nn.Parameter(torch.empty(8, 32, 64))
+    skeleton.model.layers[0].mlp.set_submodule("experts", custom)
+    fitted = fit_shapes(skeleton, GPTQVariant(name="gptq"))
+    assert fitted.scheme is None and fitted.problem.startswith(
+        "variant 'gptq' (method gptq) cannot quantize the experts of this qwen3_moe model"
+    )
+    assert "model.layers.0.mlp.experts" in fitted.problem
+
+
+def moe_spec(model, root, variants, **extra) -> dict:
+    from tests.conftest import small_spec
+
+    raw = small_spec(model, root / "out", root / "cache", variants, speed=None, max_windows=2, kl_tokens=32)
+    return {**raw, **extra}
+
+
+@pytest.fixture(scope="module")
+def moe_run(qwen3_moe, tmp_path_factory):
+    """RTN with zero points (the layout whose load failed) and GPTQ on the Qwen3-MoE shape, through the pipeline."""
+    from quantflow import pipeline
+    from quantflow.spec import parse_spec
+
+    root = tmp_path_factory.mktemp("moe-run")
+    variants = [{"method": "rtn", "symmetric": False}, {"method": "gptq"}]
+    return root, pipeline.run(parse_spec(moe_spec(qwen3_moe, root, variants)), progress=lambda _: None)
+
+
+def test_moe_variants_quantize_every_expert_and_report_routing(moe_run):
+    from quantflow.reporting.report import load_report
+
+    root, out = moe_run
+    report = load_report(out / "report.json")
+    rows = {r.name: r for r in report.rows}
+    assert list(rows) == ["baseline", "rtn", "gptq"] and not report.failed
+    for name in ("rtn", "gptq"):
+        assert rows[name].quantized_layers == 56 and rows[name].skipped_layers == ["lm_head"]
+        assert rows[name].kl_mean > 0 and "fused bf16 tensors" in rows[name].runtime
+    assert rows["rtn"].size_ratio < rows["baseline"].size_ratio * 0.6  # the experts' bytes are counted
+    assert rows["rtn"].routing is None  # RTN reads no calibration data: nothing was routed
+    routing = rows["gptq"].routing
+    assert routing.top_k == 2 and routing.tokens == report.calibration["tokens"]
+    assert len(routing.experts) == 16 and sum(e.tokens for e in routing.experts) == 2 * 2 * routing.tokens
+    markdown = (out / "report.md").read_text()
+    assert "## Expert routing of the calibration tokens" in markdown and "model.layers.1.mlp.experts:" in markdown
+
+
+def test_a_failed_variant_is_a_row_and_the_others_are_reported(moe_run, qwen3_moe):
+    """A variant that fails (here: a step killed by its timeout) is a report row with its error; the variants that
+    finished (cached from the first run) and the baseline are reported, and the run ends normally."""
+    from quantflow import pipeline
+    from quantflow.reporting.report import load_report
+    from quantflow.spec import parse_spec
+
+    root, _ = moe_run
+    variants = [{"method": "rtn", "symmetric": False}, {"method": "awq", "n_grid": 4}, {"method": "gptq"}]
+    spec = parse_spec(moe_spec(qwen3_moe, root, variants, step_timeout_s=1))
+    report = load_report(pipeline.run(spec, progress=lambda _: None) / "report.json")
+    assert [r.name for r in report.rows] == ["baseline", "rtn", "gptq"]
+    (failed,) = report.failed
+    assert failed.name == "awq" and failed.stage == "quantize"
+    assert failed.error.startswith("method awq could not quantize this qwen3_moe model: step 'quantize' ran longer")
+    assert "| awq | awq | failed at quantize |" in (root / "out" / "report.md").read_text()
