@@ -1,15 +1,20 @@
-"""The one workaround for loading asymmetric mixture-of-experts artifacts in transformers.
+"""The one workaround for loading quantized mixture-of-experts artifacts in transformers.
 
 transformers 5.17 dequantizes a compressed-tensors checkpoint's per-expert weights while it fuses them into its
 3-D expert tensors (``DecompressExperts``), but it collects only ``weight_packed``, ``weight_scale`` and
-``weight_shape``: an asymmetric scheme's ``weight_zero_point`` (AWQ's default) never reaches the decompressor,
-and compressed-tensors stops the load with "Asymmetric quant requires zero-point values". The artifact itself
-is right (per-expert Linears with zero points, the layout vLLM loads).
+``weight_shape``. Two parts of the schemes quantflow writes never reach the decompressor:
 
-Upstream fix: huggingface/transformers#47430 "fix(compressed_tensors): collect zero_point for asymmetric MoE
-expert decompression" (open when this was written). ``tests/unit/test_moe.py::test_upstream_still_drops_expert_
-zero_points`` loads such an artifact without this module and expects the failure: when it passes no more, the fix
-has landed and this module can go.
+- an asymmetric scheme's ``weight_zero_point`` (AWQ's default): compressed-tensors stops the load with
+  "Asymmetric quant requires zero-point values". Upstream: huggingface/transformers#47430 (PR, open).
+- NVFP4's per-tensor ``weight_global_scale``: the experts load silently scaled by a wrong constant (measured on
+  a tiny Qwen3-MoE: mean relative weight error 3.6e4 instead of 0.1). Upstream: huggingface/transformers#48371
+  (issue) and #48372 (PR), open.
+
+The artifacts themselves are right (per-expert Linears with every part, the layout vLLM loads). Within
+``expert_load()`` the converter collects those parts and hands them to the decompressor.
+``tests/unit/test_moe.py::test_upstream_still_drops_expert_zero_points`` and
+``tests/unit/test_fp4.py::test_upstream_still_drops_expert_global_scales`` load such artifacts without this module
+and expect the failures: when they fail, the fixes have landed and this module can go.
 """
 
 from __future__ import annotations
@@ -20,11 +25,11 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-ZERO_POINT = "_zero_point$"
+EXTRA_PARTS = ("zero_point", "global_scale")  # what transformers 5.17 leaves behind, as weight_<part>
 
 
-def _collect_zero_points(converter):
-    """The experts' converter with the zero points among its sources (unchanged when it has them already)."""
+def _collect_missing_parts(converter):
+    """The experts' converter with the zero points and global scales among its sources (unchanged when it has them)."""
     from transformers.core_model_loading import WeightConverter
     from transformers.integrations.compressed_tensors import DecompressExperts
 
@@ -33,11 +38,12 @@ def _collect_zero_points(converter):
     ):
         return converter
     sources = list(converter._original_source_patterns)
-    packed = [p for p in sources if p.endswith("_packed$")]
-    if not packed or any(p.endswith(ZERO_POINT) for p in sources):
+    packed = [p.removesuffix("_packed$") for p in sources if p.endswith("_packed$")]
+    missing = [f"{p}_{part}$" for p in packed for part in EXTRA_PARTS if f"{p}_{part}$" not in sources]
+    if not missing:
         return converter
     return WeightConverter(
-        source_patterns=[*sources, *(p.removesuffix("_packed$") + ZERO_POINT for p in packed)],
+        source_patterns=[*sources, *missing],
         target_patterns=list(converter._original_target_patterns),
         operations=list(converter.operations),
     )
@@ -54,10 +60,10 @@ class _Packed(nn.Module):
 
 
 def _decompress_with_zero_points(original):
-    """``DecompressExperts.convert`` that hands each expert's zero point to the decompressor."""
+    """``DecompressExperts.convert`` that hands each expert's zero point and global scale to the decompressor."""
 
     def convert(self, input_dict, source_patterns, target_patterns, full_layer_name=None, **kwargs):
-        if not any("weight_zero_point" in key for key in input_dict):
+        if not any(f"weight_{part}" in key for key in input_dict for part in EXTRA_PARTS):
             return original(self, input_dict, source_patterns, target_patterns, full_layer_name, **kwargs)
         from compressed_tensors.compressors import BaseCompressor
         from compressed_tensors.compressors.format import infer_module_format
@@ -69,7 +75,8 @@ def _decompress_with_zero_points(original):
         for key in (k for k in input_dict if "weight_packed" in k):
             parts = {
                 f"weight_{part}": input_dict[key.replace("weight_packed", f"weight_{part}")]
-                for part in ("packed", "scale", "shape", "zero_point")
+                for part in ("packed", "scale", "shape", *EXTRA_PARTS)
+                if key.replace("weight_packed", f"weight_{part}") in input_dict
             }
             experts = []
             for index in range(len(parts["weight_packed"])):
@@ -83,15 +90,15 @@ def _decompress_with_zero_points(original):
 
 
 @contextlib.contextmanager
-def asymmetric_expert_load() -> Iterator[None]:
-    """Within this context transformers loads asymmetric compressed-tensors experts with their zero points."""
+def expert_load() -> Iterator[None]:
+    """Within this context transformers loads compressed-tensors experts with their zero points and global scales."""
     from transformers.integrations.compressed_tensors import DecompressExperts
     from transformers.quantizers.quantizer_compressed_tensors import CompressedTensorsHfQuantizer
 
     update, convert = CompressedTensorsHfQuantizer.update_weight_conversions, DecompressExperts.convert
 
     def collecting(self, weight_conversions):
-        return [_collect_zero_points(c) for c in update(self, weight_conversions)]
+        return [_collect_missing_parts(c) for c in update(self, weight_conversions)]
 
     CompressedTensorsHfQuantizer.update_weight_conversions = collecting
     DecompressExperts.convert = _decompress_with_zero_points(convert)

@@ -16,7 +16,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from quantflow.errors import QuantflowError
-from quantflow.evaluation.evaluate import BASELINE_LOGPROBS, EvalRecord
+from quantflow.evaluation.evaluate import BASELINE_LOGPROBS, FP4_FORMATS, EvalRecord, is_fp4
 from quantflow.infra.resources import Resources
 from quantflow.spec import BnbVariant, CalibrationSpec, EvaluationSpec
 
@@ -107,6 +107,14 @@ def on_kernels(path: str, kernels: str, device: str):
     return None, ""
 
 
+def fp4_activations(path: Path) -> bool:
+    """An FP4 artifact with FP4 activations (W4A4): no machine here has the matmul, so it is not timed."""
+    if not is_fp4(path):
+        return False
+    quant = json.loads((path / "config.json").read_text())["quantization_config"]
+    return any(group.get("input_activations") for group in quant.get("config_groups", {}).values())
+
+
 def dense_note(path: Path) -> str:
     """What the dense runtime does with an artifact's quantization: weights dequantized; W8A8 activations
     fake-quantized per token, so the quality is the quantized model's though the matmuls are bf16."""
@@ -114,6 +122,13 @@ def dense_note(path: Path) -> str:
     if quant.get("quant_method") != "compressed-tensors":
         return ""
     groups = quant.get("config_groups", {}).values()
+    if quant.get("format") in FP4_FORMATS:
+        acts = fp4_activations(path)
+        return ", compressed-tensors FP4 weights dequantized at load (exact emulation; no FP4 matmuls here)" + (
+            ", activations quantized to FP4 and back per group: W4A4 not timed, no FP4 kernel here"
+            if acts
+            else ", timed dense in bf16: not an FP4 kernel's speed"
+        )
     if any(group.get("input_activations") for group in groups):
         return ", compressed-tensors: weights dequantized, activations quantized per token and back (simulated W8A8)"
     return ", compressed-tensors decompressed to dense at load"
@@ -138,13 +153,16 @@ def evaluate_subject(
         with timed(phases, "load"):
             model, tokenizer, size, runtime = load_on_runtime(subject, protocol.evaluation.kernels, resources)
         texts = evaluation_documents(protocol.calibration, protocol.evaluation)
+        evaluation = protocol.evaluation
+        if fp4_activations(Path(subject.model_path)):  # an emulated FP4 matmul's time would be a guess
+            evaluation = evaluation.model_copy(update={"speed": None})
         keep = baseline is None and protocol.evaluation.kl_tokens
         return evaluate_model(
             model,
             tokenizer,
             subject.name,
             texts,
-            protocol.evaluation,
+            evaluation,
             runtime,
             size,
             baseline=Path(baseline) if baseline else None,

@@ -30,10 +30,12 @@ from quantflow.quantization.mixed import LayerGroup
 from quantflow.quantization.moe import RoutingRecord, counted_routing, unfuse, unfuse_weightless, with_routers
 from quantflow.quantization.sensitivity import SensitivityRecord
 from quantflow.spec import (
+    FP4_GROUP,
     AutoRoundVariant,
     AWQGPTQVariant,
     AWQVariant,
     BnbVariant,
+    FP4Variant,
     FP8Variant,
     GPTQVariant,
     Int8Variant,
@@ -42,7 +44,15 @@ from quantflow.spec import (
 )
 
 WeightVariant = (
-    RTNVariant | GPTQVariant | AWQVariant | AWQGPTQVariant | AutoRoundVariant | MixedVariant | FP8Variant | Int8Variant
+    RTNVariant
+    | GPTQVariant
+    | AWQVariant
+    | AWQGPTQVariant
+    | AutoRoundVariant
+    | MixedVariant
+    | FP8Variant
+    | Int8Variant
+    | FP4Variant
 )
 GROUPED = (RTNVariant, GPTQVariant, AWQVariant, AWQGPTQVariant, AutoRoundVariant, MixedVariant)
 AUTO_GROUP_SIZES = (128, 64, 32)
@@ -121,6 +131,8 @@ def resolve_group_size(model: torch.nn.Module, variant: WeightVariant) -> Scheme
     explicit size that does not divide some width fails here, naming the layers and the sizes
     that would work: a user who chose a size gets it or an error, never a silent substitute.
     """
+    if isinstance(variant, FP4Variant):
+        return fp4_groups(model, variant)
     if not isinstance(variant, GROUPED) or variant.group_size is None:
         return Scheme(group_size=None)
     quantized, _ = target_layers(model, with_routers(variant.ignore))
@@ -158,6 +170,37 @@ def resolve_group_size(model: torch.nn.Module, variant: WeightVariant) -> Scheme
     return Scheme(group_size=variant.group_size)
 
 
+def fp4_preset(variant: FP4Variant) -> str:
+    """llm-compressor's preset name: NVFP4A16, NVFP4, MXFP4A16 or MXFP4."""
+    return variant.method.upper() + ("A16" if variant.activations == "a16" else "")
+
+
+def fp4_label(variant: FP4Variant) -> str:
+    scales = "FP8 e4m3 scales and a per-tensor global scale" if variant.method == "nvfp4" else "E8M0 scales"
+    group = FP4_GROUP[variant.method]
+    acts = "bf16 activations" if variant.activations == "a16" else "FP4 activations"
+    rounding = ", GPTQ-rounded" if variant.algorithm == "gptq" else ""
+    return (
+        f"{variant.method.upper()} W4A{16 if variant.activations == 'a16' else 4}: FP4 E2M1 weights in groups of "
+        + (f"{group} with {scales}{rounding}, {acts}")
+    )
+
+
+def fp4_groups(model: torch.nn.Module, variant: FP4Variant) -> Scheme:
+    """The FP4 formats fix their group size (16 or 32): every quantized layer's input width must be a multiple."""
+    group = FP4_GROUP[variant.method]
+    quantized, _ = target_layers(model, with_routers(variant.ignore))
+    bad = {n: model.get_submodule(n).in_features for n in quantized if model.get_submodule(n).in_features % group}
+    if bad:
+        shown = ", ".join(f"{n} ({w})" for n, w in list(bad.items())[:5])
+        raise QuantflowError(
+            f"variant '{variant.name}' ({variant.method}) needs input widths that are multiples of {group}; "
+            f"{len(bad)} layers are not: {shown}",
+            "add those layers to the variant's ignore list, or use an integer method with a group size that fits",
+        )
+    return Scheme(group_size=group)
+
+
 def check_ignore(model: torch.nn.Module, variant: WeightVariant) -> None:
     """Tied lm_head shares the embedding matrix, and embeddings are never quantized."""
     quantized, _ = target_layers(model, with_routers(variant.ignore))
@@ -181,6 +224,8 @@ def scheme_for(variant: WeightVariant, group_size: int | None, scale_dtype: str 
         return preset_name_to_scheme("FP8_DYNAMIC", ["Linear"])
     if isinstance(variant, Int8Variant):
         return preset_name_to_scheme("W8A8", ["Linear"])
+    if isinstance(variant, FP4Variant):
+        return preset_name_to_scheme(fp4_preset(variant), ["Linear"])
     weights = QuantizationArgs(
         num_bits=variant.bits,
         type="int",
@@ -210,6 +255,8 @@ def scheme_label(variant: WeightVariant, group_size: int | None, precision: dict
         return f"W8A8 FP8 e4m3 (per-channel weights{rounding}, dynamic per-token activations)"
     if isinstance(variant, Int8Variant):
         return "W8A8 INT8 (per-channel weights, dynamic per-token activations)"
+    if isinstance(variant, FP4Variant):
+        return fp4_label(variant)
     grouping = f"group {group_size}" if group_size else "per-channel"
     return f"W{variant.bits}A16 int, {'symmetric' if variant.symmetric else 'asymmetric'}, {grouping}"
 
@@ -220,9 +267,9 @@ def recipe_for(variant: WeightVariant, group_size: int | None, scale_dtype: str 
 
     groups = {"group_0": scheme_for(variant, group_size, scale_dtype)}
     gptq_settings = {"config_groups": groups, "ignore": with_routers(variant.ignore)}
-    if isinstance(variant, FP8Variant | Int8Variant | GPTQVariant):
+    if isinstance(variant, FP8Variant | Int8Variant | GPTQVariant | FP4Variant):
         gptq_settings.update(block_size=variant.block_size, dampening_frac=variant.dampening_frac)
-    if isinstance(variant, FP8Variant) and variant.algorithm == "gptq":
+    if isinstance(variant, FP8Variant | FP4Variant) and variant.algorithm == "gptq":
         return [GPTQModifier(**gptq_settings)]
     if isinstance(variant, Int8Variant):
         from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
@@ -435,7 +482,7 @@ def quantize_weights(
     skipped = [
         name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and name not in done
     ]
-    model.to(getattr(torch, dtype)).save_pretrained(out, save_compressed=True)
+    to_dtype(model, getattr(torch, dtype)).save_pretrained(out, save_compressed=True)
     tokenizer.save_pretrained(out)
     return QuantizeRecord(
         variant=variant.name,
@@ -456,6 +503,16 @@ def quantize_weights(
         allocated_bits=allocated,
         routing=routing[0] if routing else None,
     )
+
+
+def to_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """The model in the artifact's dtype, but NVFP4's per-tensor global scales stay float32, as compressed-tensors
+    writes them and vLLM reads them (a bf16 global scale would shift every group scale under it)."""
+    kept = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("global_scale")}
+    model.to(dtype)
+    for name, value in kept.items():
+        model.get_parameter(name).data = value
+    return model
 
 
 def allocation(variant: WeightVariant, sensitivity: SensitivityRecord | None) -> tuple[dict[str, str], float | None]:
@@ -482,6 +539,8 @@ def needs_calibration(variant: WeightVariant) -> bool:
     RTN, which reads it only for the activation-weighted observer."""
     if isinstance(variant, FP8Variant):
         return variant.algorithm == "gptq"
+    if isinstance(variant, FP4Variant):  # NVFP4's activation global scale is calibrated; MXFP4's scales are not
+        return variant.algorithm == "gptq" or (variant.method == "nvfp4" and variant.activations == "a4")
     return not isinstance(variant, RTNVariant) or variant.observer == "imatrix_mse"
 
 

@@ -94,9 +94,9 @@ def test_upstream_still_drops_expert_zero_points(asymmetric):
 def test_asymmetric_experts_load_with_their_zero_points(asymmetric, qwen3_moe):
     from transformers import AutoModelForCausalLM
 
-    from quantflow.evaluation.expert_load import asymmetric_expert_load
+    from quantflow.evaluation.expert_load import expert_load
 
-    with asymmetric_expert_load():
+    with expert_load():
         loaded = AutoModelForCausalLM.from_pretrained(asymmetric[0])
     reference = AutoModelForCausalLM.from_pretrained(qwen3_moe)
     for name in ("gate_up_proj", "down_proj"):
@@ -131,14 +131,14 @@ def test_experts_run_on_int4_kernels_one_per_expert(asymmetric):
     (PyTorch's CPU int4 kernel here), with the logits of transformers' dequantized load."""
     from transformers import AutoModelForCausalLM
 
-    from quantflow.evaluation.expert_load import asymmetric_expert_load
+    from quantflow.evaluation.expert_load import expert_load
     from quantflow.evaluation.int4 import Int4Linear, load_int4
     from quantflow.quantization.moe import expert_runtime
 
     packed = load_int4(asymmetric[0], "cpu")
     kernels = [n for n, m in packed.named_modules() if isinstance(m, Int4Linear)]
     assert len(kernels) == 56 and "model.layers.1.mlp.experts.5.up_proj" in kernels
-    with asymmetric_expert_load():
+    with expert_load():
         dense = AutoModelForCausalLM.from_pretrained(asymmetric[0], dtype=torch.bfloat16)
     ids = torch.randint(3, 300, (2, 16))
     logits, reference = packed(ids).logits.float(), dense(ids).logits.float()
