@@ -39,6 +39,13 @@ def _collect_missing_parts(converter):
         return converter
     sources = list(converter._original_source_patterns)
     packed = [p.removesuffix("_packed$") for p in sources if p.endswith("_packed$")]
+    if packed and int8_scheme(next(op for op in converter.operations if isinstance(op, DecompressExperts))):
+        sources = [p for p in sources if not p.endswith(("_packed$", "_shape$"))] + [f"{p}$" for p in packed]
+        return WeightConverter(
+            source_patterns=sources,
+            target_patterns=list(converter._original_target_patterns),
+            operations=list(converter.operations),
+        )
     missing = [f"{p}_{part}$" for p in packed for part in EXTRA_PARTS if f"{p}_{part}$" not in sources]
     if not missing:
         return converter
@@ -47,6 +54,27 @@ def _collect_missing_parts(converter):
         target_patterns=list(converter._original_target_patterns),
         operations=list(converter.operations),
     )
+
+
+def int8_scheme(op) -> bool:
+    """INT8 W8A8 experts: stored as plain int8 ``weight`` and ``weight_scale`` (compressed-tensors' int-quantized
+    format), which transformers 5.17 looks for as packed weights and finds none of ("Concatenate ... Ckpt contains:
+    0"). Same upstream family as the zero points; no fix of its own was found."""
+    from transformers.integrations.compressed_tensors import get_experts_scheme
+
+    scheme = op.scheme or get_experts_scheme(op.hf_quantizer.compressor.quantization_config)
+    return scheme.weights.type == "int" and scheme.weights.num_bits == 8 and scheme.format == "int-quantized"
+
+
+def _dequantize_int8(input_dict: dict) -> dict:
+    """Each expert's int8 weight times its per-channel scale, stacked (bf16), as transformers does for FP8."""
+    out = {}
+    for key in (k for k in input_dict if "weight_scale" not in k):
+        scales = input_dict[key.replace("weight", "weight_scale")]
+        out[key] = torch.stack(
+            [(q.float() * s.float()).to(torch.bfloat16) for q, s in zip(input_dict[key], scales, strict=True)]
+        )
+    return out
 
 
 class _Packed(nn.Module):
@@ -63,6 +91,8 @@ def _decompress_with_zero_points(original):
     """``DecompressExperts.convert`` that hands each expert's zero point and global scale to the decompressor."""
 
     def convert(self, input_dict, source_patterns, target_patterns, full_layer_name=None, **kwargs):
+        if int8_scheme(self):
+            return _dequantize_int8(input_dict)
         if not any(f"weight_{part}" in key for key in input_dict for part in EXTRA_PARTS):
             return original(self, input_dict, source_patterns, target_patterns, full_layer_name, **kwargs)
         from compressed_tensors.compressors import BaseCompressor

@@ -45,7 +45,8 @@ def test_fp4_variants_are_reported_beside_w4_int(fp4_run):
 
 @pytest.mark.parametrize("name", ["nvfp4", "mxfp4-a4"])
 def test_dequantized_weights_lie_on_the_fp4_grid(fp4_run, name):
-    """Exact emulation: quantizing the loaded weights again with their own scales changes nothing."""
+    """Exact emulation: quantizing the loaded weights again with their own scales changes nothing beyond the bf16
+    rounding of the dequantized weights (NVFP4's scales are not powers of two; MXFP4's are, and come back exact)."""
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
     from quantflow.evaluation.evaluate import load_for_eval
@@ -56,7 +57,8 @@ def test_dequantized_weights_lie_on_the_fp4_grid(fp4_run, name):
     again = fake_quantize(
         layer.weight, layer.weight_scale, None, args, global_scale=getattr(layer, "weight_global_scale", None)
     )
-    assert torch.equal(again, layer.weight) and layer.weight.abs().sum() > 0
+    assert torch.allclose(again, layer.weight, rtol=2**-8, atol=0) and layer.weight.abs().sum() > 0
+    assert torch.equal(again, layer.weight) or name == "nvfp4"
 
 
 def test_fp4_group_must_divide_every_width(tmp_path):
@@ -79,7 +81,13 @@ def moe_nvfp4(tmp_path_factory):
     model = make_moe(tmp_path_factory.mktemp("moe"))
     out = tmp_path_factory.mktemp("moe-nvfp4")
     quantize_weights(
-        str(model), FP4Variant(name="nvfp4", method="nvfp4"), Scheme(group_size=16), None, Resources(), out, out
+        str(model),
+        FP4Variant(name="nvfp4", method="nvfp4"),
+        Scheme(group_size=16),
+        None,
+        Resources(device="cpu"),
+        out,
+        out,
     )
     return model, out
 

@@ -216,3 +216,29 @@ def test_a_failed_variant_is_a_row_and_the_others_are_reported(moe_run, qwen3_mo
     assert failed.name == "awq" and failed.stage == "quantize"
     assert failed.error.startswith("method awq could not quantize this qwen3_moe model: step 'quantize' ran longer")
     assert "| awq | awq | failed at quantize |" in (root / "out" / "report.md").read_text()
+
+
+def test_int8_experts_load(qwen3_moe, tmp_path):
+    """INT8 W8A8 experts are stored as plain int8 weights, which transformers 5.17's expert loader does not look
+    for (the load stops with "Concatenate ... Ckpt contains: 0"); evaluation/expert_load.py dequantizes them."""
+    from quantflow.evaluation.evaluate import load_for_eval
+    from quantflow.inputs.calibration import build_calibration
+    from quantflow.spec import CalibrationSpec, EvaluationSpec, Int8Variant
+
+    calibration = build_calibration(
+        CalibrationSpec(num_samples=4, seq_len=32), EvaluationSpec(), str(qwen3_moe), tmp_path, tmp_path
+    )
+    out = tmp_path / "int8"
+    out.mkdir()
+    record = quantize_weights(
+        str(qwen3_moe),
+        Int8Variant(name="int8"),
+        Scheme(group_size=None),
+        calibration,
+        Resources(device="cpu"),
+        out,
+        out,
+    )
+    assert len(record.quantized_layers) == 56 and record.routing.top_k == 2
+    model, _ = load_for_eval(str(out), "cpu", "float32")
+    assert torch.isfinite(model(torch.randint(3, 300, (1, 8))).logits).all()
