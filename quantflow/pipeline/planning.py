@@ -16,7 +16,7 @@ from quantflow.infra.resources import Resources, check_fits, pick_device
 from quantflow.inputs.corpus import check_source
 from quantflow.inputs.sources import ModelRef, resolve_model
 from quantflow.quantization.mixed import check_budget
-from quantflow.quantization.moe import check_experts
+from quantflow.quantization.moe import check_experts, routers_kept
 from quantflow.quantization.quantize import (
     Scheme,
     WeightVariant,
@@ -217,6 +217,7 @@ def fit_shapes(skeleton, variant: Variant) -> Fitted:
     """The variant's scheme against the layer shapes (none for load-time variants), or the reason it cannot fit."""
     if isinstance(variant, BnbVariant):
         return Fitted()
+    variant = routers_kept(variant, skeleton)
     try:
         check_experts(skeleton, variant.name, variant.method)
         check_ignore(skeleton, variant)

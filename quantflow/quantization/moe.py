@@ -103,8 +103,16 @@ def check_experts(skeleton: torch.nn.Module, variant_name: str, method: str) -> 
 
 
 def with_routers(ignore: list[str]) -> list[str]:
-    """A variant's ignore list plus the router patterns (they match no layer of a dense model)."""
+    """A variant's ignore list plus the router patterns."""
     return [*ignore, *(pattern for pattern in ROUTER_PATTERNS if pattern not in ignore)]
+
+
+def routers_kept(variant, model: torch.nn.Module):
+    """The variant with the router patterns in its ignore list on a mixture of experts; unchanged on a dense model
+    (and for load-time variants, which have no ignore list)."""
+    if not hasattr(variant, "ignore") or not is_moe(model):
+        return variant
+    return variant.model_copy(update={"ignore": with_routers(variant.ignore)})
 
 
 def expert_of(name: str) -> tuple[str, int] | None:

@@ -27,7 +27,7 @@ from quantflow.infra.resources import (
 )
 from quantflow.inputs.calibration import CalibrationRecord, load_samples
 from quantflow.quantization.mixed import LayerGroup
-from quantflow.quantization.moe import RoutingRecord, counted_routing, unfuse, unfuse_weightless, with_routers
+from quantflow.quantization.moe import RoutingRecord, counted_routing, routers_kept, unfuse, unfuse_weightless
 from quantflow.quantization.sensitivity import SensitivityRecord
 from quantflow.spec import (
     FP4_GROUP,
@@ -107,7 +107,7 @@ def mixed_groups(model: torch.nn.Module, variant: MixedVariant, group_size: int 
     """A mixed variant's quantized Linears grouped for fused kernels, with each menu option's bits."""
     from quantflow.quantization.mixed import layer_groups
 
-    quantized, _ = target_layers(model, with_routers(variant.ignore))
+    quantized, _ = target_layers(model, variant.ignore)
     widths = {n: (model.get_submodule(n).out_features, model.get_submodule(n).in_features) for n in quantized}
     return layer_groups(widths, variant.options, group_size, variant.symmetric)
 
@@ -135,7 +135,7 @@ def resolve_group_size(model: torch.nn.Module, variant: WeightVariant) -> Scheme
         return fp4_groups(model, variant)
     if not isinstance(variant, GROUPED) or variant.group_size is None:
         return Scheme(group_size=None)
-    quantized, _ = target_layers(model, with_routers(variant.ignore))
+    quantized, _ = target_layers(model, variant.ignore)
     widths = {name: model.get_submodule(name).in_features for name in quantized}
     if variant.group_size == "auto":
         for size in AUTO_GROUP_SIZES:
@@ -189,7 +189,7 @@ def fp4_label(variant: FP4Variant) -> str:
 def fp4_groups(model: torch.nn.Module, variant: FP4Variant) -> Scheme:
     """The FP4 formats fix their group size (16 or 32): every quantized layer's input width must be a multiple."""
     group = FP4_GROUP[variant.method]
-    quantized, _ = target_layers(model, with_routers(variant.ignore))
+    quantized, _ = target_layers(model, variant.ignore)
     bad = {n: model.get_submodule(n).in_features for n in quantized if model.get_submodule(n).in_features % group}
     if bad:
         shown = ", ".join(f"{n} ({w})" for n, w in list(bad.items())[:5])
@@ -203,7 +203,7 @@ def fp4_groups(model: torch.nn.Module, variant: FP4Variant) -> Scheme:
 
 def check_ignore(model: torch.nn.Module, variant: WeightVariant) -> None:
     """Tied lm_head shares the embedding matrix, and embeddings are never quantized."""
-    quantized, _ = target_layers(model, with_routers(variant.ignore))
+    quantized, _ = target_layers(model, variant.ignore)
     if getattr(model.config, "tie_word_embeddings", False) and any(name.endswith("lm_head") for name in quantized):
         raise QuantflowError(
             f"variant '{variant.name}' would quantize lm_head, which is tied to the input embeddings here",
@@ -266,7 +266,7 @@ def recipe_for(variant: WeightVariant, group_size: int | None, scale_dtype: str 
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
     groups = {"group_0": scheme_for(variant, group_size, scale_dtype)}
-    gptq_settings = {"config_groups": groups, "ignore": with_routers(variant.ignore)}
+    gptq_settings = {"config_groups": groups, "ignore": variant.ignore}
     if isinstance(variant, FP8Variant | Int8Variant | GPTQVariant | FP4Variant):
         gptq_settings.update(block_size=variant.block_size, dampening_frac=variant.dampening_frac)
     if isinstance(variant, FP8Variant | FP4Variant) and variant.algorithm == "gptq":
@@ -282,7 +282,7 @@ def recipe_for(variant: WeightVariant, group_size: int | None, scale_dtype: str 
         return [
             AutoRoundModifier(
                 config_groups=groups,
-                ignore=with_routers(variant.ignore),
+                ignore=variant.ignore,
                 iters=variant.iters,
                 batch_size=variant.batch_size,
                 lr=variant.lr,
@@ -292,7 +292,7 @@ def recipe_for(variant: WeightVariant, group_size: int | None, scale_dtype: str 
     if isinstance(variant, GPTQVariant):  # plain GPTQ, or AWQ smoothing first
         gptq = GPTQModifier(**gptq_settings, actorder=variant.actorder)
         return [awq_modifier(variant), gptq] if isinstance(variant, AWQGPTQVariant) else [gptq]
-    quantizer = QuantizationModifier(config_groups=groups, ignore=with_routers(variant.ignore))
+    quantizer = QuantizationModifier(config_groups=groups, ignore=variant.ignore)
     return [awq_modifier(variant), quantizer] if isinstance(variant, AWQVariant) else [quantizer]
 
 
@@ -311,7 +311,7 @@ def mixed_recipe(
         if names:
             args = weight_args(option, group_size, variant.symmetric, variant.observer, getattr(torch, scale_dtype))
             groups[option] = QuantizationScheme(targets=names, weights=args)
-    ignore = [*with_routers(variant.ignore), *(name for name, chosen in precision.items() if chosen == "bf16")]
+    ignore = [*variant.ignore, *(name for name, chosen in precision.items() if chosen == "bf16")]
     if variant.algorithm == "awq":
         return [awq_modifier(variant), QuantizationModifier(config_groups=groups, ignore=ignore)]
     gptq = GPTQModifier(
@@ -452,6 +452,7 @@ def quantize_weights(
         model_path, dtype=getattr(torch, resources.compute_dtype), use_safetensors=True
     )
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    variant = routers_kept(variant, model)
     precision, allocated = allocation(variant, sensitivity)
     if isinstance(variant, MixedVariant):
         recipe = mixed_recipe(variant, precision, scheme.group_size, dtype)
