@@ -85,7 +85,7 @@ def run(
     methods: Optional[str] = typer.Option(
         None,
         help="Comma-separated variants with default settings: rtn, gptq, awq, awq-gptq, autoround, mixed (4.5 "
-        "bits per weight), fp8, int8, bnb-nf4, bnb-fp4, bnb-int8.",
+        "bits per weight), fp8, int8, bnb-nf4, bnb-fp4, bnb-int8, nvfp4, mxfp4.",
     ),
     group_size: Optional[str] = typer.Option(
         None, help="Group size for the W4/W8 integer variants made by --methods (int, 'auto' or 'none')."

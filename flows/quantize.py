@@ -22,13 +22,14 @@ from uuid import UUID
 
 from prefect import flow
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.logging import get_run_logger
 from prefect.logging.loggers import flow_run_logger
 from pydantic import Field, ValidationError, ValidatorFunctionWrapHandler, WrapValidator
 
 from quantflow.errors import QuantflowError
 from quantflow.pipeline import steps
 from quantflow.pipeline.planning import Plan
-from quantflow.reporting.report import VariantResult
+from quantflow.reporting.report import FailedVariant, VariantResult
 from quantflow.spec import MixedVariant, RunSpec, explain
 from tasks.artifacts import publish_run_artifacts, run_name
 from tasks.dispatch import dispatch_task
@@ -93,16 +94,16 @@ def quantflow_run(spec: FormSpec = RunSpec(), variant_deployment: str | None = V
     if variant_deployment:
         gathered = _fanned_out(planned, variant_deployment, progress)
         calibration, baseline, variants, held = gathered.calibration, gathered.baseline, gathered.variants, []
-        plan = _for_later_tasks(planned)
+        plan, failed = _for_later_tasks(planned), []
     else:
         calibration, baseline = calibration_task.submit(planned), baseline_task.submit(planned)
         plan = _for_later_tasks(planned)
         baseline.wait()  # variants share the accelerator with the baseline: they start once it is measured
-        variants, held = _in_turn(plan, calibration, baseline, progress)
-    out, report_uri = report_task(plan, calibration, baseline, variants), None
+        variants, failed, held = _in_turn(plan, calibration, baseline, progress)
+    out, report_uri = report_task(plan, calibration, baseline, variants, failed), None
     if spec.output.store:
         stored = [upload_task.submit(plan, v, out) for v in variants if v.artifact]
-        report_uri = store_report_task(plan, calibration, baseline, variants, stored)
+        report_uri = store_report_task(plan, calibration, baseline, variants, stored, failed)
     publish_run_artifacts(out, spec, report_uri)
     del held  # only now may the quantize results' ids be reused
     return out
@@ -130,18 +131,32 @@ def _quantized(plan: Plan, variant, calibration, held: list):
     return held[-1]
 
 
-def _in_turn(plan: Plan, calibration, baseline, progress: UUID) -> tuple[list[VariantResult], list]:
+def _in_turn(plan: Plan, calibration, baseline, progress: UUID) -> tuple[list[VariantResult], list, list]:
     """Each variant quantized then evaluated, one after another on the one accelerator.
 
     The sensitivity and quantize results are returned for the flow to hold until it ends: Prefect links a task
     to a later task's inputs by the ``id()`` of its result's plain parts (strings, lists). Once a quantize
     result was freed, a new string at its old address drew a false quantize -> report edge in the UI.
     """
-    variants, held = [], []
-    for variant in plan.variants:
-        variants.append(evaluate_task(plan, variant, _quantized(plan, variant, calibration, held), baseline))
-        update_progress_artifact(progress, 100.0 * len(variants) / len(plan.variants))
-    return variants, held
+    variants, failed, held = [], [], []
+    for done, variant in enumerate(plan.variants, start=1):
+        result = _built(plan, variant, calibration, baseline, held)
+        (failed if isinstance(result, FailedVariant) else variants).append(result)
+        update_progress_artifact(progress, 100.0 * done / len(plan.variants))
+    return variants, failed, held
+
+
+def _built(plan: Plan, variant, calibration, baseline, held: list) -> VariantResult | FailedVariant:
+    """One variant's tasks; a failed one (its task run shows Failed in the UI) becomes a report row, as in
+    ``steps.build_variant``, and the next variant runs."""
+    stage = "quantize"
+    try:
+        quantized = _quantized(plan, variant, calibration, held)
+        stage = "evaluate"
+        return evaluate_task(plan, variant, quantized, baseline)
+    except Exception as error:  # any failure of one variant: the run goes on and reports it
+        get_run_logger().warning("variant %s failed at %s: %s", variant.name, stage, error)
+        return steps.failure(plan, variant, stage, error)
 
 
 def _fanned_out(plan: Plan, deployment: str, progress: UUID):

@@ -272,6 +272,27 @@ class Int8Variant(_GPTQSettings, _W8A8):
     )
 
 
+FP4_GROUP = {"nvfp4": 16, "mxfp4": 32}  # the formats fix their group sizes
+
+
+class FP4Variant(_GPTQSettings, _W8A8):
+    """4-bit float weights (E2M1) in llm-compressor's presets: NVFP4 (groups of 16, FP8 e4m3 scales under a
+    per-tensor global scale) or MXFP4 (groups of 32, power-of-two E8M0 scales).
+
+    No CPU and no Hopper GPU has FP4 matmuls: quality is measured by exact emulation (the stored FP4 weights
+    dequantized, FP4 activations quantized and dequantized for W4A4), and W4A4 is not timed."""
+
+    method: Literal["nvfp4", "mxfp4"]
+    activations: Literal["a16", "a4"] = Field(
+        "a16",
+        description="'a16': weight-only (W4A16); 'a4': activations in FP4 too (W4A4: NVFP4 calibrates a global "
+        "activation scale, MXFP4 scales each group at run time).",
+    )
+    algorithm: Literal["rtn", "gptq"] = Field(
+        "rtn", description="How the weights are rounded: 'rtn' (min-max scales) or 'gptq' (on the calibration set)."
+    )
+
+
 class BnbVariant(_Strict):
     """A bitsandbytes load-time variant: weights are quantized as the model loads."""
 
@@ -325,6 +346,7 @@ _BRANCHES = (
     AutoRoundVariant,
     FP8Variant,
     Int8Variant,
+    FP4Variant,
     BnbVariant,
     MixedVariant,
 )
@@ -336,6 +358,7 @@ BRANCH_TITLES = {
     "autoround": "AutoRound",
     "fp8": "FP8",
     "int8": "INT8",
+    "nvfp4": "FP4",
     "bnb-nf4": "bitsandbytes",
     "mixed": "Mixed",
 }
@@ -352,6 +375,8 @@ METHODS = (
     "bnb-nf4",
     "bnb-fp4",
     "bnb-int8",
+    "nvfp4",
+    "mxfp4",
 )
 MethodName = Literal[METHODS]
 GROUPED_METHODS = ("rtn", "gptq", "awq", "awq-gptq", "autoround", "mixed")  # the methods with a group_size

@@ -25,7 +25,15 @@ from pydantic import BaseModel
 from quantflow.delivery.publish import publish_variants, upload_report, upload_variant
 from quantflow.errors import QuantflowError, TransientError
 from quantflow.pipeline import planning, steps
-from quantflow.reporting.report import Report, StoredArtifact, VariantResult, build_report, load_report, write_report
+from quantflow.reporting.report import (
+    FailedVariant,
+    Report,
+    StoredArtifact,
+    VariantResult,
+    build_report,
+    load_report,
+    write_report,
+)
 from quantflow.spec import RunSpec, Variant
 from tasks.credentials import store_credentials
 
@@ -152,6 +160,7 @@ def _report(
     baseline: steps.Baseline,
     variants: list[VariantResult],
     stored: list[StoredArtifact] | None = None,
+    failed: list[FailedVariant] | None = None,
 ) -> Report:
     return build_report(
         plan.spec,
@@ -162,16 +171,21 @@ def _report(
         [calibration.step, baseline.step],
         stored or [],
         plan.dropped,
+        failed or [],
     )
 
 
 @task(name="report", task_run_name="report", cache_policy=NO_CACHE)
 def report_task(
-    plan: planning.Plan, calibration: steps.Calibrated, baseline: steps.Baseline, variants: list[VariantResult]
+    plan: planning.Plan,
+    calibration: steps.Calibrated,
+    baseline: steps.Baseline,
+    variants: list[VariantResult],
+    failed: list[FailedVariant] | None = None,
 ) -> str:
-    """Write the variant folders with model cards, report.json, report.md and the plots."""
+    """Write the variant folders with model cards, report.json, report.md and the plots (failed variants as rows)."""
     out = Path(plan.spec.output.dir)
-    report = _report(plan, calibration, baseline, variants)
+    report = _report(plan, calibration, baseline, variants, failed=failed)
     publish_variants(report, variants, out)
     write_report(report, out)
     get_run_logger().info("report: %s (best: %s)", out / "report.md", report.best or "none")
@@ -217,10 +231,11 @@ def store_report_task(
     baseline: steps.Baseline,
     variants: list[VariantResult],
     stored: list[StoredArtifact],
+    failed: list[FailedVariant] | None = None,
 ) -> str:
     """Rewrite the report with every variant's store URI and upload it beside the variants."""
     out = Path(plan.spec.output.dir)
-    report = _report(plan, calibration, baseline, variants, stored)
+    report = _report(plan, calibration, baseline, variants, stored, failed)
     write_report(report, out)
     with store_credentials(plan.spec):
         return upload_report(plan.spec, plan.model, report, out, progress=get_run_logger().info)

@@ -10,6 +10,7 @@ scored token still has up to a full window of context.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Iterator
@@ -292,6 +293,21 @@ def folder_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
 
 
+FP4_FORMATS = ("nvfp4-pack-quantized", "mxfp4-pack-quantized")
+
+
+def is_fp4(path: Path) -> bool:
+    """An NVFP4 or MXFP4 compressed-tensors artifact.
+
+    transformers keeps these compressed and decompresses each weight in bf16 at every call (which fails beside
+    float32 activations, and is no FP4 kernel either): they are dequantized once at load instead, the exact
+    emulation of FP4 weights; W4A4 activations stay quantized and dequantized per group by compressed-tensors.
+    """
+    config = path / "config.json"
+    quant = (json.loads(config.read_text()).get("quantization_config") or {}) if config.is_file() else {}
+    return quant.get("format") in FP4_FORMATS
+
+
 def load_for_eval(
     path: str, device: str, compute_dtype: str, quantization_config=None, gpu_memory_gb: float | None = None
 ):
@@ -303,8 +319,14 @@ def load_for_eval(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from quantflow.evaluation.expert_load import expert_load
+
     reset_peak_memory()
     kwargs = {"dtype": getattr(torch, compute_dtype), "use_safetensors": True}
+    if quantization_config is None and is_fp4(Path(path)):
+        from transformers import CompressedTensorsConfig
+
+        quantization_config = CompressedTensorsConfig(dequantize=True)
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
     if device == "cuda" and (torch.cuda.device_count() > 1 or gpu_memory_gb):
@@ -312,8 +334,11 @@ def load_for_eval(
         kwargs["max_memory"] = placement_budget(gpu_memory_gb)
     elif quantization_config is not None:
         kwargs["device_map"] = device
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    with expert_load():
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if "device_map" not in kwargs:
         model = model.to(device)
+    if is_fp4(Path(path)):  # dequantized FP4 weights come out in bf16: the emulation runs in the compute dtype
+        model = model.to(getattr(torch, compute_dtype))
     model.eval()
     return model, AutoTokenizer.from_pretrained(path)

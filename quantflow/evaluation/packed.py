@@ -26,11 +26,13 @@ def load_converted(path: str | Path, device: str, marker: str, parts: tuple[str,
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from quantflow.quantization.moe import unfuse_weightless  # a mixture's experts: one kernel module per expert
+
     path, target = Path(path), torch.device(device)
     config = AutoConfig.from_pretrained(path)
     config.quantization_config = None
     with init_empty_weights(include_buffers=False):  # parameters on meta; buffers such as rotary tables stay real
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model = unfuse_weightless(AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16))
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted(path.glob("*.safetensors")):
         with safe_open(str(file), framework="pt", device=str(target)) as handle:  # unpacked where it will run

@@ -16,7 +16,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from quantflow.errors import QuantflowError
-from quantflow.evaluation.evaluate import BASELINE_LOGPROBS, EvalRecord
+from quantflow.evaluation.evaluate import BASELINE_LOGPROBS, FP4_FORMATS, EvalRecord, is_fp4
 from quantflow.infra.resources import Resources
 from quantflow.spec import BnbVariant, CalibrationSpec, EvaluationSpec
 
@@ -48,13 +48,31 @@ def load_on_runtime(subject: Subject, kernels: str, resources: Resources):
     if subject.bnb is not None:
         model, tokenizer = load_for_eval(path, device, resources.compute_dtype, bnb_config(subject.bnb), budget)
         runtime = f"transformers {package_version('transformers')} + bitsandbytes {package_version('bitsandbytes')}"
-        return model, tokenizer, (model.get_memory_footprint(), "in_memory_weights"), runtime
+        if experts_of(path):
+            runtime += "; bitsandbytes quantizes Linear layers only, so the fused experts stay bf16"
+        return model, tokenizer, (model.get_memory_footprint(), "in_memory_weights"), runtime + moe_note(model, path)
     on_disk = (folder_size(Path(path)), "on_disk_safetensors")
     model, label = on_kernels(path, kernels, device)
     if model is not None:
-        return model, AutoTokenizer.from_pretrained(path), on_disk, f"PyTorch {package_version('torch')} {label}"
+        runtime = f"PyTorch {package_version('torch')} {label}"
+        return model, AutoTokenizer.from_pretrained(path), on_disk, runtime + moe_note(model, path)
     model, tokenizer = load_for_eval(path, device, resources.compute_dtype, None, budget)
-    return model, tokenizer, on_disk, f"transformers {package_version('transformers')}" + dense_note(Path(path)) + label
+    runtime = f"transformers {package_version('transformers')}" + dense_note(Path(path)) + label
+    return model, tokenizer, on_disk, runtime + moe_note(model, path)
+
+
+def experts_of(path: str) -> int | None:
+    from quantflow.quantization.moe import experts_per_layer
+
+    return experts_per_layer(json.loads((Path(path) / "config.json").read_text()))
+
+
+def moe_note(model, path: str) -> str:
+    """For a mixture of experts, how its experts ran (nothing for a dense model)."""
+    from quantflow.quantization.moe import expert_runtime
+
+    experts = experts_of(path)
+    return expert_runtime(model, experts) if experts else ""
 
 
 def on_kernels(path: str, kernels: str, device: str):
@@ -89,6 +107,14 @@ def on_kernels(path: str, kernels: str, device: str):
     return None, ""
 
 
+def fp4_activations(path: Path) -> bool:
+    """An FP4 artifact with FP4 activations (W4A4): no machine here has the matmul, so it is not timed."""
+    if not is_fp4(path):
+        return False
+    quant = json.loads((path / "config.json").read_text())["quantization_config"]
+    return any(group.get("input_activations") for group in quant.get("config_groups", {}).values())
+
+
 def dense_note(path: Path) -> str:
     """What the dense runtime does with an artifact's quantization: weights dequantized; W8A8 activations
     fake-quantized per token, so the quality is the quantized model's though the matmuls are bf16."""
@@ -96,6 +122,13 @@ def dense_note(path: Path) -> str:
     if quant.get("quant_method") != "compressed-tensors":
         return ""
     groups = quant.get("config_groups", {}).values()
+    if quant.get("format") in FP4_FORMATS:
+        acts = fp4_activations(path)
+        return ", compressed-tensors FP4 weights dequantized at load (exact emulation; no FP4 matmuls here)" + (
+            ", activations quantized to FP4 and back per group: W4A4 not timed, no FP4 kernel here"
+            if acts
+            else ", timed dense in bf16: not an FP4 kernel's speed"
+        )
     if any(group.get("input_activations") for group in groups):
         return ", compressed-tensors: weights dequantized, activations quantized per token and back (simulated W8A8)"
     return ", compressed-tensors decompressed to dense at load"
@@ -120,13 +153,16 @@ def evaluate_subject(
         with timed(phases, "load"):
             model, tokenizer, size, runtime = load_on_runtime(subject, protocol.evaluation.kernels, resources)
         texts = evaluation_documents(protocol.calibration, protocol.evaluation)
+        evaluation = protocol.evaluation
+        if fp4_activations(Path(subject.model_path)):  # an emulated FP4 matmul's time would be a guess
+            evaluation = evaluation.model_copy(update={"speed": None})
         keep = baseline is None and protocol.evaluation.kl_tokens
         return evaluate_model(
             model,
             tokenizer,
             subject.name,
             texts,
-            protocol.evaluation,
+            evaluation,
             runtime,
             size,
             baseline=Path(baseline) if baseline else None,

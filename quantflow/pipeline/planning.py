@@ -17,6 +17,7 @@ from quantflow.infra.resources import Resources, check_fits, pick_device
 from quantflow.inputs.corpus import check_source
 from quantflow.inputs.sources import ModelRef, resolve_model
 from quantflow.quantization.mixed import check_budget, rule_order
+from quantflow.quantization.moe import check_experts, routers_kept
 from quantflow.quantization.quantize import (
     Scheme,
     WeightVariant,
@@ -31,7 +32,7 @@ from quantflow.sweep import Dropped, expand
 
 # AWQ's grid search runs thousands of small forwards: at one sample each they are launch-bound
 GPU_CALIBRATION_BATCH = 16
-SHAPES_VERSION = 1  # bump when the shape checks change what they accept
+SHAPES_VERSION = 2  # bump when the shape checks change what they accept
 
 Progress = Callable[[str], None]
 
@@ -218,7 +219,9 @@ def fit_shapes(skeleton, variant: Variant) -> Fitted:
     """The variant's scheme against the layer shapes (none for load-time variants), or the reason it cannot fit."""
     if isinstance(variant, BnbVariant):
         return Fitted()
+    variant = routers_kept(variant, skeleton)
     try:
+        check_experts(skeleton, variant.name, variant.method)
         check_ignore(skeleton, variant)
         scheme = resolve_group_size(skeleton, variant)
         if isinstance(variant, MixedVariant):

@@ -12,7 +12,7 @@ from quantflow.delivery.publish import publish_variants, upload_report, upload_v
 from quantflow.errors import QuantflowError
 from quantflow.pipeline import steps
 from quantflow.pipeline.planning import Progress, plan
-from quantflow.reporting.report import build_report, write_report
+from quantflow.reporting.report import FailedVariant, build_report, write_report
 from quantflow.spec import RunSpec
 
 
@@ -35,10 +35,13 @@ def run(spec: RunSpec, progress: Progress = print) -> Path:
     progress(
         f"baseline perplexity {baseline.evaluation.perplexity:.3f} ({'cached' if baseline.step.cached else 'computed'})"
     )
-    variants = []
+    variants, failed = [], []
     for variant in the_plan.variants:
-        quantized = steps.quantize(the_plan, variant, calibration.record)
-        result = steps.evaluate(the_plan, variant, quantized, baseline)
+        result = steps.build_variant(the_plan, variant, calibration.record, baseline)
+        if isinstance(result, FailedVariant):
+            progress(f"variant {variant.name} failed at {result.stage}: {result.error}")
+            failed.append(result)
+            continue
         progress(
             f"variant {variant.name}: perplexity {result.evaluation.perplexity:.3f} "
             f"({'cached' if result.cached else 'computed'})"
@@ -53,7 +56,7 @@ def run(spec: RunSpec, progress: Progress = print) -> Path:
         [calibration.step, baseline.step],
     )
     out = Path(spec.output.dir)
-    report = build_report(*inputs, dropped=the_plan.dropped)
+    report = build_report(*inputs, dropped=the_plan.dropped, failed=failed)
     publish_variants(report, variants, out)
     if spec.output.store:
         stored = [
@@ -61,7 +64,7 @@ def run(spec: RunSpec, progress: Progress = print) -> Path:
             for v in variants
             if v.artifact
         ]
-        report = build_report(*inputs, stored, the_plan.dropped)
+        report = build_report(*inputs, stored, the_plan.dropped, failed)
     write_report(report, out)
     if spec.output.store:
         upload_report(spec, the_plan.model, report, out, progress)

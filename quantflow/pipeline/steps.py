@@ -8,10 +8,12 @@ contract of resumability: each hashes everything its step's output depends on, a
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from pydantic import BaseModel
 
+from quantflow.errors import QuantflowError
 from quantflow.evaluation.evaluate import BASELINE_LOGPROBS, EvalRecord
 from quantflow.evaluation.runtime import Protocol, Subject, evaluate_subject
 from quantflow.infra.cache import content_key
@@ -21,7 +23,7 @@ from quantflow.inputs.calibration import CalibrationRecord, build_calibration
 from quantflow.pipeline.planning import Plan
 from quantflow.quantization.quantize import QuantizeRecord, needs_calibration, quantize_weights
 from quantflow.quantization.sensitivity import SensitivityRecord, measure_sensitivity
-from quantflow.reporting.report import VariantResult
+from quantflow.reporting.report import FailedVariant, VariantResult
 from quantflow.spec import BnbVariant, MixedVariant, Variant
 
 QUANT_PACKAGES = ("torch", "transformers", "llmcompressor", "compressed-tensors")
@@ -254,6 +256,40 @@ def evaluate_subject_once(
         baseline=logprobs,
     )
     return evaluation.model_copy(update={"variant": subject.name}), step
+
+
+def model_type(plan: Plan) -> str:
+    """The model's architecture family as transformers names it (``qwen3_moe``), for messages."""
+    config = Path(plan.model.path) / "config.json"
+    return json.loads(config.read_text()).get("model_type", "unknown") if config.is_file() else "unknown"
+
+
+def failure(plan: Plan, variant: Variant, stage: str, error: Exception) -> FailedVariant:
+    """A variant's failure as a report row: what was tried on which model type, and the error's own words."""
+    if isinstance(error, QuantflowError):
+        reason = f"{error.problem} (fix: {error.fix})"
+    else:
+        reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+    return FailedVariant(
+        name=variant.name,
+        method=variant.method,
+        stage=stage,
+        error=f"method {variant.method} could not {stage} this {model_type(plan)} model: {reason}",
+    )
+
+
+def build_variant(
+    plan: Plan, variant: Variant, calibration: CalibrationRecord, baseline: Baseline
+) -> VariantResult | FailedVariant:
+    """Quantize then evaluate one variant; a failure of either is returned as its report row, not raised, so the
+    variants that finish still reach the report."""
+    stage = "quantize"
+    try:
+        quantized = quantize(plan, variant, calibration)
+        stage = "evaluate"
+        return evaluate(plan, variant, quantized, baseline)
+    except Exception as error:  # any failure of one variant: the run goes on and reports it
+        return failure(plan, variant, stage, error)
 
 
 class Gathered(BaseModel):

@@ -26,13 +26,16 @@ from quantflow.infra.resources import (
     visible_devices,
 )
 from quantflow.inputs.calibration import CalibrationRecord, load_samples
+from quantflow.quantization.moe import RoutingRecord, counted_routing, routers_kept, unfuse, unfuse_weightless
 from quantflow.quantization.sensitivity import SensitivityRecord
 from quantflow.quantization.targets import target_layers
 from quantflow.spec import (
+    FP4_GROUP,
     AutoRoundVariant,
     AWQGPTQVariant,
     AWQVariant,
     BnbVariant,
+    FP4Variant,
     FP8Variant,
     GPTQVariant,
     Int8Variant,
@@ -41,7 +44,15 @@ from quantflow.spec import (
 )
 
 WeightVariant = (
-    RTNVariant | GPTQVariant | AWQVariant | AWQGPTQVariant | AutoRoundVariant | MixedVariant | FP8Variant | Int8Variant
+    RTNVariant
+    | GPTQVariant
+    | AWQVariant
+    | AWQGPTQVariant
+    | AutoRoundVariant
+    | MixedVariant
+    | FP8Variant
+    | Int8Variant
+    | FP4Variant
 )
 GROUPED = (RTNVariant, GPTQVariant, AWQVariant, AWQGPTQVariant, AutoRoundVariant, MixedVariant)
 AUTO_GROUP_SIZES = (128, 64, 32)
@@ -80,15 +91,18 @@ class QuantizeRecord(BaseModel):
     smoothing: Smoothing | None = None
     precision: dict[str, str] = {}  # mixed variants: each quantized Linear's menu option ('w4', 'w8', 'bf16')
     allocated_bits: float | None = None  # mixed variants: the allocation's effective bits per weight
+    routing: RoutingRecord | None = None  # mixtures of experts: calibration tokens routed to each expert
 
 
 def weightless_model(model_path: str, trust_remote_code: bool = False) -> torch.nn.Module:
-    """The model's module tree on the meta device: shapes without loading a byte of weights."""
+    """The model's module tree on the meta device: shapes without loading a byte of weights; a mixture of experts
+    with its experts unfused into Linears, as llm-compressor will quantize them."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return unfuse_weightless(model)
 
 
 def resolve_group_size(model: torch.nn.Module, variant: WeightVariant) -> Scheme:
@@ -99,6 +113,8 @@ def resolve_group_size(model: torch.nn.Module, variant: WeightVariant) -> Scheme
     explicit size that does not divide some width fails here, naming the layers and the sizes
     that would work: a user who chose a size gets it or an error, never a silent substitute.
     """
+    if isinstance(variant, FP4Variant):
+        return fp4_groups(model, variant)
     if not isinstance(variant, GROUPED) or variant.group_size is None:
         return Scheme(group_size=None)
     quantized, _ = target_layers(model, variant.ignore)
@@ -136,6 +152,37 @@ def resolve_group_size(model: torch.nn.Module, variant: WeightVariant) -> Scheme
     return Scheme(group_size=variant.group_size)
 
 
+def fp4_preset(variant: FP4Variant) -> str:
+    """llm-compressor's preset name: NVFP4A16, NVFP4, MXFP4A16 or MXFP4."""
+    return variant.method.upper() + ("A16" if variant.activations == "a16" else "")
+
+
+def fp4_label(variant: FP4Variant) -> str:
+    scales = "FP8 e4m3 scales and a per-tensor global scale" if variant.method == "nvfp4" else "E8M0 scales"
+    group = FP4_GROUP[variant.method]
+    acts = "bf16 activations" if variant.activations == "a16" else "FP4 activations"
+    rounding = ", GPTQ-rounded" if variant.algorithm == "gptq" else ""
+    return (
+        f"{variant.method.upper()} W4A{16 if variant.activations == 'a16' else 4}: FP4 E2M1 weights in groups of "
+        + (f"{group} with {scales}{rounding}, {acts}")
+    )
+
+
+def fp4_groups(model: torch.nn.Module, variant: FP4Variant) -> Scheme:
+    """The FP4 formats fix their group size (16 or 32): every quantized layer's input width must be a multiple."""
+    group = FP4_GROUP[variant.method]
+    quantized, _ = target_layers(model, variant.ignore)
+    bad = {n: model.get_submodule(n).in_features for n in quantized if model.get_submodule(n).in_features % group}
+    if bad:
+        shown = ", ".join(f"{n} ({w})" for n, w in list(bad.items())[:5])
+        raise QuantflowError(
+            f"variant '{variant.name}' ({variant.method}) needs input widths that are multiples of {group}; "
+            f"{len(bad)} layers are not: {shown}",
+            "add those layers to the variant's ignore list, or use an integer method with a group size that fits",
+        )
+    return Scheme(group_size=group)
+
+
 def check_ignore(model: torch.nn.Module, variant: WeightVariant) -> None:
     """Tied lm_head shares the embedding matrix, and embeddings are never quantized."""
     quantized, _ = target_layers(model, variant.ignore)
@@ -159,6 +206,8 @@ def scheme_for(variant: WeightVariant, group_size: int | None, scale_dtype: str 
         return preset_name_to_scheme("FP8_DYNAMIC", ["Linear"])
     if isinstance(variant, Int8Variant):
         return preset_name_to_scheme("W8A8", ["Linear"])
+    if isinstance(variant, FP4Variant):
+        return preset_name_to_scheme(fp4_preset(variant), ["Linear"])
     weights = QuantizationArgs(
         num_bits=variant.bits,
         type="int",
@@ -188,6 +237,8 @@ def scheme_label(variant: WeightVariant, group_size: int | None, precision: dict
         return f"W8A8 FP8 e4m3 (per-channel weights{rounding}, dynamic per-token activations)"
     if isinstance(variant, Int8Variant):
         return "W8A8 INT8 (per-channel weights, dynamic per-token activations)"
+    if isinstance(variant, FP4Variant):
+        return fp4_label(variant)
     grouping = f"group {group_size}" if group_size else "per-channel"
     return f"W{variant.bits}A16 int, {'symmetric' if variant.symmetric else 'asymmetric'}, {grouping}"
 
@@ -198,9 +249,9 @@ def recipe_for(variant: WeightVariant, group_size: int | None, scale_dtype: str 
 
     groups = {"group_0": scheme_for(variant, group_size, scale_dtype)}
     gptq_settings = {"config_groups": groups, "ignore": variant.ignore}
-    if isinstance(variant, FP8Variant | Int8Variant | GPTQVariant):
+    if isinstance(variant, FP8Variant | Int8Variant | GPTQVariant | FP4Variant):
         gptq_settings.update(block_size=variant.block_size, dampening_frac=variant.dampening_frac)
-    if isinstance(variant, FP8Variant) and variant.algorithm == "gptq":
+    if isinstance(variant, FP8Variant | FP4Variant) and variant.algorithm == "gptq":
         return [GPTQModifier(**gptq_settings)]
     if isinstance(variant, Int8Variant):
         from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
@@ -383,6 +434,7 @@ def quantize_weights(
         model_path, dtype=getattr(torch, resources.compute_dtype), use_safetensors=True
     )
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    variant = routers_kept(variant, model)
     precision, allocated = allocation(variant, sensitivity)
     if isinstance(variant, MixedVariant):
         recipe = mixed_recipe(variant, precision, scheme.group_size, dtype)
@@ -395,8 +447,17 @@ def quantize_weights(
     reset_peak_memory()
     start = time.perf_counter()
     mappings: list[dict] = []
-    with cpu_safe_awq(), recorded_smoothing(mappings), over_budget("quantize", budget):
-        oneshot(model=model, recipe=recipe, shuffle_calibration_samples=False, log_dir=None, **data)
+    routing: list[RoutingRecord] = []
+    unfuse(model)  # before oneshot, which would do it too: the routing counters hook the unfused experts
+    with cpu_safe_awq(), recorded_smoothing(mappings), counted_routing(model, routing), over_budget("quantize", budget):
+        oneshot(
+            model=model,
+            recipe=recipe,
+            shuffle_calibration_samples=False,
+            log_dir=None,
+            moe_calibrate_all_experts=True,  # every expert's statistics from every token (llm-compressor's default)
+            **data,
+        )
     seconds = time.perf_counter() - start
     peak, kind = peak_memory_mb()
     quantized = [name for name, module in model.named_modules() if hasattr(module, "quantization_scheme")]
@@ -404,7 +465,7 @@ def quantize_weights(
     skipped = [
         name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and name not in done
     ]
-    model.to(getattr(torch, dtype)).save_pretrained(out, save_compressed=True)
+    to_dtype(model, getattr(torch, dtype)).save_pretrained(out, save_compressed=True)
     tokenizer.save_pretrained(out)
     return QuantizeRecord(
         variant=variant.name,
@@ -423,7 +484,18 @@ def quantize_weights(
         smoothing=smoothing(variant, mappings, quantized),
         precision=precision,
         allocated_bits=allocated,
+        routing=routing[0] if routing else None,
     )
+
+
+def to_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """The model in the artifact's dtype, but NVFP4's per-tensor global scales stay float32, as compressed-tensors
+    writes them and vLLM reads them (a bf16 global scale would shift every group scale under it)."""
+    kept = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("global_scale")}
+    model.to(dtype)
+    for name, value in kept.items():
+        model.get_parameter(name).data = value
+    return model
 
 
 def allocation(variant: WeightVariant, sensitivity: SensitivityRecord | None) -> tuple[dict[str, str], float | None]:
@@ -453,6 +525,8 @@ def needs_calibration(variant: WeightVariant) -> bool:
     RTN, which reads it only for the activation-weighted observer."""
     if isinstance(variant, FP8Variant):
         return variant.algorithm == "gptq"
+    if isinstance(variant, FP4Variant):  # NVFP4's activation global scale is calibrated; MXFP4's scales are not
+        return variant.algorithm == "gptq" or (variant.method == "nvfp4" and variant.activations == "a4")
     return not isinstance(variant, RTNVariant) or variant.observer == "imatrix_mse"
 
 

@@ -217,13 +217,15 @@ def measure_sensitivity(
     the table as JSON (the report copies it beside itself)."""
     from transformers import AutoModelForCausalLM
 
+    from quantflow.quantization.moe import routers_kept, unfuse
     from quantflow.quantization.targets import mixed_groups
 
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=getattr(torch, resources.compute_dtype), use_safetensors=True
-    ).to(resources.device)
+    )
+    model = unfuse(model).to(resources.device)  # a mixture's experts as Linears: each expert its own group
     model.eval().requires_grad_(False)
-    groups = mixed_groups(model, variant, group_size)
+    groups = mixed_groups(model, routers_kept(variant, model), group_size)
     args = {o: weight_args(o, group_size, variant.symmetric) for o in variant.options if o != "bf16"}
     samples = measurement_samples(load_samples(calibration), variant.sensitivity_tokens)
     reset_peak_memory()

@@ -27,7 +27,8 @@ DTYPE_BITS = {
     "F8_E5M2": 8,
     "BOOL": 8,
 }
-QUANT_PARTS = ("weight_packed", "weight", "weight_scale", "weight_zero_point", "weight_g_idx")
+QUANT_PARTS = ("weight_packed", "weight", "weight_scale", "weight_zero_point", "weight_g_idx", "weight_global_scale")
+FP4_PER_BYTE = 2  # NVFP4 and MXFP4 pack two E2M1 weights per uint8 and store no weight_shape
 BNB_BLOCK = 64  # bitsandbytes' 4-bit block size in transformers' default config
 BNB_DOUBLE_BLOCK = 256  # blocks whose fp32 maxima double quantization stores as 8 bits, with one fp32 per group
 
@@ -57,6 +58,14 @@ def dense_linears(found: dict[str, tuple[str, list[int]]]) -> dict[str, tuple[st
     }
 
 
+def unpacked_shape(parts: dict[str, tuple[str, list[int]]]) -> list[int]:
+    """A quantized layer's [out, in] without a ``weight_shape``: its FP8 weight's, or its uint8-packed FP4's."""
+    if "weight" in parts:
+        return parts["weight"][1]
+    out, packed = parts["weight_packed"][1]
+    return [out, packed * FP4_PER_BYTE]
+
+
 def artifact_bits(folder: Path) -> float | None:
     """Bits per weight over the quantized Linears of a compressed-tensors folder; the dtype's bits for a dense one."""
     found, unpacked = tensors(folder)
@@ -77,7 +86,7 @@ def artifact_bits(folder: Path) -> float | None:
     for layer in quantized:
         parts = {part: found[f"{layer}.{part}"] for part in QUANT_PARTS if f"{layer}.{part}" in found}
         stored += sum(math.prod(shape) * DTYPE_BITS[dtype] for dtype, shape in parts.values())
-        weights += math.prod(unpacked[layer] if layer in unpacked else parts["weight"][1])
+        weights += math.prod(unpacked[layer] if layer in unpacked else unpacked_shape(parts))
     return round(stored / weights, 3)
 
 

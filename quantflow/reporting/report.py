@@ -26,6 +26,7 @@ from quantflow.infra.steps import StepRun
 from quantflow.inputs.calibration import CalibrationRecord
 from quantflow.inputs.sources import ModelRef
 from quantflow.quantization.mixed import option_counts
+from quantflow.quantization.moe import RoutingRecord
 from quantflow.quantization.quantize import QuantizeRecord, Smoothing
 from quantflow.quantization.sensitivity import SensitivityRecord
 from quantflow.reporting.bits import artifact_bits, bnb_bits
@@ -69,6 +70,17 @@ class VariantResult(BaseModel):
     @property
     def cached(self) -> bool:
         return all(step.cached for step in self.steps)
+
+
+class FailedVariant(BaseModel):
+    """A variant that did not finish: the step that failed and the error, named for the method and the model type.
+
+    It is a row of the report, not the end of the run: the variants that finished are reported beside it."""
+
+    name: str
+    method: str
+    stage: str
+    error: str
 
 
 class StoredArtifact(BaseModel):
@@ -115,6 +127,7 @@ class Row(BaseModel):
     allocated_bits: float | None = None
     sensitivity: SensitivityRecord | None = None
     dominated_by: str | None = None  # mixed rows: a uniform row with fewer bits per weight and lower perplexity
+    routing: RoutingRecord | None = None
 
 
 class Report(BaseModel):
@@ -131,6 +144,7 @@ class Report(BaseModel):
     pareto: list[str]
     pareto_speed: list[str] = []
     dropped: list[Dropped] = []
+    failed: list[FailedVariant] = []
     generations: dict[str, list[dict]]
     environment: dict
     spec: dict
@@ -170,6 +184,7 @@ def _row(
         precision=quantize.precision if quantize else {},
         allocated_bits=quantize.allocated_bits if quantize else None,
         sensitivity=sensitivity,
+        routing=quantize.routing if quantize else None,
         runtime=evaluation.runtime,
         artifact=artifact,
         placement=evaluation.placement,
@@ -268,6 +283,7 @@ def build_report(
     steps: list[StepRun],
     stored: list[StoredArtifact] = (),
     dropped: list[Dropped] = (),
+    failed: list[FailedVariant] = (),
 ) -> Report:
     """The report of a run from its records; ``stored`` (after upload) adds each row's URI and round-trip check."""
     where = {s.name: s for s in stored}
@@ -293,6 +309,7 @@ def build_report(
         pareto=pareto(rows),
         pareto_speed=pareto_speed(rows),
         dropped=list(dropped),
+        failed=list(failed),
         generations={"baseline": baseline.generations, **{v.name: v.evaluation.generations for v in variants}},
         environment=environment(),
         spec=spec.model_dump(mode="json"),
@@ -350,6 +367,8 @@ def markdown(report: Report) -> str:
         cells.append("–" if r.quantize_seconds is None else f"{r.quantize_seconds:.1f}")
         cells.append(f"{r.compile_seconds:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
+    for f in report.failed:
+        lines.append("| " + " | ".join([f.name, f.method, f"failed at {f.stage}"] + ["–"] * (len(head) - 3)) + " |")
     p = report.protocol
     env = report.environment
     lines += [
@@ -377,7 +396,8 @@ def markdown(report: Report) -> str:
         harness = f"; timed with {r.speed[0]['harness']}" if r.speed and r.speed[0].get("harness") else ""
         card = f"; CUDA_VISIBLE_DEVICES={r.visible_devices}" if r.visible_devices is not None else ""
         lines.append(f"- **{r.name}**: {r.runtime}{harness}{layers}{note}{card}")
-    lines += _smoothing(report.rows) + _mixed(report.rows) + _dropped(report.dropped)
+    lines += _smoothing(report.rows) + _mixed(report.rows) + _dropped(report.dropped) + _failed(report.failed)
+    lines += _routing(report.rows)
     lines += _lm_eval_table(report.rows)
     lines += ["", "## Greedy samples", ""]
     for name, samples in report.generations.items():
@@ -467,6 +487,37 @@ def _dropped(dropped: list[Dropped]) -> list[str]:
     if not dropped:
         return []
     return ["", "## Sweep combinations left out", ""] + [f"- **{d.name}**: {d.reason}" for d in dropped]
+
+
+def _routing(rows: list[Row]) -> list[str]:
+    """Per variant and MoE layer, the calibration tokens top-k routing sent each expert; experts under the floor
+    are named (every expert was still calibrated on every token)."""
+    routed = [r for r in rows if r.routing]
+    if not routed:
+        return []
+    lines = [
+        "",
+        "## Expert routing of the calibration tokens",
+        "",
+        "Every expert is calibrated on every calibration token (llm-compressor's `moe_calibrate_all_experts`); the "
+        "counts are the tokens top-k routing sent each expert during calibration, which is what it will see in use. "
+        "Experts under the floor (a tenth of an even share) are flagged.",
+    ]
+    for row in routed:
+        record = row.routing
+        lines += ["", f"**{row.name}**: {record.tokens} tokens, top-{record.top_k}, floor {record.floor} tokens", ""]
+        for layer in dict.fromkeys(e.layer for e in record.experts):
+            experts = [e for e in record.experts if e.layer == layer]
+            flagged = [str(e.expert) for e in experts if e.under_floor]
+            counts = ", ".join(str(e.tokens) for e in experts)
+            lines.append(f"- {layer}: {counts}" + (f" — under the floor: {', '.join(flagged)}" if flagged else ""))
+    return lines
+
+
+def _failed(failed: list[FailedVariant]) -> list[str]:
+    if not failed:
+        return []
+    return ["", "## Variants that failed", ""] + [f"- **{f.name}** ({f.stage}): {f.error}" for f in failed]
 
 
 def fenced(text: str) -> list[str]:

@@ -1,0 +1,138 @@
+"""The one workaround for loading quantized mixture-of-experts artifacts in transformers.
+
+transformers 5.17 dequantizes a compressed-tensors checkpoint's per-expert weights while it fuses them into its
+3-D expert tensors (``DecompressExperts``), but it collects only ``weight_packed``, ``weight_scale`` and
+``weight_shape``. Two parts of the schemes quantflow writes never reach the decompressor:
+
+- an asymmetric scheme's ``weight_zero_point`` (AWQ's default): compressed-tensors stops the load with
+  "Asymmetric quant requires zero-point values". Upstream: huggingface/transformers#47430 (PR, open).
+- NVFP4's per-tensor ``weight_global_scale``: the experts load silently scaled by a wrong constant (measured on
+  a tiny Qwen3-MoE: mean relative weight error 3.6e4 instead of 0.1). Upstream: huggingface/transformers#48371
+  (issue) and #48372 (PR), open.
+
+The artifacts themselves are right (per-expert Linears with every part, the layout vLLM loads). Within
+``expert_load()`` the converter collects those parts and hands them to the decompressor.
+``tests/unit/test_moe.py::test_upstream_still_drops_expert_zero_points`` and
+``tests/unit/test_fp4.py::test_upstream_still_drops_expert_global_scales`` load such artifacts without this module
+and expect the failures: when they fail, the fixes have landed and this module can go.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+EXTRA_PARTS = ("zero_point", "global_scale")  # what transformers 5.17 leaves behind, as weight_<part>
+
+
+def _collect_missing_parts(converter):
+    """The experts' converter with the zero points and global scales among its sources (unchanged when it has them)."""
+    from transformers.core_model_loading import WeightConverter
+    from transformers.integrations.compressed_tensors import DecompressExperts
+
+    if not isinstance(converter, WeightConverter) or not any(
+        isinstance(op, DecompressExperts) for op in converter.operations
+    ):
+        return converter
+    sources = list(converter._original_source_patterns)
+    packed = [p.removesuffix("_packed$") for p in sources if p.endswith("_packed$")]
+    if packed and int8_scheme(next(op for op in converter.operations if isinstance(op, DecompressExperts))):
+        sources = [p for p in sources if not p.endswith(("_packed$", "_shape$"))] + [f"{p}$" for p in packed]
+        return WeightConverter(
+            source_patterns=sources,
+            target_patterns=list(converter._original_target_patterns),
+            operations=list(converter.operations),
+        )
+    missing = [f"{p}_{part}$" for p in packed for part in EXTRA_PARTS if f"{p}_{part}$" not in sources]
+    if not missing:
+        return converter
+    return WeightConverter(
+        source_patterns=[*sources, *missing],
+        target_patterns=list(converter._original_target_patterns),
+        operations=list(converter.operations),
+    )
+
+
+def int8_scheme(op) -> bool:
+    """INT8 W8A8 experts: stored as plain int8 ``weight`` and ``weight_scale`` (compressed-tensors' int-quantized
+    format), which transformers 5.17 looks for as packed weights and finds none of ("Concatenate ... Ckpt contains:
+    0"). Same upstream family as the zero points; no fix of its own was found."""
+    from transformers.integrations.compressed_tensors import get_experts_scheme
+
+    scheme = op.scheme or get_experts_scheme(op.hf_quantizer.compressor.quantization_config)
+    return scheme.weights.type == "int" and scheme.weights.num_bits == 8 and scheme.format == "int-quantized"
+
+
+def _dequantize_int8(input_dict: dict) -> dict:
+    """Each expert's int8 weight times its per-channel scale, stacked (bf16), as transformers does for FP8."""
+    out = {}
+    for key in (k for k in input_dict if "weight_scale" not in k):
+        scales = input_dict[key.replace("weight", "weight_scale")]
+        out[key] = torch.stack(
+            [(q.float() * s.float()).to(torch.bfloat16) for q, s in zip(input_dict[key], scales, strict=True)]
+        )
+    return out
+
+
+class _Packed(nn.Module):
+    """One expert projection's stored tensors, as compressed-tensors' decompressor reads them from a module."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], scheme) -> None:
+        super().__init__()
+        for name, tensor in tensors.items():
+            self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+        self.quantization_scheme = scheme
+
+
+def _decompress_with_zero_points(original):
+    """``DecompressExperts.convert`` that hands each expert's zero point and global scale to the decompressor."""
+
+    def convert(self, input_dict, source_patterns, target_patterns, full_layer_name=None, **kwargs):
+        if int8_scheme(self):
+            return _dequantize_int8(input_dict)
+        if not any(f"weight_{part}" in key for key in input_dict for part in EXTRA_PARTS):
+            return original(self, input_dict, source_patterns, target_patterns, full_layer_name, **kwargs)
+        from compressed_tensors.compressors import BaseCompressor
+        from compressed_tensors.compressors.format import infer_module_format
+        from transformers.integrations.compressed_tensors import get_experts_scheme
+
+        scheme = self.scheme or get_experts_scheme(self.hf_quantizer.compressor.quantization_config)
+        compressor = BaseCompressor.get_value_from_registry(scheme.format or infer_module_format(nn.Linear, scheme))
+        out = {}
+        for key in (k for k in input_dict if "weight_packed" in k):
+            parts = {
+                f"weight_{part}": input_dict[key.replace("weight_packed", f"weight_{part}")]
+                for part in ("packed", "scale", "shape", *EXTRA_PARTS)
+                if key.replace("weight_packed", f"weight_{part}") in input_dict
+            }
+            experts = []
+            for index in range(len(parts["weight_packed"])):
+                module = _Packed({name: values[index] for name, values in parts.items()}, scheme)
+                compressor.decompress_module(module)
+                experts.append(module.weight.data)
+            out[key] = torch.stack(experts)
+        return out
+
+    return convert
+
+
+@contextlib.contextmanager
+def expert_load() -> Iterator[None]:
+    """Within this context transformers loads compressed-tensors experts with their zero points and global scales."""
+    from transformers.integrations.compressed_tensors import DecompressExperts
+    from transformers.quantizers.quantizer_compressed_tensors import CompressedTensorsHfQuantizer
+
+    update, convert = CompressedTensorsHfQuantizer.update_weight_conversions, DecompressExperts.convert
+
+    def collecting(self, weight_conversions):
+        return [_collect_missing_parts(c) for c in update(self, weight_conversions)]
+
+    CompressedTensorsHfQuantizer.update_weight_conversions = collecting
+    DecompressExperts.convert = _decompress_with_zero_points(convert)
+    try:
+        yield
+    finally:
+        CompressedTensorsHfQuantizer.update_weight_conversions, DecompressExperts.convert = update, convert
