@@ -167,10 +167,11 @@ def report_task(
 ) -> str:
     """Write the variant folders with model cards, report.json, report.md and the plots."""
     out = Path(plan.spec.output.dir)
-    with stage("report"):
+    with stage("report") as shown:
         report = _report(plan, calibration, baseline, variants)
         publish_variants(report, variants, out)
         write_report(report, out)
+        shown.outcome = f"best: {report.best or 'none'}"
     get_run_logger().info("report: %s (best: %s)", out / "report.md", report.best or "none")
     return str(out)
 

@@ -5,7 +5,7 @@ display, a Prefect task's log lines and progress artifact. Nothing here imports 
 Prefect. Stages run in Prefect's task threads and their heavy steps in spawned child
 processes (``quantflow.infra.steps.isolated``): the current stage and the subscribers live in
 context variables, which Prefect copies into its task threads, and a child's events travel
-back over a queue (``ChildEvents``) to the subscribers of the thread that started it.
+back over a pipe (``ChildEvents``) to the subscribers of the thread that started it.
 """
 
 from __future__ import annotations
@@ -109,30 +109,44 @@ def current_stage() -> str | None:
 class ChildEvents:
     """Carries a child process's events to the parent's subscribers.
 
-    The parent makes one per child (``spawn`` context) and passes ``child_setup``/``child_args`` as the process pool's
-    initializer: the queue must reach the child when it starts. A thread in the parent forwards every event inside the
-    context that started the child, so the events reach that thread's subscribers and Prefect's run context.
+    The parent makes one per child (``spawn`` context) and passes ``forward_to`` with ``child_args`` as the process
+    pool's initializer: the pipe must reach the child when it starts. A thread in the parent forwards every event
+    inside the context that started the child, so the events reach that thread's subscribers and Prefect's run
+    context. A pipe without a shared lock: a child killed at its timeout cannot leave the parent waiting on one.
     """
 
     def __init__(self, context: Any) -> None:
-        self.queue = context.SimpleQueue()
-        self.stage = _stage.get()
+        self._reader, self._writer = context.Pipe(duplex=False)
+        self.child_args = (self._writer, _stage.get())
         self._context = contextvars.copy_context()
+        self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._forward, name="quantflow-child-events", daemon=True)
         self._thread.start()
 
     def _forward(self) -> None:
-        while (event := self.queue.get()) is not None:
-            self._context.run(emit, event)
+        while not self._stopped.is_set() or self._reader.poll(0):
+            try:
+                if self._reader.poll(0.2):
+                    self._context.run(emit, self._reader.recv())
+            except (EOFError, OSError):  # the child died mid-message: its progress ends there
+                return
 
     def close(self) -> None:
-        """After the child has exited (its queue writes are flushed): stop forwarding."""
-        self.queue.put(None)
+        """Once the child has exited: forward what it sent, then stop."""
+        self._stopped.set()
         self._thread.join(timeout=30)
+        self._reader.close()
+        self._writer.close()
 
 
-def forward_to(queue: Any, stage_name: str | None) -> None:
-    """In the child: send every event to the parent over ``queue``, inside the parent's stage."""
-    _listeners.append(queue.put)
+def forward_to(writer: Any, stage_name: str | None) -> None:
+    """In the child: send every event to the parent through ``writer``, inside the parent's stage."""
+    lock = threading.Lock()  # a step may report from several threads
+
+    def send(event: Event) -> None:
+        with lock:
+            writer.send(event)
+
+    _listeners.append(send)
     if stage_name is not None:
         _stage.set(stage_name)

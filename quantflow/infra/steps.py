@@ -96,7 +96,7 @@ def isolated(label: str, timeout: float | None, work: Callable[..., T], *args: A
         max_workers=1,
         mp_context=context,
         initializer=progress.forward_to,
-        initargs=(events.queue, events.stage),
+        initargs=events.child_args,
     )
     try:
         return pool.submit(work, *args, **kwargs).result(timeout=timeout)

@@ -53,10 +53,11 @@ def run(spec: RunSpec, progress: Progress = print) -> Path:
         [calibration.step, baseline.step],
     )
     out = Path(spec.output.dir)
-    with stage("report"):
+    with stage("report") as shown:
         report = build_report(*inputs, dropped=the_plan.dropped)
         publish_variants(report, variants, out)
         write_report(report, out)
+        shown.outcome = f"best: {report.best or 'none'}"
     if spec.output.store:
         stored = [
             upload_variant(spec, the_plan.model, report, v, out, the_plan.device, the_plan.cache.root, progress)

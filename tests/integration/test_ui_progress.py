@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 
@@ -9,13 +10,14 @@ import pytest
 import yaml
 
 from tests.conftest import small_spec
+from tests.integration.test_prefect_store import flow_logs
 
 pytestmark = pytest.mark.integration
 
 
 def test_task_logs_carry_stage_lines_and_progress_artifacts_not_library_output(prefect_server, tiny_model, tmp_path):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType, LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     spec = small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", [{"method": "rtn", "group_size": 32}])
@@ -29,9 +31,10 @@ def test_task_logs_carry_stage_lines_and_progress_artifacts_not_library_output(p
     )
     assert result.returncode == 0, result.stdout + result.stderr
     run_id = result.stdout.split("/runs/flow-run/")[1].split()[0]
-    with temporary_settings({PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}), get_client(sync_client=True) as c:
-        logs = [log.message for log in c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))]
-        bars = c.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])))
+    with temporary_settings({PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}):
+        logs = asyncio.run(flow_logs(run_id, until="report: done")).splitlines()
+        with get_client(sync_client=True) as client:
+            bars = client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])))
     assert "quantize rtn: started" in logs and any(m.startswith("evaluate rtn: done, perplexity") for m in logs)
     assert not [m for m in logs if "it/s]" in m or "Loading weights" in m or "Compressing model" in m]
     assert len(logs) < 60, logs
