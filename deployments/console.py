@@ -31,14 +31,18 @@ from quantflow.infra.cache import default_cache_root
 LOG_NAME = "quantflow.log"
 WARNING = re.compile(r"\S*warn", re.IGNORECASE)
 NUMBERS = re.compile(r"\d+")
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+CURSOR_UP = "\x1b[A"  # a nested tqdm bar redraws its line in place with it
 
 
 class LogCopier:
-    """Copies what a pipe receives into the log file, line by line: a tqdm bar's carriage-return updates collapse to
-    their last state, and a warning seen before (numbers and times aside) is dropped."""
+    """Copies what a pipe receives into the log file, line by line: a tqdm bar's redraws (carriage returns, or a nested
+    bar's cursor-up) collapse to its last state, colours go, and a warning seen before (numbers and times aside) is
+    dropped."""
 
     def __init__(self, pipe: int, log: IO[str]) -> None:
         self.pipe, self.log, self.seen = pipe, log, set()
+        self.held: tuple[str, str] | None = None  # a nested bar's latest redraw: (its description, the line)
         self.thread = threading.Thread(target=self._copy, name="quantflow-log", daemon=True)
         self.thread.start()
 
@@ -48,17 +52,33 @@ class LogCopier:
             *lines, pending = (pending + chunk).split(b"\n")
             for line in lines:
                 self.write(line.decode("utf-8", errors="replace"))
-        if pending:
-            self.write(pending.decode("utf-8", errors="replace"))
+        self.write(pending.decode("utf-8", errors="replace"))
+        self._release()
         os.close(self.pipe)
 
-    def write(self, line: str) -> None:
-        line = next((part for part in reversed(line.split("\r")) if part.strip()), "")
+    def write(self, raw: str) -> None:
+        line = next((part for part in reversed(ANSI.sub("", raw).split("\r")) if part.strip()), "")
+        if raw.rstrip().endswith(CURSOR_UP) and line:
+            bar = line.split(":", 1)[0]
+            if self.held and self.held[0] != bar:
+                self._release()
+            self.held = (bar, line)
+            return
+        self._release()
         if warning := WARNING.search(line):  # keyed from the word on: a tqdm bar's state may precede it
             key = NUMBERS.sub("#", line[warning.start() :])
             if key in self.seen:
                 return
             self.seen.add(key)
+        if line:
+            self._put(line)
+
+    def _release(self) -> None:
+        if self.held:
+            self._put(self.held[1])
+            self.held = None
+
+    def _put(self, line: str) -> None:
         self.log.write(line + "\n")
         self.log.flush()
 

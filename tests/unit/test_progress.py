@@ -52,7 +52,7 @@ def test_a_failed_stage_says_so_with_the_first_line_of_its_error():
     assert (seen[-1].state, seen[-1].message) == ("failed", "no model here")
 
 
-def test_the_log_keeps_a_bars_last_state_and_each_warning_once():
+def test_the_log_keeps_each_bars_last_state_and_each_warning_once():
     read, write = os.pipe()
     log = io.StringIO()
     copier = LogCopier(read, log)
@@ -60,6 +60,10 @@ def test_the_log_keeps_a_bars_last_state_and_each_warning_once():
         "Loading:   0%|  | 0/3\rLoading: 100%|##| 3/3",
         "2026-12-04T13:24:56.25 | get_main_device | WARNING - No accelerator available!",
         "Smoothing: 33%|#| 1/3 2026-12-04T13:25:53.13 | get_main_device | WARNING - No accelerator available!",
+        "Grid search for layers.0:   0%|  | 0/20 [00:00<?, ?it/s]\x1b[A",
+        "Grid search for layers.0:  50%|# | 10/20 [00:01<00:01, 9.1it/s]\x1b[A",
+        "Grid search for layers.1:   0%|  | 0/20 [00:00<?, ?it/s]\x1b[A",
+        "Grid search for layers.1: 100%|##| 20/20 [00:02<00:00, 9.3it/s]\x1b[A",
         "done",
     ]
     os.write(write, ("\n".join(lines) + "\n").encode())
@@ -68,5 +72,7 @@ def test_the_log_keeps_a_bars_last_state_and_each_warning_once():
     assert log.getvalue().splitlines() == [
         "Loading: 100%|##| 3/3",
         "2026-12-04T13:24:56.25 | get_main_device | WARNING - No accelerator available!",
+        "Grid search for layers.0:  50%|# | 10/20 [00:01<00:01, 9.1it/s]",
+        "Grid search for layers.1: 100%|##| 20/20 [00:02<00:00, 9.3it/s]",
         "done",
     ]
