@@ -162,7 +162,7 @@ class StageDisplay:
         if event.state == "advance" and event.total:
             self.bars.update(row, completed=event.done, total=event.total, count=self.counts[event.stage])
         elif event.state in ("done", "failed"):
-            total = self.bars.tasks[row].total or 1
+            total = next(task.total for task in self.bars.tasks if task.id == row) or 1
             outcome = event.message if event.state == "done" else f"failed: {event.message}"
             self.bars.update(row, completed=total if event.state == "done" else None, total=total, outcome=outcome)
             self.bars.stop_task(row)
@@ -182,8 +182,8 @@ class StageDisplay:
 @contextlib.contextmanager
 def run_console(output: Path, verbose: bool) -> Iterator[StageDisplay]:
     """The console of one run: the stage display, and unless ``verbose`` the log file in ``output``, named at the
-    start and (by the caller, after the results; here, on failure) at the end. A failed run that had to create ``output`` leaves nothing there: its log moves beside the
-    step cache."""
+    start and at the end (by the caller after the results; here when the run fails). A failed run that had to create
+    ``output`` leaves nothing there: its log moves beside the step cache."""
     if verbose:
         with StageDisplay(sys.stderr, live=False) as display, progress.listening(display):
             yield display
@@ -191,9 +191,9 @@ def run_console(output: Path, verbose: bool) -> Iterator[StageDisplay]:
     created = not output.exists()
     try:
         output.mkdir(parents=True, exist_ok=True)
+        log = (output / LOG_NAME).resolve()
     except OSError:  # the run's plan names the problem with its fix; the log goes beside the cache meanwhile
-        output, created = _failed_logs(), False
-    log = (output / LOG_NAME).resolve()
+        log, created = _spare_log(output), False
     try:
         with captured(log) as terminal, StageDisplay(terminal, live=True) as display, progress.listening(display):
             display.log = log
@@ -201,15 +201,14 @@ def run_console(output: Path, verbose: bool) -> Iterator[StageDisplay]:
             yield display
     except BaseException:
         if created and {p.name for p in output.iterdir()} == {LOG_NAME}:
-            kept = _failed_logs() / f"{time.strftime('%Y%m%d-%H%M%S')}-{output.name}.log"
-            shutil.move(log, kept)
+            log = Path(shutil.move(log, _spare_log(output)))
             output.rmdir()
-            log = kept
         print(f"log: {log}", file=sys.stderr)
         raise
 
 
-def _failed_logs() -> Path:
+def _spare_log(output: Path) -> Path:
+    """Where a run's log goes when its output folder cannot hold it: beside the step cache, under QUANTFLOW_HOME."""
     folder = default_cache_root().parent / "logs"
     folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    return folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{output.name}.log"

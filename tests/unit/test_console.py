@@ -19,7 +19,8 @@ def run(model, tmp_path, methods, *flags, env=None):
     spec["variants"] = [{"method": m, "group_size": 32} for m in methods]
     spec["evaluation"]["speed"] = None  # seconds of timing that show nothing here
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
-    return quantflow("run", "--config", str(tmp_path / "spec.yaml"), *flags, env=env)
+    # a generous bound: seconds on an idle machine, over 10 minutes on a shared 2-core one (seen)
+    return quantflow("run", "--config", str(tmp_path / "spec.yaml"), *flags, env=env, timeout=2400)
 
 
 def console_of(result) -> str:
