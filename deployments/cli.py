@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
 
@@ -102,6 +103,9 @@ def run(
     engine: str = typer.Option(
         "prefect", help="'prefect' runs the Prefect flow (shows in the UI); 'local' runs the core pipeline in-process."
     ),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Print the libraries' output here, not to the run's log file."
+    ),
 ) -> None:
     """Run the whole pipeline from a spec file and/or flags."""
     from quantflow.spec import GROUPED_METHODS, RunSpec, apply_overrides, load_spec, variant_for
@@ -137,7 +141,7 @@ def run(
                 "pass --methods too, or set group_size on each variant in the --config file",
             )
         spec = apply_overrides(spec, overrides, RUN_FLAGS)
-        _execute(spec, engine)
+        _execute(spec, engine, verbose)
     except QuantflowError as error:
         _fail(error)
 
@@ -174,6 +178,9 @@ def demo(
         None, help="Data folder of the local S3 server the demo uploads to (default $QUANTFLOW_HOME/s3)."
     ),
     keep_storage: bool = typer.Option(False, help="Leave the local S3 server running afterwards."),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Print the libraries' output here, not to the run's log file."
+    ),
 ) -> None:
     """The embedded default: SmolLM2-135M, pydoc corpus, RTN/AWQ/GPTQ W4 g64 + bnb-nf4, offline on a CPU, stored to a
     local S3."""
@@ -191,7 +198,8 @@ def demo(
         typer.echo(f"[quantflow] local S3 (SeaweedFS) at {server.endpoint_url}, data in {storage}", err=True)
         store = StoreSpec(uri="s3://quantflow/demo", endpoint_url=server.endpoint_url, create_bucket=True)
         try:
-            _execute(apply_overrides(demo_spec(output), {"output.store": store.model_dump(mode="json")}), engine)
+            spec = apply_overrides(demo_spec(output), {"output.store": store.model_dump(mode="json")})
+            _execute(spec, engine, verbose)
         finally:
             if not keep_storage and s3server.stop(storage):
                 typer.echo(
@@ -256,23 +264,28 @@ def _check_engine(engine: str) -> None:
         raise QuantflowError(f"unknown engine '{engine}'", "use --engine prefect or --engine local")
 
 
-def _execute(spec, engine: str) -> None:
+def _execute(spec, engine: str, verbose: bool = False) -> None:
+    from deployments.console import run_console
     from quantflow.reporting.report import load_report
+    from quantflow.spec import with_output_folder
 
-    if engine == "local":
-        from quantflow.pipeline import run as run_pipeline
+    spec = with_output_folder(spec, datetime.now())  # the console's log goes into the folder the run will write
+    with run_console(Path(spec.output.dir), verbose) as console:
+        if engine == "local":
+            from quantflow.pipeline import run as run_pipeline
 
-        out = run_pipeline(spec, progress=lambda message: typer.echo(f"[quantflow] {message}", err=True))
-        where = None
-    elif engine == "prefect":
-        from deployments.prefect_home import use_quantflow_home
+            # the core's log lines: into the run's log file, or here with --verbose
+            out = run_pipeline(spec, progress=lambda message: print(f"[quantflow] {message}", file=sys.stderr))
+            where = None
+        elif engine == "prefect":
+            from deployments.prefect_home import use_quantflow_home
 
-        use_quantflow_home()  # before Prefect is imported
-        from flows.run import run_flow
+            use_quantflow_home()  # before Prefect is imported
+            from flows.run import run_flow
 
-        out, where = run_flow(spec)
-    else:
-        raise AssertionError(engine)  # _check_engine ran first
+            out, where = run_flow(spec)
+        else:
+            raise AssertionError(engine)  # _check_engine ran first
     report = load_report(out / "report.json")
     typer.echo((out / "report.md").read_text().split("\n## Protocol")[0])
     typer.echo(f"artifacts: {out.resolve()}  best: {report.best}")
@@ -281,6 +294,8 @@ def _execute(spec, engine: str) -> None:
             typer.echo(f"stored: {row.name} -> {row.artifact_uri}")
     if where:
         typer.echo(where)
+    if console.log:
+        typer.echo(f"log: {console.log}")
 
 
 @app.command()

@@ -88,5 +88,7 @@ def run_flow(spec: RunSpec) -> tuple[Path, str]:
             f"Prefect flow run '{run.name}' is recorded in {PREFECT_HOME.value()}; `quantflow serve` shows it at "
             f"{LOCAL_UI}/runs/flow-run/{run_id}"
         )
+    # Prefect stops its temporary server at exit, once the console has its terminal back: that INFO line is noise
+    logging.getLogger("prefect").setLevel(logging.WARNING)
     keys = ", ".join(sorted(a.key for a in artifacts if a.key))
     return out, f"{where}\nPrefect artifacts: {keys}"

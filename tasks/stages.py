@@ -24,6 +24,7 @@ from pydantic import BaseModel
 
 from quantflow.delivery.publish import publish_variants, upload_report, upload_variant
 from quantflow.errors import QuantflowError, TransientError
+from quantflow.infra.progress import stage
 from quantflow.pipeline import planning, steps
 from quantflow.reporting.report import (
     FailedVariant,
@@ -36,6 +37,7 @@ from quantflow.reporting.report import (
 )
 from quantflow.spec import RunSpec, Variant
 from tasks.credentials import store_credentials
+from tasks.progress import shown_in_ui
 
 ACCELERATOR_TAG = "quantflow-accelerator"
 R = TypeVar("R", bound=BaseModel)
@@ -80,6 +82,7 @@ def _did(step) -> str:
     retry_delay_seconds=[5, 30],
     retry_condition_fn=retry_io_only,
 )
+@shown_in_ui
 def plan_task(spec: RunSpec) -> planning.Plan:
     """Validate the spec against the model's shapes and this machine; download or convert the model."""
     with store_credentials(spec):  # an s3:// model source reads with the same credentials
@@ -87,6 +90,7 @@ def plan_task(spec: RunSpec) -> planning.Plan:
 
 
 @task(name="calibration", task_run_name="calibration", cache_policy=NO_CACHE)
+@shown_in_ui
 def calibration_task(plan: planning.Plan) -> steps.Calibrated:
     """Tokenize the calibration set (CPU work: it runs beside the baseline's evaluation)."""
     calibrated = steps.calibrate(plan)
@@ -94,20 +98,19 @@ def calibration_task(plan: planning.Plan) -> steps.Calibrated:
     get_run_logger().info(
         "calibration %s: %d samples, %d tokens (%s)", record.hash, record.samples, record.tokens, _did(calibrated.step)
     )
-    if record.note:
-        get_run_logger().warning(record.note)
     return detached(calibrated)
 
 
 @task(name="baseline", task_run_name="baseline", **ON_ACCELERATOR)
+@shown_in_ui
 def baseline_task(plan: planning.Plan) -> steps.Baseline:
     """Evaluate the unquantized model: the reference every variant is compared with."""
     baseline = steps.evaluate_baseline(plan)
-    get_run_logger().info("baseline perplexity %.4f (%s)", baseline.evaluation.perplexity, _did(baseline.step))
     return detached(baseline)
 
 
 @task(name="sensitivity", task_run_name="sensitivity {variant.name}", **ON_ACCELERATOR)
+@shown_in_ui
 def sensitivity_task(plan: planning.Plan, variant: Variant, calibration: steps.Calibrated) -> steps.Sensitivity:
     """Score every Linear group of a mixed variant at every menu option on the calibration set."""
     measured = steps.measure(plan, variant, calibration.record)
@@ -124,6 +127,7 @@ def sensitivity_task(plan: planning.Plan, variant: Variant, calibration: steps.C
 
 
 @task(name="quantize", task_run_name="quantize {variant.name}", **ON_ACCELERATOR)
+@shown_in_ui
 def quantize_task(
     plan: planning.Plan,
     variant: Variant,
@@ -132,23 +136,21 @@ def quantize_task(
 ) -> steps.Quantized:
     """Quantize one variant with llm-compressor (a mixed variant from its sensitivity table)."""
     quantized = steps.quantize(plan, variant, calibration.record, sensitivity=sensitivity)
-    get_run_logger().info("%s: quantized (%s)", variant.name, _did(quantized.step))
     return detached(quantized)
 
 
 @task(name="evaluate", task_run_name="evaluate {variant.name}", **ON_ACCELERATOR)
+@shown_in_ui
 def evaluate_task(
     plan: planning.Plan, variant: Variant, quantized: steps.Quantized, baseline: steps.Baseline
 ) -> VariantResult:
     """Evaluate one variant under the baseline's protocol (KL from the baseline's log-probabilities)."""
     result = steps.evaluate(plan, variant, quantized, baseline)
-    get_run_logger().info(
-        "%s: perplexity %.4f (%s)", variant.name, result.evaluation.perplexity, _did(result.steps[-1])
-    )
     return detached(result)
 
 
 @task(name="gather", task_run_name="gather", cache_policy=NO_CACHE)
+@shown_in_ui
 def gather_task(plan: planning.Plan) -> steps.Gathered:
     """Read a fanned-out run's records from the shared cache by their keys (fails if a worker's result is missing)."""
     return detached(steps.gather(plan))
@@ -176,6 +178,7 @@ def _report(
 
 
 @task(name="report", task_run_name="report", cache_policy=NO_CACHE)
+@shown_in_ui
 def report_task(
     plan: planning.Plan,
     calibration: steps.Calibrated,
@@ -185,9 +188,11 @@ def report_task(
 ) -> str:
     """Write the variant folders with model cards, report.json, report.md and the plots (failed variants as rows)."""
     out = Path(plan.spec.output.dir)
-    report = _report(plan, calibration, baseline, variants, failed=failed)
-    publish_variants(report, variants, out)
-    write_report(report, out)
+    with stage("report") as shown:
+        report = _report(plan, calibration, baseline, variants, failed=failed)
+        publish_variants(report, variants, out)
+        write_report(report, out)
+        shown.outcome = f"best: {report.best or 'none'}"
     get_run_logger().info("report: %s (best: %s)", out / "report.md", report.best or "none")
     return str(out)
 
@@ -200,6 +205,7 @@ def report_task(
     retry_delay_seconds=[10, 30, 90],
     retry_condition_fn=retry_io_only,
 )
+@shown_in_ui
 def upload_task(plan: planning.Plan, variant: VariantResult, out: str) -> StoredArtifact:
     """Upload one delivered variant (retried on I/O errors only; a retry sends just what is missing)."""
     with store_credentials(plan.spec):
@@ -225,6 +231,7 @@ def upload_task(plan: planning.Plan, variant: VariantResult, out: str) -> Stored
     retry_delay_seconds=[10, 30, 90],
     retry_condition_fn=retry_io_only,
 )
+@shown_in_ui
 def store_report_task(
     plan: planning.Plan,
     calibration: steps.Calibrated,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from quantflow.infra.atomic import atomic_files, atomic_folder
 from quantflow.infra.cache import content_key
+from quantflow.infra.progress import stage
 from quantflow.inputs.sources import ModelRef
 from quantflow.reporting.report import Report, StoredArtifact, VariantResult, model_card, write_report
 from quantflow.spec import RunSpec
@@ -94,18 +95,23 @@ def upload_variant(
         "spec": spec.model_dump(mode="json"),
         "environment": environment(),
     }
-    record = upload(out / variant.name, store, prefix, meta, upload_progress(progress))
-    progress(
-        f"stored {variant.name}: {record.uri} ({record.bytes_sent} bytes "
-        f"sent{', already complete' if record.already_complete else ''})"
-    )
-    check = None
-    if store.roundtrip_windows:
-        check = roundtrip(record.uri, store, out / variant.name, spec, device, cache_root / "roundtrip").model_dump()
+    with stage(f"upload {variant.name}") as shown:
+        record = upload(out / variant.name, store, prefix, meta, upload_progress(progress))
         progress(
-            f"round trip {variant.name}: pulled copy scores {check['perplexity_pulled']:.4f} on {check['windows']} "
-            "windows, as the local copy"
+            f"stored {variant.name}: {record.uri} ({record.bytes_sent} bytes "
+            f"sent{', already complete' if record.already_complete else ''})"
         )
+        shown.outcome = "already complete" if record.already_complete else f"{record.bytes_sent / 2**20:.1f} MiB sent"
+        check = None
+        if store.roundtrip_windows:
+            check = roundtrip(
+                record.uri, store, out / variant.name, spec, device, cache_root / "roundtrip"
+            ).model_dump()
+            progress(
+                f"round trip {variant.name}: pulled copy scores {check['perplexity_pulled']:.4f} on "
+                f"{check['windows']} windows, as the local copy"
+            )
+            shown.outcome += ", round trip checked"
     return StoredArtifact(
         name=variant.name,
         uri=record.uri,
@@ -123,8 +129,8 @@ def upload_report(spec: RunSpec, model: ModelRef, report: Report, out: Path, pro
         spec.model_dump(mode="json", exclude={"output"}), model.fingerprint, report.calibration["hash"]
     )
     prefix = artifact_prefix(spec.output.store, model.source, "reports", run_hash)
-    with tempfile.TemporaryDirectory(prefix=".report-upload-", dir=out) as staging:  # the report's files only
-        write_report(report, Path(staging))
+    with stage("upload report"), tempfile.TemporaryDirectory(prefix=".report-upload-", dir=out) as staging:
+        write_report(report, Path(staging))  # the report's files only
         record = upload(Path(staging), spec.output.store, prefix, {"kind": "report"})
     progress(f"stored report: {record.uri}")
     return record.uri

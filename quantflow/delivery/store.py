@@ -26,6 +26,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from quantflow.errors import QuantflowError, TransientError
+from quantflow.infra import progress as events
 from quantflow.infra.atomic import atomic_folder
 from quantflow.infra.cache import file_sha256
 from quantflow.spec import StoreSpec, slug
@@ -358,7 +359,8 @@ def upload(
                 uri=uri, files=len(whole), bytes_sent=0, files_skipped=len(whole), already_complete=True
             )
         uploaded: list[dict] = []
-        for entry in manifest["files"]:
+        for done, entry in enumerate(manifest["files"]):
+            events.advance(done, len(manifest["files"]), "files")
             key = prefix + entry["name"]
             if entry["name"] in whole:
                 continue
@@ -380,6 +382,7 @@ def upload(
                 f"after upload, {len(missing)} objects under {uri} do not match their local files: {missing[:3]}",
                 "retry the upload",
             )
+        events.advance(len(manifest["files"]), len(manifest["files"]), "files")
         s3.put_object(
             Bucket=spec.bucket,
             Key=prefix + MANIFEST,

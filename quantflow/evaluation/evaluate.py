@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from quantflow.errors import QuantflowError
 from quantflow.evaluation.lm_eval_tasks import run_tasks
+from quantflow.infra import progress
 from quantflow.infra.resources import peak_memory_mb, placement_budget, reset_peak_memory, visible_devices
 from quantflow.spec import EvaluationSpec, SpeedSpec
 
@@ -120,7 +121,9 @@ def score(
     device = next(model.parameters()).device
     reference = load_file(str(baseline)) if baseline else None
     nll_sum, count, kl_sum, kl_count, kept = 0.0, 0, 0.0, 0, []
-    for index, win in enumerate(windows(ids.numel(), span, stride, spec.max_windows)):
+    scored = windows(ids.numel(), span, stride, spec.max_windows)
+    for index, win in enumerate(scored):
+        progress.advance(index, len(scored), "windows")
         text = ids[win.start : win.start + win.length]
         inputs = torch.cat([torch.tensor([bos]), text]) if bos is not None else text
         logits = model(inputs.unsqueeze(0).to(device)).logits[0].float()
@@ -141,6 +144,7 @@ def score(
                 base = F.log_softmax(reference[f"w{index}"].to(device).float()[: part.shape[0]], dim=-1)
                 kl_sum += F.kl_div(part, base, log_target=True, reduction="sum").item()
             kl_count += part.shape[0]
+    progress.advance(len(scored), len(scored), "windows")
     if save_baseline is not None:
         save_file({f"w{i}": t.contiguous() for i, t in enumerate(kept)}, str(save_baseline))
     kl = kl_sum / kl_count if reference is not None and kl_count else None

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from quantflow.errors import QuantflowError
+from quantflow.infra import progress
 from quantflow.infra.cache import StepCache
 
 R = TypeVar("R", bound=BaseModel)
@@ -86,9 +87,17 @@ def isolated(label: str, timeout: float | None, work: Callable[..., T], *args: A
     """``work(*args, **kwargs)`` in a fresh spawned process, killed when it outlives ``timeout``.
 
     A thread-based timeout (Prefect's) cannot interrupt a blocking CUDA or BLAS call; killing
-    the process can. A fresh process also gives the step its own peak memory reading.
+    the process can. A fresh process also gives the step its own peak memory reading. The
+    child's progress events reach this thread's subscribers.
     """
-    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    context = multiprocessing.get_context("spawn")
+    events = progress.ChildEvents(context)
+    pool = ProcessPoolExecutor(
+        max_workers=1,
+        mp_context=context,
+        initializer=progress.forward_to,
+        initargs=events.child_args,
+    )
     try:
         return pool.submit(work, *args, **kwargs).result(timeout=timeout)
     except FuturesTimeout:
@@ -100,3 +109,4 @@ def isolated(label: str, timeout: float | None, work: Callable[..., T], *args: A
         ) from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        events.close()

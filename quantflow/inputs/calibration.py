@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
 
 from quantflow.errors import QuantflowError
+from quantflow.infra import progress
 from quantflow.inputs.corpus import calibration_documents
 from quantflow.spec import DEFAULT_CALIBRATION_SAMPLES, CalibrationSpec, EvaluationSpec
 
@@ -48,7 +49,8 @@ def _chunks(ids: list[int], seq_len: int) -> list[list[int]]:
 def tokenize_samples(texts: list[str], tokenizer, spec: CalibrationSpec) -> list[list[int]]:
     """Token id lists, at most ``seq_len`` long, shuffled with ``seed`` and cut to ``num_samples``."""
     samples: list[list[int]] = []
-    for text in texts:
+    for done, text in enumerate(texts, start=1):
+        progress.advance(done, len(texts), "texts")
         if spec.chat_template:
             if not getattr(tokenizer, "chat_template", None):
                 raise QuantflowError(

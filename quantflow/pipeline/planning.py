@@ -13,6 +13,7 @@ from quantflow.errors import QuantflowError
 from quantflow.evaluation.fp8 import fp8_matmuls, fp8_matmuls_missing
 from quantflow.evaluation.int4 import GROUP_SIZES
 from quantflow.infra.cache import StepCache, content_key, default_cache_root
+from quantflow.infra.progress import stage
 from quantflow.infra.resources import Resources, check_fits, pick_device
 from quantflow.inputs.corpus import check_source
 from quantflow.inputs.sources import ModelRef, resolve_model
@@ -130,6 +131,13 @@ def check_folder(field: str, folder: Path) -> None:
 def plan(spec: RunSpec, progress: Progress = print) -> Plan:
     """Validate the spec against this machine and the model's shapes; resolve the model source."""
     spec = with_output_folder(spec, datetime.now())
+    with stage("plan") as shown:
+        planned = _plan(spec, progress)
+        shown.outcome = f"{len(planned.variants)} variants on {planned.device}"
+    return planned
+
+
+def _plan(spec: RunSpec, progress: Progress) -> Plan:
     device = pick_device(spec.device)
     check_environment(spec)
     cache = StepCache(spec.output.cache_dir or default_cache_root())

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from quantflow.delivery.publish import publish_variants, upload_report, upload_variant
 from quantflow.errors import QuantflowError
+from quantflow.infra.progress import stage
 from quantflow.pipeline import steps
 from quantflow.pipeline.planning import Progress, plan
 from quantflow.reporting.report import FailedVariant, build_report, write_report
@@ -56,8 +57,11 @@ def run(spec: RunSpec, progress: Progress = print) -> Path:
         [calibration.step, baseline.step],
     )
     out = Path(spec.output.dir)
-    report = build_report(*inputs, dropped=the_plan.dropped, failed=failed)
-    publish_variants(report, variants, out)
+    with stage("report") as shown:
+        report = build_report(*inputs, dropped=the_plan.dropped, failed=failed)
+        publish_variants(report, variants, out)
+        write_report(report, out)
+        shown.outcome = f"best: {report.best or 'none'}"
     if spec.output.store:
         stored = [
             upload_variant(spec, the_plan.model, report, v, out, the_plan.device, the_plan.cache.root, progress)
@@ -65,8 +69,7 @@ def run(spec: RunSpec, progress: Progress = print) -> Path:
             if v.artifact
         ]
         report = build_report(*inputs, stored, the_plan.dropped, failed)
-    write_report(report, out)
-    if spec.output.store:
+        write_report(report, out)
         upload_report(spec, the_plan.model, report, out, progress)
     progress(f"report: {out / 'report.md'}")
     return out

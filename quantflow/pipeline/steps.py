@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from quantflow.errors import QuantflowError
 from quantflow.evaluation.evaluate import BASELINE_LOGPROBS, EvalRecord
 from quantflow.evaluation.runtime import Protocol, Subject, evaluate_subject
+from quantflow.infra import progress
 from quantflow.infra.cache import content_key
 from quantflow.infra.environment import code_version
 from quantflow.infra.steps import StepRun, cached
@@ -127,50 +128,64 @@ def unquantized(variant: Variant) -> Quantized:
     return Quantized(variant=variant.name, record=None, step=None)
 
 
+def outcome(step: StepRun, result: str = "") -> str:
+    """What a stage's line says when it ends: its result, and whether it came from the cache."""
+    did = "cached" if step.cached else f"{step.seconds:.1f} s"
+    return f"{result} ({did})" if result else did
+
+
 def calibrate(plan: Plan, isolate: bool = True) -> Calibrated:
     """Build (or find) the calibration set: tokenized, seeded, disjoint from the evaluation texts."""
-    record, step = cached(
-        plan.cache,
-        "calibration",
-        BASELINE,
-        calibration_key(plan),
-        CalibrationRecord,
-        build_calibration,
-        plan.spec.step_timeout_s,
-        isolate,
-        spec=plan.spec.calibration,
-        evaluation=plan.spec.evaluation,
-        tokenizer_path=plan.model.path,
-    )
+    with progress.stage("calibration") as shown:
+        record, step = cached(
+            plan.cache,
+            "calibration",
+            BASELINE,
+            calibration_key(plan),
+            CalibrationRecord,
+            build_calibration,
+            plan.spec.step_timeout_s,
+            isolate,
+            spec=plan.spec.calibration,
+            evaluation=plan.spec.evaluation,
+            tokenizer_path=plan.model.path,
+        )
+        if record.note:
+            progress.note(record.note)
+        shown.outcome = outcome(step, f"{record.samples} samples, {record.tokens} tokens")
     return Calibrated(record=record, step=step)
 
 
 def evaluate_baseline(plan: Plan, isolate: bool = True) -> Baseline:
     """Evaluate the unquantized model; its saved log-probabilities are every variant's KL reference."""
     key = baseline_key(plan)
-    evaluation, step = evaluate_subject_once(
-        plan, key, Subject(name=BASELINE, model_path=plan.model.path), None, isolate
-    )
+    with progress.stage(BASELINE) as shown:
+        evaluation, step = evaluate_subject_once(
+            plan, key, Subject(name=BASELINE, model_path=plan.model.path), None, isolate
+        )
+        shown.outcome = outcome(step, f"perplexity {evaluation.perplexity:.3f}")
     return Baseline(evaluation=evaluation, key=key, step=step)
 
 
 def measure(plan: Plan, variant: MixedVariant, calibration: CalibrationRecord, isolate: bool = True) -> Sensitivity:
     """Score every Linear group of a mixed variant at every menu option (cached)."""
-    record, step = cached(
-        plan.cache,
-        "sensitivity",
-        variant.name,
-        sensitivity_key(plan, variant, calibration),
-        SensitivityRecord,
-        measure_sensitivity,
-        plan.spec.step_timeout_s,
-        isolate,
-        model_path=plan.model.path,
-        variant=variant,
-        group_size=plan.schemes[variant.name].group_size,
-        calibration=calibration,
-        resources=plan.resources,
-    )
+    with progress.stage(f"sensitivity {variant.name}") as shown:
+        record, step = cached(
+            plan.cache,
+            "sensitivity",
+            variant.name,
+            sensitivity_key(plan, variant, calibration),
+            SensitivityRecord,
+            measure_sensitivity,
+            plan.spec.step_timeout_s,
+            isolate,
+            model_path=plan.model.path,
+            variant=variant,
+            group_size=plan.schemes[variant.name].group_size,
+            calibration=calibration,
+            resources=plan.resources,
+        )
+        shown.outcome = outcome(step, f"{record.groups} groups")
     return Sensitivity(variant=variant.name, record=record, step=step)
 
 
@@ -187,22 +202,24 @@ def quantize(
         return unquantized(variant)
     if isinstance(variant, MixedVariant) and sensitivity is None:
         sensitivity = measure(plan, variant, calibration, isolate)
-    record, step = cached(
-        plan.cache,
-        "quantize",
-        variant.name,
-        quantize_key(plan, variant, calibration),
-        QuantizeRecord,
-        quantize_weights,
-        plan.spec.step_timeout_s,
-        isolate,
-        model_path=plan.model.path,
-        variant=variant,
-        scheme=plan.schemes[variant.name],
-        calibration=calibration,
-        resources=plan.resources,
-        sensitivity=sensitivity.record if sensitivity else None,
-    )
+    with progress.stage(f"quantize {variant.name}") as shown:
+        record, step = cached(
+            plan.cache,
+            "quantize",
+            variant.name,
+            quantize_key(plan, variant, calibration),
+            QuantizeRecord,
+            quantize_weights,
+            plan.spec.step_timeout_s,
+            isolate,
+            model_path=plan.model.path,
+            variant=variant,
+            scheme=plan.schemes[variant.name],
+            calibration=calibration,
+            resources=plan.resources,
+            sensitivity=sensitivity.record if sensitivity else None,
+        )
+        shown.outcome = outcome(step)
     record = record.model_copy(update={"variant": variant.name})
     return Quantized(variant=variant.name, record=record, step=step, sensitivity=sensitivity)
 
@@ -214,9 +231,11 @@ def evaluate(
     bnb = variant if isinstance(variant, BnbVariant) else None
     path = quantized.record.path if quantized.record else plan.model.path
     subject = Subject(name=variant.name, model_path=path, bnb=bnb)
-    evaluation, step = evaluate_subject_once(
-        plan, variant_eval_key(plan, variant, quantized), subject, baseline.key, isolate
-    )
+    with progress.stage(f"evaluate {variant.name}") as shown:
+        evaluation, step = evaluate_subject_once(
+            plan, variant_eval_key(plan, variant, quantized), subject, baseline.key, isolate
+        )
+        shown.outcome = outcome(step, f"perplexity {evaluation.perplexity:.3f}")
     measured = quantized.sensitivity.step if quantized.sensitivity else None
     steps = [s for s in (measured, quantized.step, step) if s is not None]
     return VariantResult(

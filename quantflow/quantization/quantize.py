@@ -17,6 +17,7 @@ import torch
 from pydantic import BaseModel
 
 from quantflow.errors import QuantflowError
+from quantflow.infra import progress
 from quantflow.infra.resources import (
     Resources,
     cap_gpu_memory,
@@ -335,6 +336,35 @@ def recorded_smoothing(found: list[dict]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def layer_progress(model: torch.nn.Module, ignore: list[str]) -> Iterator[None]:
+    """Report quantized Linears as llm-compressor's sequential pipeline finishes each subgraph (a decoder layer).
+
+    The pipeline announces a finished subgraph through ``LifecycleCallbacks.sequential_epoch_end(modules)``, after
+    which GPTQ and AWQ have quantized those modules; the call is wrapped for the run to count them. A data-free recipe
+    (RTN) has no subgraphs: all layers count at once when it ends.
+    """
+    from llmcompressor.core.session_functions import LifecycleCallbacks
+
+    names = {id(model.get_submodule(name)): name for name in target_layers(model, ignore)[0]}
+    done: set[str] = set()
+    original = LifecycleCallbacks.__dict__["sequential_epoch_end"]
+
+    def counted(cls, modules, **kwargs):
+        result = original.__func__(cls, modules, **kwargs)
+        done.update(names[id(m)] for m in modules if id(m) in names)
+        progress.advance(len(done), len(names), "layers")
+        return result
+
+    progress.advance(0, len(names), "layers")
+    LifecycleCallbacks.sequential_epoch_end = classmethod(counted)
+    try:
+        yield
+    finally:
+        LifecycleCallbacks.sequential_epoch_end = original
+    progress.advance(len(names), len(names), "layers")
+
+
+@contextlib.contextmanager
 def cpu_safe_awq() -> Iterator[None]:
     """Let llm-compressor's AWQ run without an accelerator.
 
@@ -449,15 +479,17 @@ def quantize_weights(
     mappings: list[dict] = []
     routing: list[RoutingRecord] = []
     unfuse(model)  # before oneshot, which would do it too: the routing counters hook the unfused experts
-    with cpu_safe_awq(), recorded_smoothing(mappings), counted_routing(model, routing), over_budget("quantize", budget):
-        oneshot(
-            model=model,
-            recipe=recipe,
-            shuffle_calibration_samples=False,
-            log_dir=None,
-            moe_calibrate_all_experts=True,  # every expert's statistics from every token (llm-compressor's default)
-            **data,
-        )
+    counted = counted_routing(model, routing)
+    with cpu_safe_awq(), recorded_smoothing(mappings), counted, layer_progress(model, variant.ignore):
+        with over_budget("quantize", budget):
+            oneshot(
+                model=model,
+                recipe=recipe,
+                shuffle_calibration_samples=False,
+                log_dir=None,
+                moe_calibrate_all_experts=True,  # every expert's statistics from every token (llm-compressor's default)
+                **data,
+            )
     seconds = time.perf_counter() - start
     peak, kind = peak_memory_mb()
     quantized = [name for name, module in model.named_modules() if hasattr(module, "quantization_scheme")]

@@ -6,9 +6,14 @@ import sys
 from tests.conftest import small_spec
 
 
-def quantflow(*args, cwd=None, env=None):
+def quantflow(*args, cwd=None, env=None, timeout=600):
     return subprocess.run(
-        [sys.executable, "-m", "deployments.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600, env=env
+        [sys.executable, "-m", "deployments.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+        env=env,
     )
 
 

@@ -46,8 +46,9 @@ def test_every_run_flag_has_a_case():
     run = next(command for command in app.registered_commands if command.callback.__name__ == "run")
     import inspect
 
+    switches = {"--verbose"}  # takes no value, so none can be invalid
     flags = {"--" + name.replace("_", "-") for name in inspect.signature(run.callback).parameters}
-    assert flags == set(CASES)
+    assert flags - switches == set(CASES)
 
 
 @pytest.mark.parametrize("flag", sorted(CASES))
