@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -94,3 +95,29 @@ def small_spec(model: Path, out: Path, cache: Path, variants: list[dict], **eval
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def report_row(name: str, **fields: Any):
+    """A report Row for tests of what is computed from rows (fronts, the best pick): the measurements a test does not
+    read are set to neutral values, the ones it does come in ``fields``."""
+    from quantflow.reporting.report import Row
+
+    neutral = dict(
+        method="rtn",
+        ppl_delta_pct=0.0,
+        kl_mean=None,
+        size_kind="files",
+        size_ratio=1.0,
+        peak_memory_mb=0.0,
+        memory_kind="rss",
+        speed=[],
+        quantize_seconds=None,
+        quantize_peak_memory_mb=None,
+        quantized_layers=None,
+        skipped_layers=[],
+        group_size=None,
+        group_size_note=None,
+        runtime="eager",
+        artifact=None,
+    )
+    return Row(name=name, **{**neutral, **fields})

@@ -31,7 +31,7 @@ from quantflow.quantization.sensitivity import (
 from quantflow.reporting.bits import artifact_bits
 from quantflow.reporting.report import Row, dominating, load_report, pick_best
 from quantflow.spec import parse_spec
-from tests.conftest import read_json, small_spec
+from tests.conftest import read_json, report_row, small_spec
 
 BLOCK = {
     "model.layers.0.self_attn.q_proj": (64, 64),
@@ -296,23 +296,8 @@ def test_w4_is_scored_by_the_error_the_uniform_start_left(tiny_model):
 
 
 def row(name: str, perplexity: float, bits: float, precision: dict | None = None) -> Row:
-    zero = dict(
-        kl_mean=None,
-        size_kind="disk",
-        peak_memory_mb=0,
-        memory_kind="cpu",
-        speed=[],
-        quantize_seconds=None,
-        quantize_peak_memory_mb=None,
-        quantized_layers=None,
-        skipped_layers=[],
-        group_size=None,
-        group_size_note=None,
-        runtime="",
-        artifact=None,
-    )
-    return Row(
-        name=name,
+    return report_row(
+        name,
         method="mixed" if precision else "gptq",
         perplexity=perplexity,
         ppl_delta_pct=perplexity - 10,
@@ -320,7 +305,10 @@ def row(name: str, perplexity: float, bits: float, precision: dict | None = None
         size_ratio=bits / 16,
         effective_bits=bits,
         precision=precision or {},
-        **zero,
+        size_kind="disk",
+        peak_memory_mb=0,
+        memory_kind="cpu",
+        runtime="",
     )
 
 

@@ -5,32 +5,13 @@ import math
 import pytest
 
 from quantflow.reporting.report import Row, front, pareto, pareto_speed
+from tests.conftest import report_row
 
 
 def row(name: str, size_mb: float, perplexity: float, tokens_per_s: float | None = None) -> Row:
     """A report row with only what the fronts read set to something that matters."""
     speed = [{"batch": 1, "decode_tokens_per_s": tokens_per_s}] if tokens_per_s is not None else []
-    return Row(
-        name=name,
-        method="rtn",
-        perplexity=perplexity,
-        ppl_delta_pct=0.0,
-        kl_mean=None,
-        size_mb=size_mb,
-        size_kind="files",
-        size_ratio=1.0,
-        peak_memory_mb=0.0,
-        memory_kind="rss",
-        speed=speed,
-        quantize_seconds=None,
-        quantize_peak_memory_mb=None,
-        quantized_layers=None,
-        skipped_layers=[],
-        group_size=None,
-        group_size_note=None,
-        runtime="eager",
-        artifact=None,
-    )
+    return report_row(name, size_mb=size_mb, perplexity=perplexity, speed=speed)
 
 
 # (size MiB, perplexity) per row, and the front drawn on paper: a row is on it when no other row is as small
