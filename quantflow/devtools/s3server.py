@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -201,13 +202,27 @@ def _wait_ready(server: LocalS3, process: subprocess.Popen, timeout: float) -> N
             )
         try:
             client.list_buckets()
-            return
+            if _volumes_registered(server):
+                return
         except Exception:  # not listening yet, or the S3 gateway still loading its identities
-            time.sleep(0.3)
+            pass
+        time.sleep(0.3)
     stop(Path(server.data_dir), server)
     raise QuantflowError(
         f"SeaweedFS did not answer on {server.endpoint_url} within {timeout}s", f"see {server.data_dir}/weed.log"
     )
+
+
+def _volumes_registered(server: LocalS3) -> bool:
+    """Whether the master knows every volume on disk. After a restart the S3 gateway answers before the volume
+    server has reported its volumes; a read of a stored object then fails with 500 InternalError."""
+    on_disk = len(list((Path(server.data_dir) / "data").glob("*.dat")))
+    if not on_disk:
+        return True
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.ports['master']}/dir/status", timeout=3) as response:
+        topology = json.loads(response.read())["Topology"]
+    nodes = [node for dc in topology.get("DataCenters") or [] for rack in dc["Racks"] for node in rack["DataNodes"]]
+    return sum(node["Volumes"] for node in nodes) >= on_disk
 
 
 def stop(data_dir: Path, server: LocalS3 | None = None) -> bool:

@@ -311,16 +311,21 @@ def test_killed_worker_restarts_and_resumes_without_redoing_finished_steps(deplo
     finally:
         stop_group(second_worker, signal.SIGKILL, 10)
     assert resumed.state.is_completed(), resumed.state
-    did = {(s["step"], s["variant"]): s["cached"] for s in read_json(tmp_path / "out" / "report.json")["steps"]}
+    steps = read_json(tmp_path / "out" / "report.json")["steps"]
+    did = {(s["step"], s["variant"]): s["cached"] for s in steps}
+    # rtn's evaluation runs beside gptq's quantization: it may or may not have finished when the host died
+    rtn_key = next(s["key"] for s in steps if (s["step"], s["variant"]) == ("evaluate", "rtn"))
+    rtn_evaluated = f"evaluate/{rtn_key}/result.json" in before
     assert did == {
         ("calibration", "baseline"): True,
         ("evaluate", "baseline"): True,
         ("quantize", "rtn"): True,
-        ("evaluate", "rtn"): True,
+        ("evaluate", "rtn"): rtn_evaluated,
         ("quantize", "gptq"): False,
         ("evaluate", "gptq"): False,
     }, did
-    assert len(finished_steps(cache)) == len(before) + 2  # gptq quantize + gptq evaluate
+    assert {s["step"] + "/" + s["key"] + "/result.json" for s in steps if s["cached"]} <= set(before), "cached = finished"
+    assert len(finished_steps(cache)) == len(before) + 2 + (not rtn_evaluated)  # gptq's two steps, rtn's evaluation
     assert not list((cache / "quantize").glob(".tmp-*")), (
         "the killed step's scratch folder should be removed by the resumed run"
     )
