@@ -324,7 +324,9 @@ def test_killed_worker_restarts_and_resumes_without_redoing_finished_steps(deplo
         ("quantize", "gptq"): False,
         ("evaluate", "gptq"): False,
     }, did
-    assert {s["step"] + "/" + s["key"] + "/result.json" for s in steps if s["cached"]} <= set(before), "cached = finished"
+    assert {s["step"] + "/" + s["key"] + "/result.json" for s in steps if s["cached"]} <= set(before), (
+        "cached = finished"
+    )
     assert len(finished_steps(cache)) == len(before) + 2 + (not rtn_evaluated)  # gptq's two steps, rtn's evaluation
     assert not list((cache / "quantize").glob(".tmp-*")), (
         "the killed step's scratch folder should be removed by the resumed run"
