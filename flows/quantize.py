@@ -21,7 +21,7 @@ from typing import Annotated, Any
 from uuid import UUID
 
 from prefect import flow
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.artifacts import update_progress_artifact
 from prefect.logging import get_run_logger
 from prefect.logging.loggers import flow_run_logger
 from pydantic import Field, ValidationError, ValidatorFunctionWrapHandler, WrapValidator
@@ -31,7 +31,7 @@ from quantflow.pipeline import steps
 from quantflow.pipeline.planning import Plan
 from quantflow.reporting.report import FailedVariant, VariantResult
 from quantflow.spec import MixedVariant, RunSpec, explain
-from tasks.artifacts import publish_run_artifacts, run_name
+from tasks.artifacts import links_task, progress_task, publish_run_artifacts, run_name
 from tasks.dispatch import dispatch_task
 from tasks.stages import (
     baseline_task,
@@ -90,7 +90,7 @@ FLOW_OPTIONS = {
 def quantflow_run(spec: FormSpec = RunSpec(), variant_deployment: str | None = VARIANT_DEPLOYMENT) -> str:
     """Quantize a model into every variant of the spec, evaluate them all, write the report, upload."""
     planned = plan_task(spec)
-    progress = create_progress_artifact(0.0, key="quantflow-progress", description="variants finished (%)")
+    progress = progress_task()
     if variant_deployment:
         gathered = _fanned_out(planned, variant_deployment, progress)
         calibration, baseline, variants, held = gathered.calibration, gathered.baseline, gathered.variants, []
@@ -104,7 +104,9 @@ def quantflow_run(spec: FormSpec = RunSpec(), variant_deployment: str | None = V
     if spec.output.store:
         stored = [upload_task.submit(plan, v, out) for v in variants if v.artifact]
         report_uri = store_report_task(plan, calibration, baseline, variants, stored, failed)
-    publish_run_artifacts(out, spec, report_uri)
+    publish_run_artifacts(out)
+    if report_uri:
+        links_task(out, spec, report_uri)
     del held  # only now may the quantize results' ids be reused
     return out
 

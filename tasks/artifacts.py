@@ -10,8 +10,16 @@ import base64
 import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from uuid import UUID
 
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect import task
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+)
+from prefect.cache_policies import NO_CACHE
 
 from quantflow.reporting.report import PLOTS, Report, load_report
 from quantflow.spec import RunSpec, short_model_name
@@ -102,7 +110,9 @@ def inlined_images(markdown: str, out: Path) -> str:
     return re.sub(r"!\[([^\]]*)\]\(([\w.-]+\.png)\)", data, markdown)
 
 
-def publish_run_artifacts(out: str | Path, spec: RunSpec, report_uri: str | None) -> None:
+def publish_run_artifacts(out: str | Path) -> None:
+    """The comparison and the report, made by the flow itself: the UI lists a run's flow-level artifacts above its
+    task runs' (each list in random order: Prefect sorts by uuid4), so these two come first."""
     out = Path(out)
     report = load_report(out / "report.json")
     sentence = best_sentence(report)
@@ -113,14 +123,21 @@ def publish_run_artifacts(out: str | Path, spec: RunSpec, report_uri: str | None
     head, _, rest = markdown.partition("\n## Protocol")
     body = "\n".join([head, *embedded_plots(out), inlined_images("## Protocol" + rest, out) if rest else ""])
     create_markdown_artifact(body, key=f"{KEY}-report", description=sentence)
-    if report_uri:
-        _store_links(spec, report, report_uri)
 
 
-def _store_links(spec: RunSpec, report: Report, report_uri: str) -> None:
-    """Presigned links to the stored report and each variant's manifest, which a browser opens as they are."""
+@task(name="progress", task_run_name="progress", cache_policy=NO_CACHE)
+def progress_task() -> UUID:
+    """The run's progress bar, made in a task so that it is listed below the comparison and report (see above)."""
+    return create_progress_artifact(0.0, key=f"{KEY}-progress", description="variants finished (%)")
+
+
+@task(name="links", task_run_name="links", cache_policy=NO_CACHE)
+def links_task(out: str | Path, spec: RunSpec, report_uri: str) -> None:
+    """Presigned links to the stored report and each variant's manifest, which a browser opens as they are; made in a
+    task so that they are listed below the comparison and report."""
     from quantflow.delivery.store import endpoint, presigned_url
 
+    report = load_report(Path(out) / "report.json")
     store = spec.output.store
     with store_credentials(spec):
         note = link_note(endpoint(store))

@@ -154,6 +154,7 @@ def start(data_dir: Path, ports: dict[str, int] | None = None, timeout: float = 
         "-s3.port.iceberg=0",
         "-s3.port.lance=0",
         "-master.volumeSizeLimitMB=64",
+        "-master.electionTimeout=1s",
         "-volume.max=0",
     ]  # 0: as many volumes as the disk holds (one set per bucket)
     log = (data_dir / "weed.log").open("a")

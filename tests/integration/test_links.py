@@ -22,16 +22,19 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def local_store(prefect_server, tmp_path, monkeypatch):
     """The default local store under a fresh QUANTFLOW_HOME, its keys in the environment, as `quantflow demo` has."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     from quantflow.devtools import s3server
 
-    for key in ("PREFECT_API_URL", "PREFECT_HOME"):
-        monkeypatch.setenv(key, prefect_server[key])
     monkeypatch.setenv("QUANTFLOW_HOME", str(tmp_path / "home"))
     data = tmp_path / "home" / "s3"
     server = s3server.start(data)
     for key, value in server.env().items():
         monkeypatch.setenv(key, value)
-    yield server
+    # Prefect read its environment at import: the session's server (not a temporary one, slow to start under load)
+    # reaches the flow through its settings context
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}):
+        yield server
     s3server.stop(data)
 
 
@@ -46,7 +49,13 @@ def test_a_stored_link_opens_after_the_store_is_brought_back_as_the_artifact_say
     assert state.is_completed(), state
     s3server.stop(tmp_path / "home" / "s3")  # the run is over: the demo stops its store here
 
-    artifacts = {a.key: a for a in asyncio.run(run_artifacts(state.state_details.flow_run_id)) if a.key}
+    listed = asyncio.run(run_artifacts(state.state_details.flow_run_id))
+    artifacts = {a.key: a for a in listed if a.key}
+    # the UI lists the flow's own artifacts above its tasks': the comparison and the report, nothing else
+    assert {a.key for a in listed if a.task_run_id is None and a.type != "result"} == {
+        "quantflow-comparison",
+        "quantflow-report",
+    }
     link = artifacts["quantflow-report-link"]
     url = re.search(r"\((http[^)]+)\)", link.data).group(1)  # Prefect keeps a link artifact as [text](url)
     with pytest.raises(OSError):  # refused or reset: dead now, as the description says it may be

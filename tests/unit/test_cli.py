@@ -88,30 +88,6 @@ def test_run_from_yaml_then_report_with_new_constraints(tiny_model, tmp_path):
         )
 
 
-def test_prefect_engine_records_the_run_and_prints_where_to_see_it(tiny_model, tmp_path):
-    """No PREFECT_API_URL: a temporary server on PREFECT_HOME's SQLite records the run for `quantflow serve`."""
-    import os
-
-    import yaml
-
-    spec = small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", [{"method": "rtn", "group_size": 32}])
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {
-        "PREFECT_HOME": str(tmp_path / "prefect")
-    }
-    result = quantflow("run", "--config", str(tmp_path / "spec.yaml"), env=env)
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stdout + result.stderr  # e.g. the server's telemetry heartbeat racing SQLite
-    assert (
-        f"is recorded in {tmp_path / 'prefect'}" in result.stdout
-        and "http://127.0.0.1:4200/runs/flow-run/" in result.stdout
-    )
-    assert "quantflow-comparison" in result.stdout and "quantflow-report" in result.stdout
-    assert (tmp_path / "prefect" / "prefect.db").is_file() and (
-        tmp_path / "out" / "rtn" / "model.safetensors"
-    ).is_file()
-
-
 def test_a_temporary_prefect_server_that_does_not_answer_is_one_clear_error(tiny_model, tmp_path):
     """What a loaded machine did: the temporary server answered after Prefect stopped waiting (forced here with a 0 s
     wait)."""

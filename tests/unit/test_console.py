@@ -47,11 +47,19 @@ def test_local_run_shows_stages_with_steps_and_logs_the_libraries_once(tiny_mode
     assert logged.count("No accelerator available") == 1  # llm-compressor warns once per layer and process
 
 
-def test_prefect_run_keeps_prefect_and_library_lines_in_the_log(tiny_model, tmp_path):
+def test_prefect_run_keeps_prefect_and_library_lines_in_the_log_and_records_the_run(tiny_model, tmp_path):
+    """No PREFECT_API_URL: a temporary server on PREFECT_HOME's SQLite records the run for `quantflow serve`, and the
+    console ends by saying where to see it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {
         "PREFECT_HOME": str(tmp_path / "prefect")
     }
     console = console_of(run(tiny_model, tmp_path, ["rtn"], env=env))
+    assert "Traceback" not in console  # e.g. the server's telemetry heartbeat racing SQLite
+    assert f"is recorded in {tmp_path / 'prefect'}" in console and "http://127.0.0.1:4200/runs/flow-run/" in console
+    assert "quantflow-comparison" in console
+    assert (tmp_path / "prefect" / "prefect.db").is_file() and (
+        tmp_path / "out" / "rtn" / "model.safetensors"
+    ).is_file()
     lines = console.splitlines()
     assert len(lines) < 45, console
     assert not [line for line in lines if LIBRARY.search(line)], console
