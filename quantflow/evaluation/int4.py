@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from quantflow.errors import QuantflowError
-from quantflow.kernels import device_problem, linear
+from quantflow.kernels import device_problem, kernels_label, linear
 from quantflow.kernels.w4_pack import W4Weight
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -322,8 +322,9 @@ def runtime_label(model: nn.Module) -> str:
 
     kinds = [type(m) for m in model.modules() if isinstance(m, nn.Linear | Int4Linear | Int8WeightOnlyLinear)]
     four, eight, dense = kinds.count(Int4Linear), kinds.count(Int8WeightOnlyLinear), kinds.count(nn.Linear)
-    if any(isinstance(m, Int4Linear) and "w4_words" in m._buffers for m in model.modules()):
-        kernel = "W4A16 Triton kernels (tensor-core decode to 32 rows, unpack to bf16 + cuBLAS above)"
+    w4a16 = [m for m in model.modules() if isinstance(m, Int4Linear) and "w4_words" in m._buffers]
+    if w4a16:
+        kernel = kernels_label(w4a16[0].w4_words.device)
     else:
         kernel = "tinygemm kernels"
     label = f"int4 {kernel} on the packed weights (bf16 activations; perplexity windows dequantize per layer)"
