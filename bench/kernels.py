@@ -78,18 +78,20 @@ def make_weights(out: int, width: int, seed: int) -> dict:
 
 def sweep(weights: list[dict], form: int, x: torch.Tensor) -> tuple[dict, dict]:
     """Per Linear, the fastest decode configuration at one row among the default and its neighbours (warps, block_n,
-    split halved and doubled), on the given unpack form, and the µs of each."""
+    stages, split 0.75 and 1.5 times), on the given unpack form, and the µs of each."""
     from quantflow.kernels import w4a16
 
     best, tried = {}, {}
     for name, (out, width) in LAYER.items():
         tiles = width // 128
         default = w4a16.decode_config(out, width, 128)
+        splits = {round(default.split_k * 0.75), round(default.split_k * 1.5)} - {default.split_k}
         candidates = [
             default,
             replace(default, warps=6 - default.warps),
             replace(default, block_n=192 - default.block_n),
-            *(replace(default, split_k=s) for s in {default.split_k // 2, default.split_k * 2} if 1 <= s <= tiles),
+            replace(default, stages=4),
+            *(replace(default, split_k=s) for s in sorted(splits) if 1 <= s <= tiles),
         ]
         flat = x[:1, :width].contiguous()
         runs = [w[name]["packed"] for w in weights]
