@@ -185,6 +185,7 @@ def main() -> None:
             moved = sum(weight_bytes(method, name) for name in LAYER)
             table.append({"rows": rows, "method": method, "layer_us": layer, "per_linear_us": per,
                           "hbm_fraction": moved / (layer * 1e-6) / bandwidth})  # fmt: skip
+            print(f"measured: {rows} rows {method} {layer:.1f} µs a layer, {per}", flush=True)  # in case of a kill
     for row in table:
         base = next(r["layer_us"] for r in table if r["rows"] == row["rows"] and r["method"] == "bf16")
         row["speedup_vs_bf16"] = base / row["layer_us"]
