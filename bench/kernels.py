@@ -7,7 +7,8 @@ medians over the replays. HBM fraction: the weight bytes each method must read (
 byte plus its scales and offsets) over the time, against a device-to-device copy measured in the same run.
 
 First it times every unpack form that gives the plain unpack's numbers bit for bit at the default blocks, then picks
-each Linear's decode blocks on the runtime's form from the default and its neighbours at one row.
+each Linear's decode blocks on the runtime's form from the default and its neighbours, at 1, 16 and 32 rows (one sweep
+per product width: rows 1-8 run the one-row blocks).
 
     python3 bench/kernels.py --out $OUT/kernels.json
 """
@@ -76,40 +77,44 @@ def make_weights(out: int, width: int, seed: int) -> dict:
     return {"packed": packed, "bf16": dequantize(packed), "tinygemm": tiny.pack("tinygemm")}
 
 
+SWEEP_ROWS = (1, 16, 32)  # one sweep per product width (8, 16, 32): rows 1-8 take the first's blocks
+
+
 def sweep(weights: list[dict], form: int, x: torch.Tensor) -> tuple[dict, dict]:
-    """Per Linear, the fastest decode configuration at one row among the default and its neighbours (warps, block_n,
-    stages, split 0.75 and 1.5 times), on the given unpack form, and the µs of each."""
+    """Per Linear and product width, the fastest decode configuration among the default and a few neighbours (at one
+    row: warps, split 0.75 and 1.5 times; at 16: warps; at 32: warps, block_n), on the given unpack form, and the µs
+    of each."""
     from quantflow.kernels import w4a16
 
     best, tried = {}, {}
-    for name, (out, width) in LAYER.items():
-        tiles = width // 128
-        default = w4a16.decode_config(out, width, 128)
-        splits = {round(default.split_k * 0.75), round(default.split_k * 1.5)} - {default.split_k}
-        candidates = [
-            default,
-            replace(default, warps=6 - default.warps),
-            replace(default, block_n=192 - default.block_n),
-            replace(default, stages=4),
-            *(replace(default, split_k=s) for s in sorted(splits) if 1 <= s <= tiles),
-        ]
-        flat = x[:1, :width].contiguous()
-        runs = [w[name]["packed"] for w in weights]
-        results = {}
-        for config in candidates:
-            calls = [lambda p=p, config=config: w4a16.decode_launch(flat, p, config, form) for p in runs]
-            try:
-                results[config] = graph_time(lambda calls=calls: [c() for c in calls], 20) / len(runs)
-            except Exception as error:  # noqa: BLE001 - a configuration that does not build (shared memory): skip it
-                print(f"{name} {config}: {type(error).__name__}")
-        tried[name] = {str(c): t for c, t in results.items()}
-        best[name] = min(results, key=results.get)
-        print(f"{name}: {best[name]} {results[best[name]]:.1f} µs (default {results.get(default, float('nan')):.1f})")
+    for rows in SWEEP_ROWS:
+        for name, (out, width) in LAYER.items():
+            tiles = width // 128
+            default = w4a16.decode_config(out, width, 128, rows)
+            candidates = [default, replace(default, warps=6 - default.warps)]
+            if rows == 1:
+                splits = {round(default.split_k * 0.75), round(default.split_k * 1.5)} - {default.split_k}
+                candidates += [replace(default, split_k=s) for s in sorted(splits) if 1 <= s <= tiles]
+            if rows == 32:
+                candidates.append(replace(default, block_n=192 - default.block_n))
+            flat = x[:rows, :width].contiguous()
+            runs = [w[name]["packed"] for w in weights]
+            results = {}
+            for config in candidates:
+                calls = [lambda p=p, config=config: w4a16.decode_launch(flat, p, config, form) for p in runs]
+                try:
+                    results[config] = graph_time(lambda calls=calls: [c() for c in calls], 20) / len(runs)
+                except Exception as error:  # noqa: BLE001 - a configuration that does not build (shared memory)
+                    print(f"{name} {config}: {type(error).__name__}")
+            key = f"{name} {rows}"
+            tried[key] = {str(c): t for c, t in results.items()}
+            best[key] = min(results, key=results.get)
+            print(f"{key}: {best[key]} {results[best[key]]:.1f} µs (default {results.get(default, float('nan')):.1f})")
     return best, tried
 
 
 def form_times(weights: list[dict], x: torch.Tensor) -> dict:
-    """Per unpack form that gives the plain form's numbers on a 7B shape: layer µs at 1 and 16 rows, default blocks."""
+    """Per unpack form that gives the plain form's numbers on a 7B shape: layer µs at 1 row, default blocks."""
     from quantflow.kernels import w4a16
 
     times = {}
@@ -126,13 +131,12 @@ def form_times(weights: list[dict], x: torch.Tensor) -> dict:
             print(f"form {w4a16.FORMS[form]}: {type(error).__name__} {str(error)[:300]}")
             continue
         times[form] = {}
-        for rows in (1, 16):
-            calls = [
-                (lambda w=w, name=name, flat=x[:rows, :width].contiguous(), config=w4a16.decode_config(out, width, 128):
-                 w4a16.decode_launch(flat, w[name]["packed"], config, form))
-                for w in weights for name, (out, width) in LAYER.items()
-            ]  # fmt: skip
-            times[form][str(rows)] = graph_time(lambda calls=calls: [c() for c in calls], 30) / len(weights)
+        calls = [
+            (lambda w=w, name=name, flat=x[:1, :width].contiguous(), config=w4a16.decode_config(out, width, 128):
+             w4a16.decode_launch(flat, w[name]["packed"], config, form))
+            for w in weights for name, (out, width) in LAYER.items()
+        ]  # fmt: skip
+        times[form]["1"] = graph_time(lambda calls=calls: [c() for c in calls], 30) / len(weights)
         print(f"form {w4a16.FORMS[form]}: layer µs {times[form]}")
     return times
 
@@ -164,7 +168,7 @@ def main() -> None:
         if method == "tinygemm":
             return [lambda w=w: w[name]["tinygemm"](flat) for w in weights]
         if rows <= 32:
-            config = chosen[name]
+            config = chosen[f"{name} {next(r for r in SWEEP_ROWS if w4a16.block_rows(r) >= w4a16.block_rows(rows))}"]
             return [lambda w=w: w4a16.decode_launch(flat, w[name]["packed"], config, form) for w in weights]
         return [lambda w=w: flat @ w4a16.dequantize_launch(w[name]["packed"]).t() for w in weights]
 
@@ -197,7 +201,11 @@ def main() -> None:
         "runtime_unpack": w4a16.FORMS[form],
         "unpack_forms_layer_us": {w4a16.FORMS[f]: t for f, t in forms.items()},
         "decode_configs": {name: str(c) for name, c in chosen.items()},
-        "default_configs": {name: str(w4a16.decode_config(o, i, 128)) for name, (o, i) in LAYER.items()},
+        "default_configs": {
+            f"{name} {rows}": str(w4a16.decode_config(o, i, 128, rows))
+            for rows in SWEEP_ROWS
+            for name, (o, i) in LAYER.items()
+        },
         "decode_sweep_us": tried,
         "table": table,
     }

@@ -2,7 +2,7 @@
 bf16 for prefill (then cuBLAS).
 
 Decode (``w4a16_decode``). Tensor cores even at one row: the weight tile is the left operand, ``w[BN, 16] @ x^T[16,
-16]`` (rows padded to 16, or 32 for 17-32 rows), fp32 sums. A K tile of 128 (or 64) is 8 (or 4) products of depth 16:
+BM]`` (rows padded to BM = 8, 16 or 32), fp32 sums. A K tile of 128 (or 64) is 8 (or 4) products of depth 16:
 each loads 16 contiguous int16 halves per row (8 words; the layout puts 16 consecutive K values there at one nibble
 position), unpacks them straight in the dot operand's register layout to the exact integers ``q - zp`` in bf16, and
 multiplies; the fp32 sums of each group are scaled once (``acc += s * dot``). Keeping one product's operand in
@@ -23,6 +23,7 @@ any unpack); ``quantflow.kernels.linear`` then calls cuBLAS, which beats any han
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -45,14 +46,23 @@ class DecodeConfig:
     stages: int = 3
 
 
-def decode_config(out_features: int, in_features: int, block_k: int) -> DecodeConfig:
-    """Blocks for 7B-like shapes: 128 outputs per program on the wide layers (qkv, gate/up), 64 on the narrow ones; K
-    split so that about 480 programs run (3.6 per SM of an H200): gate/up 3, o and down 8; 4 warps only where few
-    wide blocks run (qkv), 2 elsewhere (more programs in flight per SM)."""
+def decode_config(out_features: int, in_features: int, block_k: int, rows: int = 1, sms: int = 132) -> DecodeConfig:
+    """Blocks for ``rows`` rows on a GPU of ``sms`` multiprocessors, from sweeps on an H200 at 7B shapes
+    (bench/kernels.py): 128 outputs per program on wide layers (qkv, gate/up), 64 on narrow ones; 4 warps (Hopper's
+    warpgroup product) where few wide blocks run, 2 elsewhere; K split so that about 3 programs run per
+    multiprocessor with 4 warps, 4 with 2 warps at 128 outputs (at 176 registers a thread, 5 fit: a second wave costs
+    half again) and 6 at 64 outputs, keeping at least 4 K tiles per program."""
     block_n = 128 if out_features >= 8192 else 64
     blocks, tiles = triton.cdiv(out_features, block_n), in_features // block_k
-    split = max(1, min(tiles, round(480 / blocks)))
-    return DecodeConfig(block_n, split, 4 if block_n == 128 and blocks <= 128 else 2)
+    warps = 4 if block_n == 128 and blocks <= 128 else 2
+    per_sm = 3 if warps == 4 else 4 if block_n == 128 else 6
+    split = max(1, min(tiles // 4, round(per_sm * sms / blocks)))
+    return DecodeConfig(block_n, split, warps)
+
+
+def block_rows(rows: int) -> int:
+    """Rows padded to the tensor cores' product width: 8, 16 or 32 (the product's N; 8 halves the work of 16)."""
+    return 8 if rows <= 8 else 16 if rows <= 16 else 32
 
 
 @triton.jit
@@ -209,7 +219,7 @@ def decode_launch(x: torch.Tensor, weight: W4Weight, config: DecodeConfig, unpac
         raise ValueError(f"split_k {config.split_k} is not between 1 and the {tiles} K tiles")
     if rows > 32:
         raise ValueError(f"the W4 decode kernel takes at most 32 rows, got {rows}")
-    block_m = 16 if rows <= 16 else 32
+    block_m = block_rows(rows)
     n, n_pad, k = weight.out_features, weight.padded_out, weight.in_features
     y = torch.empty(rows, n, dtype=torch.bfloat16, device=x.device)
     part = torch.empty(
@@ -236,6 +246,12 @@ def dequantize_launch(weight: W4Weight) -> torch.Tensor:
     return w
 
 
+@functools.cache
+def multiprocessors(device: torch.device) -> int:
+    """The device's multiprocessor count (132 where there are none: the CPU interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
 def _weight(words, scale, offset, count, out_features: int, group_size: int) -> W4Weight:
     return W4Weight(words, scale, offset, out_features, words.shape[1] * words.shape[3] * 8, group_size, count)
 
@@ -254,7 +270,7 @@ def w4a16_decode(
     """``x @ w.T`` in bf16 for ``x`` [rows <= 32, K] and a weight in ``w4_pack``'s layout, given by its tensors (a
     custom op takes no records). ``count`` comes back to zero, so the op mutates nothing."""
     weight = _weight(words, scale, offset, count, out_features, group_size)
-    config = decode_config(out_features, weight.in_features, weight.block_k)
+    config = decode_config(out_features, weight.in_features, weight.block_k, x.shape[0], multiprocessors(x.device))
     return decode_launch(x, weight, config, unpack)
 
 
