@@ -6,11 +6,11 @@ in a row), at 1, 4, 8, 16 and 32 rows and a 2,048-token prefill, times each meth
 medians over the replays. HBM fraction: the weight bytes each method must read (bf16 2 bytes a weight; int4 half a
 byte plus its scales and offsets) over the time, against a device-to-device copy measured in the same run.
 
-First it times every unpack form that gives the plain unpack's numbers bit for bit at the default blocks, then picks
-each Linear's decode blocks on the runtime's form from the default and its neighbours, at 1, 16 and 32 rows (one sweep
-per product width: rows 1-8 run the one-row blocks).
+The decode kernel runs the blocks ``quantflow.kernels.w4a16.decode_config`` gives, as ``linear`` does. First it times
+every unpack form that gives the plain unpack's numbers bit for bit; with ``--sweep`` it also times those blocks'
+neighbours at 1, 16 and 32 rows (one sweep per product width), which is how ``decode_config`` was chosen.
 
-    python3 bench/kernels.py --out $OUT/kernels.json
+    python3 bench/kernels.py --out $OUT/kernels.json [--sweep]
 """
 
 from __future__ import annotations
@@ -80,13 +80,13 @@ def make_weights(out: int, width: int, seed: int) -> dict:
 SWEEP_ROWS = (1, 16, 32)  # one sweep per product width (8, 16, 32): rows 1-8 take the first's blocks
 
 
-def sweep(weights: list[dict], form: int, x: torch.Tensor) -> tuple[dict, dict]:
-    """Per Linear and product width, the fastest decode configuration among the default and a few neighbours (at one
-    row: warps, split 0.75 and 1.5 times; at 16: warps; at 32: warps, block_n), on the given unpack form, and the µs
-    of each."""
+def sweep(weights: list[dict], form: int, x: torch.Tensor) -> dict:
+    """Per Linear and product width, the µs of the default decode configuration and a few neighbours (at one row:
+    warps, split 0.75 and 1.5 times; at 16: warps; at 32: warps, block_n) on the given unpack form; prints the
+    fastest."""
     from quantflow.kernels import w4a16
 
-    best, tried = {}, {}
+    tried = {}
     for rows in SWEEP_ROWS:
         for name, (out, width) in LAYER.items():
             tiles = width // 128
@@ -108,9 +108,9 @@ def sweep(weights: list[dict], form: int, x: torch.Tensor) -> tuple[dict, dict]:
                     print(f"{name} {config}: {type(error).__name__}")
             key = f"{name} {rows}"
             tried[key] = {str(c): t for c, t in results.items()}
-            best[key] = min(results, key=results.get)
-            print(f"{key}: {best[key]} {results[best[key]]:.1f} µs (default {results.get(default, float('nan')):.1f})")
-    return best, tried
+            best = min(results, key=results.get)
+            print(f"{key}: {best} {results[best]:.1f} µs (default {results.get(default, float('nan')):.1f})")
+    return tried
 
 
 def form_times(weights: list[dict], x: torch.Tensor) -> dict:
@@ -146,6 +146,7 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=4, help="layer copies rotated through per replay")
     parser.add_argument("--replays", type=int, default=50)
     parser.add_argument("--out", type=Path, default=Path("bench/results/kernels-h200.json"))
+    parser.add_argument("--sweep", action="store_true", help="also time each Linear's blocks' neighbours")
     args = parser.parse_args()
 
     from quantflow.kernels import unpack_form, w4a16
@@ -159,7 +160,7 @@ def main() -> None:
                for copy in range(args.copies)]  # fmt: skip
     x = torch.randn(max(ROWS), max(w for _, w in LAYER.values()), device="cuda").to(torch.bfloat16)
     forms = form_times(weights, x)
-    chosen, tried = sweep(weights, form, x)
+    tried = sweep(weights, form, x) if args.sweep else {}
 
     def method_call(method: str, name: str, rows: int):
         flat = x[:rows, : LAYER[name][1]].contiguous()
@@ -168,7 +169,7 @@ def main() -> None:
         if method == "tinygemm":
             return [lambda w=w: w[name]["tinygemm"](flat) for w in weights]
         if rows <= 32:
-            config = chosen[f"{name} {next(r for r in SWEEP_ROWS if w4a16.block_rows(r) >= w4a16.block_rows(rows))}"]
+            config = w4a16.decode_config(*LAYER[name], 128, rows, w4a16.multiprocessors(x.device))
             return [lambda w=w: w4a16.decode_launch(flat, w[name]["packed"], config, form) for w in weights]
         return [lambda w=w: flat @ w4a16.dequantize_launch(w[name]["packed"]).t() for w in weights]
 
@@ -200,8 +201,7 @@ def main() -> None:
         "copy_bandwidth_gbs": bandwidth / 1e9,
         "runtime_unpack": w4a16.FORMS[form],
         "unpack_forms_layer_us": {w4a16.FORMS[f]: t for f, t in forms.items()},
-        "decode_configs": {name: str(c) for name, c in chosen.items()},
-        "default_configs": {
+        "decode_configs": {
             f"{name} {rows}": str(w4a16.decode_config(o, i, 128, rows))
             for rows in SWEEP_ROWS
             for name, (o, i) in LAYER.items()

@@ -48,15 +48,18 @@ class DecodeConfig:
 
 def decode_config(out_features: int, in_features: int, block_k: int, rows: int = 1, sms: int = 132) -> DecodeConfig:
     """Blocks for ``rows`` rows on a GPU of ``sms`` multiprocessors, from sweeps on an H200 at 7B shapes
-    (bench/kernels.py): 128 outputs per program on wide layers (qkv, gate/up), 64 on narrow ones; 4 warps (Hopper's
-    warpgroup product) where few wide blocks run, 2 elsewhere; K split so that about 3 programs run per
-    multiprocessor with 4 warps, 4 with 2 warps at 128 outputs (at 176 registers a thread, 5 fit: a second wave costs
-    half again) and 6 at 64 outputs, keeping at least 4 K tiles per program."""
+    (bench/kernels.py --sweep). 128 outputs per program on wide layers (qkv, gate/up), 64 on narrow ones. K split so
+    that about 3 programs run per multiprocessor where few wide blocks run (qkv), 4 on other wide layers (gate/up:
+    at 5 a multiprocessor a second wave costs half again) and 6 on narrow ones, keeping at least 4 K tiles per
+    program. 2 warps, except Hopper's warpgroup product (4 warps) at 16 rows on the few wide blocks and at 32 rows on
+    every wide layer; at 8 rows 4 warps were 1.5 times slower."""
     block_n = 128 if out_features >= 8192 else 64
     blocks, tiles = triton.cdiv(out_features, block_n), in_features // block_k
-    warps = 4 if block_n == 128 and blocks <= 128 else 2
-    per_sm = 3 if warps == 4 else 4 if block_n == 128 else 6
+    few_wide = block_n == 128 and blocks <= 128
+    per_sm = 3 if few_wide else 4 if block_n == 128 else 6
     split = max(1, min(tiles // 4, round(per_sm * sms / blocks)))
+    width = block_rows(rows)
+    warps = 4 if (width == 16 and few_wide) or (width == 32 and block_n == 128) else 2
     return DecodeConfig(block_n, split, warps)
 
 
