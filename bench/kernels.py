@@ -145,7 +145,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--copies", type=int, default=4, help="layer copies rotated through per replay")
     parser.add_argument("--replays", type=int, default=50)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/kernels-h200.json"))
+    parser.add_argument("--out", type=Path, default=Path("bench/results/kernels-w4a16-h200.json"))
     parser.add_argument("--sweep", action="store_true", help="also time each Linear's blocks' neighbours")
     args = parser.parse_args()
 
