@@ -78,12 +78,18 @@ def spm_vocab(size: int = 400) -> tuple[list[str], list[float], list[int]]:
 
 
 def write_gguf(
-    model_dir: Path, path: Path, vocab: str = "gpt2", add_bos: bool | None = None, keep_merges: float = 1.0
+    model_dir: Path,
+    path: Path,
+    vocab: str = "gpt2",
+    add_bos: bool | None = None,
+    keep_merges: float = 1.0,
+    space_prefix: bool = False,
 ) -> torch.nn.Module:
     """Write the Llama saved in ``model_dir`` to ``path``; return it in float32 for comparison.
 
     ``vocab="spm"`` writes a SentencePiece-style vocabulary (tokens, scores, types, no merges) and resizes the
-    embeddings to it; ``keep_merges`` < 1 drops the later GPT-2 merges, so whole-word tokens become unreachable.
+    embeddings to it, with no leading '▁' as Gemma's unless ``space_prefix``; ``keep_merges`` < 1 drops the later
+    GPT-2 merges, so whole-word tokens become unreachable.
     """
     import gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -101,7 +107,7 @@ def write_gguf(
         writer.add_unk_token_id(0)
         writer.add_bos_token_id(1)
         writer.add_eos_token_id(2)
-        writer.add_add_space_prefix(False)  # as Gemma's
+        writer.add_add_space_prefix(space_prefix)
     else:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         bpe = json.loads(tokenizer.backend_tokenizer.to_str())["model"]

@@ -174,3 +174,16 @@ def test_a_gguf_whose_tokenizer_cannot_be_rebuilt_is_refused_and_leaves_nothing(
         resolve_model(ModelSpec(source=str(tmp_path / "broken.gguf")), StepCache(tmp_path / "cache"))
     models = tmp_path / "cache" / "models"
     assert not models.exists() or not list(models.iterdir())
+
+
+def test_a_sentencepiece_gguf_no_tokenizer_matches_is_refused_and_leaves_nothing(tiny_model, tmp_path):
+    """A leading '▁' plus user-defined pieces: sentencepiece puts the '▁' before a text that starts with a run of
+    spaces, the rebuilt tokenizer cannot, so the run stops before anything is written."""
+    from tests.gguf_writer import write_gguf
+
+    write_gguf(tiny_model, tmp_path / "prefix.gguf", vocab="spm", space_prefix=True)
+    with pytest.raises(QuantflowError, match="disagrees with the GGUF's vocabulary: it splits '  leading") as caught:
+        resolve_model(ModelSpec(source=str(tmp_path / "prefix.gguf")), StepCache(tmp_path / "cache"))
+    assert "original Hugging Face checkpoint" in caught.value.fix
+    models = tmp_path / "cache" / "models"
+    assert not models.exists() or not list(models.iterdir())
