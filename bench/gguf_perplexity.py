@@ -7,7 +7,8 @@ The GGUF path is ``quantflow run --model FILE.gguf``'s model source: weights deq
 checked (or rebuilt) against the GGUF's vocabulary. The reference scores the same converted weights on ids from
 ``quantflow.inputs.gguf_reference`` (sentencepiece for SentencePiece vocabularies, GPT-2 byte-level BPE over the
 GGUF's merges for the others), which never touches the Hugging Face tokenizer. Protocol: the default held-out
-pydoc texts, windows of 512 tokens (BOS + 511 text tokens), float32, the first ``--windows`` windows.
+pydoc texts, windows of 512 tokens (BOS + 511 text tokens), float32, the first ``--windows`` windows. ``--also``
+scores one more folder's tokenizer on the same weights (e.g. a tokenizer known to be wrong, for scale).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gguf", default="demo")
     parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--also", type=Path, help="a folder whose tokenizer is also scored on the same weights")
     args = parser.parse_args()
     gguf = demo_gguf() if args.gguf == "demo" else Path(args.gguf)
 
@@ -64,6 +66,8 @@ def main() -> None:
     gguf_path = perplexity(model, ours, tokenizer.bos_token_id, args.windows)  # the protocol: BOS when there is one
     own = perplexity(model, theirs, vocab.bos_id, args.windows)
     same = bool(torch.equal(ours[: 512 * args.windows], theirs[: 512 * args.windows]))
+    other = AutoTokenizer.from_pretrained(args.also) if args.also else None
+    also = perplexity(model, eval_tokens(texts, other), other.bos_token_id, args.windows) if other else None
     print(
         json.dumps(
             {
@@ -74,6 +78,7 @@ def main() -> None:
                 "own_tokens_perplexity": round(own, 3),
                 "relative_difference": round(gguf_path / own - 1, 5),
                 "same_ids_in_scored_windows": same,
+                **({"also": str(args.also), "also_perplexity": round(also, 3)} if also else {}),
             }
         )
     )

@@ -116,7 +116,7 @@ def splits(tokenizer, vocab: GGUFVocab) -> str | None:
 def split_words(index: dict[str, int], text: str, ids: list[int]) -> list[str]:
     """GPT-2 style vocabularies: the words of ``text`` that the vocabulary holds whole ('Ġword') but ``ids`` do not
     contain (merges that cannot reach the vocabulary's own tokens: a GGUF that lost some of its merges)."""
-    return [word for word in re.findall(r"(?<= )[A-Za-z]+", text) if index.get("Ġ" + word, -1) not in (-1, *ids)]
+    return [word for word in re.findall(r"(?<= )[A-Za-z]+\b", text) if index.get("Ġ" + word, -1) not in (-1, *ids)]
 
 
 def rebuild_spm(vocab: GGUFVocab):

