@@ -40,9 +40,7 @@ def reference(vocab: GGUFVocab, tokenizer) -> Callable[[str], list[int]]:
     if vocab.pre in PRE_SPLITS:
         return bpe(vocab, lambda text: split_words(text, PRE_SPLITS[vocab.pre]))
     own = tokenizer.backend_tokenizer.pre_tokenizer
-    return bpe(
-        vocab, lambda text: [bytes(ord_to_byte()[c] for c in word).decode() for word, _ in own.pre_tokenize_str(text)]
-    )
+    return bpe(vocab, lambda text: [unbyte(word) for word, _ in own.pre_tokenize_str(text)] if own else [text])
 
 
 def sentencepiece(vocab: GGUFVocab):
@@ -115,6 +113,7 @@ def byte_chars() -> dict[int, str]:
     return {byte: chr(byte) if byte in printable else chr(next(extra)) for byte in range(256)}
 
 
-@cache
-def ord_to_byte() -> dict[str, int]:
-    return {char: byte for byte, char in byte_chars().items()}
+def unbyte(word: str) -> str:
+    """A byte-level pre-tokenizer's word as text again (characters outside GPT-2's table are taken as they are)."""
+    table = {char: byte for byte, char in byte_chars().items()}
+    return b"".join(bytes([table[c]]) if c in table else c.encode() for c in word).decode(errors="replace")

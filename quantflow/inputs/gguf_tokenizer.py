@@ -45,6 +45,7 @@ def problems(tokenizer, vocab: GGUFVocab) -> list[str]:
 
 
 def vocabulary(tokenizer, vocab: GGUFVocab) -> str | None:
+    """Ids must name the GGUF's tokens: the model's embedding rows are indexed by them."""
     if len(tokenizer) != len(vocab.tokens):
         return f"it has {len(tokenizer)} tokens, the GGUF {len(vocab.tokens)}"
     ours = tokenizer.convert_ids_to_tokens(list(range(len(vocab.tokens))))
@@ -92,10 +93,12 @@ def merges(tokenizer, vocab: GGUFVocab) -> str | None:
 
 
 def splits(tokenizer, vocab: GGUFVocab) -> str | None:
+    """The probes as the model's own tokenizer splits them (``gguf_reference``): a tokenizer can hold the right
+    vocabulary and merges and still segment text as the model never saw it."""
     try:
         encode = reference(vocab, tokenizer)
     except (RuntimeError, OSError, ValueError) as error:  # sentencepiece refuses duplicate or malformed pieces
-        return f"its vocabulary is not a valid SentencePiece model ({str(error).splitlines()[0][:120]})"
+        return f"the GGUF's vocabulary is not a valid SentencePiece model ({str(error).splitlines()[0][:120]})"
     index = vocab.index()
     for text in PROBES:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]

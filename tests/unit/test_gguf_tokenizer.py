@@ -58,6 +58,7 @@ def test_the_right_tokenizers_pass_every_check(gpt2, spm):
     tokenizer on every probe, so the checks do not refuse good GGUFs."""
     vocab, own = gpt2
     assert problems(own, vocab) == []
+    assert problems(own, vocab.model_copy(update={"pre": "unlisted"})) == []  # its own pre-tokenizer, our BPE
     assert problems(rebuild_spm(spm), spm) == []
 
 
