@@ -158,3 +158,27 @@ def test_smollm2_gguf_is_right_once_its_eos_is_the_ggufs():
     found = problems(given, vocab)
     assert len(found) == 1 and "its EOS token is '<|im_start|>'" in found[0], found
     assert problems(with_specials(given, vocab), vocab) == []
+
+
+def test_quantflow_run_refuses_a_gguf_it_cannot_tokenize_right(tiny_model, tmp_path, monkeypatch):
+    """`quantflow run --model FILE.gguf` with a GGUF no rebuilt tokenizer matches: exit 2, the error and its fix,
+    no traceback, nothing written: no output folder, no file in QUANTFLOW_HOME (its empty cache folders aside)."""
+    from typer.testing import CliRunner
+
+    from deployments.cli import app
+    from tests.gguf_writer import write_gguf
+
+    (tmp_path / "in").mkdir()
+    write_gguf(tiny_model, tmp_path / "in" / "prefix.gguf", vocab="spm", space_prefix=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("QUANTFLOW_HOME", str(tmp_path / "home"))
+    before = set(tmp_path.iterdir())
+    args = ["run", "--model", str(tmp_path / "in" / "prefix.gguf"), "--methods", "rtn", "--engine", "local"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, (result.output, result.exception)
+    lines = result.stderr.splitlines()
+    assert lines[-2].startswith("error: ") and "disagrees with the GGUF's vocabulary" in lines[-2], result.stderr
+    assert lines[-1].startswith("  fix: ") and "Traceback" not in result.output, result.stderr
+    assert set(tmp_path.iterdir()) - {tmp_path / "home"} == before
+    assert list((tmp_path / "in").iterdir()) == [tmp_path / "in" / "prefix.gguf"]
+    assert [path for path in (tmp_path / "home").rglob("*") if not path.is_dir()] == []
