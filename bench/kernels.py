@@ -6,10 +6,11 @@ in a row), at 1, 4, 8, 16 and 32 rows and a 2,048-token prefill, times each meth
 medians over the replays. HBM fraction: the weight bytes each method must read (bf16 2 bytes a weight; int4 half a
 byte plus its scales and offsets) over the time, against a device-to-device copy measured in the same run.
 
-First it picks each layer's decode blocks from a small sweep at one row (block_n, split_k, warps), and the unpack
-form: every form that agrees with the plain unpack is timed at the default blocks, and the two fastest are swept.
+The decode kernel runs the blocks ``quantflow.kernels.w4a16.decode_config`` gives, as ``linear`` does. First it times
+every unpack form that gives the plain unpack's numbers bit for bit; with ``--sweep`` it also times those blocks'
+neighbours at 1, 16 and 32 rows (one sweep per product width), which is how ``decode_config`` was chosen.
 
-    python3 bench/kernels.py --out $OUT/kernels.json
+    python3 bench/kernels.py --out $OUT/kernels.json [--sweep]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import json
 import statistics
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -75,39 +77,44 @@ def make_weights(out: int, width: int, seed: int) -> dict:
     return {"packed": packed, "bf16": dequantize(packed), "tinygemm": tiny.pack("tinygemm")}
 
 
-def sweep(weights: list[dict], forms: list[int], x: torch.Tensor) -> tuple[dict, dict]:
-    """Per Linear, the fastest (unpack form, decode configuration) at one row among a few, and the µs of each."""
+SWEEP_ROWS = (1, 16, 32)  # one sweep per product width (8, 16, 32): rows 1-8 take the first's blocks
+
+
+def sweep(weights: list[dict], form: int, x: torch.Tensor) -> dict:
+    """Per Linear and product width, the µs of the default decode configuration and a few neighbours (at one row:
+    warps, split 0.75 and 1.5 times; at 16: warps; at 32: warps, block_n) on the given unpack form; prints the
+    fastest."""
     from quantflow.kernels import w4a16
 
-    best, tried = {}, {}
-    for name, (out, width) in LAYER.items():
-        tiles = width // 128
-        default = w4a16.decode_config(out, width, 128)
-        splits = {s for s in (default.split_k // 2, default.split_k, default.split_k * 2) if s and tiles % s == 0}
-        candidates = [
-            (form, w4a16.DecodeConfig(block_n, split, warps, stages))
-            for form in forms
-            for block_n in (64, 128)
-            for warps in (2, 4)
-            for split in splits
-            for stages in ((2, 3, 4) if (block_n, warps, split) == (64, 4, default.split_k) else (3,))
-        ]
-        flat = x[:1, :width].contiguous()
-        runs = [w[name]["packed"] for w in weights]
-        results = {}
-        for form, config in candidates:
-            calls = [lambda p=p, config=config, form=form: w4a16.decode_launch(flat, p, config, form) for p in runs]
-            try:
-                results[(form, config)] = graph_time(lambda calls=calls: [c() for c in calls], 20) / len(runs)
-            except Exception as error:  # noqa: BLE001 - a configuration that does not build (shared memory): skip it
-                print(f"{name} {w4a16.FORMS[form]} {config}: {type(error).__name__}")
-        tried[name] = {f"{w4a16.FORMS[f]} {c}": t for (f, c), t in results.items()}
-        best[name] = min(results, key=results.get)
-    return best, tried
+    tried = {}
+    for rows in SWEEP_ROWS:
+        for name, (out, width) in LAYER.items():
+            tiles = width // 128
+            default = w4a16.decode_config(out, width, 128, rows)
+            candidates = [default, replace(default, warps=6 - default.warps)]
+            if rows == 1:
+                splits = {round(default.split_k * 0.75), round(default.split_k * 1.5)} - {default.split_k}
+                candidates += [replace(default, split_k=s) for s in sorted(splits) if 1 <= s <= tiles]
+            if rows == 32:
+                candidates.append(replace(default, block_n=192 - default.block_n))
+            flat = x[:rows, :width].contiguous()
+            runs = [w[name]["packed"] for w in weights]
+            results = {}
+            for config in candidates:
+                calls = [lambda p=p, config=config: w4a16.decode_launch(flat, p, config, form) for p in runs]
+                try:
+                    results[config] = graph_time(lambda calls=calls: [c() for c in calls], 20) / len(runs)
+                except Exception as error:  # noqa: BLE001 - a configuration that does not build (shared memory)
+                    print(f"{name} {config}: {type(error).__name__}")
+            key = f"{name} {rows}"
+            tried[key] = {str(c): t for c, t in results.items()}
+            best = min(results, key=results.get)
+            print(f"{key}: {best} {results[best]:.1f} µs (default {results.get(default, float('nan')):.1f})")
+    return tried
 
 
 def form_times(weights: list[dict], x: torch.Tensor) -> dict:
-    """Per unpack form that gives the plain form's numbers on a 7B shape: layer µs at 1 and 16 rows, default blocks."""
+    """Per unpack form that gives the plain form's numbers on a 7B shape: layer µs at 1 row, default blocks."""
     from quantflow.kernels import w4a16
 
     times = {}
@@ -117,20 +124,19 @@ def form_times(weights: list[dict], x: torch.Tensor) -> dict:
             flat = x[:3, :4096].contiguous()
             config = w4a16.decode_config(4096, 4096, 128)
             y, plain = (w4a16.decode_launch(flat, probe, config, f).float() for f in (form, w4a16.PLAIN))
-            if not ((y - plain).abs() <= plain.abs() * 2**-7 + 1e-3).all():  # sub-dots sum in another order
+            if not torch.equal(y, plain):  # the same operands in the same order: the same bits
                 print(f"form {w4a16.FORMS[form]}: differs from plain")
                 continue
         except Exception as error:  # noqa: BLE001 - a form that does not build here
             print(f"form {w4a16.FORMS[form]}: {type(error).__name__} {str(error)[:300]}")
             continue
         times[form] = {}
-        for rows in (1, 16):
-            calls = [
-                (lambda w=w, name=name, flat=x[:rows, :width].contiguous(), config=w4a16.decode_config(out, width, 128):
-                 w4a16.decode_launch(flat, w[name]["packed"], config, form))
-                for w in weights for name, (out, width) in LAYER.items()
-            ]  # fmt: skip
-            times[form][str(rows)] = graph_time(lambda calls=calls: [c() for c in calls], 30) / len(weights)
+        calls = [
+            (lambda w=w, name=name, flat=x[:1, :width].contiguous(), config=w4a16.decode_config(out, width, 128):
+             w4a16.decode_launch(flat, w[name]["packed"], config, form))
+            for w in weights for name, (out, width) in LAYER.items()
+        ]  # fmt: skip
+        times[form]["1"] = graph_time(lambda calls=calls: [c() for c in calls], 30) / len(weights)
         print(f"form {w4a16.FORMS[form]}: layer µs {times[form]}")
     return times
 
@@ -139,7 +145,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--copies", type=int, default=4, help="layer copies rotated through per replay")
     parser.add_argument("--replays", type=int, default=50)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/kernels-h200.json"))
+    parser.add_argument("--out", type=Path, default=Path("bench/results/kernels-w4a16-h200.json"))
+    parser.add_argument("--sweep", action="store_true", help="also time each Linear's blocks' neighbours")
     args = parser.parse_args()
 
     from quantflow.kernels import unpack_form, w4a16
@@ -153,7 +160,7 @@ def main() -> None:
                for copy in range(args.copies)]  # fmt: skip
     x = torch.randn(max(ROWS), max(w for _, w in LAYER.values()), device="cuda").to(torch.bfloat16)
     forms = form_times(weights, x)
-    chosen, tried = sweep(weights, sorted(forms, key=lambda f: forms[f]["1"])[:2] or [form], x)
+    tried = sweep(weights, form, x) if args.sweep else {}
 
     def method_call(method: str, name: str, rows: int):
         flat = x[:rows, : LAYER[name][1]].contiguous()
@@ -162,9 +169,9 @@ def main() -> None:
         if method == "tinygemm":
             return [lambda w=w: w[name]["tinygemm"](flat) for w in weights]
         if rows <= 32:
-            unpack, config = chosen[name]
-            return [lambda w=w: w4a16.decode_launch(flat, w[name]["packed"], config, unpack) for w in weights]
-        return [lambda w=w: flat @ w4a16.dequantize_launch(w[name]["packed"], form).t() for w in weights]
+            config = w4a16.decode_config(*LAYER[name], 128, rows, w4a16.multiprocessors(x.device))
+            return [lambda w=w: w4a16.decode_launch(flat, w[name]["packed"], config, form) for w in weights]
+        return [lambda w=w: flat @ w4a16.dequantize_launch(w[name]["packed"]).t() for w in weights]
 
     def weight_bytes(method: str, name: str) -> int:
         out, width = LAYER[name]
@@ -183,6 +190,7 @@ def main() -> None:
             moved = sum(weight_bytes(method, name) for name in LAYER)
             table.append({"rows": rows, "method": method, "layer_us": layer, "per_linear_us": per,
                           "hbm_fraction": moved / (layer * 1e-6) / bandwidth})  # fmt: skip
+            print(f"measured: {rows} rows {method} {layer:.1f} µs a layer, {per}", flush=True)  # in case of a kill
     for row in table:
         base = next(r["layer_us"] for r in table if r["rows"] == row["rows"] and r["method"] == "bf16")
         row["speedup_vs_bf16"] = base / row["layer_us"]
@@ -193,7 +201,11 @@ def main() -> None:
         "copy_bandwidth_gbs": bandwidth / 1e9,
         "runtime_unpack": w4a16.FORMS[form],
         "unpack_forms_layer_us": {w4a16.FORMS[f]: t for f, t in forms.items()},
-        "decode_configs": {name: f"{w4a16.FORMS[f]} {c}" for name, (f, c) in chosen.items()},
+        "decode_configs": {
+            f"{name} {rows}": str(w4a16.decode_config(o, i, 128, rows))
+            for rows in SWEEP_ROWS
+            for name, (o, i) in LAYER.items()
+        },
         "decode_sweep_us": tried,
         "table": table,
     }

@@ -406,8 +406,16 @@ CompileMode = Literal["default", "max-autotune-no-cudagraphs"]
 
 
 class SpeedSpec(_Strict):
-    batch_sizes: list[int] = Field([1, 8], min_length=1, description="Batch sizes to time.")
+    batch_sizes: list[int] = Field(
+        [1, 8, 32], min_length=1, description="Batch sizes to time (serving batches: 1, 8, 32 by default)."
+    )
     prompt_len: int = Field(64, ge=1, description="Prompt tokens per sequence.")
+    prefill_len: int | None = Field(
+        2048,
+        ge=1,
+        description="Prompt tokens of the long-prompt prefill figure (batch 1, tokens/s); capped at the model's "
+        "context length; empty skips it.",
+    )
     gen_len: int = Field(64, ge=2, description="Tokens generated per sequence.")
     warmup: int = Field(1, ge=0, description="Untimed runs before measuring.")
     repeats: int = Field(3, ge=1, description="Timed runs; the median is reported.")

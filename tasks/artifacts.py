@@ -56,10 +56,14 @@ def _or_dash(value: float | None, template: str) -> str:
 
 
 def comparison_rows(report: Report) -> list[dict]:
-    """One row per variant, rounded for a reader (report.json keeps the full values), the best one marked."""
+    """One row per variant, rounded for a reader (report.json keeps the full values), the best one marked; a decode
+    column per batch size timed and the long-prompt prefill, the figures serving sees."""
+    batches = sorted({s["batch"] for r in report.rows for s in r.speed})
+    long = sorted({r.prefill["prompt_len"] for r in report.rows if r.prefill})
     rows = []
     for r in report.rows:
-        decode = next((s["decode_tokens_per_s"] for s in r.speed if s["batch"] == 1), None)
+        decode = {s["batch"]: s["decode_tokens_per_s"] for s in r.speed}
+        prefill = r.prefill["tokens_per_s"] if r.prefill else None
         rows.append(
             {
                 "Variant": r.name + (" (best)" if r.name == report.best else ""),
@@ -71,7 +75,8 @@ def comparison_rows(report: Report) -> list[dict]:
                 "Size": f"{r.size_mb / MB:.1f} MB",
                 "Size vs baseline": f"{r.size_ratio:.2f}×",
                 "Peak memory": f"{r.peak_memory_mb / MB:.0f} MB",
-                "Decode (batch 1)": _or_dash(decode, "{:.1f} tok/s"),
+                **{f"Decode (batch {b})": _or_dash(decode.get(b), "{:.1f} tok/s") for b in batches or [1]},
+                **{f"Prefill ({n} tok)": _or_dash(prefill, "{:.0f} tok/s") for n in long},
                 "Quantize": _or_dash(r.quantize_seconds, "{:.1f} s"),
             }
         )

@@ -50,9 +50,12 @@ def gguf_names(layers: int) -> dict[str, str]:
     return names
 
 
+USER_DEFINED = ["\n", "\n\n", "\n\n\n", "  ", "    "]  # Gemma's kind: whitespace runs, spaces as llama.cpp stores them
+
+
 def spm_vocab(size: int = 400) -> tuple[list[str], list[float], list[int]]:
     """A SentencePiece-style vocabulary as llama GGUFs carry it: '▁' word marks, scores (higher = merged first), <0xNN>
-    bytes."""
+    bytes, a control token and user-defined whitespace runs matched whole (stored with spaces, not '▁')."""
     from pydoc_data.topics import topics
 
     from tokenizers import SentencePieceBPETokenizer
@@ -62,22 +65,31 @@ def spm_vocab(size: int = 400) -> tuple[list[str], list[float], list[int]]:
         [topics[k] for k in sorted(topics)][:80], vocab_size=size, special_tokens=["<unk>", "<s>", "</s>"]
     )
     bpe = json.loads(spm.to_str())["model"]
+    taken = {piece.replace(" ", "▁") for piece in USER_DEFINED}
     learned = [t for t, _ in sorted(bpe["vocab"].items(), key=lambda item: item[1])][3:]
+    learned = [t for t in learned if t not in taken]
     rank = {"".join(m) if isinstance(m, list) else m.replace(" ", ""): i for i, m in enumerate(bpe["merges"])}
     byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
-    tokens = ["<unk>", "<s>", "</s>"] + byte_tokens + learned
-    scores = [0.0] * (3 + 256) + [-float(rank.get(t, len(rank) + i)) for i, t in enumerate(learned)]
-    types = [2, 3, 3] + [6] * 256 + [1] * len(learned)
+    tokens = ["<unk>", "<s>", "</s>", "<start_of_turn>"] + byte_tokens + USER_DEFINED + learned
+    scores = [0.0] * (4 + 256) + [-1000.0] * len(USER_DEFINED)
+    scores += [-float(rank.get(t, len(rank) + i)) for i, t in enumerate(learned)]
+    types = [2, 3, 3, 3] + [6] * 256 + [4] * len(USER_DEFINED) + [1] * len(learned)
     return tokens, scores, types
 
 
 def write_gguf(
-    model_dir: Path, path: Path, vocab: str = "gpt2", add_bos: bool | None = None, keep_merges: float = 1.0
+    model_dir: Path,
+    path: Path,
+    vocab: str = "gpt2",
+    add_bos: bool | None = None,
+    keep_merges: float = 1.0,
+    space_prefix: bool = False,
 ) -> torch.nn.Module:
     """Write the Llama saved in ``model_dir`` to ``path``; return it in float32 for comparison.
 
     ``vocab="spm"`` writes a SentencePiece-style vocabulary (tokens, scores, types, no merges) and resizes the
-    embeddings to it; ``keep_merges`` < 1 drops the later GPT-2 merges, so whole-word tokens become unreachable.
+    embeddings to it, with no leading '▁' as Gemma's unless ``space_prefix``; ``keep_merges`` < 1 drops the later
+    GPT-2 merges, so whole-word tokens become unreachable.
     """
     import gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -95,11 +107,13 @@ def write_gguf(
         writer.add_unk_token_id(0)
         writer.add_bos_token_id(1)
         writer.add_eos_token_id(2)
+        writer.add_add_space_prefix(space_prefix)
     else:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         bpe = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
         merges = [" ".join(merge) if isinstance(merge, list) else merge for merge in bpe["merges"]]
         writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("gpt2")  # the tiny tokenizer's ByteLevel pre-tokenizer splits with GPT-2's regex
         writer.add_token_list([token for token, _ in sorted(bpe["vocab"].items(), key=lambda item: item[1])])
         writer.add_token_types([1] * len(bpe["vocab"]))
         writer.add_token_merges(merges[: int(len(merges) * keep_merges)])

@@ -42,7 +42,7 @@ def demo_spec(output: Path = FRESH_OUTPUT) -> RunSpec:
             max_windows=16,
             kl_tokens=1024,
             max_new_tokens=24,
-            speed=SpeedSpec(batch_sizes=[1, 4], prompt_len=32, gen_len=16, warmup=1, repeats=3),
+            speed=SpeedSpec(batch_sizes=[1, 4], prompt_len=32, gen_len=16, prefill_len=512, warmup=1, repeats=3),
         ),
         constraints=ConstraintsSpec(max_ppl_increase_pct=15.0),  # a 135M model loses more to 4 bits than a 7B one
         output=OutputSpec(dir=output),

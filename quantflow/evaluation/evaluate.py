@@ -50,6 +50,15 @@ class SpeedRecord(BaseModel):
     compile_seconds: float = 0.0
 
 
+class PrefillRecord(BaseModel):
+    """One long prompt's prefill at batch 1: what a serving engine spends before the first token of a long request."""
+
+    prompt_len: int
+    tokens_per_s: float
+    ms: float
+    repeats: int
+
+
 class EvalRecord(BaseModel):
     """Everything measured on one variant; units are in the field names or the report schema."""
 
@@ -73,6 +82,7 @@ class EvalRecord(BaseModel):
     lm_eval: dict[str, dict[str, float]] = {}
     visible_devices: str | None = None
     phase_seconds: dict[str, float] = {}  # where an evaluation's time goes: load, quality, speed, samples, lm_eval
+    prefill: PrefillRecord | None = None
 
 
 def windows(total: int, span: int, stride: int, limit: int | None) -> list[Window]:
@@ -179,6 +189,25 @@ def measure_speed(model, spec: SpeedSpec) -> list[SpeedRecord]:
     return records
 
 
+def measure_prefill(model, spec: SpeedSpec) -> PrefillRecord | None:
+    """Batch-1 prefill of a ``spec.prefill_len``-token prompt (capped at the model's context), on the same harness
+    as the decode figures: the prefill path of the kernels (unpack + cuBLAS for W4) at a serving prompt length."""
+    from quantflow.evaluation.decode import benchmark
+
+    if not spec.prefill_len:
+        return None
+    context = getattr(model.config, "max_position_embeddings", None) or spec.prefill_len
+    length = min(spec.prefill_len, context - 2)
+    long = spec.model_copy(update={"batch_sizes": [1], "prompt_len": length, "gen_len": 2})
+    run = benchmark(model, "", 1, long, compile=False, reset_peak=False)  # eager: prefill is never graph-captured
+    return PrefillRecord(
+        prompt_len=length,
+        tokens_per_s=round(length / (run.prefill_ms / 1e3), 1),
+        ms=run.prefill_ms,
+        repeats=run.repeats,
+    )
+
+
 @torch.no_grad()
 def greedy_samples(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[dict]:
     device = next(model.parameters()).device
@@ -229,6 +258,7 @@ def evaluate_model(
         nll, count, kl, kl_count = score(model, ids, spec, span, bos, baseline, save_baseline)
     with timed(phases, "speed"):
         speed = measure_speed(model, spec.speed) if spec.speed else []
+        prefill = measure_prefill(model, spec.speed) if spec.speed else None
     with timed(phases, "samples"):
         generations = greedy_samples(model, tokenizer, spec.prompts, spec.max_new_tokens)
     tasks = {}
@@ -256,6 +286,7 @@ def evaluate_model(
         kl_mean=round(kl, 6) if kl is not None else None,
         kl_tokens=kl_count if baseline or save_baseline else 0,
         speed=speed,
+        prefill=prefill,
         peak_memory_mb=peak,
         memory_kind=kind,
         size_bytes=size[0],

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from quantflow.errors import QuantflowError
-from quantflow.kernels import device_problem, linear
+from quantflow.kernels import device_problem, kernels_label, linear
 from quantflow.kernels.w4_pack import W4Weight
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -54,10 +54,10 @@ class Int4Linear(nn.Module):
     - packed (after ``pack()``) for decode and short prefills: tinygemm's layout, or with ``pack("w4a16")`` (or
       "auto") on CUDA GPUs where quantflow's W4A16 Triton kernels pass their check, their layout, run through
       ``quantflow.kernels.linear`` (a tensor-core decode kernel up to 32 rows, unpack to bf16 + cuBLAS above). Per 7B
-      layer on an H200 (docs/benchmarks.md) tinygemm is faster at one row (65 µs against 109), W4A16 from 4 rows on
-      (113 against 143 at 8, 173 against 466 at 32) and at 2,048-token prefills (1.2 ms against 28), so tinygemm stays
-      the default until the one-row kernel catches up. The decode harness packs every layer before it fuses or
-      compiles anything.
+      layer on an H200 (docs/benchmarks.md) W4A16 is faster at every row count (59 µs against 65 at one row, 64
+      against 142 at 8, 100 against 464 at 32, 1.2 ms against 28 at 2,048-token prefills); tinygemm stays the default
+      until end-to-end decode is measured on W4A16. The decode harness packs every layer before it fuses or compiles
+      anything.
     """
 
     def __init__(
@@ -322,8 +322,9 @@ def runtime_label(model: nn.Module) -> str:
 
     kinds = [type(m) for m in model.modules() if isinstance(m, nn.Linear | Int4Linear | Int8WeightOnlyLinear)]
     four, eight, dense = kinds.count(Int4Linear), kinds.count(Int8WeightOnlyLinear), kinds.count(nn.Linear)
-    if any(isinstance(m, Int4Linear) and "w4_words" in m._buffers for m in model.modules()):
-        kernel = "W4A16 Triton kernels (tensor-core decode to 32 rows, unpack to bf16 + cuBLAS above)"
+    w4a16 = [m for m in model.modules() if isinstance(m, Int4Linear) and "w4_words" in m._buffers]
+    if w4a16:
+        kernel = kernels_label(w4a16[0].w4_words.device)
     else:
         kernel = "tinygemm kernels"
     label = f"int4 {kernel} on the packed weights (bf16 activations; perplexity windows dequantize per layer)"

@@ -21,9 +21,9 @@ from quantflow.spec import DEMO_MODEL, ModelSpec
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CONVERTER_VERSION = (
-    2  # in the GGUF conversion's cache keys; 2: tokenizer checked against the GGUF's vocabulary (BOS, EOS, splits)
-)
+# in the GGUF conversion's cache keys; 2: tokenizer checked against the GGUF's vocabulary (BOS, EOS, splits);
+# 3: also vocabulary, merges and control tokens, splits against sentencepiece, user-defined pieces kept whole
+CONVERTER_VERSION = 3
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
 
 

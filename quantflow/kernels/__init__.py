@@ -76,7 +76,25 @@ def route(rows: int, x: torch.Tensor, packed: W4Weight) -> str:
     problem = kernel_problem(x, packed)
     if problem is not None:
         return f"reference, no kernel ({problem})"
-    return "W4A16 Triton decode" if rows <= DECODE_ROWS else "W4A16 unpack to bf16 + cuBLAS"
+    if rows > DECODE_ROWS:
+        return "W4A16 unpack to bf16 + cuBLAS"
+    return f"W4A16 Triton decode ({unpack_name(x.device)} unpack)"
+
+
+def kernels_label(device: torch.device) -> str:
+    """The W4A16 kernels as a report names them: which unpack the decode kernel runs here (the plain one, where the
+    inline PTX failed its check, is much slower) and the prefill path."""
+    problem = device_problem(device)
+    if problem is not None:
+        return f"W4A16 dequantized reference, no kernel ({problem})"
+    return f"W4A16 Triton kernels (tensor-core decode to 32 rows with the {unpack_name(device)} unpack, bf16 + cuBLAS above)"
+
+
+def unpack_name(device: torch.device) -> str:
+    """'lop3' or 'plain': the decode kernel's unpack on ``device`` (one whose kernels run there)."""
+    from quantflow.kernels.w4a16 import FORMS
+
+    return FORMS[unpack_form(device)]
 
 
 def linear(x: torch.Tensor, packed: W4Weight) -> torch.Tensor:
@@ -91,6 +109,6 @@ def linear(x: torch.Tensor, packed: W4Weight) -> torch.Tensor:
     if flat.shape[0] <= DECODE_ROWS:
         y = torch.ops.quantflow.w4a16_decode(flat, *args, packed.count, packed.out_features, packed.group_size, form)
     else:
-        w = torch.ops.quantflow.w4a16_dequantize(*args, packed.out_features, packed.group_size, form)
+        w = torch.ops.quantflow.w4a16_dequantize(*args, packed.out_features, packed.group_size)
         y = flat @ w.t()
     return y.reshape(*x.shape[:-1], packed.out_features)

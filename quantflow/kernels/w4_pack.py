@@ -1,13 +1,15 @@
 """The W4A16 kernels' weight layout, the one-time repack into it, and the dequantized reference.
 
-Layout (``W4Weight``), made for a cheap unpack on the GPU:
+Layout (``W4Weight``), made for a cheap unpack straight into the tensor cores' operand:
 
 - ``words``: int32 ``[N_pad / 64, K / BK, 64, BK / 8]``. Each block of 64 output rows by one K tile of ``BK`` values
-  (BK = the largest of 128, 64, 32 that divides the group) is contiguous (4 KB at BK 128). Word ``j`` of a row holds
-  the tile's K values ``8j .. 8j + 7`` as unsigned nibbles u = q + 8, value ``8j + 2s + h`` at bit ``4s + 16h``:
-  so ``(word >> 4s) & 0x000F000F`` holds two neighbouring K values at bits 0 and 16, and OR-ing 0x43004300 into it
-  makes two bf16 numbers ``128 + u`` in one instruction (the magic-number trick: 0x4300 is 128.0, whose last
-  mantissa bits are the nibble). Rows past N (to a multiple of 64) are zero nibbles with scale 0.
+  (BK = 128 or 64, see ``block_k``) is contiguous (4 KB at BK 128). Word ``j = 8a + i`` (i < 8) of a row holds, as
+  unsigned nibbles u = q + 8 at bit ``4s + 16h``, the tile's K value ``16 (s BK / 64 + a) + 2i + h``. Read as 16-bit
+  halves, the row's halves ``16a .. 16a + 15`` at nibble ``s`` are 16 consecutive K values in order (half ``2i + h``
+  is K value ``.. + 2i + h``): one product of depth 16, loaded contiguously. A word's two halves are two neighbouring
+  K values, so ``((word >> 4s) & 0x000F000F) | 0x43004300`` (one ``lop3``) makes both as bf16 ``128 + u`` (the
+  magic-number trick: 0x4300 is 128.0, whose last mantissa bits are the nibble), already paired as the tensor cores
+  take them. Rows past N (to a multiple of 64) are zero nibbles with scale 0.
 - ``scale``: bf16 ``[K / group, N_pad]``, compressed-tensors' per-group scale s.
 - ``offset``: bf16 ``[K / group, N_pad]``, ``136 + zp`` (128 from the trick, 8 from u = q + 8; zp = 0 when symmetric):
   small integers, exact in bf16.
@@ -45,24 +47,31 @@ class W4Weight:
 
     @property
     def block_k(self) -> int:
-        return block_k(self.group_size)
+        return block_k(self.group_size, self.in_features)
 
     @property
     def padded_out(self) -> int:
         return self.scale.shape[1]
 
 
-def block_k(group_size: int) -> int:
-    """The K tile: the largest of 128, 64, 32 that divides the group (0 when none does)."""
-    return next((tile for tile in (128, 64, 32) if group_size % tile == 0), 0)
+def block_k(group_size: int, in_features: int) -> int:
+    """The K tile, 128 or 64 (0 when neither fits): it divides K, and it holds whole groups (of 16 K values at least,
+    one product) or lies inside one."""
+    fits = (
+        tile for tile in (128, 64) if in_features % tile == 0 and (group_size % tile == 0 or tile % group_size == 0)
+    )
+    return next(fits, 0) if group_size % 16 == 0 else 0
 
 
 def layout_problem(out_features: int, in_features: int, group_size: int) -> str | None:
     """Why a weight cannot take the kernels' layout, or None when it can."""
     if in_features % group_size:
         return f"group size {group_size} does not divide the {in_features} inputs"
-    if not block_k(group_size):
-        return f"group size {group_size} is not a multiple of 32"
+    if not block_k(group_size, in_features):
+        return (
+            f"group size {group_size} over {in_features} inputs: the kernels take groups of 16, 32 or a multiple of 64 "
+            "and inputs in multiples of 64"
+        )
     return None
 
 
@@ -70,18 +79,18 @@ def repack(signed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor |
     """compressed-tensors' unpacked weight (q in [-8, 7], ``[N, K]``), scale ``[N, K / group]`` and zero point (same
     shape, or None when symmetric) in the kernels' layout. ``group_size`` is K for channel-wise weights.
 
-    A weight the kernels cannot take keeps all its rows in one block and K (padded to whole words) in one tile: the
-    reference reads that the same way."""
+    A weight the kernels cannot take keeps all its rows in one block and K (padded to a multiple of 64) in one tile:
+    the reference reads that the same way."""
     n, k = signed.shape
     zp = zero_point if zero_point is not None else torch.zeros_like(scale)
     reason = layout_problem(n, k, group_size)
     if reason is None:
         n_pad = -(-n // TILE_N) * TILE_N
         unsigned = torch.nn.functional.pad(signed.to(torch.int32) + 8, (0, 0, 0, n_pad - n))
-        words = _words(unsigned, TILE_N, block_k(group_size))
+        words = _words(unsigned, TILE_N, block_k(group_size, k))
     else:
         n_pad = n
-        unsigned = torch.nn.functional.pad(signed.to(torch.int32) + 8, (0, -k % 8))
+        unsigned = torch.nn.functional.pad(signed.to(torch.int32) + 8, (0, -k % 64))
         words = _words(unsigned, n, unsigned.shape[1])
     pad = (0, 0, 0, n_pad - n)
     scale_t = torch.nn.functional.pad(scale.to(torch.bfloat16), pad).t().contiguous()
@@ -93,7 +102,8 @@ def repack(signed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor |
 def _words(unsigned: torch.Tensor, rows: int, tile: int) -> torch.Tensor:
     """u ``[N, K]`` as the layout's words ``[N / rows, K / tile, rows, tile / 8]``."""
     n, k = unsigned.shape
-    nibbles = unsigned.view(n // rows, rows, k // tile, tile // 8, 4, 2)  # [..., word, s, h]
+    nibbles = unsigned.view(n // rows, rows, k // tile, 4, tile // 64, 8, 2)  # the tile's K as [s, a, i, h]
+    nibbles = nibbles.permute(0, 1, 2, 4, 5, 3, 6).reshape(n // rows, rows, k // tile, tile // 8, 4, 2)  # [word, s, h]
     words = (nibbles.long() << _shifts(unsigned.device)).sum(dim=(-2, -1))  # disjoint bits: the sum is an OR
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
     return words.permute(0, 2, 1, 3).contiguous()
@@ -108,7 +118,8 @@ def unsigned_nibbles(weight: W4Weight) -> torch.Tensor:
     """u = q + 8 as int32 ``[N, K]`` read back from the words (the layout's own inverse)."""
     blocks, tiles, rows, per_row = weight.words.shape
     nibbles = (weight.words[..., None, None] >> _shifts(weight.words.device)) & 15  # [blocks, tiles, rows, words, 4, 2]
-    full = nibbles.permute(0, 2, 1, 3, 4, 5).reshape(blocks * rows, tiles * per_row * 8)
+    nibbles = nibbles.view(blocks, tiles, rows, per_row // 8, 8, 4, 2)  # [..., a, i, s, h]
+    full = nibbles.permute(0, 2, 1, 5, 3, 4, 6).reshape(blocks * rows, tiles * per_row * 8)  # K as [tile, s, a, i, h]
     return full[: weight.out_features, : weight.in_features]
 
 

@@ -33,7 +33,7 @@ from quantflow.reporting.bits import artifact_bits, bnb_bits
 from quantflow.spec import BnbVariant, ConstraintsSpec, RunSpec
 from quantflow.sweep import Dropped, expand
 
-SCHEMA_VERSION = "1.6"
+SCHEMA_VERSION = "1.7"
 UNITS = {
     "perplexity": "exp(mean NLL per token), lower is better",
     "ppl_delta_pct": "% change vs baseline",
@@ -105,6 +105,7 @@ class Row(BaseModel):
     peak_memory_mb: float
     memory_kind: str
     speed: list[dict]
+    prefill: dict | None = None  # batch-1 prefill of a long prompt: prompt_len, tokens_per_s, ms, repeats
     quantize_seconds: float | None
     quantize_peak_memory_mb: float | None
     quantized_layers: int | None
@@ -173,6 +174,7 @@ def _row(
         peak_memory_mb=evaluation.peak_memory_mb,
         memory_kind=evaluation.memory_kind,
         speed=[s.model_dump() for s in evaluation.speed],
+        prefill=evaluation.prefill.model_dump() if evaluation.prefill else None,
         quantize_seconds=quantize.seconds if quantize else None,
         quantize_peak_memory_mb=quantize.peak_memory_mb if quantize else None,
         quantized_layers=len(quantize.quantized_layers) if quantize else None,
@@ -322,6 +324,10 @@ def _speed(row: Row, batch: int, field: str) -> str:
     return f"{match[0][field]:.1f}" if match else "–"
 
 
+def _long_prefill(row: Row, prompt_len: int) -> str:
+    return f"{row.prefill['tokens_per_s']:.1f}" if row.prefill and row.prefill["prompt_len"] == prompt_len else "–"
+
+
 def markdown(report: Report) -> str:
     batches = sorted({s["batch"] for r in report.rows for s in r.speed})
     head = [
@@ -336,8 +342,12 @@ def markdown(report: Report) -> str:
         "size ×",
         "peak mem MiB",
     ]
+    long = sorted({r.prefill["prompt_len"] for r in report.rows if r.prefill})
     head += (
-        [f"decode tok/s b{b}" for b in batches] + [f"prefill tok/s b{b}" for b in batches] + ["quantize s", "compile s"]
+        [f"decode tok/s b{b}" for b in batches]
+        + [f"prefill tok/s b{b}" for b in batches]
+        + [f"prefill tok/s {n} tok" for n in long]
+        + ["quantize s", "compile s"]
     )
     lines = [
         f"# quantflow report: {report.model['source']}",
@@ -364,6 +374,7 @@ def markdown(report: Report) -> str:
         cells += [_speed(r, b, "decode_tokens_per_s") for b in batches] + [
             _speed(r, b, "prefill_tokens_per_s") for b in batches
         ]
+        cells += [_long_prefill(r, n) for n in long]
         cells.append("–" if r.quantize_seconds is None else f"{r.quantize_seconds:.1f}")
         cells.append(f"{r.compile_seconds:.1f}")
         lines.append("| " + " | ".join(cells) + " |")

@@ -35,14 +35,19 @@ def test_the_ptx_unpack_runs_here_and_matches_the_plain_one():
 
     assert w4a16.self_check(torch.device("cuda")) == w4a16.LOP3
     q, scale, zp, group, exact = quantized(4096, 4096, 128, False, 0)
-    unit = repack(q, torch.ones_like(scale), None, group)
+    unit = repack(q, torch.ones_like(scale), None, group)  # scale 1, offset 136: the decode product of e_k is q[:, k]
     weight = repack(q, scale, zp, group)
     x = torch.randn(8, 4096, device="cuda").to(torch.bfloat16)
+    eye = torch.eye(4096, device="cuda", dtype=torch.bfloat16)
     config = w4a16.DecodeConfig(block_n=64, split_k=3)  # 32 tiles: the last split runs short
-    assert torch.equal(w4a16.dequantize_launch(weight, w4a16.PLAIN), dequantize(weight))
+    assert torch.equal(w4a16.dequantize_launch(weight), dequantize(weight))
+    products = {}
     for form in w4a16.FORMS:
-        assert torch.equal(w4a16.dequantize_launch(unit, form).to(torch.int8), q), form  # the unpack, bit for bit
-        assert within_rounding(w4a16.decode_launch(x, weight, config, form), x, exact, 1.0, 2**-18) <= 1.0, form
+        unpacked = torch.cat([w4a16.decode_launch(eye[k : k + 32], unit, config, form) for k in range(0, 4096, 32)])
+        assert torch.equal(unpacked.t().to(torch.int8), q), form  # the unpack, bit for bit
+        products[form] = w4a16.decode_launch(x, weight, config, form)
+        assert within_rounding(products[form], x, exact, 1.0, 2**-18) <= 1.0, form
+    assert torch.equal(products[w4a16.LOP3], products[w4a16.PLAIN])
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{o}x{i}-g{g}-{'sym' if s else 'asym'}" for o, i, g, s in SHAPES])

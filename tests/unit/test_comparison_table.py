@@ -17,12 +17,14 @@ def row(**values) -> Row:
         peak_memory_mb=1234.5,
         speed=[{"batch": 1, "decode_tokens_per_s": 41.278}, {"batch": 4, "decode_tokens_per_s": 120.0}],
         quantize_seconds=68.94,
+        prefill={"prompt_len": 2048, "tokens_per_s": 5321.44, "ms": 384.9, "repeats": 3},
     )
     return Row.model_construct(**{**base, **values})
 
 
 def test_cells_are_rounded_with_sign_and_units():
-    report = Report.model_construct(rows=[row(), row(name="rtn", method="rtn", ppl_delta_pct=-0.5)], best="gptq")
+    rtn = row(name="rtn", method="rtn", ppl_delta_pct=-0.5, speed=[{"batch": 1, "decode_tokens_per_s": 50.0}])
+    report = Report.model_construct(rows=[row(), rtn], best="gptq")
     best, rtn = comparison_rows(report)
     assert best == {
         "Variant": "gptq (best)",
@@ -35,14 +37,17 @@ def test_cells_are_rounded_with_sign_and_units():
         "Size vs baseline": "0.37×",
         "Peak memory": "1294 MB",
         "Decode (batch 1)": "41.3 tok/s",
+        "Decode (batch 4)": "120.0 tok/s",
+        "Prefill (2048 tok)": "5321 tok/s",
         "Quantize": "68.9 s",
     }
     assert rtn["Δ perplexity"] == "-0.50%" and rtn["Variant"] == "rtn"
+    assert rtn["Decode (batch 4)"] == "–"  # not timed at that batch: the column stays, the cell says so
 
 
 def test_missing_measurements_show_a_dash():
     report = Report.model_construct(
-        rows=[row(kl_mean=None, effective_bits=None, speed=[], quantize_seconds=None)], best=None
+        rows=[row(kl_mean=None, effective_bits=None, speed=[], quantize_seconds=None, prefill=None)], best=None
     )
     (cells,) = comparison_rows(report)
     assert [cells[k] for k in ("KL (nats/token)", "Bits/weight", "Decode (batch 1)", "Quantize")] == ["–"] * 4

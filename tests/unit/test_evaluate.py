@@ -68,7 +68,7 @@ def test_evaluate_model_record(loaded):
         kl_tokens=0,
         prompts=["Hello", "Bye"],
         max_new_tokens=3,
-        speed=SpeedSpec(batch_sizes=[1, 2], prompt_len=8, gen_len=4, warmup=0, repeats=2),
+        speed=SpeedSpec(batch_sizes=[1, 2], prompt_len=8, gen_len=4, prefill_len=10**6, warmup=0, repeats=2),
     )
     record = evaluate_model(
         model,
@@ -85,6 +85,8 @@ def test_evaluate_model_record(loaded):
     assert math.isclose(record.perplexity, math.exp(record.nll_per_token), rel_tol=1e-3)
     assert [s.batch for s in record.speed] == [1, 2]
     assert all(s.decode_tokens_per_s > 0 and s.prefill_tokens_per_s > 0 for s in record.speed)
+    # the long prompt is capped so that it and its one decode step fit the model's context
+    assert record.prefill.prompt_len == model.config.max_position_embeddings - 2 and record.prefill.tokens_per_s > 0
     assert [g["prompt"] for g in record.generations] == ["Hello", "Bye"]
     assert record.peak_memory_mb > 0 and record.size_bytes == 123
 

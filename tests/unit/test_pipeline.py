@@ -67,6 +67,9 @@ def test_outputs_and_report(finished):
     assert (out / "quality_vs_size.png").stat().st_size > 1000 and (out / "throughput_vs_memory.png").is_file()
     markdown = (out / "report.md").read_text()
     assert "| gptq | gptq |" in markdown and "Greedy samples" in markdown
+    # every row timed at each batch and at one long prompt (the spec's 16 tokens here), each in a column of its own
+    assert all([s["batch"] for s in r.speed] == [1, 2] and r.prefill["prompt_len"] == 16 for r in report.rows)
+    assert "| prefill tok/s 16 tok |" in markdown
 
 
 def test_rerun_is_all_cache_hits(finished):

@@ -119,7 +119,9 @@ def test_a_sentencepiece_gguf_gets_a_tokenizer_that_matches_its_vocabulary(tiny_
     vocabulary."""
     from transformers import AutoTokenizer
 
-    from quantflow.inputs.gguf_tokenizer import PROBES, problems, read_vocab, spm_reference
+    from quantflow.inputs.gguf_reference import reference
+    from quantflow.inputs.gguf_tokenizer import PROBES, problems
+    from quantflow.inputs.gguf_vocab import read_vocab
     from tests.gguf_writer import write_gguf
 
     write_gguf(tiny_model, tmp_path / "spm.gguf", vocab="spm")
@@ -131,23 +133,25 @@ def test_a_sentencepiece_gguf_gets_a_tokenizer_that_matches_its_vocabulary(tiny_
     ours = AutoTokenizer.from_pretrained(ref.path)
     assert problems(ours, vocab) == []
     text = PROBES[2]
-    assert ours(text)["input_ids"] == [1] + spm_reference(vocab, text)
-    assert ours.convert_ids_to_tokens(ours("the value")["input_ids"]) == ["<s>", "▁the", "▁value"]
+    assert ours(text)["input_ids"] == [1] + reference(vocab, ours)(text)
+    assert ours.convert_ids_to_tokens(ours("the value")["input_ids"]) == ["<s>", "the", "▁value"]
     assert ours.decode(ours(text, add_special_tokens=False)["input_ids"]) == text
     assert ours.eos_token == "</s>" and ours.bos_token == "<s>"
 
 
-def test_the_sentencepiece_reference_splits_like_llama_cpp():
-    """Highest-scoring adjacent pair first; characters outside the vocabulary fall back to byte tokens."""
-    from quantflow.inputs.gguf_tokenizer import GGUFVocab, spm_reference
+def test_the_sentencepiece_reference_merges_by_score_and_falls_back_to_bytes():
+    """sentencepiece with the GGUF's pieces: highest-scoring adjacent pair first; characters outside the vocabulary
+    fall back to byte tokens."""
+    from quantflow.inputs.gguf_reference import reference
+    from quantflow.inputs.gguf_vocab import GGUFVocab
 
-    tokens = ["<unk>", "<s>", "</s>", "<0xC3>", "<0xA9>", "▁", "a", "b", "▁a", "ab"]
-    scores = [0, 0, 0, 0, 0, -1, -1, -1, -3, -2]
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{byte:02X}>" for byte in range(256)), "▁", "a", "b", "▁a", "ab"]
+    scores = [0] * 259 + [-1, -1, -1, -3, -2]
     vocab = GGUFVocab(
         model="llama",
         tokens=tokens,
         scores=scores,
-        types=[2, 3, 3, 6, 6] + [1] * 5,
+        types=[2, 3, 3] + [6] * 256 + [1] * 5,
         merges=[],
         bos_id=1,
         eos_id=2,
@@ -155,8 +159,9 @@ def test_the_sentencepiece_reference_splits_like_llama_cpp():
         add_bos=True,
         add_space_prefix=True,
     )
-    assert [tokens[i] for i in spm_reference(vocab, "ab")] == ["▁", "ab"]  # 'ab' (-2) merges before '▁a' (-3)
-    assert [tokens[i] for i in spm_reference(vocab, "a é")] == ["▁a", "▁", "<0xC3>", "<0xA9>"]
+    encode = reference(vocab, None)
+    assert [tokens[i] for i in encode("ab")] == ["▁", "ab"]  # 'ab' (-2) merges before '▁a' (-3)
+    assert [tokens[i] for i in encode("a é")] == ["▁a", "▁", "<0xC3>", "<0xA9>"]
 
 
 def test_a_gguf_whose_tokenizer_cannot_be_rebuilt_is_refused_and_leaves_nothing(tiny_model, tmp_path):
@@ -167,5 +172,18 @@ def test_a_gguf_whose_tokenizer_cannot_be_rebuilt_is_refused_and_leaves_nothing(
     write_gguf(tiny_model, tmp_path / "broken.gguf", keep_merges=0.2)
     with pytest.raises(QuantflowError, match="disagrees with the GGUF's vocabulary: it splits the words"):
         resolve_model(ModelSpec(source=str(tmp_path / "broken.gguf")), StepCache(tmp_path / "cache"))
+    models = tmp_path / "cache" / "models"
+    assert not models.exists() or not list(models.iterdir())
+
+
+def test_a_sentencepiece_gguf_no_tokenizer_matches_is_refused_and_leaves_nothing(tiny_model, tmp_path):
+    """A leading '▁' plus user-defined pieces: sentencepiece puts the '▁' before a text that starts with a run of
+    spaces, the rebuilt tokenizer cannot, so the run stops before anything is written."""
+    from tests.gguf_writer import write_gguf
+
+    write_gguf(tiny_model, tmp_path / "prefix.gguf", vocab="spm", space_prefix=True)
+    with pytest.raises(QuantflowError, match="disagrees with the GGUF's vocabulary: it splits '  leading") as caught:
+        resolve_model(ModelSpec(source=str(tmp_path / "prefix.gguf")), StepCache(tmp_path / "cache"))
+    assert "original Hugging Face checkpoint" in caught.value.fix
     models = tmp_path / "cache" / "models"
     assert not models.exists() or not list(models.iterdir())

@@ -18,15 +18,18 @@ import pytest
 import torch
 
 ROOT = Path(__file__).parents[2]
-# (out, in, group or None for channel-wise, symmetric, rows, split_k): groups 32/64/128 and channel-wise, sym and asym,
-# N not a multiple of 64, 1-16 rows (padded to 16) and 17-32 (padded to 32), split-K off, even and running short
+# (out, in, group or None for channel-wise, symmetric, rows, split_k): groups 16/32/64/128/192 and channel-wise, sym
+# and asym, K tiles of 128 (several groups each, or part of one) and 64, N not a multiple of 64, 1-16 rows (padded to
+# 16) and 17-32 (padded to 32), split-K off, even and running short
 CASES = [
     (96, 256, 32, True, 1, 2),
     (128, 256, 64, False, 5, 1),
     (70, 256, 128, False, 3, 2),
     (64, 640, 128, True, 17, 3),
     (128, 256, None, False, 2, 2),
-    (64, 96, None, True, 1, 1),
+    (64, 192, None, True, 1, 1),
+    (64, 384, 192, False, 4, 2),
+    (64, 128, 16, False, 2, 1),
 ]
 
 
@@ -45,8 +48,17 @@ def float64_weight(q, scale, zp, group) -> torch.Tensor:
     return (q.double() - zero) * scale.double().repeat_interleave(group, dim=1)
 
 
+def decoded_nibbles(unit, width: int) -> torch.Tensor:
+    """q as the decode kernel unpacks it: the unit weight (scale 1, offset 136) times one-hot rows, 16 inputs a launch."""
+    from quantflow.kernels import w4a16
+
+    eye = torch.eye(width, dtype=torch.bfloat16)
+    config = w4a16.DecodeConfig(split_k=1)
+    return torch.cat([w4a16.decode_launch(eye[k : k + 16], unit, config, w4a16.PLAIN) for k in range(0, width, 16)]).t()
+
+
 def interpreted_checks() -> dict:
-    """Run in the child: for every case, the unpack, the decode product and the counters."""
+    """Run in the child: for every case, the unpack (prefill and decode paths), the decode product and the counters."""
     from quantflow.kernels import w4a16
     from quantflow.kernels.w4_pack import BIAS, repack
 
@@ -54,7 +66,8 @@ def interpreted_checks() -> dict:
     for index, (out, width, group, symmetric, rows, split) in enumerate(CASES):
         q, scale, zp, group = quantized(out, width, group, symmetric, index)
         unit = repack(q, torch.ones_like(scale), None, group)  # scale 1, offset 136: the kernel's unpack gives q
-        unpacked = w4a16.dequantize_launch(unit, w4a16.PLAIN)
+        unpacked = w4a16.dequantize_launch(unit)
+        decoded = decoded_nibbles(unit, width) if index < 2 else q  # two cases: the interpreter is slow
         weight = repack(q, scale, zp, group)
         x = torch.randn(rows, width, generator=torch.Generator().manual_seed(100 + index)).to(torch.bfloat16)
         reference = x.double() @ float64_weight(q, scale, zp, group).t()
@@ -65,9 +78,18 @@ def interpreted_checks() -> dict:
             ulps.append(((y.double() - reference).abs() / (reference.abs() * 2**-7 + slack)).max().item())
         results[str(index)] = {
             "unpack_exact": torch.equal(unpacked.to(torch.int8), q) and unit.offset.eq(BIAS).all().item(),
+            "decode_unpack_exact": torch.equal(decoded.to(torch.int8), q),
             "ulps": max(ulps),
             "counters_zero": not weight.count.any().item(),
         }
+    from quantflow.kernels import kernels_label, route
+
+    cpu = torch.device("cpu")
+    results["labels"] = [
+        route(1, torch.ones(1, 256), weight),
+        route(33, torch.ones(1, 256), weight),
+        kernels_label(cpu),
+    ]
     return results
 
 
@@ -87,8 +109,20 @@ def interpreted():
 def test_decode_kernel_unpacks_exactly_and_multiplies_within_one_bf16_rounding(interpreted, case):
     result = interpreted[str(case)]
     assert result["unpack_exact"]
+    assert result["decode_unpack_exact"]
     assert result["ulps"] <= 1.0, result  # the interpreter truncates to bf16 where the GPU rounds: one ulp, not half
     assert result["counters_zero"]  # the last program of each block reset its split-K counter
+
+
+def test_the_labels_name_the_kernel_and_its_unpack(interpreted):
+    from quantflow.kernels import kernels_label
+
+    decode, prefill, label = interpreted["labels"]  # the interpreter runs the plain unpack
+    assert (decode, prefill) == ("W4A16 Triton decode (plain unpack)", "W4A16 unpack to bf16 + cuBLAS")
+    assert label == "W4A16 Triton kernels (tensor-core decode to 32 rows with the plain unpack, bf16 + cuBLAS above)"
+    assert kernels_label(torch.device("cpu")) == (
+        "W4A16 dequantized reference, no kernel (the W4 kernels run on CUDA GPUs)"
+    )  # no interpreter in this process
 
 
 def test_repack_keeps_every_nibble_and_the_reference_is_compressed_tensors_dequantization():
@@ -106,7 +140,7 @@ def test_repack_keeps_every_nibble_and_the_reference_is_compressed_tensors_dequa
 
 def test_a_layout_no_kernel_takes_runs_the_reference_and_says_why():
     from quantflow.kernels import linear, route
-    from quantflow.kernels.w4_pack import reference_linear, repack
+    from quantflow.kernels.w4_pack import reference_linear, repack, unsigned_nibbles
 
     q, scale, zp, _ = quantized(10, 128, 64, False, 3)  # 100 inputs: group 64 does not divide them
     weight = repack(q[:, :100], scale, zp, 64)
@@ -116,6 +150,12 @@ def test_a_layout_no_kernel_takes_runs_the_reference_and_says_why():
     rounding = (x.double().abs() @ exact.abs().t()) * 2**-8  # the weight's bf16 rounding, then the output's
     assert ((linear(x, weight).double() - x.double() @ exact.t()).abs() <= rounding * 2).all()
     assert torch.equal(linear(x, weight), reference_linear(x, weight))
+    q, scale, zp, group = quantized(64, 96, None, True, 5)  # channel-wise over 96 inputs: no K tile of 64 fits
+    weight = repack(q, scale, zp, group)
+    assert route(1, x[:, :96], weight).startswith(
+        "reference, no kernel (group size 96 over 96 inputs: the kernels take"
+    )
+    assert torch.equal(unsigned_nibbles(weight), q.int() + 8)
 
 
 def test_on_cpu_without_the_interpreter_linear_is_the_reference():
