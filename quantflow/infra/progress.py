@@ -109,7 +109,7 @@ def current_stage() -> str | None:
 class ChildEvents:
     """Carries a child process's events to the parent's subscribers.
 
-    The parent makes one per child (``spawn`` context) and passes ``forward_to`` with ``child_args`` as the process
+    The parent makes one per child (the step context) and passes ``forward_to`` with ``child_args`` as the process
     pool's initializer: the pipe must reach the child when it starts. A thread in the parent forwards every event
     inside the context that started the child, so the events reach that thread's subscribers and Prefect's run
     context. A pipe without a shared lock: a child killed at its timeout cannot leave the parent waiting on one.
