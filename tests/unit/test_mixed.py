@@ -24,7 +24,6 @@ from quantflow.quantization.sensitivity import (
     fake_quantized,
     fisher_scores,
     kl_scores,
-    rank_correlation,
     start_errors,
     weight_args,
 )
@@ -133,14 +132,14 @@ def scored_setup(tiny_model, count: int) -> tuple:
     return model, names, groups, args, samples
 
 
-def test_both_measures_find_8_bits_gentler_than_4_and_rank_groups_alike(tiny_model):
+def test_both_measures_find_8_bits_gentler_than_4(tiny_model):
+    """How alike the two rank the groups is checked on SmolLM2 (tests/slow/test_sensitivity_rank.py): on this
+    random-weight model of 8 groups, the rank correlation of both options' scores pooled passes 0.8 for 24% of random
+    rankings that keep W8 below W4, so it proved nothing."""
     model, _, groups, args, samples = scored_setup(tiny_model, 4)
     fisher, kl = fisher_scores(model, groups, samples, args), kl_scores(model, groups, samples, args)
     for scores in (fisher, kl):
         assert all(0 <= s["w8"] < s["w4"] and s["bf16"] == 0 for s in scores.values()), scores
-    pairs = [(g.name, o) for g in groups for o in ("w4", "w8")]
-    rho = rank_correlation([fisher[g][o] for g, o in pairs], [kl[g][o] for g, o in pairs])
-    assert rho > 0.8, rho  # 0.94 seen on this model
 
 
 def test_mixed_run_allocates_within_budget_and_ships_standard_compressed_tensors(tiny_model, tmp_path):
