@@ -1,10 +1,10 @@
 """Content-addressed steps that run in a fresh process: the mechanism every heavy stage goes through.
 
 A step's cache key hashes everything its output depends on, so an unchanged step is a lookup
-and a changed variant re-runs only its own branch. A computed step runs in a spawned child
-process: that gives every variant a clean peak-memory reading, proves artifacts reload from
-disk in a fresh process, frees all memory between variants, and lets a caller kill a stuck
-step. Which steps exist and what their keys hash is the pipeline's business
+and a changed variant re-runs only its own branch. A computed step runs in a fresh child process,
+forked from a server that holds only the imported libraries: that gives every variant a clean
+peak-memory reading, proves artifacts reload from disk in a fresh process, frees all memory between
+variants, and lets a caller kill a stuck step. Which steps exist and what their keys hash is the pipeline's business
 (``quantflow.pipeline.steps``); this module only knows how to run one.
 """
 
