@@ -45,6 +45,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, help="calibration samples (default: the spec's)")
     parser.add_argument("--seq-len", type=int, help="calibration sample length (default: the spec's)")
     parser.add_argument("--windows", type=int, help="evaluation windows (default: the spec's)")
+    parser.add_argument("--skip-start-proxy", action="store_true", help="no Fisher on the uniform run's own errors")
+    parser.add_argument("--bf16-ppl", type=float, help="the baseline's perplexity, when measured before")
+    parser.add_argument("--direct-stride", type=int, default=1, help="rank every k-th group only")
+    parser.add_argument("--only-budgets", action="store_true", help="allocations only (no uniform run, no ranking)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -109,17 +113,19 @@ def main() -> None:
         )
         return model.eval(), round(time.perf_counter() - start, 1)
 
-    result["bf16"] = perplexity(base)
-    print("bf16", result["bf16"], flush=True)
     groups = mixed_groups(base, variant, group_size)
-    uniform = GPTQVariant(group_size=group_size, symmetric=variant.symmetric, ignore=variant.ignore)
-    quantized, seconds = gptq(recipe_for(uniform, group_size, "float32"))
-    start_weights = {n: quantized.get_submodule(n).weight.detach().clone() for g in groups for n in g.layers}
     uniform_bits = mixed.effective_bits(groups, {g.name: "w4" for g in groups})
-    result["uniform"] = {"bits": round(uniform_bits, 4), "ppl": perplexity(quantized), "gptq_seconds": seconds}
-    del quantized
-    print("uniform", result["uniform"], flush=True)
-    save()
+    result["uniform"] = {"bits": round(uniform_bits, 4)}
+    if not args.only_budgets:
+        result["bf16"] = args.bf16_ppl or perplexity(base)
+        print("bf16", result["bf16"], flush=True)
+        uniform = GPTQVariant(group_size=group_size, symmetric=variant.symmetric, ignore=variant.ignore)
+        quantized, seconds = gptq(recipe_for(uniform, group_size, "float32"))
+        start_weights = {n: quantized.get_submodule(n).weight.detach().clone() for g in groups for n in g.layers}
+        result["uniform"].update(ppl=perplexity(quantized), gptq_seconds=seconds)
+        del quantized
+        print("uniform", result["uniform"], flush=True)
+        save()
 
     options = {o: sensitivity.weight_args(o, group_size, variant.symmetric) for o in variant.options if o != "bf16"}
     full = sensitivity.measurement_samples(samples, variant.sensitivity_tokens)
@@ -128,49 +134,11 @@ def main() -> None:
     proxy = sensitivity.fisher_scores(base, groups, full, options, errors=layerwise)
     proxy_seconds = round(time.perf_counter() - clock, 1)
     del layerwise
-    errors = sensitivity.start_errors(base, groups, options, start_weights)
-    start_proxy = sensitivity.fisher_scores(base, groups, full, options, errors=errors)
-    rtn = sensitivity.fisher_scores(base, groups, full, options)
-    direct = direct_gains(base, groups, start_weights, options, samples, args.direct_tokens, F, torch)
-    names = [g.name for g in groups if "w8" in g.bits and "w4" in g.bits]
-    gain = lambda scores: [scores[n]["w4"] - scores[n]["w8"] for n in names]  # noqa: E731
-    rho = lambda scores: round(sensitivity.rank_correlation(gain(scores), direct["gains"]), 4)  # noqa: E731
-    result["sensitivity"] = {
-        "fisher_seconds": proxy_seconds,
-        "spearman_fisher_layerwise_gptq_vs_direct": rho(proxy),
-        "spearman_fisher_start_gptq_vs_direct": rho(start_proxy),
-        "spearman_fisher_rtn_vs_direct": rho(rtn),
-        "direct_seconds": direct["seconds"],
-        "direct_start_kl": direct["start_kl"],
-        "groups": {
-            n: {"fisher_layerwise_gptq": p, "fisher_start_gptq": s, "fisher_rtn": r, "direct": d}
-            for n, p, s, r, d in zip(names, gain(proxy), gain(start_proxy), gain(rtn), direct["gains"], strict=True)
-        },
-    }
-    print({k: v for k, v in result["sensitivity"].items() if k != "groups"}, flush=True)
-    save()
-
-    result["budgets"] = []
-    for extra in args.budgets:
-        target = round(uniform_bits + extra, 4)
-        row = {"extra_bits": extra, "target_bits": target}
-        for label, chosen in (
-            ("measured", mixed.allocate(groups, proxy, target)),
-            ("rule", mixed.rule_allocation(groups, target, variant.name)),
-        ):
-            precision = mixed.precision_by_layer(groups, chosen)
-            budgeted = variant.model_copy(update={"target_bits": target})
-            model, seconds = gptq(mixed_recipe(budgeted, precision, group_size, "float32"))
-            row[label] = {
-                "bits": round(mixed.effective_bits(groups, chosen), 4),
-                "ppl": perplexity(model),
-                "gptq_seconds": seconds,
-                "counts": mixed.option_counts(precision),
-                "promoted": sorted(n for n, o in chosen.items() if o != "w4"),
-            }
-            del model
-            print(extra, label, {k: v for k, v in row[label].items() if k != "promoted"}, flush=True)
-        result["budgets"].append(row)
+    result["fisher_seconds"] = proxy_seconds
+    print("fisher seconds", proxy_seconds, flush=True)
+    if not args.only_budgets:
+        result["sensitivity"] = ranked(args, base, groups, proxy, start_weights, options, samples, full, F, torch)
+        print({k: v for k, v in result["sensitivity"].items() if k != "groups"}, flush=True)
         save()
 
     result["embeddings"] = []
@@ -207,6 +175,59 @@ def main() -> None:
         print("embeddings", target, {k: v for k, v in row.items() if k != "embeddings"}, row["embeddings"], flush=True)
         result["embeddings"].append(row)
         save()
+
+    result["budgets"] = []
+    for extra in args.budgets:
+        target = round(uniform_bits + extra, 4)
+        row = {"extra_bits": extra, "target_bits": target}
+        for label, chosen in (
+            ("measured", mixed.allocate(groups, proxy, target)),
+            ("rule", mixed.rule_allocation(groups, target, variant.name)),
+        ):
+            precision = mixed.precision_by_layer(groups, chosen)
+            budgeted = variant.model_copy(update={"target_bits": target})
+            model, seconds = gptq(mixed_recipe(budgeted, precision, group_size, "float32"))
+            row[label] = {
+                "bits": round(mixed.effective_bits(groups, chosen), 4),
+                "ppl": perplexity(model),
+                "gptq_seconds": seconds,
+                "counts": mixed.option_counts(precision),
+                "promoted": sorted(n for n, o in chosen.items() if o != "w4"),
+            }
+            del model
+            print(extra, label, {k: v for k, v in row[label].items() if k != "promoted"}, flush=True)
+        result["budgets"].append(row)
+        save()
+
+
+def ranked(args, base, groups, proxy, start_weights, options, samples, full, F, torch) -> dict:
+    """Spearman's rho of each proxy's W4-to-W8 gains against the direct measure, over every ``--direct-stride``-th
+    group that can take both options."""
+    from quantflow.quantization import sensitivity
+
+    names = [g.name for g in groups if "w8" in g.bits and "w4" in g.bits][:: args.direct_stride]
+    chosen = [g for g in groups if g.name in names]
+    start_proxy = proxy  # stands in when --skip-start-proxy leaves it out
+    if not args.skip_start_proxy:
+        errors = sensitivity.start_errors(base, chosen, options, start_weights)
+        start_proxy = sensitivity.fisher_scores(base, chosen, full, options, errors=errors)
+    rtn = sensitivity.fisher_scores(base, chosen, full, options)
+    direct = direct_gains(base, chosen, start_weights, options, samples, args.direct_tokens, F, torch)
+    gain = lambda scores: [scores[n]["w4"] - scores[n]["w8"] for n in names]  # noqa: E731
+    rho = lambda scores: round(sensitivity.rank_correlation(gain(scores), direct["gains"]), 4)  # noqa: E731
+    return {
+        "groups_ranked": len(names),
+        "direct_tokens": args.direct_tokens,
+        "spearman_fisher_layerwise_gptq_vs_direct": rho(proxy),
+        "spearman_fisher_start_gptq_vs_direct": None if args.skip_start_proxy else rho(start_proxy),
+        "spearman_fisher_rtn_vs_direct": rho(rtn),
+        "direct_seconds": direct["seconds"],
+        "direct_start_kl": direct["start_kl"],
+        "groups": {
+            n: {"fisher_layerwise_gptq": p, "fisher_start_gptq": s, "fisher_rtn": r, "direct": d}
+            for n, p, s, r, d in zip(names, gain(proxy), gain(start_proxy), gain(rtn), direct["gains"], strict=True)
+        },
+    }
 
 
 def direct_gains(base, groups, start_weights, options, samples, tokens, F, torch) -> dict:

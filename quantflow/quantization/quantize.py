@@ -304,9 +304,9 @@ def mixed_recipe(
                 found[option] = QuantizationScheme(targets=names, weights=args)
         return found
 
-    rounded = [QuantizationModifier(config_groups=schemes({embedding: precision[embedding]}))]
-    if precision.get(embedding, "bf16") == "bf16":
-        rounded = []
+    rounded = []
+    if precision.get(embedding, "bf16") != "bf16":
+        rounded = [QuantizationModifier(config_groups=schemes({embedding: precision[embedding]}))]
     groups = schemes({name: taken for name, taken in precision.items() if name != embedding})
     quantized = {name for name, taken in precision.items() if taken != "bf16"}
     ignore = [
