@@ -253,6 +253,11 @@ def test_the_final_pass_targets_layers_by_name_with_gptq_or_awq():
     awq = mixed_recipe(MixedVariant(group_size=32, algorithm="awq", symmetric=False), precision, 32)
     assert [type(m) for m in awq] == [AWQModifier, QuantizationModifier]
     assert awq[1].config_groups["w8"].weights.symmetric is False
+    assert [type(m) for m in mixed_recipe(MixedVariant(group_size=32), precision, 32, embedding="e")] == [GPTQModifier]
+    tied = {**precision, "e": "w4", "lm_head": "w4"}  # the table on the menu: rounded first, lm_head by GPTQ
+    rounded, gptq = mixed_recipe(MixedVariant(group_size=32), tied, 32, embedding="e")
+    assert isinstance(rounded, QuantizationModifier) and rounded.config_groups["w4"].targets == ["e"]
+    assert gptq.config_groups["w4"].targets == ["a.q_proj", "a.down_proj", "lm_head"] and gptq.ignore == ["a.o_proj"]
 
 
 def blocks(count: int) -> dict[str, tuple[int, int]]:
