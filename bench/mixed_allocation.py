@@ -10,10 +10,14 @@ symmetry), then in one process:
 1. uniform W4 GPTQ (the start), its perplexity and its dequantized weights;
 2. the direct measure (the reference): starting from the uniform GPTQ weights, each group alone moved to W8, the KL
    from the unquantized model it removes, on ``--direct-tokens`` calibration tokens;
-3. the Fisher proxy on the errors GPTQ leaves (what a run uses) and on round-to-nearest's errors (the earlier
-   proxy), each group's gain from W4 to W8, and Spearman's rank correlation of each with the direct gains;
+3. the Fisher proxy on three weight errors: layer-wise GPTQ's (each Linear solved alone on the unquantized model's
+   activations: what a run uses), the uniform GPTQ run's own (needs that run first), round-to-nearest's (the earlier
+   proxy); each group's gain from W4 to W8, and Spearman's rank correlation of each with the direct gains;
 4. per budget (bits per weight above uniform): mixed GPTQ with the measured allocation and with ``allocation: rule``,
-   their perplexities. Everything is written to ``--out`` as it is measured.
+   their perplexities;
+5. per ``--embedding-targets`` value (bits per weight over the Linears and the embedding table): the input embedding
+   and lm_head on the menu too, the allocation, its perplexity and its size against bf16 (from the stored bits).
+Everything is written to ``--out`` as it is measured.
 """
 
 from __future__ import annotations
@@ -33,11 +37,18 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", type=Path, default=ROOT / "examples/smollm2-135m-mixed.yaml")
-    parser.add_argument("--budgets", type=float, nargs="+", default=[0.15, 0.3, 0.5])
+    parser.add_argument("--budgets", type=float, nargs="*", default=[0.15, 0.3, 0.5])
     parser.add_argument("--direct-tokens", type=int, default=1024)
+    parser.add_argument(
+        "--embedding-targets", type=float, nargs="*", default=[], help="bits per weight with embeddings on the menu"
+    )
     parser.add_argument("--samples", type=int, help="calibration samples (default: the spec's)")
     parser.add_argument("--seq-len", type=int, help="calibration sample length (default: the spec's)")
     parser.add_argument("--windows", type=int, help="evaluation windows (default: the spec's)")
+    parser.add_argument("--skip-start-proxy", action="store_true", help="no Fisher on the uniform run's own errors")
+    parser.add_argument("--bf16-ppl", type=float, help="the baseline's perplexity, when measured before")
+    parser.add_argument("--direct-stride", type=int, default=1, help="rank every k-th group only")
+    parser.add_argument("--only-budgets", action="store_true", help="allocations only (no uniform run, no ranking)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -52,7 +63,8 @@ def main() -> None:
     from quantflow.pipeline import steps
     from quantflow.pipeline.planning import plan
     from quantflow.quantization import mixed, sensitivity
-    from quantflow.quantization.quantize import calibration_data, mixed_groups, mixed_recipe, recipe_for
+    from quantflow.quantization.quantize import calibration_data, mixed_recipe, recipe_for
+    from quantflow.quantization.targets import input_embedding, mixed_groups
     from quantflow.spec import GPTQVariant, MixedVariant, load_spec
 
     torch.manual_seed(0)
@@ -101,41 +113,68 @@ def main() -> None:
         )
         return model.eval(), round(time.perf_counter() - start, 1)
 
-    result["bf16"] = perplexity(base)
-    print("bf16", result["bf16"], flush=True)
     groups = mixed_groups(base, variant, group_size)
-    uniform = GPTQVariant(group_size=group_size, symmetric=variant.symmetric, ignore=variant.ignore)
-    quantized, seconds = gptq(recipe_for(uniform, group_size, "float32"))
-    start_weights = {n: quantized.get_submodule(n).weight.detach().clone() for g in groups for n in g.layers}
     uniform_bits = mixed.effective_bits(groups, {g.name: "w4" for g in groups})
-    result["uniform"] = {"bits": round(uniform_bits, 4), "ppl": perplexity(quantized), "gptq_seconds": seconds}
-    del quantized
-    print("uniform", result["uniform"], flush=True)
-    save()
+    result["uniform"] = {"bits": round(uniform_bits, 4)}
+    if not args.only_budgets:
+        result["bf16"] = args.bf16_ppl or perplexity(base)
+        print("bf16", result["bf16"], flush=True)
+        uniform = GPTQVariant(group_size=group_size, symmetric=variant.symmetric, ignore=variant.ignore)
+        quantized, seconds = gptq(recipe_for(uniform, group_size, "float32"))
+        start_weights = {n: quantized.get_submodule(n).weight.detach().clone() for g in groups for n in g.layers}
+        result["uniform"].update(ppl=perplexity(quantized), gptq_seconds=seconds)
+        del quantized
+        print("uniform", result["uniform"], flush=True)
+        save()
 
     options = {o: sensitivity.weight_args(o, group_size, variant.symmetric) for o in variant.options if o != "bf16"}
     full = sensitivity.measurement_samples(samples, variant.sensitivity_tokens)
     clock = time.perf_counter()
-    errors = sensitivity.start_errors(base, groups, options, start_weights)
-    proxy = sensitivity.fisher_scores(base, groups, full, options, errors=errors)
+    layerwise = sensitivity.gptq_errors(base, groups, samples, options, variant)
+    proxy = sensitivity.fisher_scores(base, groups, full, options, errors=layerwise)
     proxy_seconds = round(time.perf_counter() - clock, 1)
-    rtn = sensitivity.fisher_scores(base, groups, full, options)
-    direct = direct_gains(base, groups, start_weights, options, samples, args.direct_tokens, F, torch)
-    names = [g.name for g in groups if "w8" in g.bits and "w4" in g.bits]
-    gain = lambda scores: [scores[n]["w4"] - scores[n]["w8"] for n in names]  # noqa: E731
-    result["sensitivity"] = {
-        "fisher_seconds": proxy_seconds,
-        "spearman_fisher_gptq_vs_direct": round(sensitivity.rank_correlation(gain(proxy), direct["gains"]), 4),
-        "spearman_fisher_rtn_vs_direct": round(sensitivity.rank_correlation(gain(rtn), direct["gains"]), 4),
-        "direct_seconds": direct["seconds"],
-        "direct_start_kl": direct["start_kl"],
-        "groups": {
-            n: {"fisher_gptq": p, "fisher_rtn": r, "direct": d}
-            for n, p, r, d in zip(names, gain(proxy), gain(rtn), direct["gains"], strict=True)
-        },
-    }
-    print({k: v for k, v in result["sensitivity"].items() if k != "groups"}, flush=True)
-    save()
+    del layerwise
+    result["fisher_seconds"] = proxy_seconds
+    print("fisher seconds", proxy_seconds, flush=True)
+    if not args.only_budgets:
+        result["sensitivity"] = ranked(args, base, groups, proxy, start_weights, options, samples, full, F, torch)
+        print({k: v for k, v in result["sensitivity"].items() if k != "groups"}, flush=True)
+        save()
+
+    result["embeddings"] = []
+    for target in args.embedding_targets:  # the input embedding and lm_head on the menu too
+        budgeted = variant.model_copy(update={"target_bits": target, "embeddings": ["w4", "w8", "bf16"]})
+        every = mixed_groups(base, budgeted, group_size)
+        outer = [g for g in every if g.name not in proxy]
+        clock = time.perf_counter()
+        found = sensitivity.gptq_errors(base, outer, samples, options, variant)
+        scores = {**proxy, **sensitivity.fisher_scores(base, outer, full, options, errors=found)}
+        del found
+        outer_seconds = round(time.perf_counter() - clock, 1)
+        chosen = mixed.allocate(every, scores, target)
+        precision = mixed.precision_by_layer(every, chosen)
+        embedding = input_embedding(base)
+        model, seconds = gptq(mixed_recipe(budgeted, precision, group_size, "float32", embedding))
+        if precision[embedding] != "bf16":  # RTN writes the table at save; the bench evaluates the model in memory
+            kept = base.get_submodule(embedding).weight
+            model.get_submodule(embedding).weight.data = sensitivity.fake_quantized(kept, options[precision[embedding]])
+        stored = sum(g.bits[chosen[g.name]] * g.weights for g in every)
+        menu = sum(g.weights for g in every)
+        total = sum(p.numel() for p in base.parameters())  # a tied table once
+        row = {
+            "target_bits": target,
+            "bits": round(stored / menu, 4),
+            "size_vs_bf16": round((stored + 16 * (total - menu)) / (16 * total), 4),
+            "ppl": perplexity(model),
+            "gptq_seconds": seconds,
+            "embedding_sensitivity_seconds": outer_seconds,
+            "embeddings": {g.name: {"chosen": chosen[g.name], "score": scores[g.name]} for g in outer},
+            "counts": mixed.option_counts(precision),
+        }
+        del model
+        print("embeddings", target, {k: v for k, v in row.items() if k != "embeddings"}, row["embeddings"], flush=True)
+        result["embeddings"].append(row)
+        save()
 
     result["budgets"] = []
     for extra in args.budgets:
@@ -159,6 +198,36 @@ def main() -> None:
             print(extra, label, {k: v for k, v in row[label].items() if k != "promoted"}, flush=True)
         result["budgets"].append(row)
         save()
+
+
+def ranked(args, base, groups, proxy, start_weights, options, samples, full, F, torch) -> dict:
+    """Spearman's rho of each proxy's W4-to-W8 gains against the direct measure, over every ``--direct-stride``-th
+    group that can take both options."""
+    from quantflow.quantization import sensitivity
+
+    names = [g.name for g in groups if "w8" in g.bits and "w4" in g.bits][:: args.direct_stride]
+    chosen = [g for g in groups if g.name in names]
+    start_proxy = proxy  # stands in when --skip-start-proxy leaves it out
+    if not args.skip_start_proxy:
+        errors = sensitivity.start_errors(base, chosen, options, start_weights)
+        start_proxy = sensitivity.fisher_scores(base, chosen, full, options, errors=errors)
+    rtn = sensitivity.fisher_scores(base, chosen, full, options)
+    direct = direct_gains(base, chosen, start_weights, options, samples, args.direct_tokens, F, torch)
+    gain = lambda scores: [scores[n]["w4"] - scores[n]["w8"] for n in names]  # noqa: E731
+    rho = lambda scores: round(sensitivity.rank_correlation(gain(scores), direct["gains"]), 4)  # noqa: E731
+    return {
+        "groups_ranked": len(names),
+        "direct_tokens": args.direct_tokens,
+        "spearman_fisher_layerwise_gptq_vs_direct": rho(proxy),
+        "spearman_fisher_start_gptq_vs_direct": None if args.skip_start_proxy else rho(start_proxy),
+        "spearman_fisher_rtn_vs_direct": rho(rtn),
+        "direct_seconds": direct["seconds"],
+        "direct_start_kl": direct["start_kl"],
+        "groups": {
+            n: {"fisher_layerwise_gptq": p, "fisher_start_gptq": s, "fisher_rtn": r, "direct": d}
+            for n, p, s, r, d in zip(names, gain(proxy), gain(start_proxy), gain(rtn), direct["gains"], strict=True)
+        },
+    }
 
 
 def direct_gains(base, groups, start_weights, options, samples, tokens, F, torch) -> dict:

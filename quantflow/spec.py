@@ -227,13 +227,18 @@ class MixedVariant(_AWQSearch, _GPTQOrdered, _WeightOnly):
         "each layer group quantized alone (the reference, one forward pass per group and option).",
     )
     sensitivity_tokens: int = Field(4096, ge=16, description="Calibration tokens the sensitivity is measured on.")
+    embeddings: list[MenuOption] = Field(
+        [],
+        description="Menu for the input embedding and lm_head ([] keeps them as they are): a tied table is one "
+        "choice, stored twice once quantized (the embedding rounded to nearest, lm_head by the final pass).",
+    )
     allocation: Literal["measured", "rule"] = Field(
         "measured",
         description="'measured': the least summed sensitivity within the budget; 'rule': llama.cpp's fixed mix "
         "(value and down projections, first and last blocks first) at the same budget, the baseline to beat.",
     )
 
-    @field_validator("options")
+    @field_validator("options", "embeddings")
     @classmethod
     def _unique(cls, options: list[str]) -> list[str]:
         if len(set(options)) != len(options):

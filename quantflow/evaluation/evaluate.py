@@ -354,6 +354,7 @@ def load_for_eval(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from quantflow.evaluation.embedding_load import embedding_load
     from quantflow.evaluation.expert_load import expert_load
 
     reset_peak_memory()
@@ -369,7 +370,7 @@ def load_for_eval(
         kwargs["max_memory"] = placement_budget(gpu_memory_gb)
     elif quantization_config is not None:
         kwargs["device_map"] = device
-    with expert_load():
+    with expert_load(), embedding_load():
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if "device_map" not in kwargs:
         model = model.to(device)

@@ -39,6 +39,11 @@ def load_converted(path: str | Path, device: str, marker: str, parts: tuple[str,
             tensors.update({key: handle.get_tensor(key) for key in handle.keys()})
     for prefix in sorted(key.removesuffix(f".{marker}") for key in tensors if key.endswith(f".{marker}")):
         found = {suffix: tensors.pop(f"{prefix}.{suffix}") for suffix in parts if f"{prefix}.{suffix}" in tensors}
+        if isinstance(model.get_submodule(prefix), nn.Embedding):
+            raise QuantflowError(
+                f"{path} stores a quantized embedding ({prefix}), which this runtime's kernels do not run",
+                "evaluate the artifact with transformers (without the packed runtime)",
+            )
         parent_name, _, child = prefix.rpartition(".")
         model.get_submodule(parent_name).register_module(
             child, convert(found, tensors.pop(f"{prefix}.bias", None), target)

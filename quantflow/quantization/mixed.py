@@ -90,6 +90,25 @@ def _group(
     return LayerGroup(name=name, layers=members, weights=total, bits=bits, note="; ".join(notes))
 
 
+def embedding_groups(
+    names: list[str], shape: tuple[int, int], tied: bool, options: list[str], group_size: int | None, symmetric: bool
+) -> list[LayerGroup]:
+    """The input embedding and lm_head (``names``, each [vocab, hidden]) as menu groups: untied, one group each; tied
+    (two names, one table), one group counted once over the table, whose quantized options cost two copies' bits,
+    because llm-compressor unties a quantized table (the embedding rounded to nearest, lm_head by the final pass)."""
+    widths = dict.fromkeys(names, shape)
+    if not tied:
+        return [_group([name], widths, options, group_size, symmetric) for name in names]
+    table = _group(names[:1], widths, options, group_size, symmetric)
+    bits = {o: b if o == "bf16" else 2 * b for o, b in table.bits.items()}
+    notes = [table.note] if table.note else []
+    for option in [o for o, b in bits.items() if o != "bf16" and b >= 16]:
+        notes.append(f"{option} dropped: a tied table quantized is stored twice, {bits.pop(option):.2f} bits >= bf16's")
+    return [
+        LayerGroup(name="+".join(names), layers=names, weights=shape[0] * shape[1], bits=bits, note="; ".join(notes))
+    ]
+
+
 def _joined(members: list[str]) -> str:
     """'model.layers.0.self_attn.q_proj/k_proj/v_proj'."""
     parent = members[0].rpartition(".")[0]

@@ -29,7 +29,7 @@ from quantflow.infra.resources import (
 from quantflow.inputs.calibration import CalibrationRecord, load_samples
 from quantflow.quantization.moe import RoutingRecord, counted_routing, routers_kept, unfuse, unfuse_weightless
 from quantflow.quantization.sensitivity import SensitivityRecord
-from quantflow.quantization.targets import target_layers
+from quantflow.quantization.targets import input_embedding, target_layers
 from quantflow.spec import (
     FP4_GROUP,
     AutoRoundVariant,
@@ -280,23 +280,41 @@ def recipe_for(variant: WeightVariant, group_size: int | None, scale_dtype: str 
 
 
 def mixed_recipe(
-    variant: MixedVariant, precision: dict[str, str], group_size: int | None, scale_dtype: str = "bfloat16"
+    variant: MixedVariant,
+    precision: dict[str, str],
+    group_size: int | None,
+    scale_dtype: str = "bfloat16",
+    embedding: str | None = None,
 ) -> list:
-    """One config group per chosen option, targeting its layers by exact name; bf16 layers join ``ignore``."""
+    """One config group per chosen option, targeting its layers by exact name; bf16 layers join ``ignore``.
+
+    A quantized input embedding (``embedding``, its module name) gets its own round-to-nearest modifier first: GPTQ
+    does not touch Embedding modules, and llm-compressor 0.14 writes one it targets with scales never observed (the
+    saved table measured 99.5% relative error). lm_head, an Embedding's tied twin or not, stays with the final pass."""
     from compressed_tensors.quantization import QuantizationScheme
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
     from quantflow.quantization.sensitivity import weight_args
 
-    groups = {}
-    for option in ("w4", "w8"):
-        names = [name for name, chosen in precision.items() if chosen == option]
-        if names:
-            args = weight_args(option, group_size, variant.symmetric, variant.observer, getattr(torch, scale_dtype))
-            groups[option] = QuantizationScheme(targets=names, weights=args)
-    ignore = [*variant.ignore, *(name for name, chosen in precision.items() if chosen == "bf16")]
+    def schemes(chosen: dict[str, str]) -> dict:
+        found = {}
+        for option in ("w4", "w8"):
+            if names := [name for name, taken in chosen.items() if taken == option]:
+                args = weight_args(option, group_size, variant.symmetric, variant.observer, getattr(torch, scale_dtype))
+                found[option] = QuantizationScheme(targets=names, weights=args)
+        return found
+
+    rounded = []
+    if precision.get(embedding, "bf16") != "bf16":
+        rounded = [QuantizationModifier(config_groups=schemes({embedding: precision[embedding]}))]
+    groups = schemes({name: taken for name, taken in precision.items() if name != embedding})
+    quantized = {name for name, taken in precision.items() if taken != "bf16"}
+    ignore = [
+        *(name for name in variant.ignore if name not in quantized),
+        *(name for name, taken in precision.items() if taken == "bf16" and name not in variant.ignore),
+    ]
     if variant.algorithm == "awq":
-        return [awq_modifier(variant), QuantizationModifier(config_groups=groups, ignore=ignore)]
+        return [*rounded, awq_modifier(variant), QuantizationModifier(config_groups=groups, ignore=ignore)]
     gptq = GPTQModifier(
         config_groups=groups,
         ignore=ignore,
@@ -304,7 +322,7 @@ def mixed_recipe(
         dampening_frac=variant.dampening_frac,
         actorder=variant.actorder,
     )
-    return [gptq]
+    return [*rounded, gptq]
 
 
 def awq_modifier(variant: AWQVariant | AWQGPTQVariant | MixedVariant):
@@ -467,7 +485,7 @@ def quantize_weights(
     variant = routers_kept(variant, model)
     precision, allocated = allocation(variant, sensitivity)
     if isinstance(variant, MixedVariant):
-        recipe = mixed_recipe(variant, precision, scheme.group_size, dtype)
+        recipe = mixed_recipe(variant, precision, scheme.group_size, dtype, input_embedding(model))
     else:
         recipe = recipe_for(variant, scheme.group_size, dtype)
     data = calibration_data(calibration, calibration_batch(variant, resources)) if needs_calibration(variant) else {}

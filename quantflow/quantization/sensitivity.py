@@ -11,12 +11,14 @@ Two measures over the calibration tokens, both in nats of KL divergence from the
   gradient at the Linear's output: the second-order estimate of the KL the option adds (NVIDIA ModelOpt's
   AutoQuantize scores layers with the same kind of gradient-weighted output error).
 
-Both score an option by its weight error. For W4 that is, when a start is given, the error the final algorithm
-left: the uniform W4 GPTQ weights minus the original (GPTQ repairs most of round-to-nearest's error, unevenly across
-layers, so RTN's ranking need not be GPTQ's); otherwise, and for W8, round-to-nearest's.
+Both score an option by its weight error: the error the final pass leaves. With GPTQ as the final pass that is
+``gptq_errors``, each Linear solved by llm-compressor's GPTQ alone on its Hessian from the unquantized model's
+calibration activations (GPTQ repairs most of round-to-nearest's error, unevenly across layers, so RTN's ranking need
+not be GPTQ's); with AWQ (smoothing, then round-to-nearest) round-to-nearest's. ``start_errors`` scores the error a
+finished uniform GPTQ run left instead (the bench's check of the layer-by-layer solve).
 
 bench/mixed_sensitivity.py measures how well ``fisher`` ranks groups like ``kl`` and what it saves;
-bench/mixed_allocation.py ranks against the direct measure from the uniform GPTQ start.
+bench/mixed_allocation.py ranks each proxy against the direct measure from the uniform GPTQ start.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +37,7 @@ from pydantic import BaseModel
 from quantflow.infra.resources import Resources, peak_memory_mb, reset_peak_memory
 from quantflow.inputs.calibration import CalibrationRecord, load_samples
 from quantflow.quantization.mixed import LayerGroup
+from quantflow.spec import GPTQVariant, MixedVariant
 
 TABLE_FILE = "sensitivity.json"
 
@@ -101,6 +105,74 @@ def start_errors(
     return errors
 
 
+def hessians(model: torch.nn.Module, names: list[str], samples: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """GPTQ's Hessian of every named Linear's layer-wise loss, ``2 X^T X / n`` over the calibration samples, from the
+    unquantized model's activations (one forward pass; the final pass sees its quantized predecessors' instead)."""
+    from llmcompressor.modifiers.gptq.helpers import accumulate_hessian, make_empty_hessian
+
+    layers = {name: model.get_submodule(name) for name in names}
+    sums = {name: make_empty_hessian(module) for name, module in layers.items()}
+    counts = {name: torch.zeros(()) for name in layers}
+
+    def watch(name: str) -> Callable:
+        def hook(module, inputs, output):
+            sums[name], counts[name] = accumulate_hessian(inputs[0].detach(), module, sums[name], counts[name])
+
+        return hook
+
+    handles = [module.register_forward_hook(watch(name)) for name, module in layers.items()]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for ids in samples:
+                model(ids.unsqueeze(0).to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: sums[name] / counts[name] for name in layers}
+
+
+def gptq_errors(
+    model: torch.nn.Module,
+    groups: list[LayerGroup],
+    samples: list[torch.Tensor],
+    args: dict,
+    settings: GPTQVariant | MixedVariant | None = None,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """The weight error GPTQ leaves at each option, layer by layer: llm-compressor's own GPTQ solve on each Linear
+    with its Hessian from the unquantized model's calibration activations and min-max scales, minus the original.
+    What the final pass leaves differs from round-to-nearest's error, and unevenly across layers; this costs one
+    forward pass and one GPTQ solve per Linear and option, not a sequential GPTQ run."""
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
+
+    settings = settings or GPTQVariant()  # block size, dampening and column order as the final pass's
+    names = [name for g in groups for name in g.layers if isinstance(model.get_submodule(name), torch.nn.Linear)]
+    found = hessians(model, names, samples)
+    errors = rtn_errors(model, [g for g in groups if not set(g.layers) <= set(names)], args)  # embeddings: RTN
+    for name in names:
+        weight = model.get_submodule(name).weight
+        w = weight.detach().float()
+        errors[name] = {}
+        for option, option_args in args.items():
+            option_args = option_args.model_copy(update={"actorder": settings.actorder})
+            view = w.reshape(w.shape[0], -1, option_args.group_size) if option_args.group_size else w.unsqueeze(1)
+            scale, zero = calculate_qparams(view.amin(dim=-1), view.amax(dim=-1), option_args)
+            quantized, _, _ = quantize_weight(
+                w.unsqueeze(0).clone(),
+                found[name].unsqueeze(0).clone(),
+                scale.unsqueeze(0),
+                zero.unsqueeze(0),
+                None,
+                option_args,
+                blocksize=settings.block_size,
+                percdamp=settings.dampening_frac,
+            )
+            errors[name][option] = quantized[0].to(weight.dtype) - weight
+        del found[name]
+    return errors
+
+
 def fisher_scores(
     model: torch.nn.Module,
     groups: list[LayerGroup],
@@ -120,18 +192,20 @@ def fisher_scores(
     def watch(name: str) -> Callable:
         def hook(module, inputs, output):
             x = inputs[0].detach()
+            apply = partial(embedded, module) if isinstance(module, torch.nn.Embedding) else F.linear
 
             def on_grad(grad: torch.Tensor) -> None:
                 for option, delta in errors[name].items():
-                    dy = F.linear(x, delta)
+                    dy = apply(x, delta)
                     sums[name][option] += 0.5 * (dy.float() * grad.float()).sum(dim=-1).pow(2).sum().item()
 
             output.register_hook(on_grad)
 
         return hook
 
-    handles = [module.register_forward_hook(watch(name)) for name, module in layers.items()]
-    handles.append(model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_()))
+    # the embedding's output must need a gradient before any hook (its own included) registers on it
+    handles = [model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_())]
+    handles += [module.register_forward_hook(watch(name)) for name, module in layers.items()]
     tokens = 0
     try:
         for ids in samples:
@@ -144,6 +218,18 @@ def fisher_scores(
         for handle in handles:
             handle.remove()
     return {g.name: _per_group(g, {o: sum(sums[n][o] for n in g.layers) / tokens for o in args}) for g in groups}
+
+
+@torch.no_grad()
+def embedded(module: torch.nn.Embedding, ids: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """The embedding's output error for a weight error: the module's own forward (Gemma scales the rows it looks up),
+    hooks left out, on the error in place of the table."""
+    kept = module.weight.data
+    module.weight.data = delta
+    try:
+        return module.forward(ids)
+    finally:
+        module.weight.data = kept
 
 
 @torch.no_grad()
@@ -227,17 +313,22 @@ def measure_sensitivity(
     model.eval().requires_grad_(False)
     groups = mixed_groups(model, routers_kept(variant, model), group_size)
     args = {o: weight_args(o, group_size, variant.symmetric) for o in variant.options if o != "bf16"}
-    samples = measurement_samples(load_samples(calibration), variant.sensitivity_tokens)
+    calibration_samples = load_samples(calibration)
+    samples = measurement_samples(calibration_samples, variant.sensitivity_tokens)
     reset_peak_memory()
     start = time.perf_counter()
-    scores = (fisher_scores if variant.sensitivity == "fisher" else kl_scores)(model, groups, samples, args)
+    errors = None
+    if variant.algorithm == "gptq":  # score what the final GPTQ pass leaves, not round-to-nearest's error
+        errors = gptq_errors(model, groups, calibration_samples, args, variant)
+    measure = fisher_scores if variant.sensitivity == "fisher" else kl_scores
+    scores = measure(model, groups, samples, args, errors=errors)
     seconds = time.perf_counter() - start
     table = {
         "measure": variant.sensitivity,
         "unit": "nats of KL from the unquantized model per token",
         "tokens": sum(s.numel() for s in samples),
         "group_size": group_size,
-        "start": "round-to-nearest",
+        "start": "gptq, layer by layer" if errors else "round-to-nearest",
         "groups": [{**g.model_dump(), "score": scores[g.name]} for g in groups],
     }
     (out / TABLE_FILE).write_text(json.dumps(table, indent=1))

@@ -603,7 +603,8 @@ def scatter(
 
 
 def precision_map(precision: dict[str, str], title: str, path: Path) -> None:
-    """Blocks x projection kinds, each cell coloured by the option its Linear took."""
+    """Blocks x projection kinds, each cell coloured by the option its layer took; layers outside the decoder blocks
+    (the embedding and lm_head, when on the menu) get a row of their own, on top."""
     plt = _pyplot()
     from matplotlib.colors import ListedColormap
 
@@ -611,15 +612,18 @@ def precision_map(precision: dict[str, str], title: str, path: Path) -> None:
 
     cells = {block_and_kind(name): option for name, option in precision.items()}
     blocks = sorted({b for b, _ in cells if b is not None})
-    kinds = list(dict.fromkeys(k for _, k in cells))
-    grid = [[OPTIONS.index(cells.get((b, k), "w4")) for k in kinds] for b in blocks]
+    blocks = [None, *blocks] if any(b is None for b, _ in cells) else blocks
+    kinds = list(dict.fromkeys(k for _, k in sorted(cells, key=lambda cell: cell[0] is not None)))
+    absent = len(OPTIONS)  # a block without that kind, or the outer row under a projection: blank
+    grid = [[OPTIONS.index(cells[b, k]) if (b, k) in cells else absent for k in kinds] for b in blocks]
     fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(kinds), 1.2 + 0.22 * len(blocks)))
-    ax.imshow(grid, cmap=ListedColormap(["#dbe9f6", "#f4a259", "#bc4b51"]), vmin=0, vmax=2, aspect="auto")
+    colours = ListedColormap(["#dbe9f6", "#f4a259", "#bc4b51", "#ffffff"])
+    ax.imshow(grid, cmap=colours, vmin=0, vmax=absent, aspect="auto")
     for row, block in enumerate(blocks):
         for col, kind in enumerate(kinds):
             ax.text(col, row, cells.get((block, kind), ""), ha="center", va="center", fontsize=6)
     ax.set_xticks(range(len(kinds)), kinds, rotation=30, ha="right", fontsize=8)
-    ax.set_yticks(range(len(blocks)), blocks, fontsize=6)
+    ax.set_yticks(range(len(blocks)), ["outside" if b is None else b for b in blocks], fontsize=6)
     ax.set(ylabel="decoder block", title=title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

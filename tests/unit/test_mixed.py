@@ -1,5 +1,6 @@
 """Mixed precision: groups for fused kernels, menu costs, the exact allocation, sensitivities, and a whole run."""
 
+import copy
 import itertools
 import json
 import random
@@ -16,6 +17,7 @@ from quantflow.quantization.mixed import (
     allocate,
     check_budget,
     effective_bits,
+    embedding_groups,
     layer_groups,
     option_bits,
     rule_allocation,
@@ -23,7 +25,9 @@ from quantflow.quantization.mixed import (
 from quantflow.quantization.sensitivity import (
     fake_quantized,
     fisher_scores,
+    gptq_errors,
     kl_scores,
+    rtn_errors,
     start_errors,
     weight_args,
 )
@@ -162,6 +166,7 @@ def test_mixed_run_allocates_within_budget_and_ships_standard_compressed_tensors
         assert (out / f"precision-{name}.png").stat().st_size > 1000
         table = json.loads((out / f"sensitivity-{name}.json").read_text())
         assert table["measure"] == "fisher" and len(table["groups"]) == 8  # 2 blocks x (qkv, o, gate/up, down)
+        assert table["start"] == "gptq, layer by layer"
     assert rows["mixed-5"].effective_bits > 4.5  # uniform W4 g32 with bf16 scales
     spent = [sum(o != "w4" for o in rows[n].precision.values()) for n in ("mixed-5", "mixed-6.5")]
     assert 0 < spent[0] <= spent[1]
@@ -247,6 +252,11 @@ def test_the_final_pass_targets_layers_by_name_with_gptq_or_awq():
     awq = mixed_recipe(MixedVariant(group_size=32, algorithm="awq", symmetric=False), precision, 32)
     assert [type(m) for m in awq] == [AWQModifier, QuantizationModifier]
     assert awq[1].config_groups["w8"].weights.symmetric is False
+    assert [type(m) for m in mixed_recipe(MixedVariant(group_size=32), precision, 32, embedding="e")] == [GPTQModifier]
+    tied = {**precision, "e": "w4", "lm_head": "w4"}  # the table on the menu: rounded first, lm_head by GPTQ
+    rounded, gptq = mixed_recipe(MixedVariant(group_size=32), tied, 32, embedding="e")
+    assert isinstance(rounded, QuantizationModifier) and rounded.config_groups["w4"].targets == ["e"]
+    assert gptq.config_groups["w4"].targets == ["a.q_proj", "a.down_proj", "lm_head"] and gptq.ignore == ["a.o_proj"]
 
 
 def blocks(count: int) -> dict[str, tuple[int, int]]:
@@ -325,3 +335,90 @@ def test_a_mixed_row_worse_than_a_uniform_one_with_fewer_bits_is_dominated_and_n
     assert [r.dominated_by for r in marked] == [None, None, "gptq", None, None]
     assert pick_best(marked, ConstraintsSpec(max_ppl_increase_pct=50))[0] == "gptq"
     assert pick_best(marked[2:4], ConstraintsSpec(max_ppl_increase_pct=50))[0] == "mixed-4.8"
+
+
+def test_gptq_errors_are_what_gptq_leaves_on_layers_whose_inputs_it_does_not_change(tiny_model):
+    """Block 0's q/k/v see the embeddings alone, so the sequential GPTQ run and the layer-wise solve must agree."""
+    from datasets import Dataset
+    from llmcompressor import oneshot
+
+    from quantflow.quantization.quantize import recipe_for
+    from quantflow.spec import GPTQVariant
+
+    model, names, groups, args, samples = scored_setup(tiny_model, 4)
+    errors = gptq_errors(model, groups, samples, args)
+    quantized = copy.deepcopy(model)
+    data = Dataset.from_dict({"input_ids": [s.tolist() for s in samples]})
+    recipe = recipe_for(GPTQVariant(group_size=32, symmetric=True, ignore=["lm_head"]), 32, "float32")
+    oneshot(model=quantized, recipe=recipe, dataset=data, num_calibration_samples=4, log_dir=None)
+    rtn = rtn_errors(model, groups, args)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"):
+        left = quantized.get_submodule(name).weight - model.get_submodule(name).weight
+        assert torch.allclose(errors[name]["w4"], left, atol=1e-5), (errors[name]["w4"] - left).abs().max()
+        assert not torch.allclose(errors[name]["w4"], rtn[name]["w4"], atol=1e-3)  # GPTQ moved the weights
+
+
+def test_embeddings_on_the_menu_untied_each_alone_tied_one_table_stored_twice():
+    untied = embedding_groups(["model.embed_tokens", "lm_head"], (1000, 64), False, ["w4", "w8", "bf16"], 32, True)
+    assert [g.layers for g in untied] == [["model.embed_tokens"], ["lm_head"]]
+    assert untied[0].bits == {"w4": 4.5, "w8": 8.25, "bf16": 16.0} and untied[0].weights == 64_000
+    (tied,) = embedding_groups(["model.embed_tokens", "lm_head"], (1000, 64), True, ["w4", "w8", "bf16"], 32, True)
+    assert tied.layers == ["model.embed_tokens", "lm_head"] and tied.weights == 64_000  # one table, counted once
+    assert tied.bits == {"w4": 9.0, "bf16": 16.0} and "w8 dropped" in tied.note  # two W8 copies cost more than bf16
+
+
+def test_an_embedding_shared_with_an_output_compressed_tensors_cannot_quantize_is_refused(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from quantflow.quantization.targets import mixed_groups
+    from quantflow.spec import MixedVariant
+
+    class Head(torch.nn.Module):  # an output layer that is no Linear, sharing the embedding's table
+        def __init__(self, weight):
+            super().__init__()
+            self.weight = weight
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model.lm_head = Head(model.model.embed_tokens.weight)
+    variant = MixedVariant(name="mixed-emb", group_size=32, embeddings=["w4"])
+    with pytest.raises(QuantflowError, match="shared with an output layer of type Head") as error:
+        mixed_groups(model, variant, 32)
+    assert "remove 'embeddings'" in error.value.fix
+    assert len(mixed_groups(model, variant.model_copy(update={"embeddings": []}), 32)) == 8
+
+
+def test_quantized_embeddings_ship_standard_compressed_tensors_and_load(tmp_path):
+    """A tied table on the menu: W4 embedding and lm_head in the artifact, counted in the allocation, shown in the
+    table and the map; it loads in transformers within embedding_load(), and without it still fails upstream."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from quantflow.evaluation.evaluate import load_for_eval
+    from tests.conftest import make_model
+
+    model = make_model(tmp_path / "tied", tie=True)
+    variant = {"method": "mixed", "name": "mixed-emb", "group_size": 32, "target_bits": 8, "embeddings": ["w4", "w8"]}
+    out = pipeline.run(
+        parse_spec(small_spec(model, tmp_path / "out", tmp_path / "cache", [variant])), progress=lambda _: None
+    )
+    (row,) = [r for r in load_report(out / "report.json").rows if r.name == "mixed-emb"]
+    assert row.precision["model.embed_tokens"] == row.precision["lm_head"] == "w4"
+    table = json.loads((out / "sensitivity-mixed-emb.json").read_text())
+    (tied,) = [g for g in table["groups"] if g["name"] == "model.embed_tokens+lm_head"]
+    assert tied["bits"] == {"w4": 9.0} and tied["score"]["w4"] > 0 and "w8 dropped" in tied["note"]
+    config = read_json(out / "mixed-emb" / "config.json")["quantization_config"]
+    targets = {t for g in config["config_groups"].values() for t in g["targets"]}
+    assert {"model.embed_tokens", "lm_head"} <= targets and "lm_head" not in config["ignore"]
+    with safe_open(str(out / "mixed-emb" / "model.safetensors"), "pt") as handle:
+        stored = set(handle.keys())
+    assert {"model.embed_tokens.weight_packed", "lm_head.weight_packed"} <= stored
+    assert "model.embed_tokens.weight" not in stored
+    original = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).model.embed_tokens.weight
+    loaded, _ = load_for_eval(str(out / "mixed-emb"), "cpu", "float32")
+    with torch.no_grad():
+        loaded(torch.tensor([[1, 2, 3]]))  # compressed-tensors decompresses at the first forward pass
+    table_error = (loaded.model.embed_tokens.weight - original).norm() / original.norm()
+    assert 0.01 < table_error.item() < 0.2, table_error  # W4's rounding, not a table written with unobserved scales
+    assert (out / "precision-mixed-emb.png").stat().st_size > 1000
+    with pytest.raises(AttributeError, match="'Embedding' object has no attribute 'weight'"):
+        AutoModelForCausalLM.from_pretrained(out / "mixed-emb")  # upstream: see quantflow/evaluation/embedding_load.py
