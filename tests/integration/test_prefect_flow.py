@@ -153,6 +153,7 @@ def test_deployment_ui_trigger_worker_artifacts_and_cache(deployed, worker, tiny
         "quantize mixed",
         "evaluate mixed",
         "report",
+        "progress",  # the run's progress bar, made in a task so that the UI lists it below the comparison and report
     }
     assert edges == {  # what each task consumes; the plan feeds only calibration and baseline
         ("plan", "calibration"),
