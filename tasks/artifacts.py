@@ -21,7 +21,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
-from quantflow.reporting.report import PLOTS, Report, load_report
+from quantflow.reporting.report import PLOTS, Report, load_report, speed_columns
 from quantflow.spec import RunSpec, short_model_name
 from quantflow.sweep import grid_size
 from tasks.credentials import store_credentials
@@ -58,8 +58,7 @@ def _or_dash(value: float | None, template: str) -> str:
 def comparison_rows(report: Report) -> list[dict]:
     """One row per variant, rounded for a reader (report.json keeps the full values), the best one marked; a decode
     column per batch size timed and the long-prompt prefill, the figures serving sees."""
-    batches = sorted({s["batch"] for r in report.rows for s in r.speed})
-    long = sorted({r.prefill["prompt_len"] for r in report.rows if r.prefill})
+    batches, long = speed_columns(report)
     rows = []
     for r in report.rows:
         decode = {s["batch"]: s["decode_tokens_per_s"] for s in r.speed}

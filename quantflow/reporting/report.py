@@ -324,12 +324,18 @@ def _speed(row: Row, batch: int, field: str) -> str:
     return f"{match[0][field]:.1f}" if match else "–"
 
 
+def speed_columns(report: Report) -> tuple[list[int], list[int]]:
+    """The batch sizes timed and the long-prompt lengths prefilled over all rows: one column each, in every table."""
+    batches = sorted({s["batch"] for r in report.rows for s in r.speed})
+    return batches, sorted({r.prefill["prompt_len"] for r in report.rows if r.prefill})
+
+
 def _long_prefill(row: Row, prompt_len: int) -> str:
     return f"{row.prefill['tokens_per_s']:.1f}" if row.prefill and row.prefill["prompt_len"] == prompt_len else "–"
 
 
 def markdown(report: Report) -> str:
-    batches = sorted({s["batch"] for r in report.rows for s in r.speed})
+    batches, long = speed_columns(report)
     head = [
         "variant",
         "method",
@@ -342,7 +348,6 @@ def markdown(report: Report) -> str:
         "size ×",
         "peak mem MiB",
     ]
-    long = sorted({r.prefill["prompt_len"] for r in report.rows if r.prefill})
     head += (
         [f"decode tok/s b{b}" for b in batches]
         + [f"prefill tok/s b{b}" for b in batches]
