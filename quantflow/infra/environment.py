@@ -39,6 +39,7 @@ def environment() -> dict:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "cpu": cpu_model(),
+        "cpu_kernels": cpu_kernels(),
         "torch_threads": torch.get_num_threads(),
         "packages": {name: package_version(name) for name in PACKAGES},
         "cuda": torch.version.cuda if cuda else None,
@@ -54,6 +55,20 @@ def cpu_model() -> str:
     lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
     names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
     return names[0] if names else platform.processor() or platform.machine()
+
+
+def cpu_kernels() -> str:
+    """Which CPU kernels torch runs here: the CPU generation (family and model; VMs often name only "AMD EPYC") and
+    torch's vector capability (AVX2, AVX512, ...) decide the kernels and so the order of GPTQ's and AWQ's float sums.
+    Printed digits are comparable between runs only where this string and the thread count match."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    fields = dict(line.split(":", 1) for line in lines[: lines.index("")] if ":" in line) if "" in lines else {}
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    generation = (
+        f"family {fields['cpu family']} model {fields['model']}" if "cpu family" in fields else platform.machine()
+    )
+    return f"{generation}, {torch.backends.cpu.get_cpu_capability()}"
 
 
 def code_version(*names: str) -> dict:

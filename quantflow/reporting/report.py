@@ -426,7 +426,7 @@ def markdown(report: Report) -> str:
         f"torch {env['packages']['torch']}, transformers {env['packages']['transformers']}, llmcompressor "
         f"{env['packages']['llmcompressor']}, compressed-tensors {env['packages']['compressed-tensors']}, "
         f"bitsandbytes {env['packages']['bitsandbytes']}, CUDA {env['cuda']}, GPU {env['gpu']}, {env['cpu_count']} "
-        f"CPUs ({env.get('cpu', 'model not recorded')}, torch threads {env.get('torch_threads', 'not recorded')}), "
+        f"CPUs ({env.get('cpu', 'model not recorded')}, {env.get('cpu_kernels', 'kernels not recorded')}, torch threads {env.get('torch_threads', 'not recorded')}), "
         f"Python {env['python']}. Report schema {report.schema_version}.",
         "",
     ]

@@ -223,10 +223,10 @@ def test_invalid_spec_is_refused_at_submission(deployed, monkeypatch, variant, f
     assert field in (result.stdout + result.stderr) and "Created flow run" not in result.stdout
 
 
-SWEEP = {  # 8 variants run; group 128 divides only down_proj's 128 inputs (dropped at plan), AWQ is W4 only
-    "methods": ["rtn", "fp8", "int8", "awq"],
+SWEEP = {  # 4 variants run; group 128 divides only down_proj's 128 inputs (dropped at plan), AWQ is W4 only
+    "methods": ["rtn", "fp8", "awq"],
     "bits": [4, 8],
-    "group_sizes": [16, 32, 128],
+    "group_sizes": [32, 128],
     "symmetric": [False],
     "settings": {"awq": {"n_grid": 3}},
 }
@@ -251,15 +251,10 @@ def test_a_sweep_fans_out_over_two_gpu_workers(deployed, worker, tiny_model, tmp
     assert parent.state.is_completed(), parent.state
     report = read_json(tmp_path / "out" / "report.json")
     ran = {row["name"] for row in report["rows"]} - {"baseline"}
-    assert ran == {f"rtn-w{b}-g{g}-asym" for b in (4, 8) for g in (16, 32)} | {
-        "fp8",
-        "int8",
-        "awq-w4-g16-asym-n_grid3",
-        "awq-w4-g32-asym-n_grid3",
-    }
+    assert ran == {"rtn-w4-g32-asym", "rtn-w8-g32-asym", "fp8", "awq-w4-g32-asym-n_grid3"}
     dropped = {d["name"]: d["reason"] for d in report["dropped"]}
-    assert "does not divide the input width" in dropped["rtn-w4-g128-asym"] and len(dropped) == 2 + 3 + 1
-    assert "bits: Input should be 4" in dropped["awq-w8-g16-asym-n_grid3"]
+    assert "does not divide the input width" in dropped["rtn-w4-g128-asym"] and len(dropped) == 2 + 2 + 1
+    assert "bits: Input should be 4" in dropped["awq-w8-g32-asym-n_grid3"]
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "## Sweep combinations left out" in markdown and "**rtn-w8-g128-asym**: variant" in markdown
     assert report["pareto"] and set(report["pareto"]) <= ran | {"baseline"}
