@@ -110,13 +110,18 @@ def serve_locally(port: int, home: Path, announce: Callable[[str], None], spec: 
     os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
     os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_SECONDS))
     ensure_zombie_automation()
-    announce(f"Prefect UI: http://127.0.0.1:{port}  (deployment quantflow/quantflow-local; Ctrl-C stops)")
     try:
         from flows.quantize import quantflow_run
+        from flows.run import ui_link
         from quantflow.devtools.demo import demo_spec
 
         # the form opens on the demo's spec by default: a run that fits a laptop's CPU as it stands (about 10 minutes)
-        defaults = {"spec": (spec or demo_spec()).model_dump(mode="json")}
-        quantflow_run.serve(name="quantflow-local", tags=["quantflow", "local"], parameters=defaults)
+        served = {"name": "quantflow-local", "tags": ["quantflow", "local"]}
+        served["parameters"] = {"spec": (spec or demo_spec()).model_dump(mode="json")}
+        deployment_id = quantflow_run.to_deployment(**served).apply()  # the id for the link; serve keeps it
+        form = ui_link(f"http://127.0.0.1:{port}", f"deployments/deployment/{deployment_id}/run")
+        announce(f"Prefect UI: http://127.0.0.1:{port}  run form: {form}  (Ctrl-C stops)")
+        # Prefect's own starting message links the V1 UI (see ui_link)
+        quantflow_run.serve(**served, print_starting_message=False)
     finally:
         stop_server(server)

@@ -27,6 +27,18 @@ from quantflow.errors import QuantflowError
 from quantflow.spec import RunSpec
 
 LOCAL_UI = "http://127.0.0.1:4200"
+
+
+def ui_link(server: str, path: str) -> str:
+    """A page of Prefect's UI on ``server`` (its address without /api). Prefect 3.9 opens the V2 UI only for its
+    root; a deep link without /v2 lands in the V1 UI, whose run form draws each variant as a raw JSON editor. So
+    links go to the V2 UI unless the user turned it off (PREFECT_SERVER_UI_V2_ENABLED=false)."""
+    from prefect.settings import get_current_settings
+
+    v2 = "/v2" if get_current_settings().server.ui.v2_enabled else ""
+    return f"{server.rstrip('/')}{v2}/{path.lstrip('/')}"
+
+
 STARTUP_WAIT_S = 180
 
 
@@ -81,12 +93,12 @@ def run_flow(spec: RunSpec) -> tuple[Path, str]:
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
         )
     if PREFECT_API_URL.value():
-        ui = f"{PREFECT_UI_URL.value() or PREFECT_API_URL.value().removesuffix('/api')}/runs/flow-run/{run_id}"
+        ui = ui_link(PREFECT_UI_URL.value() or PREFECT_API_URL.value().removesuffix("/api"), f"runs/flow-run/{run_id}")
         where = f"Prefect flow run '{run.name}': {ui}"
     else:
         where = (
             f"Prefect flow run '{run.name}' is recorded in {PREFECT_HOME.value()}; `quantflow serve` shows it at "
-            f"{LOCAL_UI}/runs/flow-run/{run_id}"
+            f"{ui_link(LOCAL_UI, f'runs/flow-run/{run_id}')}"
         )
     # Prefect stops its temporary server at exit, once the console has its terminal back: that INFO line is noise
     logging.getLogger("prefect").setLevel(logging.WARNING)

@@ -91,6 +91,11 @@ def test_serve_starts_a_server_and_registers_the_deployment(tmp_path):
         # the browser UI asks this server, not Prefect's default port (it showed "Can't connect" with --port 4300)
         ui = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/ui-settings", timeout=5).read())
         assert ui["api_url"] == f"http://127.0.0.1:{port}/api", ui
+        # the printed link opens the run form in the V2 UI (a deep link without /v2 lands in V1's JSON editors)
+        form = f"http://127.0.0.1:{port}/v2/deployments/deployment/{found['quantflow-local']['id']}/run"
+        assert f"run form: {form}" in log.read_text() and "/deployments/deployment/" not in log.read_text().replace(
+            form, ""
+        )
     finally:
         stop_group(process, signal.SIGINT, 60)  # the runner pauses its deployment, then the server gets up to 10 s
     assert process.returncode != -signal.SIGKILL, log.read_text()[-3000:]  # it stopped on Ctrl-C

@@ -55,7 +55,7 @@ def test_prefect_run_keeps_prefect_and_library_lines_in_the_log_and_records_the_
     }
     console = console_of(run(tiny_model, tmp_path, ["rtn"], env=env))
     assert "Traceback" not in console  # e.g. the server's telemetry heartbeat racing SQLite
-    assert f"is recorded in {tmp_path / 'prefect'}" in console and "http://127.0.0.1:4200/runs/flow-run/" in console
+    assert f"is recorded in {tmp_path / 'prefect'}" in console and "http://127.0.0.1:4200/v2/runs/flow-run/" in console
     assert "quantflow-comparison" in console
     assert (tmp_path / "prefect" / "prefect.db").is_file() and (
         tmp_path / "out" / "rtn" / "model.safetensors"
