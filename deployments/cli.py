@@ -386,24 +386,29 @@ def server(
     import time
 
     from deployments.local import start_server, stop_server
-    from deployments.postgres import database_url, stop_postgres
+    from deployments.postgres import database_url, shown, stop_postgres
 
     try:
         url = database_url(database, data)
+    except QuantflowError as error:
+        _fail(error)
+    try:
         if url:
             os.environ["PREFECT_API_DATABASE_CONNECTION_URL"] = url
             os.environ.setdefault("PREFECT_SERVER_DATABASE_TIMEOUT", "10")  # Prefect's default: no lock queue to wait
         process = start_server(port, home)
-    except QuantflowError as error:
-        _fail(error)
-    typer.echo(f"[quantflow] Prefect server at http://127.0.0.1:{port}/api on {database} (Ctrl-C stops)", err=True)
-    try:
-        while process.poll() is None:
-            time.sleep(1)
+        where = shown(url) if url and database != "postgres" else database
+        typer.echo(f"[quantflow] Prefect server at http://127.0.0.1:{port}/api on {where} (Ctrl-C stops)", err=True)
+        try:
+            while process.poll() is None:
+                time.sleep(1)
+        finally:
+            stop_server(process)
     except KeyboardInterrupt:
         pass
-    finally:
-        stop_server(process)
+    except QuantflowError as error:
+        _fail(error)
+    finally:  # the local PostgreSQL stops with the server, also when the server never came up
         if database == "postgres":
             stop_postgres(data)
 

@@ -7,6 +7,9 @@ behaviour (files, states, relations between numbers), not model quality.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +101,19 @@ def small_spec(model: Path, out: Path, cache: Path, variants: list[dict], **eval
         "output": {"dir": str(out), "cache_dir": str(cache)},
         "device": "cpu",
     }
+
+
+def run_interpreted(module: str, function: str) -> dict:
+    """``module.function()``'s JSON result from a child process under Triton's CPU interpreter: Triton reads
+    TRITON_INTERPRET once, before it compiles anything, and this process may hold compiled kernels."""
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(root), *sys.path])}
+    code = f"import json; from {module} import {function}; print(json.dumps({function}()))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def read_json(path: Path) -> dict:

@@ -10,6 +10,7 @@ A one-row product (batch-1 decode) runs on ``quantflow.kernels.fp8_gemv`` (and t
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 from torch import nn
@@ -18,11 +19,13 @@ from quantflow.kernels.e4m3 import E4M3, E4M3_MAX
 
 GEMV_ROWS = 1  # batch-1 decode runs on quantflow.kernels.fp8_gemv; from 2 rows _scaled_mm was as fast or faster
 _HAS_TRITON = importlib.util.find_spec("triton") is not None  # CUDA builds of torch ship it; CPU builds do not
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: how CI runs the kernels
 
 
 def on_gemv(flat: torch.Tensor) -> bool:
-    """Whether rows [rows, in] take the one-row Triton kernels (batch-1 decode) instead of ``_scaled_mm``."""
-    return flat.shape[0] <= GEMV_ROWS and flat.is_cuda and _HAS_TRITON
+    """Whether rows [rows, in] take the one-row Triton kernels (batch-1 decode) instead of ``_scaled_mm``: on CUDA, or
+    on CPU tensors under Triton's interpreter (tests/unit/test_fp8_kernels.py)."""
+    return flat.shape[0] <= GEMV_ROWS and _HAS_TRITON and (flat.is_cuda or _INTERPRETED)
 
 
 class FP8Linear(nn.Module):

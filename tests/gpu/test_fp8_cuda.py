@@ -1,4 +1,6 @@
-"""FP8 matmuls on the GPU: the runtime picks them on cards that have them and matches the reference maths."""
+"""FP8 matmuls on the GPU: the runtime picks them on cards that have them and matches the reference maths, the Triton
+kernels at real shapes, compiled and in CUDA graphs. The same kernels run at small shapes under Triton's CPU
+interpreter in CI (tests/unit/test_fp8_kernels.py)."""
 
 import itertools
 

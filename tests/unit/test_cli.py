@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import small_spec
 
 
@@ -133,3 +135,28 @@ def test_the_temporary_server_gets_quantflows_longer_startup_wait_when_the_user_
     with pytest.raises(QuantflowError, match=f"did not answer within {flows.run.STARTUP_WAIT_S} s"):
         flows.run.run_flow(None)
     assert seen == [flows.run.STARTUP_WAIT_S]
+
+
+@pytest.mark.parametrize(
+    ("database", "said"),
+    [
+        (
+            "postgresql://bob:s3cret-pw@127.0.0.1:1/prefect",
+            "cannot connect to the PostgreSQL at postgresql+asyncpg://bob:***@",
+        ),
+        ("postgres://bob:s3cret-pw@db-host:port/prefect", "--database is not a valid PostgreSQL URL"),
+        ("postgres", "initdb: error: could not access directory"),
+        ("mysql://bob:s3cret-pw@db-host/prefect", "unknown database"),
+    ],
+)
+def test_a_database_the_server_cannot_use_is_one_clear_error_before_prefect_starts(tmp_path, database, said):
+    """A wrong URL (refused, malformed) or a local PostgreSQL that cannot start (its data folder is a file): the error
+    and its fix, no traceback, none of the wheel's log, no password shown, no Prefect server started."""
+    (tmp_path / "a-file").write_text("")
+    home = tmp_path / "prefect"
+    args = ("--database", database, "--home", str(home), "--data", str(tmp_path / "a-file"), "--port", "1")
+    result = quantflow("server", *args, timeout=120)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and len(lines) == 2, result.stderr
+    assert lines[0].startswith("error: ") and said in lines[0] and lines[1].startswith("  fix: "), result.stderr
+    assert "s3cret-pw" not in result.stderr + result.stdout and not home.exists()

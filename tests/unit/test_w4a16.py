@@ -8,16 +8,11 @@ runs on the same layout and tiling here, and tests/gpu/test_w4a16_cuda.py checks
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).parents[2]
+from tests.conftest import run_interpreted
+
 # (out, in, group or None for channel-wise, symmetric, rows, split_k): groups 16/32/64/128/192 and channel-wise, sym
 # and asym, K tiles of 128 (several groups each, or part of one) and 64, N not a multiple of 64, 1-16 rows (padded to
 # 16) and 17-32 (padded to 32), split-K off, even and running short
@@ -96,13 +91,7 @@ def interpreted_checks() -> dict:
 @pytest.fixture(scope="module")
 def interpreted():
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
-    code = "import json; from tests.unit.test_w4a16 import interpreted_checks; print(json.dumps(interpreted_checks()))"
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_interpreted("tests.unit.test_w4a16", "interpreted_checks")
 
 
 @pytest.mark.parametrize("case", range(len(CASES)), ids=[str(case) for case in CASES])
