@@ -378,8 +378,12 @@ def server(
         "sqlite", help="sqlite (one person), postgres (a local PostgreSQL, for teams) or a postgresql://... URL."
     ),
     port: int = typer.Option(4200, help="Port of the Prefect server (API and UI)."),
-    home: Path = typer.Option(Path(".quantflow/prefect"), help="PREFECT_HOME of the server."),
-    data: Path = typer.Option(Path(".quantflow/postgres"), help="Data folder of the local PostgreSQL (postgres)."),
+    home: Optional[Path] = typer.Option(
+        None, help="PREFECT_HOME of the server; default $PREFECT_HOME, else $QUANTFLOW_HOME/prefect."
+    ),
+    data: Optional[Path] = typer.Option(
+        None, help="Data folder of the local PostgreSQL (postgres); default $QUANTFLOW_HOME/postgres."
+    ),
 ) -> None:
     """Start a Prefect server for workers to share, on SQLite or PostgreSQL; Ctrl-C stops it."""
     import os
@@ -387,6 +391,11 @@ def server(
 
     from deployments.local import start_server, stop_server
     from deployments.postgres import database_url, shown, stop_postgres
+    from deployments.prefect_home import prefect_home
+    from quantflow.infra.home import quantflow_home
+
+    # like `serve` and `run`: nothing outside QUANTFLOW_HOME (these defaulted to .quantflow/ in the current folder)
+    home, data = home or prefect_home(), data or quantflow_home() / "postgres"
 
     try:
         url = database_url(database, data)
