@@ -20,7 +20,7 @@ class KVCacheRecord(BaseModel):
     """The KV cache of one evaluated model."""
 
     precision: str  # 'bf16' for the model's own dtype, else the scheme's format ('fp8')
-    bytes_per_token: int  # layers x KV heads x head dim x 2 (K and V) x bytes per element
+    bytes_per_token: int | None  # layers x KV heads x head dim x 2 (K and V) x bytes per element
     long_window: int | None = None  # tokens per window of the long-context perplexity (None: not measured)
     long_perplexity: float | None = None
     long_scored_tokens: int = 0
@@ -35,14 +35,17 @@ def kv_precision(model: torch.nn.Module) -> str:
     return "bf16"
 
 
-def bytes_per_token(config, precision: str) -> int:
+def bytes_per_token(config, precision: str) -> int | None:
     """KV-cache bytes one token costs over all layers: the config's layers, KV heads and head dim; 2 bytes per
-    element in bf16, 1 in an 8-bit cache (the per-tensor scales are a few bytes per layer, not per token)."""
+    element in bf16, 1 in an 8-bit cache (the per-tensor scales are a few bytes per layer, not per token). None for
+    a config that does not name them the standard way (no guess)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = text.num_attention_heads
+    layers, heads = getattr(text, "num_hidden_layers", None), getattr(text, "num_attention_heads", None)
+    if not layers or not heads:
+        return None
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    return text.num_hidden_layers * kv_heads * head_dim * 2 * (2 if precision == "bf16" else 1)
+    return layers * kv_heads * head_dim * 2 * (2 if precision == "bf16" else 1)
 
 
 class Capacity(BaseModel):

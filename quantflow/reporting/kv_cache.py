@@ -12,13 +12,13 @@ class KVCacheRow(BaseModel):
     """A row's KV cache as reported (``rows[].kv_cache`` in report.json)."""
 
     precision: str
-    bytes_per_token: int
+    bytes_per_token: int | None
     long_window: int | None = None
     long_perplexity: float | None = None
     long_ppl_delta_pct: float | None = None  # against the baseline (bf16 weights, bf16 cache)
     paired_with: str | None = None  # the row with the same weights and a bf16 cache
     kv_ppl_delta_pct: float | None = None  # the cache's own cost: against ``paired_with``
-    capacity: Capacity
+    capacity: Capacity | None  # None when the config does not give the bytes per token
 
 
 def _delta(value: float | None, reference: float | None) -> float | None:
@@ -46,7 +46,9 @@ def kv_rows(names: list[str], records: list[KVCacheRecord | None], weights: list
                 long_ppl_delta_pct=_delta(record.long_perplexity, reference),
                 paired_with=paired if paired in long else None,
                 kv_ppl_delta_pct=_delta(record.long_perplexity, long.get(paired)),
-                capacity=capacity(size, record.bytes_per_token, card_memory_gb, record.long_window),
+                capacity=capacity(size, record.bytes_per_token, card_memory_gb, record.long_window)
+                if record.bytes_per_token
+                else None,
             )
         )
     return result
@@ -62,7 +64,7 @@ def kv_section(names: list[str], rows: list[KVCacheRow | None]) -> list[str]:
     if not measured:
         return []
     window = measured[0][1].long_window
-    card = measured[0][1].capacity.card_memory_gb
+    card = next((row.capacity.card_memory_gb for _, row in measured if row.capacity), 0)
     head = [
         "variant",
         "KV cache",
@@ -83,12 +85,12 @@ def kv_section(names: list[str], rows: list[KVCacheRow | None]) -> list[str]:
         cells = [
             name,
             row.precision,
-            str(row.bytes_per_token),
+            _cell(row.bytes_per_token, ","),
             _cell(row.long_perplexity, ".3f"),
             _cell(row.long_ppl_delta_pct, "+.2f"),
             _cell(row.kv_ppl_delta_pct, "+.2f"),
-            f"{row.capacity.max_kv_tokens:,}",
-            _cell(row.capacity.max_batch, ","),
+            _cell(row.capacity.max_kv_tokens if row.capacity else None, ","),
+            _cell(row.capacity.max_batch if row.capacity else None, ","),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
