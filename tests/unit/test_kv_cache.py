@@ -144,3 +144,23 @@ def test_the_axis_refuses_a_repeated_option_and_a_name_its_twins_take(tiny_model
     spec = parse_spec(small_spec(tiny_model, tmp_path / "o", tmp_path / "c", variants, kv_cache=["bf16", "fp8"]))
     with pytest.raises(QuantflowError, match="'rtn-kv-fp8' is taken by the kv_cache axis's twin of 'rtn'"):
         plan(spec, lambda _: None)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq", "awq-gptq", "autoround", "fp8", "int8", "nvfp4"])
+def test_every_recipe_takes_the_kv_scheme_on_its_last_quantizer_and_keeps_its_settings(method):
+    from llmcompressor.modifiers.quantization.quantization.mixin import QuantizationMixin
+
+    from quantflow.quantization.kv_cache import with_kv_cache
+    from quantflow.quantization.quantize import recipe_for
+
+    variant = parse_spec({"variants": [{"method": method}]}).variants[0]
+    recipe = recipe_for(variant, 32 if hasattr(variant, "group_size") else None)
+    assert with_kv_cache(recipe, "bf16") is recipe
+    with_kv = with_kv_cache(recipe, "fp8")
+    assert [type(m) for m in with_kv] == [type(m) for m in recipe]
+    last = max(i for i, m in enumerate(recipe) if isinstance(m, QuantizationMixin))
+    assert with_kv[last].kv_cache_scheme.type == "float" and with_kv[last].kv_cache_scheme.num_bits == 8
+    assert with_kv[last].requires_calibration_data
+    unchanged = recipe[last].model_dump(exclude={"kv_cache_scheme", "requires_calibration_data"})
+    assert with_kv[last].model_dump(exclude={"kv_cache_scheme", "requires_calibration_data"}) == unchanged
+    assert all(a is b for i, (a, b) in enumerate(zip(recipe, with_kv, strict=True)) if i != last)
