@@ -108,7 +108,8 @@ def sensitivity_key(plan: Plan, variant: MixedVariant, calibration: CalibrationR
 
 
 def eval_key(plan: Plan, subject: str, baseline: str | None) -> str:
-    return content_key("evaluate", subject, plan.spec.evaluation, plan.device, baseline, code_version(*EVAL_PACKAGES))
+    measured = plan.spec.evaluation.model_dump(mode="json", exclude={"card_memory_gb"})  # the card: report arithmetic
+    return content_key("evaluate", subject, measured, plan.device, baseline, code_version(*EVAL_PACKAGES))
 
 
 def variant_eval_key(plan: Plan, variant: PlannedVariant, quantized: Quantized) -> str:

@@ -164,3 +164,13 @@ def test_every_recipe_takes_the_kv_scheme_on_its_last_quantizer_and_keeps_its_se
     unchanged = recipe[last].model_dump(exclude={"kv_cache_scheme", "requires_calibration_data"})
     assert with_kv[last].model_dump(exclude={"kv_cache_scheme", "requires_calibration_data"}) == unchanged
     assert all(a is b for i, (a, b) in enumerate(zip(recipe, with_kv, strict=True)) if i != last)
+
+
+def test_the_card_size_is_report_arithmetic_and_reuses_every_evaluation(tiny_model, tmp_path):
+    from quantflow.pipeline.steps import baseline_key
+
+    def key(**evaluation) -> str:
+        spec = small_spec(tiny_model, tmp_path / "o", tmp_path / "c", [{"method": "rtn"}], **evaluation)
+        return baseline_key(plan(parse_spec(spec), lambda _: None))
+
+    assert key(card_memory_gb=24) == key(card_memory_gb=80) != key(kv_cache=["bf16", "fp8"])
