@@ -180,22 +180,7 @@ def _plan(spec: RunSpec, progress: Progress) -> Plan:
     checked = [*spec.variants, *swept, *(twin for twin, _ in twins)]
     key = shapes_key(model, checked, spec.model.trust_remote_code, kv)
     shapes = cache.lookup("plan", key, Shapes) or check_shapes(model, checked, spec.model.trust_remote_code, kv)
-    swept_names = {variant.name for variant in swept}
-    asked_twins = [twin for twin, base in twins if base not in swept_names]
-    # these must fit, or the plan is refused: the baseline's twins first, so a KV-cache misfit names the axis
-    first = [twin for twin in asked_twins if isinstance(twin, KVCacheVariant)]
-    asked = [*first, *spec.variants, *(twin for twin in asked_twins if not isinstance(twin, KVCacheVariant))]
-    schemes = {variant.name: fitted(shapes.fitted[variant.name], variant, spec, device) for variant in asked}
-    kept = []
-    bases = {twin.name: base for twin, base in twins}
-    for variant in [*swept, *(twin for twin, base in twins if base in swept_names)]:  # bases before their twins
-        if variant.name in bases and bases[variant.name] not in schemes:
-            continue  # its weight variant was left out: so is the twin
-        try:
-            schemes[variant.name] = fitted(shapes.fitted[variant.name], variant, spec, device)
-            kept.append(variant)
-        except QuantflowError as error:
-            dropped.append(Dropped(name=variant.name, reason=error.problem))
+    schemes, kept, asked_twins = fit_all(spec, shapes, swept, twins, dropped, device)
     if spec.sweep is not None and not spec.variants and not kept:
         reasons = "; ".join(f"{d.name}: {d.reason}" for d in dropped[:5])
         raise QuantflowError(f"no combination of the sweep fits this model ({reasons})", "widen or change the grid")
@@ -212,6 +197,36 @@ def _plan(spec: RunSpec, progress: Progress) -> Plan:
         dropped=dropped + unpaired,
         kv={name: option for name, option in kv.items() if name in schemes},
     )
+
+
+def fit_all(
+    spec: RunSpec,
+    shapes: Shapes,
+    swept: list[Variant],
+    twins: list[tuple[PlannedVariant, str]],
+    dropped: list[Dropped],
+    device: str,
+) -> tuple[dict[str, Scheme | None], list[PlannedVariant], list[PlannedVariant]]:
+    """Each variant's scheme: the spec's variants and the twins of them and of the baseline must fit, or the plan is
+    refused (the baseline's twins first, so a KV-cache misfit names the axis); a sweep's combinations and their twins
+    that do not fit are added to ``dropped``. Returns the schemes, the sweep's kept variants and twins, and the
+    spec's twins."""
+    swept_names = {variant.name for variant in swept}
+    asked_twins = [twin for twin, base in twins if base not in swept_names]
+    first = [twin for twin in asked_twins if isinstance(twin, KVCacheVariant)]
+    asked = [*first, *spec.variants, *(twin for twin in asked_twins if not isinstance(twin, KVCacheVariant))]
+    schemes = {variant.name: fitted(shapes.fitted[variant.name], variant, spec, device) for variant in asked}
+    kept = []
+    bases = {twin.name: base for twin, base in twins}
+    for variant in [*swept, *(twin for twin, base in twins if base in swept_names)]:  # bases before their twins
+        if variant.name in bases and bases[variant.name] not in schemes:
+            continue  # its weight variant was left out: so is the twin
+        try:
+            schemes[variant.name] = fitted(shapes.fitted[variant.name], variant, spec, device)
+            kept.append(variant)
+        except QuantflowError as error:
+            dropped.append(Dropped(name=variant.name, reason=error.problem))
+    return schemes, kept, asked_twins
 
 
 class Fitted(BaseModel):

@@ -174,3 +174,13 @@ def test_the_card_size_is_report_arithmetic_and_reuses_every_evaluation(tiny_mod
         return baseline_key(plan(parse_spec(spec), lambda _: None))
 
     assert key(card_memory_gb=24) == key(card_memory_gb=80) != key(kv_cache=["bf16", "fp8"])
+
+
+def test_a_sweeps_combinations_get_twins_and_a_dropped_one_takes_its_twin_along(tiny_model, tmp_path):
+    spec = small_spec(tiny_model, tmp_path / "o", tmp_path / "c", [], kv_cache=["bf16", "fp8"])
+    spec = parse_spec({**spec, "variants": [], "sweep": {"methods": ["rtn"], "group_sizes": [32, 128]}})
+    planned = plan(spec, lambda _: None)
+    names = [v.name for v in planned.variants]
+    assert names == ["rtn-w4-g32-sym", "rtn-w4-g32-sym-kv-fp8", "baseline-kv-fp8"], names
+    assert [d.name for d in planned.dropped] == ["rtn-w4-g128-sym"]
+    assert set(planned.kv) == {"rtn-w4-g32-sym-kv-fp8", "baseline-kv-fp8"}
