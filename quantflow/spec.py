@@ -368,6 +368,19 @@ BRANCH_TITLES = {
     "mixed": "Mixed",
 }
 Variant = Annotated[Union[_BRANCHES], Field(discriminator="method"), _FormBranches()]
+
+
+class KVCacheVariant(_Strict):
+    """The unquantized weights with a quantized KV cache: the baseline's twin on the kv_cache axis. The plan makes
+    it; a spec does not list it."""
+
+    name: str = Field(..., pattern=NAME_PATTERN)
+    method: Literal["kv-cache"] = "kv-cache"
+    ignore: list[str] = []
+
+
+# what a plan builds and evaluates: the spec's variants, the sweep's, and the kv_cache axis's twins
+PlannedVariant = Annotated[Union[_BRANCHES + (KVCacheVariant,)], Field(discriminator="method")]
 METHODS = (
     "rtn",
     "gptq",
@@ -444,6 +457,9 @@ DEFAULT_PROMPTS = [
 ]
 
 
+KVCacheOption = Literal["bf16", "fp8"]
+
+
 class LmEvalSpec(_Strict):
     """lm-evaluation-harness tasks run on every variant (needs ``pip install 'quantflow[lm-eval]'`` and the tasks'
     data)."""
@@ -483,6 +499,38 @@ class EvaluationSpec(_Strict):
     lm_eval: LmEvalSpec | None = Field(
         None, description="lm-evaluation-harness tasks scored on every variant (null = none)."
     )
+    kv_cache: list[KVCacheOption] = Field(
+        ["bf16"],
+        min_length=1,
+        description="KV-cache precisions each model is evaluated with: 'bf16', and 'fp8' for llm-compressor's "
+        "calibrated FP8 KV cache (per-tensor k/v scales stored in the artifact, as vLLM reads them); with 'fp8' the "
+        "baseline and every weight variant get a '-kv-fp8' twin (docs/evaluation.md).",
+    )
+    long_context: int | None = Field(
+        None,
+        ge=0,
+        description="Tokens per window of the long-context perplexity. Null = 4 x window (capped at the model's "
+        "context) when kv_cache lists 'fp8', else skipped; 0 = skip.",
+    )
+    card_memory_gb: float = Field(
+        80,
+        gt=0,
+        description="Card memory (GB) for the report's capacity figures: the most KV-cache tokens, and the largest "
+        "batch at the long context, that fit beside each model's weights.",
+    )
+
+    @field_validator("kv_cache")
+    @classmethod
+    def _distinct(cls, options: list[str]) -> list[str]:
+        if len(set(options)) != len(options):
+            raise ValueError(f"kv_cache repeats an option: {options}")
+        return options
+
+    def long_window(self) -> int:
+        """Tokens per long-context window before the model's context caps it; 0 when the measurement is off."""
+        if self.long_context is not None:
+            return self.long_context
+        return 4 * self.window if any(option != "bf16" for option in self.kv_cache) else 0
 
 
 class ConstraintsSpec(_Strict):

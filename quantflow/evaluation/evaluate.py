@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
 
 from quantflow.errors import QuantflowError
+from quantflow.evaluation.kv_cache import KVCacheRecord, bytes_per_token, kv_precision
 from quantflow.evaluation.lm_eval_tasks import run_tasks
 from quantflow.infra import progress
 from quantflow.infra.resources import peak_memory_mb, placement_budget, reset_peak_memory, visible_devices
@@ -83,6 +84,7 @@ class EvalRecord(BaseModel):
     visible_devices: str | None = None
     phase_seconds: dict[str, float] = {}  # where an evaluation's time goes: load, quality, speed, samples, lm_eval
     prefill: PrefillRecord | None = None
+    kv_cache: KVCacheRecord | None = None
 
 
 def windows(total: int, span: int, stride: int, limit: int | None) -> list[Window]:
@@ -256,6 +258,7 @@ def evaluate_model(
         ids = eval_tokens(texts, tokenizer)
         span, bos = window_span(spec, model, tokenizer)
         nll, count, kl, kl_count = score(model, ids, spec, span, bos, baseline, save_baseline)
+        kv_cache = kv_record(model, tokenizer, ids, spec)
     with timed(phases, "speed"):
         speed = measure_speed(model, spec.speed) if spec.speed else []
         prefill = measure_prefill(model, spec.speed) if spec.speed else None
@@ -287,6 +290,7 @@ def evaluate_model(
         kl_tokens=kl_count if baseline or save_baseline else 0,
         speed=speed,
         prefill=prefill,
+        kv_cache=kv_cache,
         peak_memory_mb=peak,
         memory_kind=kind,
         size_bytes=size[0],
@@ -297,6 +301,33 @@ def evaluate_model(
         lm_eval=tasks,
         visible_devices=visible_devices(),
         phase_seconds=phases,
+    )
+
+
+def kv_record(model, tokenizer, ids: torch.Tensor, spec: EvaluationSpec) -> KVCacheRecord:
+    """The model's KV cache: its precision, bytes per token and, when asked, the perplexity at a long context (the
+    cache's error grows with the keys it holds). The long windows score about as many tokens as the main ones."""
+    precision = kv_precision(model)
+    record = KVCacheRecord(precision=precision, bytes_per_token=bytes_per_token(model.config, precision))
+    if not spec.long_window():
+        return record
+    budget = spec.max_windows * spec.window if spec.max_windows else None
+    long = spec.model_copy(
+        update={
+            "window": spec.long_window(),
+            "stride": None,
+            "kl_tokens": 0,
+            "max_windows": max(1, budget // spec.long_window()) if budget else None,
+        }
+    )
+    span, bos = window_span(long, model, tokenizer)
+    nll, count, _, _ = score(model, ids, long, span, bos, None, None)
+    return record.model_copy(
+        update={
+            "long_window": span + (bos is not None),
+            "long_perplexity": round(math.exp(nll), 4),
+            "long_scored_tokens": count,
+        }
     )
 
 

@@ -17,6 +17,7 @@ from quantflow.infra.progress import stage
 from quantflow.infra.resources import Resources, check_fits, pick_device
 from quantflow.inputs.corpus import check_source
 from quantflow.inputs.sources import ModelRef, resolve_model
+from quantflow.quantization.kv_cache import check_attention, twin_name
 from quantflow.quantization.mixed import check_budget, rule_order
 from quantflow.quantization.moe import check_experts, routers_kept
 from quantflow.quantization.quantize import (
@@ -28,12 +29,22 @@ from quantflow.quantization.quantize import (
     weightless_model,
 )
 from quantflow.quantization.targets import mixed_groups
-from quantflow.spec import BnbVariant, FP8Variant, MixedVariant, RunSpec, Variant, with_output_folder
+from quantflow.spec import (
+    BnbVariant,
+    FP8Variant,
+    KVCacheVariant,
+    MixedVariant,
+    PlannedVariant,
+    RunSpec,
+    Variant,
+    with_output_folder,
+)
 from quantflow.sweep import Dropped, expand
 
 # AWQ's grid search runs thousands of small forwards: at one sample each they are launch-bound
 GPU_CALIBRATION_BATCH = 16
-SHAPES_VERSION = 2  # bump when the shape checks change what they accept
+BASELINE = "baseline"
+SHAPES_VERSION = 3  # bump when the shape checks change what they accept
 
 Progress = Callable[[str], None]
 
@@ -46,11 +57,12 @@ class Plan(BaseModel):
     device: str
     cache_root: str
     schemes: dict[str, Scheme]
-    variants: list[Variant]
+    variants: list[PlannedVariant]
     dropped: list[Dropped] = []
+    kv: dict[str, str] = {}  # the kv_cache axis's twins by name: their KV-cache option (others keep bf16)
     gather_only: bool = False
 
-    def variant(self, name: str) -> Variant:
+    def variant(self, name: str) -> PlannedVariant:
         """A planned variant by name (a fanned-out branch gets only the name)."""
         found = [v for v in self.variants if v.name == name]
         if not found:
@@ -164,17 +176,11 @@ def _plan(spec: RunSpec, progress: Progress) -> Plan:
             psutil.virtual_memory().available,
         )
     swept, dropped = expand(spec)
-    checked = [*spec.variants, *swept]
-    key = shapes_key(model, checked, spec.model.trust_remote_code)
-    shapes = cache.lookup("plan", key, Shapes) or check_shapes(model, checked, spec.model.trust_remote_code)
-    schemes = {variant.name: fitted(shapes.fitted[variant.name], variant, spec, device) for variant in spec.variants}
-    kept = []
-    for variant in swept:
-        try:
-            schemes[variant.name] = fitted(shapes.fitted[variant.name], variant, spec, device)
-            kept.append(variant)
-        except QuantflowError as error:
-            dropped.append(Dropped(name=variant.name, reason=error.problem))
+    twins, kv, unpaired = kv_twins(spec, [*spec.variants, *swept])
+    checked = [*spec.variants, *swept, *(twin for twin, _ in twins)]
+    key = shapes_key(model, checked, spec.model.trust_remote_code, kv)
+    shapes = cache.lookup("plan", key, Shapes) or check_shapes(model, checked, spec.model.trust_remote_code, kv)
+    schemes, kept, asked_twins = fit_all(spec, shapes, swept, twins, dropped, device)
     if spec.sweep is not None and not spec.variants and not kept:
         reasons = "; ".join(f"{d.name}: {d.reason}" for d in dropped[:5])
         raise QuantflowError(f"no combination of the sweep fits this model ({reasons})", "widen or change the grid")
@@ -187,9 +193,40 @@ def _plan(spec: RunSpec, progress: Progress) -> Plan:
         device=device,
         cache_root=str(cache.root),
         schemes={name: scheme for name, scheme in schemes.items() if scheme is not None},
-        variants=[*spec.variants, *kept],
-        dropped=dropped,
+        variants=[*spec.variants, *kept, *asked_twins],
+        dropped=dropped + unpaired,
+        kv={name: option for name, option in kv.items() if name in schemes},
     )
+
+
+def fit_all(
+    spec: RunSpec,
+    shapes: Shapes,
+    swept: list[Variant],
+    twins: list[tuple[PlannedVariant, str]],
+    dropped: list[Dropped],
+    device: str,
+) -> tuple[dict[str, Scheme | None], list[PlannedVariant], list[PlannedVariant]]:
+    """Each variant's scheme: the spec's variants and the twins of them and of the baseline must fit, or the plan is
+    refused (the baseline's twins first, so a KV-cache misfit names the axis); a sweep's combinations and their twins
+    that do not fit are added to ``dropped``. Returns the schemes, the sweep's kept variants and twins, and the
+    spec's twins."""
+    swept_names = {variant.name for variant in swept}
+    asked_twins = [twin for twin, base in twins if base not in swept_names]
+    first = [twin for twin in asked_twins if isinstance(twin, KVCacheVariant)]
+    asked = [*first, *spec.variants, *(twin for twin in asked_twins if not isinstance(twin, KVCacheVariant))]
+    schemes = {variant.name: fitted(shapes.fitted[variant.name], variant, spec, device) for variant in asked}
+    kept = []
+    bases = {twin.name: base for twin, base in twins}
+    for variant in [*swept, *(twin for twin, base in twins if base in swept_names)]:  # bases before their twins
+        if variant.name in bases and bases[variant.name] not in schemes:
+            continue  # its weight variant was left out: so is the twin
+        try:
+            schemes[variant.name] = fitted(shapes.fitted[variant.name], variant, spec, device)
+            kept.append(variant)
+        except QuantflowError as error:
+            dropped.append(Dropped(name=variant.name, reason=error.problem))
+    return schemes, kept, asked_twins
 
 
 class Fitted(BaseModel):
@@ -206,7 +243,34 @@ class Shapes(BaseModel):
     fitted: dict[str, Fitted]
 
 
-def shapes_key(model: ModelRef, variants: list[Variant], trust_remote_code: bool) -> str:
+def kv_twins(spec: RunSpec, variants: list[Variant]) -> tuple[list[tuple[PlannedVariant, str]], dict[str, str], list]:
+    """The kv_cache axis as variants: for each quantized KV option, a twin of the baseline (its bf16 weights with
+    only the KV-cache scheme) and of every weight variant (its recipe with the KV-cache scheme on top, so the
+    artifact carries the k/v scales vLLM reads); each twin with the weight variant it pairs with. A load-time
+    (bitsandbytes) variant has no artifact to carry the scales: its twin is left out, and says why."""
+    twins, kv, unpaired = [], {}, []
+    taken = {variant.name for variant in variants}
+    for option in (o for o in spec.evaluation.kv_cache if o != "bf16"):
+        pairs = [(KVCacheVariant(name=twin_name(BASELINE, option)), BASELINE)]
+        for variant in variants:
+            name = twin_name(variant.name, option)
+            if isinstance(variant, BnbVariant):
+                reason = "bitsandbytes quantizes at load time: no artifact to carry the KV-cache scales"
+                unpaired.append(Dropped(name=name, reason=reason))
+            else:
+                pairs.append((variant.model_copy(update={"name": name}), variant.name))
+        for twin, base in pairs:
+            if twin.name in taken:
+                raise QuantflowError(
+                    f"variant name '{twin.name}' is taken by the kv_cache axis's twin of '{base}'",
+                    "rename that variant",
+                )
+            twins.append((twin, base))
+            kv[twin.name] = option
+    return twins, kv, unpaired
+
+
+def shapes_key(model: ModelRef, variants: list[PlannedVariant], trust_remote_code: bool, kv: dict[str, str]) -> str:
     """The shape checks' cache key: the weights' fingerprint and the variants, nothing about this machine.
 
     The checks need the model's module tree, and building it imports transformers' model code:
@@ -215,20 +279,27 @@ def shapes_key(model: ModelRef, variants: list[Variant], trust_remote_code: bool
     (kernels, memory) run every time.
     """
     specs = [v.model_dump(mode="json") for v in variants]
-    return content_key("shapes", SHAPES_VERSION, model.fingerprint, trust_remote_code, specs)
+    return content_key("shapes", SHAPES_VERSION, model.fingerprint, trust_remote_code, specs, kv)
 
 
-def check_shapes(model: ModelRef, variants: list[Variant], trust_remote_code: bool) -> Shapes:
+def check_shapes(
+    model: ModelRef, variants: list[PlannedVariant], trust_remote_code: bool, kv: dict[str, str]
+) -> Shapes:
     skeleton = weightless_model(model.path, trust_remote_code)
-    return Shapes(fitted={variant.name: fit_shapes(skeleton, variant) for variant in variants})
+    kind = getattr(skeleton.config, "model_type", "unknown")
+    return Shapes(fitted={v.name: fit_shapes(skeleton, v, kv.get(v.name, "bf16"), kind) for v in variants})
 
 
-def fit_shapes(skeleton, variant: Variant) -> Fitted:
+def fit_shapes(skeleton, variant: PlannedVariant, kv_cache: str = "bf16", model_type: str = "") -> Fitted:
     """The variant's scheme against the layer shapes (none for load-time variants), or the reason it cannot fit."""
     if isinstance(variant, BnbVariant):
         return Fitted()
     variant = routers_kept(variant, skeleton)
     try:
+        if kv_cache != "bf16":
+            check_attention(skeleton, kv_cache, model_type)
+        if isinstance(variant, KVCacheVariant):
+            return Fitted(scheme=Scheme(group_size=None))
         check_experts(skeleton, variant.name, variant.method)
         check_ignore(skeleton, variant)
         scheme = resolve_group_size(skeleton, variant)
@@ -242,11 +313,13 @@ def fit_shapes(skeleton, variant: Variant) -> Fitted:
     return Fitted(scheme=scheme)
 
 
-def fitted(shapes: Fitted, variant: Variant, spec: RunSpec, device: str) -> Scheme | None:
+def fitted(shapes: Fitted, variant: PlannedVariant, spec: RunSpec, device: str) -> Scheme | None:
     """The variant's scheme against the model's shapes and this machine (None for load-time variants), or why not."""
     if shapes.problem is not None:
         raise QuantflowError(shapes.problem, shapes.fix or "")
     if isinstance(variant, BnbVariant):
         return None
+    if isinstance(variant, KVCacheVariant):  # the baseline's weights: no weight kernels to check
+        return shapes.scheme
     check_kernels(spec.evaluation.kernels, variant, shapes.scheme, device)
     return shapes.scheme

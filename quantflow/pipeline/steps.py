@@ -21,15 +21,14 @@ from quantflow.infra.cache import content_key
 from quantflow.infra.environment import code_version
 from quantflow.infra.steps import StepRun, cached
 from quantflow.inputs.calibration import CalibrationRecord, build_calibration
-from quantflow.pipeline.planning import Plan
+from quantflow.pipeline.planning import BASELINE, Plan
 from quantflow.quantization.quantize import QuantizeRecord, needs_calibration, quantize_weights
 from quantflow.quantization.sensitivity import SensitivityRecord, measure_sensitivity
 from quantflow.reporting.report import FailedVariant, VariantResult
-from quantflow.spec import BnbVariant, MixedVariant, Variant
+from quantflow.spec import BnbVariant, MixedVariant, PlannedVariant
 
 QUANT_PACKAGES = ("torch", "transformers", "llmcompressor", "compressed-tensors")
 EVAL_PACKAGES = ("torch", "transformers", "compressed-tensors", "bitsandbytes", "lm-eval")
-BASELINE = "baseline"
 
 
 class Calibrated(BaseModel):
@@ -76,10 +75,10 @@ def baseline_key(plan: Plan) -> str:
     return eval_key(plan, plan.model.fingerprint, None)
 
 
-def quantize_key(plan: Plan, variant: Variant, calibration: CalibrationRecord) -> str:
-    used = (
-        calibration.hash if needs_calibration(variant) else None
-    )  # RTN's result does not depend on the calibration set
+def quantize_key(plan: Plan, variant: PlannedVariant, calibration: CalibrationRecord) -> str:
+    kv_cache = plan.kv.get(variant.name, "bf16")
+    # RTN's result does not depend on the calibration set; k/v scales always do
+    used = calibration.hash if needs_calibration(variant) or kv_cache != "bf16" else None
     return content_key(
         "quantize",
         plan.model.fingerprint,
@@ -89,6 +88,7 @@ def quantize_key(plan: Plan, variant: Variant, calibration: CalibrationRecord) -
         plan.spec.model.dtype,
         plan.device,
         code_version(*QUANT_PACKAGES),
+        *([kv_cache] if kv_cache != "bf16" else []),  # a bf16 cache keeps the keys that runs before the axis wrote
     )
 
 
@@ -108,10 +108,11 @@ def sensitivity_key(plan: Plan, variant: MixedVariant, calibration: CalibrationR
 
 
 def eval_key(plan: Plan, subject: str, baseline: str | None) -> str:
-    return content_key("evaluate", subject, plan.spec.evaluation, plan.device, baseline, code_version(*EVAL_PACKAGES))
+    measured = plan.spec.evaluation.model_dump(mode="json", exclude={"card_memory_gb"})  # the card: report arithmetic
+    return content_key("evaluate", subject, measured, plan.device, baseline, code_version(*EVAL_PACKAGES))
 
 
-def variant_eval_key(plan: Plan, variant: Variant, quantized: Quantized) -> str:
+def variant_eval_key(plan: Plan, variant: PlannedVariant, quantized: Quantized) -> str:
     if quantized.record is None:  # a load-time variant: the subject is the model plus the bitsandbytes settings
         subject = content_key("bnb", plan.model.fingerprint, variant.model_dump(exclude={"name", "save"}))
     else:
@@ -119,12 +120,12 @@ def variant_eval_key(plan: Plan, variant: Variant, quantized: Quantized) -> str:
     return eval_key(plan, subject, baseline_key(plan))
 
 
-def load_time(variant: Variant) -> bool:
+def load_time(variant: PlannedVariant) -> bool:
     """A bitsandbytes variant is quantized as it loads: it has no quantize step."""
     return isinstance(variant, BnbVariant)
 
 
-def unquantized(variant: Variant) -> Quantized:
+def unquantized(variant: PlannedVariant) -> Quantized:
     return Quantized(variant=variant.name, record=None, step=None)
 
 
@@ -191,7 +192,7 @@ def measure(plan: Plan, variant: MixedVariant, calibration: CalibrationRecord, i
 
 def quantize(
     plan: Plan,
-    variant: Variant,
+    variant: PlannedVariant,
     calibration: CalibrationRecord,
     isolate: bool = True,
     sensitivity: Sensitivity | None = None,
@@ -218,6 +219,7 @@ def quantize(
             calibration=calibration,
             resources=plan.resources,
             sensitivity=sensitivity.record if sensitivity else None,
+            kv_cache=plan.kv.get(variant.name, "bf16"),
         )
         shown.outcome = outcome(step)
     record = record.model_copy(update={"variant": variant.name})
@@ -225,7 +227,7 @@ def quantize(
 
 
 def evaluate(
-    plan: Plan, variant: Variant, quantized: Quantized, baseline: Baseline, isolate: bool = True
+    plan: Plan, variant: PlannedVariant, quantized: Quantized, baseline: Baseline, isolate: bool = True
 ) -> VariantResult:
     """Evaluate one variant under the same protocol as the baseline, with KL from the baseline's log-probabilities."""
     bnb = variant if isinstance(variant, BnbVariant) else None
@@ -283,7 +285,7 @@ def model_type(plan: Plan) -> str:
     return json.loads(config.read_text()).get("model_type", "unknown") if config.is_file() else "unknown"
 
 
-def failure(plan: Plan, variant: Variant, stage: str, error: Exception) -> FailedVariant:
+def failure(plan: Plan, variant: PlannedVariant, stage: str, error: Exception) -> FailedVariant:
     """A variant's failure as a report row: what was tried on which model type, and the error's own words."""
     if isinstance(error, QuantflowError):
         reason = f"{error.problem} (fix: {error.fix})"
@@ -298,7 +300,7 @@ def failure(plan: Plan, variant: Variant, stage: str, error: Exception) -> Faile
 
 
 def build_variant(
-    plan: Plan, variant: Variant, calibration: CalibrationRecord, baseline: Baseline
+    plan: Plan, variant: PlannedVariant, calibration: CalibrationRecord, baseline: Baseline
 ) -> VariantResult | FailedVariant:
     """Quantize then evaluate one variant; a failure of either is returned as its report row, not raised, so the
     variants that finish still reach the report."""

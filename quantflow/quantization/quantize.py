@@ -27,6 +27,7 @@ from quantflow.infra.resources import (
     visible_devices,
 )
 from quantflow.inputs.calibration import CalibrationRecord, load_samples
+from quantflow.quantization.kv_cache import KV_LABELS, with_kv_cache
 from quantflow.quantization.moe import RoutingRecord, counted_routing, routers_kept, unfuse, unfuse_weightless
 from quantflow.quantization.sensitivity import SensitivityRecord
 from quantflow.quantization.targets import input_embedding, target_layers
@@ -40,6 +41,7 @@ from quantflow.spec import (
     FP8Variant,
     GPTQVariant,
     Int8Variant,
+    KVCacheVariant,
     MixedVariant,
     RTNVariant,
 )
@@ -54,6 +56,7 @@ WeightVariant = (
     | FP8Variant
     | Int8Variant
     | FP4Variant
+    | KVCacheVariant
 )
 GROUPED = (RTNVariant, GPTQVariant, AWQVariant, AWQGPTQVariant, AutoRoundVariant, MixedVariant)
 AUTO_GROUP_SIZES = (128, 64, 32)
@@ -224,6 +227,8 @@ def scheme_for(variant: WeightVariant, group_size: int | None, scale_dtype: str 
 
 def scheme_label(variant: WeightVariant, group_size: int | None, precision: dict[str, str] | None = None) -> str:
     """The scheme in the words serving engines use, for reports and model cards."""
+    if isinstance(variant, KVCacheVariant):
+        return "weights unquantized"
     if isinstance(variant, MixedVariant):
         from quantflow.quantization.mixed import option_counts
 
@@ -248,6 +253,8 @@ def recipe_for(variant: WeightVariant, group_size: int | None, scale_dtype: str 
     """llm-compressor modifiers for a variant, in the order they run."""
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
+    if isinstance(variant, KVCacheVariant):
+        return []  # the KV-cache scheme alone (with_kv_cache)
     groups = {"group_0": scheme_for(variant, group_size, scale_dtype)}
     gptq_settings = {"config_groups": groups, "ignore": variant.ignore}
     if isinstance(variant, FP8Variant | Int8Variant | GPTQVariant | FP4Variant):
@@ -462,8 +469,10 @@ def quantize_weights(
     out: Path,
     final: Path,
     sensitivity: SensitivityRecord | None = None,
+    kv_cache: str = "bf16",
 ) -> QuantizeRecord:
-    """Run one llm-compressor recipe and save the compressed checkpoint (weights in ``dtype``) into ``out``.
+    """Run one llm-compressor recipe and save the compressed checkpoint (weights in ``dtype``) into ``out``; with a
+    quantized ``kv_cache``, the recipe calibrates the k/v scales too and the checkpoint carries them.
 
     The model is loaded into host memory; llm-compressor's sequential pipeline onloads one
     decoder layer at a time to the GPU, so the GPU holds a layer, its calibration activations
@@ -488,7 +497,9 @@ def quantize_weights(
         recipe = mixed_recipe(variant, precision, scheme.group_size, dtype, input_embedding(model))
     else:
         recipe = recipe_for(variant, scheme.group_size, dtype)
-    data = calibration_data(calibration, calibration_batch(variant, resources)) if needs_calibration(variant) else {}
+    recipe = with_kv_cache(recipe, kv_cache)
+    calibrated = needs_calibration(variant) or kv_cache != "bf16"
+    data = calibration_data(calibration, calibration_batch(variant, resources)) if calibrated else {}
     cap_gpu_memory(budget)
     if resources.device == "cuda":
         torch.cuda.init()  # creating the CUDA context is process start-up, not quantization time
@@ -530,7 +541,7 @@ def quantize_weights(
         skipped_layers=skipped,
         recipe=yaml.safe_dump([type(m).__name__ + ": " + m.model_dump_json(exclude_none=True) for m in recipe]),
         visible_devices=visible_devices(),
-        scheme=scheme_label(variant, scheme.group_size, precision),
+        scheme=", ".join(filter(None, [scheme_label(variant, scheme.group_size, precision), KV_LABELS.get(kv_cache)])),
         smoothing=smoothing(variant, mappings, quantized),
         precision=precision,
         allocated_bits=allocated,

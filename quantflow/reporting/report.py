@@ -30,10 +30,11 @@ from quantflow.quantization.moe import RoutingRecord
 from quantflow.quantization.quantize import QuantizeRecord, Smoothing
 from quantflow.quantization.sensitivity import SensitivityRecord
 from quantflow.reporting.bits import artifact_bits, bnb_bits
+from quantflow.reporting.kv_cache import KVCacheRow, kv_rows, kv_section
 from quantflow.spec import BnbVariant, ConstraintsSpec, RunSpec
 from quantflow.sweep import Dropped, expand
 
-SCHEMA_VERSION = "1.7"
+SCHEMA_VERSION = "1.8"
 UNITS = {
     "perplexity": "exp(mean NLL per token), lower is better",
     "ppl_delta_pct": "% change vs baseline",
@@ -46,6 +47,8 @@ UNITS = {
     "quantize_seconds": "wall seconds of the quantization step",
     "compile_seconds": "seconds compiling, autotuning and capturing the decode step (summed over batch sizes)",
     "effective_bits": "stored bits per weight over the quantized Linears, scales and zero points included",
+    "kv_cache.bytes_per_token": "bytes of K and V over all layers per cached token",
+    "kv_cache.capacity.card_memory_gb": "GiB (2^30 bytes)",
 }
 
 
@@ -129,6 +132,7 @@ class Row(BaseModel):
     sensitivity: SensitivityRecord | None = None
     dominated_by: str | None = None  # mixed rows: a uniform row with fewer bits per weight and lower perplexity
     routing: RoutingRecord | None = None
+    kv_cache: KVCacheRow | None = None
 
 
 class Report(BaseModel):
@@ -297,6 +301,14 @@ def build_report(
     load_time = {v.name: v for v in [*spec.variants, *expand(spec)[0]] if isinstance(v, BnbVariant)}
     rows = [row.model_copy(update={"effective_bits": row_bits(row, load_time, model)}) for row in rows]
     rows = [row.model_copy(update={"dominated_by": dominating(row, rows)}) for row in rows]
+    evaluations = [baseline, *(v.evaluation for v in variants)]
+    caches = kv_rows(
+        [r.name for r in rows],
+        [e.kv_cache for e in evaluations],
+        [e.size_bytes for e in evaluations],
+        spec.evaluation.card_memory_gb,
+    )
+    rows = [row.model_copy(update={"kv_cache": cache}) for row, cache in zip(rows, caches, strict=True)]
     best, reason = pick_best(rows, spec.constraints)
     return Report(
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -414,6 +426,7 @@ def markdown(report: Report) -> str:
         lines.append(f"- **{r.name}**: {r.runtime}{harness}{layers}{note}{card}")
     lines += _smoothing(report.rows) + _mixed(report.rows) + _dropped(report.dropped) + _failed(report.failed)
     lines += _routing(report.rows)
+    lines += kv_section([r.name for r in report.rows], [r.kv_cache for r in report.rows])
     lines += _lm_eval_table(report.rows)
     lines += ["", "## Greedy samples", ""]
     for name, samples in report.generations.items():

@@ -1,0 +1,68 @@
+"""The KV cache as evaluated: which precision a loaded model's cache runs in, its bytes per token, and how many
+tokens of it fit on a card beside the weights.
+
+A checkpoint whose config.json carries a ``kv_cache_scheme`` loads through compressed-tensors, which hooks every
+covered attention module: the keys (after RoPE) and values are quantized with the stored per-tensor k/v scales and
+dequantized before attention reads them, as vLLM's FP8 cache stores and reads them. So the perplexity of such a
+model is the quantized cache's, exactly emulated, on any device.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel
+
+KV_FORMATS = {("float", 8): "fp8", ("int", 8): "int8"}
+GIB = 2**30
+
+
+class KVCacheRecord(BaseModel):
+    """The KV cache of one evaluated model."""
+
+    precision: str  # 'bf16' for the model's own dtype, else the scheme's format ('fp8')
+    bytes_per_token: int | None  # layers x KV heads x head dim x 2 (K and V) x bytes per element
+    long_window: int | None = None  # tokens per window of the long-context perplexity (None: not measured)
+    long_perplexity: float | None = None
+    long_scored_tokens: int = 0
+
+
+def kv_precision(model: torch.nn.Module) -> str:
+    """'bf16', or the format of the KV-cache scheme compressed-tensors installed on the model's attention."""
+    for module in model.modules():
+        args = getattr(getattr(module, "quantization_scheme", None), "input_activations", None)
+        if args is not None and hasattr(module, "k_scale"):
+            return KV_FORMATS.get((str(getattr(args.type, "value", args.type)), args.num_bits), f"{args.num_bits}-bit")
+    return "bf16"
+
+
+def bytes_per_token(config, precision: str) -> int | None:
+    """KV-cache bytes one token costs over all layers: the config's layers, KV heads and head dim; 2 bytes per
+    element in bf16, 1 in an 8-bit cache (the per-tensor scales are a few bytes per layer, not per token). None for
+    a config that does not name them the standard way (no guess)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers, heads = getattr(text, "num_hidden_layers", None), getattr(text, "num_attention_heads", None)
+    if not layers or not heads:
+        return None
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return layers * kv_heads * head_dim * 2 * (2 if precision == "bf16" else 1)
+
+
+class Capacity(BaseModel):
+    """What fits on a card of ``card_memory_gb`` GiB beside the weights: an upper bound, weights plus KV cache only
+    (no activations, no runtime reserve)."""
+
+    card_memory_gb: float
+    max_kv_tokens: int  # batch x context, summed over the batch
+    context: int | None = None
+    max_batch: int | None = None  # at ``context`` tokens per sequence
+
+
+def capacity(weight_bytes: int, per_token: int, card_memory_gb: float, context: int | None) -> Capacity:
+    tokens = max(0, int((card_memory_gb * GIB - weight_bytes) // per_token))
+    return Capacity(
+        card_memory_gb=card_memory_gb,
+        max_kv_tokens=tokens,
+        context=context,
+        max_batch=tokens // context if context else None,
+    )

@@ -1,0 +1,186 @@
+"""The KV cache as an evaluation axis: llm-compressor's calibrated FP8 KV cache in the artifact, its exact emulation
+when the artifact is evaluated, its bytes per token and capacity in the report, and the refusal of a model whose
+attention the scheme does not cover."""
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from quantflow import pipeline
+from quantflow.errors import QuantflowError
+from quantflow.evaluation.kv_cache import bytes_per_token, capacity, kv_precision
+from quantflow.pipeline.planning import plan
+from quantflow.reporting.report import load_report
+from quantflow.spec import parse_spec
+from tests.conftest import read_json, small_spec
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("kv-run")
+    variants = [{"method": "rtn", "group_size": 32}]
+    spec = small_spec(tiny_model, root / "out", root / "cache", variants, kv_cache=["bf16", "fp8"], speed=None)
+    spec = parse_spec(spec)
+    return spec, pipeline.run(spec, progress=lambda _: None)
+
+
+def test_each_model_gets_an_fp8_kv_twin_whose_artifact_carries_the_scales_vllm_reads(finished):
+    _, out = finished
+    report = load_report(out / "report.json")
+    assert report.schema_version == "1.8"
+    assert [r.name for r in report.rows] == ["baseline", "rtn", "baseline-kv-fp8", "rtn-kv-fp8"]
+    for name, groups in (("baseline-kv-fp8", 0), ("rtn-kv-fp8", 1)):
+        config = read_json(out / name / "config.json")["quantization_config"]
+        assert config["kv_cache_scheme"]["type"] == "float" and config["kv_cache_scheme"]["num_bits"] == 8
+        assert config["kv_cache_scheme"]["strategy"] == "tensor" and not config["kv_cache_scheme"]["dynamic"]
+        assert len(config["config_groups"]) == groups
+        with safe_open(out / name / "model.safetensors", "pt") as stored:
+            scales = sorted(k for k in stored.keys() if k.endswith(("k_scale", "v_scale")))
+        assert scales == [f"model.layers.{i}.self_attn.{kv}_scale" for i in range(2) for kv in "kv"]
+    assert read_json(out / "rtn" / "config.json")["quantization_config"].get("kv_cache_scheme") is None
+
+
+def test_the_report_gives_long_context_perplexity_kv_bytes_and_capacity_per_row(finished):
+    spec, out = finished
+    rows = {r.name: r for r in load_report(out / "report.json").rows}
+    # tiny Llama: 2 layers x 2 KV heads x head dim 16 x (K, V)
+    assert rows["baseline"].kv_cache.bytes_per_token == 2 * 2 * 16 * 2 * 2
+    assert rows["baseline-kv-fp8"].kv_cache.bytes_per_token == rows["baseline"].kv_cache.bytes_per_token // 2
+    assert rows["rtn-kv-fp8"].kv_cache.precision == "fp8" and rows["rtn"].kv_cache.precision == "bf16"
+    for row in rows.values():
+        cache = row.kv_cache
+        assert cache.long_window == 4 * spec.evaluation.window  # 256, the tiny model's whole context
+        assert cache.long_perplexity > 1
+        size = row.size_mb * 2**20
+        assert abs(cache.capacity.max_kv_tokens - (80 * 2**30 - size) / cache.bytes_per_token) < 1 + 2**20 / 100
+        assert cache.capacity.max_batch == cache.capacity.max_kv_tokens // 256
+    twin, plain = rows["rtn-kv-fp8"].kv_cache, rows["rtn"].kv_cache
+    assert twin.paired_with == "rtn" and twin.long_perplexity != plain.long_perplexity
+    assert twin.kv_ppl_delta_pct == pytest.approx(100 * (twin.long_perplexity / plain.long_perplexity - 1), abs=1e-3)
+    assert "## KV cache" in (out / "report.md").read_text()
+
+
+def test_the_fp8_cache_is_emulated_with_the_stored_scales(finished):
+    """compressed-tensors quantizes K and V with the artifact's k/v scales: the logits move off the bf16 cache's,
+    and scales far off the calibrated ones (clipping, or values rounded to zero below FP8's range) move them further."""
+    from transformers import AutoModelForCausalLM
+
+    _, out = finished
+    ids = torch.arange(3, 200).unsqueeze(0)
+    plain = AutoModelForCausalLM.from_pretrained(out / "baseline-kv-fp8", dtype=torch.float32)
+    quantized = AutoModelForCausalLM.from_pretrained(out / "baseline-kv-fp8", dtype=torch.float32)
+    assert kv_precision(quantized) == "fp8"
+    for layer in plain.model.layers:  # the same weights, the cache left in full precision
+        layer.self_attn.quantization_enabled = False
+    with torch.no_grad():
+        reference = plain(ids).logits
+        error = (quantized(ids).logits - reference).abs().max().item()
+        errors = []
+        for factor in (1e-2, 1e6):
+            for layer in quantized.model.layers:
+                layer.self_attn.k_scale.data *= factor
+                layer.self_attn.v_scale.data *= factor
+            errors.append((quantized(ids).logits - reference).abs().max().item())
+            for layer in quantized.model.layers:
+                layer.self_attn.k_scale.data /= factor
+                layer.self_attn.v_scale.data /= factor
+    assert 0 < error and all(wrong > 3 * error for wrong in errors), (error, errors)
+
+
+def test_a_bf16_cache_costs_twice_the_bytes_of_an_fp8_one_and_capacity_counts_the_weights():
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576)
+    assert bytes_per_token(config, "bf16") == 30 * 3 * 64 * 2 * 2 == 2 * bytes_per_token(config, "fp8")
+    fits = capacity(weight_bytes=2**30, per_token=1024, card_memory_gb=2, context=1000)
+    assert fits.max_kv_tokens == 2**30 // 1024 and fits.max_batch == 1048
+
+
+def test_a_model_whose_attention_the_scheme_does_not_cover_is_refused_at_plan_time(tmp_path):
+    """GPT-NeoX (Pythia) joins q, k and v in one query_key_value Linear: llm-compressor would calibrate no k/v scale."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from tests.conftest import make_tokenizer
+
+    folder = tmp_path / "neox"
+    tokenizer = make_tokenizer(folder)
+    config = GPTNeoXConfig(
+        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128
+    )
+    GPTNeoXForCausalLM(config).save_pretrained(folder)
+    variants = [{"method": "rtn", "group_size": 32}]
+    spec = small_spec(folder, tmp_path / "out", tmp_path / "cache", variants, kv_cache=["bf16", "fp8"])
+    with pytest.raises(QuantflowError) as refused:
+        plan(parse_spec(spec), progress=lambda _: None)
+    assert "evaluation.kv_cache 'fp8' cannot quantize this gpt_neox model's KV cache" in refused.value.problem
+    assert "kv_cache to [bf16]" in refused.value.fix
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache" / "plan").exists()
+    plan(parse_spec({**spec, "evaluation": {**spec["evaluation"], "kv_cache": ["bf16"]}}), progress=lambda _: None)
+
+
+def test_the_axis_twins_every_weight_variant_and_changes_only_the_twins_quantize_key(tiny_model, tmp_path):
+    from quantflow.inputs.calibration import CalibrationRecord
+    from quantflow.pipeline.steps import quantize_key
+
+    variants = [{"method": "rtn", "group_size": 32}, {"method": "bnb-int8"}]
+    plain = plan(parse_spec(small_spec(tiny_model, tmp_path / "a", tmp_path / "c", variants)), lambda _: None)
+    axis = plan(
+        parse_spec(small_spec(tiny_model, tmp_path / "b", tmp_path / "c", variants, kv_cache=["bf16", "fp8"])),
+        lambda _: None,
+    )
+    assert [v.name for v in axis.variants] == ["rtn", "bnb-int8", "baseline-kv-fp8", "rtn-kv-fp8"]
+    assert axis.kv == {"baseline-kv-fp8": "fp8", "rtn-kv-fp8": "fp8"}
+    assert [d.name for d in axis.dropped] == ["bnb-int8-kv-fp8"]  # quantized at load: no artifact for the scales
+    record = CalibrationRecord.model_construct(hash="h")
+    rtn, twin = axis.variant("rtn"), axis.variant("rtn-kv-fp8")
+    assert quantize_key(plain, plain.variant("rtn"), record) == quantize_key(axis, rtn, record)
+    assert quantize_key(axis, twin, record) != quantize_key(axis, rtn, record)
+
+
+def test_the_axis_refuses_a_repeated_option_and_a_name_its_twins_take(tiny_model, tmp_path):
+    with pytest.raises(QuantflowError, match="kv_cache repeats an option"):
+        parse_spec(small_spec(tiny_model, tmp_path / "o", tmp_path / "c", [{"method": "rtn"}], kv_cache=["fp8"] * 2))
+    variants = [{"method": "rtn"}, {"method": "gptq", "name": "rtn-kv-fp8"}]
+    spec = parse_spec(small_spec(tiny_model, tmp_path / "o", tmp_path / "c", variants, kv_cache=["bf16", "fp8"]))
+    with pytest.raises(QuantflowError, match="'rtn-kv-fp8' is taken by the kv_cache axis's twin of 'rtn'"):
+        plan(spec, lambda _: None)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq", "awq-gptq", "autoround", "fp8", "int8", "nvfp4"])
+def test_every_recipe_takes_the_kv_scheme_on_its_last_quantizer_and_keeps_its_settings(method):
+    from llmcompressor.modifiers.quantization.quantization.mixin import QuantizationMixin
+
+    from quantflow.quantization.kv_cache import with_kv_cache
+    from quantflow.quantization.quantize import recipe_for
+
+    variant = parse_spec({"variants": [{"method": method}]}).variants[0]
+    recipe = recipe_for(variant, 32 if hasattr(variant, "group_size") else None)
+    assert with_kv_cache(recipe, "bf16") is recipe
+    with_kv = with_kv_cache(recipe, "fp8")
+    assert [type(m) for m in with_kv] == [type(m) for m in recipe]
+    last = max(i for i, m in enumerate(recipe) if isinstance(m, QuantizationMixin))
+    assert with_kv[last].kv_cache_scheme.type == "float" and with_kv[last].kv_cache_scheme.num_bits == 8
+    assert with_kv[last].requires_calibration_data
+    unchanged = recipe[last].model_dump(exclude={"kv_cache_scheme", "requires_calibration_data"})
+    assert with_kv[last].model_dump(exclude={"kv_cache_scheme", "requires_calibration_data"}) == unchanged
+    assert all(a is b for i, (a, b) in enumerate(zip(recipe, with_kv, strict=True)) if i != last)
+
+
+def test_the_card_size_is_report_arithmetic_and_reuses_every_evaluation(tiny_model, tmp_path):
+    from quantflow.pipeline.steps import baseline_key
+
+    def key(**evaluation) -> str:
+        spec = small_spec(tiny_model, tmp_path / "o", tmp_path / "c", [{"method": "rtn"}], **evaluation)
+        return baseline_key(plan(parse_spec(spec), lambda _: None))
+
+    assert key(card_memory_gb=24) == key(card_memory_gb=80) != key(kv_cache=["bf16", "fp8"])
+
+
+def test_a_sweeps_combinations_get_twins_and_a_dropped_one_takes_its_twin_along(tiny_model, tmp_path):
+    spec = small_spec(tiny_model, tmp_path / "o", tmp_path / "c", [], kv_cache=["bf16", "fp8"])
+    spec = parse_spec({**spec, "variants": [], "sweep": {"methods": ["rtn"], "group_sizes": [32, 128]}})
+    planned = plan(spec, lambda _: None)
+    names = [v.name for v in planned.variants]
+    assert names == ["rtn-w4-g32-sym", "rtn-w4-g32-sym-kv-fp8", "baseline-kv-fp8"], names
+    assert [d.name for d in planned.dropped] == ["rtn-w4-g128-sym"]
+    assert set(planned.kv) == {"rtn-w4-g32-sym-kv-fp8", "baseline-kv-fp8"}
