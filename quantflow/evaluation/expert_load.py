@@ -95,7 +95,8 @@ class _Packed(nn.Module):
 
 def expert_schemes(config, layer: str, proj: str, count: int) -> list:
     """The scheme of each of a layer's ``count`` experts for projection ``proj``, by the expert Linear's name
-    (``model.layers.1.mlp.experts.3.down_proj``), None for an expert left in bf16.
+    (``model.layers.1.mlp.experts.3.down_proj``) or the ``Linear`` class every expert is in the checkpoint, None for
+    an expert left in bf16.
 
     transformers 5.17 decompresses every expert with one scheme (``get_experts_scheme``: the first group that names
     experts), but a mixed-precision artifact gives experts different schemes (W4 groups, W8 channels, bf16): with
@@ -109,7 +110,7 @@ def expert_schemes(config, layer: str, proj: str, count: int) -> list:
         found = [
             group
             for group in config.config_groups.values()
-            if any(match_name(name, target) for target in group.targets)
+            if any(target == "Linear" or match_name(name, target) for target in group.targets)
         ]
         ignored = any(match_name(name, target) for target in config.ignore or [])
         schemes.append(None if ignored or not found else found[0])

@@ -172,12 +172,14 @@ def moe_spec(model, root, variants, **extra) -> dict:
 
 @pytest.fixture(scope="module")
 def moe_run(qwen3_moe, tmp_path_factory):
-    """RTN with zero points (the layout whose load failed) and GPTQ on the Qwen3-MoE shape, through the pipeline."""
+    """RTN with zero points (the layout whose load failed), GPTQ, mixed precision (a budget that buys some W8 or bf16)
+    and bitsandbytes on the Qwen3-MoE shape, through the pipeline."""
     from quantflow import pipeline
     from quantflow.spec import parse_spec
 
     root = tmp_path_factory.mktemp("moe-run")
-    variants = [{"method": "rtn", "symmetric": False}, {"method": "gptq"}]
+    mixed = {"method": "mixed", "target_bits": 6.0, "sensitivity_tokens": 256}
+    variants = [{"method": "rtn", "symmetric": False}, {"method": "gptq"}, mixed, {"method": "bnb-nf4"}]
     return root, pipeline.run(parse_spec(moe_spec(qwen3_moe, root, variants)), progress=lambda _: None)
 
 
@@ -187,7 +189,7 @@ def test_moe_variants_quantize_every_expert_and_report_routing(moe_run):
     root, out = moe_run
     report = load_report(out / "report.json")
     rows = {r.name: r for r in report.rows}
-    assert list(rows) == ["baseline", "rtn", "gptq"] and not report.failed
+    assert list(rows) == ["baseline", "rtn", "gptq", "mixed", "bnb-nf4"] and not report.failed
     for name in ("rtn", "gptq"):
         assert rows[name].quantized_layers == 56 and rows[name].skipped_layers == ["lm_head"]
         assert rows[name].kl_mean > 0 and "fused bf16 tensors" in rows[name].runtime
@@ -198,6 +200,46 @@ def test_moe_variants_quantize_every_expert_and_report_routing(moe_run):
     assert len(routing.experts) == 16 and sum(e.tokens for e in routing.experts) == 2 * 2 * routing.tokens
     markdown = (out / "report.md").read_text()
     assert "## Expert routing of the calibration tokens" in markdown and "model.layers.1.mlp.experts:" in markdown
+
+
+def test_mixed_precision_allocates_per_expert_and_maps_them(moe_run):
+    """Every expert Linear is a layer of the allocation: the precision record names each one, the artifact loads
+    (KL measured) and the precision map beside the report has a column per expert."""
+    import matplotlib.image
+
+    from quantflow.reporting.report import load_report
+
+    _, out = moe_run
+    row = next(r for r in load_report(out / "report.json").rows if r.name == "mixed")
+    experts = [name for name in row.precision if ".mlp.experts." in name]
+    assert len(row.precision) == 56 and len(experts) == 48 and row.kl_mean > 0
+    assert row.allocated_bits <= 6.0 and row.routing.top_k == 2
+    assert matplotlib.image.imread(out / "precision-mixed.png").shape[1] > 2000  # 28 columns, not 7
+
+
+def test_bitsandbytes_leaves_experts_in_bf16_and_the_row_says_so(moe_run, qwen3_moe):
+    """bitsandbytes replaces nn.Linear modules; transformers 5's fused experts are not Linears. The loaded experts
+    are the checkpoint's bf16 values exactly, the row's runtime says so, and its bits per weight count the
+    experts and routers at 16 (61,952 Linear weights, 49,664 of them experts and routers: 13.645, not nf4's 4.127).
+    On CPU the unquantized tensors load in the float32 compute dtype: compared as floats, they are the checkpoint's."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    from quantflow.evaluation.runtime import Subject, load_on_runtime
+    from quantflow.reporting.report import load_report
+    from quantflow.spec import BnbVariant
+
+    _, out = moe_run
+    row = next(r for r in load_report(out / "report.json").rows if r.name == "bnb-nf4")
+    assert "bitsandbytes quantizes Linear layers only, so the fused experts stay bf16" in row.runtime
+    assert row.effective_bits == pytest.approx(13.645)
+    subject = Subject(name="bnb-nf4", model_path=str(qwen3_moe), bnb=BnbVariant(method="bnb-nf4"))
+    model = load_on_runtime(subject, "auto", Resources(device="cpu"))[0]
+    reference = AutoModelForCausalLM.from_pretrained(qwen3_moe)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    for name in ("gate_up_proj", "down_proj"):
+        got = getattr(model.model.layers[1].mlp.experts, name)  # unquantized, in the CPU's float32 compute dtype
+        assert torch.equal(got.float(), getattr(reference.model.layers[1].mlp.experts, name).float())
 
 
 def test_a_failed_variant_is_a_row_and_the_others_are_reported(moe_run, qwen3_moe):
