@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -196,6 +196,24 @@ def expert_load() -> Iterator[None]:
 CHECKPOINT_EXPERT_NAMES = {"mixtral": {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}}
 
 
+def module_names(tensors: dict[str, torch.Tensor], model_type: str) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors under the names of the modules quantflow's kernel runtimes build (transformers 5's,
+    experts unfused by llm-compressor): a Mixtral's ``block_sparse_moe.experts.E.w1`` is ``mlp.experts.E.gate_proj``
+    there. Other families' names are the modules' already."""
+    names = CHECKPOINT_EXPERT_NAMES.get(model_type)
+    if not names:
+        return tensors
+    rename = expert_renamer({stored: module for module, stored in names.items()})
+    return {rename(key.replace(".block_sparse_moe.", ".mlp.")): value for key, value in tensors.items()}
+
+
+def expert_renamer(names: dict[str, str]) -> Callable[[str], str]:
+    """A function renaming the projection of an expert Linear's name (``experts.3.gate_proj`` -> ``experts.3.w1``)
+    by ``names``, and leaving every other name as it is."""
+    pattern = re.compile(r"(\.experts\.\d+\.)(" + "|".join(names) + r")\b")
+    return lambda name: pattern.sub(lambda found: found.group(1) + names[found.group(2)], name)
+
+
 def checkpoint_expert_names(folder: Path) -> int:
     """Rename a saved artifact's expert projections to its family's checkpoint names, in the tensors and in the
     quantization config's targets and ignore list; returns how many tensors were renamed (0 for other families)."""
@@ -206,11 +224,7 @@ def checkpoint_expert_names(folder: Path) -> int:
     names = CHECKPOINT_EXPERT_NAMES.get(config.get("model_type", ""))
     if not names:
         return 0
-    pattern = re.compile(r"(\.experts\.\d+\.)(" + "|".join(names) + r")\b")
-
-    def rename(name: str) -> str:
-        return pattern.sub(lambda found: found.group(1) + names[found.group(2)], name)
-
+    rename = expert_renamer(names)
     renamed = 0
     for shard in sorted(folder.glob("*.safetensors")):
         tensors = load_file(str(shard))

@@ -104,3 +104,22 @@ def test_upstream_still_saves_mixtral_experts_under_linear_names(mixtral, tmp_pa
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as handle:
         assert "model.layers.0.block_sparse_moe.experts.0.gate_proj.weight" in set(handle.keys())
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "mixtral"
+
+
+def test_mixtral_experts_run_on_int4_kernels(mixtral, tmp_path):
+    """The kernel runtimes build transformers' module names (``mlp.experts.E.gate_proj``) from Mixtral's stored ones
+    (``block_sparse_moe.experts.E.w1``): every expert Linear becomes an int4 kernel module (PyTorch's CPU int4
+    kernel here) with the logits of transformers' dequantized load."""
+    from quantflow.evaluation.evaluate import load_for_eval
+    from quantflow.evaluation.int4 import Int4Linear, load_int4
+    from quantflow.quantization.quantize import Scheme, quantize_weights
+
+    variant = RTNVariant(name="rtn", symmetric=False)
+    quantize_weights(str(mixtral), variant, Scheme(group_size=32), None, Resources(device="cpu"), tmp_path, tmp_path)
+    packed = load_int4(tmp_path, "cpu")
+    kernels = [n for n, m in packed.named_modules() if isinstance(m, Int4Linear)]
+    assert len(kernels) == 32 and "model.layers.1.mlp.experts.3.up_proj" in kernels
+    dense, _ = load_for_eval(str(tmp_path), "cpu", "bfloat16")
+    ids = torch.randint(3, 300, (2, 16))
+    logits, reference = packed(ids).logits.float(), dense(ids).logits.float()
+    assert ((logits - reference).norm() / reference.norm()).item() < 0.02
