@@ -190,7 +190,7 @@ def expert_load() -> Iterator[None]:
 # (mlp -> block_sparse_moe), so a Mixtral artifact held ``block_sparse_moe.experts.0.gate_proj``, which neither
 # vLLM (``make_expert_params_mapping(ckpt_gate_proj_name="w1", ckpt_down_proj_name="w2", ckpt_up_proj_name="w3")``)
 # nor transformers' own Mixtral conversion (``.experts.*.w1.weight``) loads. Upstream: vllm-project/llm-compressor
-# (unfused experts saved under the module's names, no issue found); the test
+# #3069 ("Cannot dispatch MOE correctly if using naming w1,w3 or block_sparse_moe", open); the test
 # ``tests/unit/test_moe_families.py::test_upstream_still_saves_mixtral_experts_under_linear_names`` says when it is
 # fixed.
 CHECKPOINT_EXPERT_NAMES = {"mixtral": {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}}
