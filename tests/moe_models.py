@@ -7,9 +7,11 @@ from pathlib import Path
 from tests.conftest import make_tokenizer
 
 
-def make_moe(folder: Path, family: str = "qwen3_moe", hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
-    """A random bf16 MoE with 8 experts, top-2 routing, expert width 32 (Qwen3-MoE, Mixtral or Qwen2-MoE shape,
-    the last with a shared expert and its gate)."""
+def make_moe(
+    folder: Path, family: str = "qwen3_moe", hidden: int = 64, layers: int = 2, seed: int = 0, experts: int = 8
+) -> Path:
+    """A random bf16 MoE with ``experts`` experts, top-2 routing, expert width 32 (Qwen3-MoE, Mixtral or Qwen2-MoE
+    shape, the last with a shared expert and its gate)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -29,10 +31,13 @@ def make_moe(folder: Path, family: str = "qwen3_moe", hidden: int = 64, layers: 
         pad_token_id=tokenizer.pad_token_id,
     )
     shapes = {
-        "qwen3_moe": dict(intermediate_size=2 * hidden, moe_intermediate_size=32, num_experts=8, head_dim=16),
-        "mixtral": dict(intermediate_size=32, num_local_experts=8, head_dim=16),
+        "qwen3_moe": dict(intermediate_size=2 * hidden, moe_intermediate_size=32, num_experts=experts, head_dim=16),
+        "mixtral": dict(intermediate_size=32, num_local_experts=experts, head_dim=16),
         "qwen2_moe": dict(
-            intermediate_size=2 * hidden, moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=8
+            intermediate_size=2 * hidden,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=32,
+            num_experts=experts,
         ),
     }
     config = AutoConfig.for_model(family, **common, **shapes[family])

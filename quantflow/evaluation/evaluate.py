@@ -386,7 +386,7 @@ def load_for_eval(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from quantflow.evaluation.embedding_load import embedding_load
-    from quantflow.evaluation.expert_load import expert_load
+    from quantflow.evaluation.expert_load import expert_load, in_compute_dtype
 
     reset_peak_memory()
     kwargs = {"dtype": getattr(torch, compute_dtype), "use_safetensors": True}
@@ -407,5 +407,7 @@ def load_for_eval(
         model = model.to(device)
     if is_fp4(Path(path)):  # dequantized FP4 weights come out in bf16: the emulation runs in the compute dtype
         model = model.to(getattr(torch, compute_dtype))
+    if quantization_config is None:
+        in_compute_dtype(model, getattr(torch, compute_dtype))
     model.eval()
     return model, AutoTokenizer.from_pretrained(path)

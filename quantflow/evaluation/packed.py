@@ -26,6 +26,7 @@ def load_converted(path: str | Path, device: str, marker: str, parts: tuple[str,
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from quantflow.evaluation.expert_load import module_names
     from quantflow.quantization.moe import unfuse_weightless  # a mixture's experts: one kernel module per expert
 
     path, target = Path(path), torch.device(device)
@@ -37,6 +38,7 @@ def load_converted(path: str | Path, device: str, marker: str, parts: tuple[str,
     for file in sorted(path.glob("*.safetensors")):
         with safe_open(str(file), framework="pt", device=str(target)) as handle:  # unpacked where it will run
             tensors.update({key: handle.get_tensor(key) for key in handle.keys()})
+    tensors = module_names(tensors, config.model_type)  # a family's own checkpoint names (Mixtral's w1/w2/w3)
     for prefix in sorted(key.removesuffix(f".{marker}") for key in tensors if key.endswith(f".{marker}")):
         found = {suffix: tensors.pop(f"{prefix}.{suffix}") for suffix in parts if f"{prefix}.{suffix}" in tensors}
         if isinstance(model.get_submodule(prefix), nn.Embedding):

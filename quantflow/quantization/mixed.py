@@ -241,3 +241,14 @@ def block_and_kind(layer: str) -> tuple[int | None, str]:
     """(decoder block index, projection kind) of a Linear's name, for the report's blocks x projections map."""
     found = re.search(r"\.(\d+)\.", f".{layer}.")
     return (int(found.group(1)) if found else None), layer.rpartition(".")[2]
+
+
+def map_cell(layer: str) -> tuple[int | None, str]:
+    """(decoder block, column) of a Linear in the precision map. The column is the name inside the block less its
+    first part (``self_attn.q_proj`` -> ``q_proj``), so each expert of a mixture keeps a column of its own
+    (``experts.3.down_proj``, ``shared_expert.up_proj``) where the projection kind alone would merge them."""
+    found = re.search(r"\.(\d+)\.(.+)$", f".{layer}")
+    if not found:
+        return None, layer.rpartition(".")[2]
+    inner = found.group(2)
+    return int(found.group(1)), inner.partition(".")[2] or inner

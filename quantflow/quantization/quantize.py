@@ -17,6 +17,7 @@ import torch
 from pydantic import BaseModel
 
 from quantflow.errors import QuantflowError
+from quantflow.evaluation.expert_load import checkpoint_expert_names
 from quantflow.infra import progress
 from quantflow.infra.resources import (
     Resources,
@@ -527,6 +528,7 @@ def quantize_weights(
         name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and name not in done
     ]
     to_dtype(model, getattr(torch, dtype)).save_pretrained(out, save_compressed=True)
+    checkpoint_expert_names(out)  # the family's own expert names, which vLLM and transformers load
     tokenizer.save_pretrained(out)
     return QuantizeRecord(
         variant=variant.name,

@@ -11,6 +11,7 @@ left dense (a mixed variant's bf16 layers, or layers named in ``ignore`` other t
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 DTYPE_BITS = {
@@ -91,14 +92,26 @@ def artifact_bits(folder: Path) -> float | None:
 
 
 def bnb_bits(method: str, double_quant: bool, baseline: Path) -> float:
-    """bitsandbytes' bits per weight over the Linears it quantizes (all but lm_head), from its storage layout.
+    """bitsandbytes' bits per weight over the decoder's Linears, from its storage layout.
 
     4-bit: 4 bits plus an fp32 absmax per 64-weight block, or with double quantization an 8-bit absmax
-    and one fp32 per 256 blocks. int8 (LLM.int8): 8 bits plus one fp32 scale per output row.
+    and one fp32 per 256 blocks. int8 (LLM.int8): 8 bits plus one fp32 scale per output row. bitsandbytes replaces
+    ``nn.Linear`` modules only: a mixture's experts (fused 3-D tensors in transformers 5) and routers stay in bf16
+    and count at 16 bits, so on an MoE, where the experts hold most weights, the figure is near bf16's.
     """
+    shapes = {name: shape for name, (_, shape) in dense_linears(tensors(baseline)[0]).items()}
+    kept = sum(math.prod(shape) for name, shape in shapes.items() if bnb_leaves_dense(name.removesuffix(".weight")))
+    quantized = [shape for name, shape in shapes.items() if not bnb_leaves_dense(name.removesuffix(".weight"))]
+    weights = sum(math.prod(shape) for shape in quantized)
     if method in ("bnb-nf4", "bnb-fp4"):
-        scales = 8 / BNB_BLOCK + 32 / (BNB_BLOCK * BNB_DOUBLE_BLOCK) if double_quant else 32 / BNB_BLOCK
-        return round(4 + scales, 3)
-    shapes = [shape for _, shape in dense_linears(tensors(baseline)[0]).values()]
-    weights = sum(math.prod(shape) for shape in shapes)
-    return round((8 * weights + 32 * sum(shape[0] for shape in shapes)) / weights, 3)
+        per_weight = 4 + (8 / BNB_BLOCK + 32 / (BNB_BLOCK * BNB_DOUBLE_BLOCK) if double_quant else 32 / BNB_BLOCK)
+    else:
+        per_weight = (8 * weights + 32 * sum(shape[0] for shape in quantized)) / weights
+    return round((per_weight * weights + 16 * kept) / (weights + kept) if kept else per_weight, 3)
+
+
+def bnb_leaves_dense(layer: str) -> bool:
+    """A stored 2-D weight that bitsandbytes does not quantize: an expert's projection or a router."""
+    from quantflow.quantization.moe import ROUTER_PATTERNS, expert_of
+
+    return expert_of(layer) is not None or any(re.match(p.removeprefix("re:"), layer) for p in ROUTER_PATTERNS)

@@ -590,6 +590,9 @@ def _lm_eval_table(rows: list[Row]) -> list[str]:
     return lines
 
 
+LABELLED_COLUMNS = 40  # precision map columns that still fit a label in each cell
+
+
 def _pyplot():
     """matplotlib's pyplot on its file backend. Its font cache and config go under QUANTFLOW_HOME unless the user set
     MPLCONFIGDIR: left alone, matplotlib writes them to ~/.cache/matplotlib and ~/.config/matplotlib."""
@@ -621,26 +624,30 @@ def scatter(
 
 
 def precision_map(precision: dict[str, str], title: str, path: Path) -> None:
-    """Blocks x projection kinds, each cell coloured by the option its layer took; layers outside the decoder blocks
-    (the embedding and lm_head, when on the menu) get a row of their own, on top."""
+    """Blocks x projections, each cell coloured by the option its layer took; layers outside the decoder blocks
+    (the embedding and lm_head, when on the menu) get a row of their own, on top. A mixture's experts are columns
+    of their own (``experts.3.down_proj``): the allocation treats each as a layer, and so does the map. Past
+    ``LABELLED_COLUMNS`` columns (a real MoE has hundreds) the cells go unlabelled and the figure stops widening."""
     plt = _pyplot()
     from matplotlib.colors import ListedColormap
 
-    from quantflow.quantization.mixed import OPTIONS, block_and_kind
+    from quantflow.quantization.mixed import OPTIONS, map_cell
 
-    cells = {block_and_kind(name): option for name, option in precision.items()}
+    cells = {map_cell(name): option for name, option in precision.items()}
     blocks = sorted({b for b, _ in cells if b is not None})
     blocks = [None, *blocks] if any(b is None for b, _ in cells) else blocks
     kinds = list(dict.fromkeys(k for _, k in sorted(cells, key=lambda cell: cell[0] is not None)))
     absent = len(OPTIONS)  # a block without that kind, or the outer row under a projection: blank
     grid = [[OPTIONS.index(cells[b, k]) if (b, k) in cells else absent for k in kinds] for b in blocks]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(kinds), 1.2 + 0.22 * len(blocks)))
+    labelled = len(kinds) <= LABELLED_COLUMNS
+    width = 1.0 + (0.9 * len(kinds) if labelled else 0.12 * len(kinds))
+    fig, ax = plt.subplots(figsize=(min(width, 40.0), 1.2 + 0.22 * len(blocks)))
     colours = ListedColormap(["#dbe9f6", "#f4a259", "#bc4b51", "#ffffff"])
     ax.imshow(grid, cmap=colours, vmin=0, vmax=absent, aspect="auto")
     for row, block in enumerate(blocks):
-        for col, kind in enumerate(kinds):
+        for col, kind in enumerate(kinds if labelled else []):
             ax.text(col, row, cells.get((block, kind), ""), ha="center", va="center", fontsize=6)
-    ax.set_xticks(range(len(kinds)), kinds, rotation=30, ha="right", fontsize=8)
+    ax.set_xticks(range(len(kinds)), kinds, rotation=30 if labelled else 90, ha="right", fontsize=8 if labelled else 4)
     ax.set_yticks(range(len(blocks)), ["outside" if b is None else b for b in blocks], fontsize=6)
     ax.set(ylabel="decoder block", title=title)
     fig.tight_layout()

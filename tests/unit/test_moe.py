@@ -172,12 +172,14 @@ def moe_spec(model, root, variants, **extra) -> dict:
 
 @pytest.fixture(scope="module")
 def moe_run(qwen3_moe, tmp_path_factory):
-    """RTN with zero points (the layout whose load failed) and GPTQ on the Qwen3-MoE shape, through the pipeline."""
+    """RTN with zero points (the layout whose load failed), GPTQ, mixed precision (a budget that buys some W8 or bf16)
+    and bitsandbytes on the Qwen3-MoE shape, through the pipeline."""
     from quantflow import pipeline
     from quantflow.spec import parse_spec
 
     root = tmp_path_factory.mktemp("moe-run")
-    variants = [{"method": "rtn", "symmetric": False}, {"method": "gptq"}]
+    mixed = {"method": "mixed", "target_bits": 6.0, "sensitivity_tokens": 256}
+    variants = [{"method": "rtn", "symmetric": False}, {"method": "gptq"}, mixed, {"method": "bnb-nf4"}]
     return root, pipeline.run(parse_spec(moe_spec(qwen3_moe, root, variants)), progress=lambda _: None)
 
 
@@ -187,7 +189,7 @@ def test_moe_variants_quantize_every_expert_and_report_routing(moe_run):
     root, out = moe_run
     report = load_report(out / "report.json")
     rows = {r.name: r for r in report.rows}
-    assert list(rows) == ["baseline", "rtn", "gptq"] and not report.failed
+    assert list(rows) == ["baseline", "rtn", "gptq", "mixed", "bnb-nf4"] and not report.failed
     for name in ("rtn", "gptq"):
         assert rows[name].quantized_layers == 56 and rows[name].skipped_layers == ["lm_head"]
         assert rows[name].kl_mean > 0 and "fused bf16 tensors" in rows[name].runtime
@@ -198,6 +200,46 @@ def test_moe_variants_quantize_every_expert_and_report_routing(moe_run):
     assert len(routing.experts) == 16 and sum(e.tokens for e in routing.experts) == 2 * 2 * routing.tokens
     markdown = (out / "report.md").read_text()
     assert "## Expert routing of the calibration tokens" in markdown and "model.layers.1.mlp.experts:" in markdown
+
+
+def test_mixed_precision_allocates_per_expert_and_maps_them(moe_run):
+    """Every expert Linear is a layer of the allocation: the precision record names each one, the artifact loads
+    (KL measured) and the precision map beside the report has a column per expert."""
+    import matplotlib.image
+
+    from quantflow.reporting.report import load_report
+
+    _, out = moe_run
+    row = next(r for r in load_report(out / "report.json").rows if r.name == "mixed")
+    experts = [name for name in row.precision if ".mlp.experts." in name]
+    assert len(row.precision) == 56 and len(experts) == 48 and row.kl_mean > 0
+    assert row.allocated_bits <= 6.0 and row.routing.top_k == 2
+    assert matplotlib.image.imread(out / "precision-mixed.png").shape[1] > 2000  # 28 columns, not 7
+
+
+def test_bitsandbytes_leaves_experts_in_bf16_and_the_row_says_so(moe_run, qwen3_moe):
+    """bitsandbytes replaces nn.Linear modules; transformers 5's fused experts are not Linears. The loaded experts
+    are the checkpoint's bf16 values exactly, the row's runtime says so, and its bits per weight count the
+    experts and routers at 16 (61,952 Linear weights, 49,664 of them experts and routers: 13.645, not nf4's 4.127).
+    On CPU the unquantized tensors load in the float32 compute dtype: compared as floats, they are the checkpoint's."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    from quantflow.evaluation.runtime import Subject, load_on_runtime
+    from quantflow.reporting.report import load_report
+    from quantflow.spec import BnbVariant
+
+    _, out = moe_run
+    row = next(r for r in load_report(out / "report.json").rows if r.name == "bnb-nf4")
+    assert "bitsandbytes quantizes Linear layers only, so the fused experts stay bf16" in row.runtime
+    assert row.effective_bits == pytest.approx(13.645)
+    subject = Subject(name="bnb-nf4", model_path=str(qwen3_moe), bnb=BnbVariant(method="bnb-nf4"))
+    model = load_on_runtime(subject, "auto", Resources(device="cpu"))[0]
+    reference = AutoModelForCausalLM.from_pretrained(qwen3_moe)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    for name in ("gate_up_proj", "down_proj"):
+        got = getattr(model.model.layers[1].mlp.experts, name)  # unquantized, in the CPU's float32 compute dtype
+        assert torch.equal(got.float(), getattr(reference.model.layers[1].mlp.experts, name).float())
 
 
 def test_a_failed_variant_is_a_row_and_the_others_are_reported(moe_run, qwen3_moe):
@@ -242,3 +284,88 @@ def test_int8_experts_load(qwen3_moe, tmp_path):
     assert len(record.quantized_layers) == 56 and record.routing.top_k == 2
     model, _ = load_for_eval(str(out), "cpu", "float32")
     assert torch.isfinite(model(torch.randint(3, 300, (1, 8))).logits).all()
+
+
+@pytest.fixture(scope="module")
+def mixed_experts(qwen3_moe, tmp_path_factory):
+    """A mixed-precision artifact whose experts differ: layer 0's expert 0 kept in bf16, expert 1's down projection
+    W8, every other Linear W4 (the allocation is fixed here so that each kind of expert is there to load)."""
+    from quantflow.inputs.calibration import build_calibration
+    from quantflow.quantization import quantize
+    from quantflow.spec import CalibrationSpec, EvaluationSpec, MixedVariant
+
+    names = target_layers(weightless_model(str(qwen3_moe)), with_routers(["lm_head"]))[0]
+    precision = {name: "w4" for name in names}
+    precision |= {f"model.layers.0.mlp.experts.0.{p}": "bf16" for p in ("gate_proj", "up_proj", "down_proj")}
+    precision["model.layers.0.mlp.experts.1.down_proj"] = "w8"
+    root = tmp_path_factory.mktemp("mixed-experts")
+    data = build_calibration(CalibrationSpec(num_samples=4, seq_len=32), EvaluationSpec(), str(qwen3_moe), root, root)
+    out = root / "mixed"
+    out.mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quantize, "allocation", lambda variant, sensitivity: (precision, 5.0))
+        record = quantize.quantize_weights(
+            str(qwen3_moe), MixedVariant(name="mixed"), Scheme(group_size=32), data, Resources(device="cpu"), out, out
+        )
+    return out, record
+
+
+def test_mixed_precision_experts_load_each_with_its_own_scheme(mixed_experts, qwen3_moe):
+    """transformers 5.17 decompresses every expert with one scheme; a mixed artifact's experts have several (the
+    load stopped: "The size of tensor a (32) must match the size of tensor b (2)"). Each expert now loads with its
+    own: the bf16 expert exact, the W8 one close, the W4 ones at W4's error."""
+    from transformers import AutoModelForCausalLM
+
+    from quantflow.evaluation.evaluate import load_for_eval
+
+    out, record = mixed_experts
+    assert len(record.quantized_layers) == 53 and record.precision["model.layers.0.mlp.experts.0.up_proj"] == "bf16"
+    loaded, _ = load_for_eval(str(out), "cpu", "float32")
+    reference = AutoModelForCausalLM.from_pretrained(qwen3_moe, dtype=torch.float32)
+
+    def error(name: str, expert: int) -> float:
+        got = getattr(loaded.model.layers[0].mlp.experts, name)[expert].float()
+        want = getattr(reference.model.layers[0].mlp.experts, name)[expert].float()
+        return ((got - want).abs().mean() / want.abs().mean()).item()
+
+    assert error("gate_up_proj", 0) == 0 and error("down_proj", 0) == 0
+    assert 0 < error("down_proj", 1) < 0.02 and 0.05 < error("gate_up_proj", 1) < 0.2
+    assert 0.05 < error("down_proj", 2) < 0.2
+    assert torch.isfinite(loaded(torch.randint(3, 300, (1, 8))).logits).all()
+
+
+def test_upstream_still_gives_every_expert_one_scheme(mixed_experts, qwen3_moe):
+    """transformers 5.17 decompresses all experts with the first expert group's scheme and never collects a bf16
+    expert's plain weight: here layer 0's bf16 expert comes back far off (no error). When this test fails, the
+    fix has landed and ``expert_schemes`` in evaluation/expert_load.py can go."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    config = CompressedTensorsConfig(dequantize=True)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(mixed_experts[0], quantization_config=config)
+    except RuntimeError as error:
+        assert "conversion of the weights" in str(error)
+        return
+    got = loaded.model.layers[0].mlp.experts.down_proj[0].float()
+    want = AutoModelForCausalLM.from_pretrained(qwen3_moe).model.layers[0].mlp.experts.down_proj[0].float()
+    assert ((got - want).abs().mean() / want.abs().mean()).item() > 0.5
+
+
+def test_precision_map_gives_each_expert_a_column(mixed_experts, tmp_path):
+    """The allocation treats every expert as a layer; the map shows each (the projection kind alone merged a
+    layer's experts into one cell, the last expert's option)."""
+    import matplotlib.image
+
+    from quantflow.quantization.mixed import map_cell
+    from quantflow.reporting.report import precision_map
+
+    precision = mixed_experts[1].precision
+    assert map_cell("model.layers.0.mlp.experts.1.down_proj") == (0, "experts.1.down_proj")
+    assert map_cell("model.layers.0.self_attn.q_proj") == (0, "q_proj") and map_cell("lm_head") == (None, "lm_head")
+    columns = {map_cell(name) for name in precision}
+    assert len(columns) == len(precision) == 56
+    precision_map(precision, "mixed", tmp_path / "map.png")
+    wide = matplotlib.image.imread(tmp_path / "map.png").shape[1]
+    dense = {name: option for name, option in precision.items() if ".experts." not in name}
+    precision_map(dense, "mixed", tmp_path / "dense.png")
+    assert wide > 4 * matplotlib.image.imread(tmp_path / "dense.png").shape[1]
