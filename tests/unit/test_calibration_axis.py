@@ -1,7 +1,6 @@
 """Calibration data as a sweep axis: one variant per (method x source), one cached calibration step per source, the
 report's side-by-side table, and a missing source refused at plan time."""
 
-import inspect
 import json
 import shutil
 
@@ -12,29 +11,9 @@ from quantflow.errors import QuantflowError
 from quantflow.reporting.report import load_report
 from quantflow.spec import parse_spec
 from quantflow.sweep import expand
-from tests.conftest import small_spec
+from tests.conftest import docstring_corpus, small_spec
 
 CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
-
-
-def stdlib_texts(path):
-    """A user file of another kind of text than the default corpus: the standard library's module docstrings."""
-    import collections
-    import csv
-    import difflib
-    import email
-    import functools
-    import itertools
-    import logging
-    import pathlib
-    import shutil as shutil_module
-    import tarfile
-    import typing
-
-    modules = (collections, csv, difflib, email, functools, itertools, logging, pathlib, shutil_module, tarfile)
-    rows = [inspect.getdoc(m) for m in (*modules, typing)]
-    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in rows if text and len(text) > 200))
-    return path
 
 
 def test_the_axis_crosses_only_the_methods_that_read_calibration_data():
@@ -91,7 +70,7 @@ def swept(tiny_model, tmp_path_factory):
     sources = [
         "builtin:pydoc",
         {"source": "builtin:pydoc", "chat_template": True},
-        str(stdlib_texts(root / "doc.jsonl")),
+        str(docstring_corpus(root / "doc.jsonl")),
     ]
     raw["sweep"] = {"methods": ["gptq"], "group_sizes": [32], "calibrations": sources}
     out = pipeline.run(parse_spec(raw), progress=lambda _: None)
