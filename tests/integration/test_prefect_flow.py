@@ -250,7 +250,8 @@ def test_a_sweep_fans_out_over_two_gpu_workers(deployed, worker, tiny_model, tmp
         for card in cards
     ]
     try:
-        sweep = {**SWEEP, "calibrations": ["builtin:pydoc", str(docstring_corpus(tmp_path / "doc.jsonl"))]}
+        sources = ["builtin:pydoc", str(docstring_corpus(tmp_path / "doc.jsonl"))]  # objects, as the UI's form sends
+        sweep = {**SWEEP, "calibrations": [{"source": source} for source in sources]}
         spec = {**small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", [], speed=None), "sweep": sweep}
         del spec["variants"]
         parent, _ = asyncio.run(trigger_and_wait(spec, "quantflow/fan-out"))
