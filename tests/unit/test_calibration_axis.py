@@ -48,11 +48,17 @@ def test_two_sources_with_one_label_are_refused():
         parse_spec({"sweep": {"methods": ["gptq"], "calibrations": ["a/data.jsonl", "b/data.txt"]}})
 
 
-def test_a_missing_source_in_the_axis_is_refused_at_plan_time_writing_nothing(tiny_model, tmp_path):
-    raw = small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", [])
-    raw["sweep"] = {"methods": ["gptq"], "calibrations": ["builtin:pydoc", str(tmp_path / "missing.jsonl")]}
-    del raw["variants"]
-    with pytest.raises(QuantflowError, match="sweep.calibrations .*missing.jsonl does not exist") as refused:
+@pytest.mark.parametrize(
+    "where, field",
+    [("sweep", "sweep.calibrations"), ("variant", "variant gptq: calibration.source")],
+)
+def test_a_missing_source_is_refused_at_plan_time_writing_nothing(tiny_model, tmp_path, where, field):
+    missing = str(tmp_path / "missing.jsonl")
+    raw = small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", [{"method": "gptq", "calibration": missing}])
+    if where == "sweep":
+        raw["sweep"] = {"methods": ["gptq"], "calibrations": ["builtin:pydoc", missing]}
+        del raw["variants"]
+    with pytest.raises(QuantflowError, match=f"{field} .*missing.jsonl does not exist") as refused:
         pipeline.plan(parse_spec(raw), progress=lambda _: None)
     assert "builtin:pydoc" in refused.value.fix
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
