@@ -110,7 +110,11 @@ def _choice(value: Any) -> Any:
     return {"source": value} if isinstance(value, str) else value
 
 
-OwnCalibration = Annotated[CalibrationChoice | None, BeforeValidator(_choice)]
+# the schema (Prefect checks a run's parameters against it) takes the short form too
+ChoiceOrSource = Annotated[CalibrationChoice, BeforeValidator(_choice, json_schema_input_type=CalibrationChoice | str)]
+OwnCalibration = Annotated[
+    CalibrationChoice | None, BeforeValidator(_choice, json_schema_input_type=CalibrationChoice | str | None)
+]
 OWN_CALIBRATION = "Calibrate this variant on its own data instead of the run's calibration.source (null = the run's)."
 
 
@@ -450,7 +454,7 @@ class SweepSpec(_Strict):
         description="Per-method settings, a value or a list to sweep, e.g. {awq: {n_grid: [10, 20]}, autoround: "
         "{iters: 50}}.",
     )
-    calibrations: list[Annotated[CalibrationChoice, BeforeValidator(_choice)]] = Field(
+    calibrations: list[ChoiceOrSource] = Field(
         [],
         description="Calibration sources to cross with every method that reads calibration data (a source, or "
         "{source, chat_template}); empty = the run's calibration.source. RTN, FP8 with rtn and bitsandbytes read "

@@ -5,7 +5,10 @@ import json
 import shutil
 
 import pytest
+from prefect.utilities.callables import parameter_schema
+from prefect.utilities.schema_tools.validation import validate
 
+from flows.quantize import quantflow_run, quantflow_variant
 from quantflow import pipeline
 from quantflow.errors import QuantflowError
 from quantflow.reporting.report import load_report
@@ -107,3 +110,12 @@ def test_each_source_is_its_own_calibration_and_the_report_compares_them(swept):
     assert "## Calibration data" in text
     assert f"| gptq-w4-g32-sym | gptq | {perplexities[0]:.3f} / " in text
     assert report.schema_version == "1.8"
+
+
+@pytest.mark.parametrize("flow", [quantflow_run, quantflow_variant], ids=lambda flow: flow.name)
+def test_the_flows_parameter_schema_takes_a_bare_source_as_yaml_does(flow):
+    """Prefect's server checks a run's parameters against the flow's schema before the spec sees them."""
+    schema = parameter_schema(flow.fn).model_dump()
+    spec = {"variants": [{"method": "gptq", "calibration": "a.jsonl"}], "sweep": {"methods": ["awq"]}}
+    spec["sweep"]["calibrations"] = ["builtin:pydoc", {"source": "builtin:pydoc", "chat_template": True}]
+    validate({"spec": spec}, schema, raise_on_error=True, ignore_required=True)
