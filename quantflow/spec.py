@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     GetJsonSchemaHandler,
@@ -80,6 +81,43 @@ class CalibrationSpec(_Strict):
     min_chars: int = Field(200, ge=0, description="Drop texts shorter than this many characters.")
 
 
+class CalibrationChoice(_Strict):
+    """A variant's own calibration data, in place of the run's: users ask which data to calibrate on, so a sweep can
+    cross methods with sources. The run's other calibration settings (samples, length, seed) still apply."""
+
+    source: str = Field(..., min_length=1, description="Same source kinds as calibration.source.")
+    chat_template: bool | None = Field(
+        None, description="Wrap each text as a user turn with the chat template (null = the run's setting)."
+    )
+
+    def label(self) -> str:
+        """The short name variant names carry: ``pydoc``, a file's stem, a hub dataset's last part; ``-chat`` for
+        chat-formatted text."""
+        stem = self.source.split(":")[-1] if self.source.startswith(("builtin:", "hf:")) else Path(self.source).stem
+        stem = re.sub(r"[^a-z0-9._-]+", "-", stem.rstrip("/").split("/")[-1].lower()).strip("-._")[:24] or "data"
+        return f"{stem}-chat" if self.chat_template else stem
+
+    def applied(self, run: CalibrationSpec) -> CalibrationSpec:
+        """The run's calibration settings with this source (and chat formatting, when set) in place."""
+        update = {"source": self.source}
+        if self.chat_template is not None:
+            update["chat_template"] = self.chat_template
+        return run.model_copy(update=update)
+
+
+def _choice(value: Any) -> Any:
+    """A bare source string is a choice of that source (YAML's short form)."""
+    return {"source": value} if isinstance(value, str) else value
+
+
+# the schema (Prefect checks a run's parameters against it) takes the short form too
+ChoiceOrSource = Annotated[CalibrationChoice, BeforeValidator(_choice, json_schema_input_type=CalibrationChoice | str)]
+OwnCalibration = Annotated[
+    CalibrationChoice | None, BeforeValidator(_choice, json_schema_input_type=CalibrationChoice | str | None)
+]
+OWN_CALIBRATION = "Calibrate this variant on its own data instead of the run's calibration.source (null = the run's)."
+
+
 # the allowed sizes as an enum, so the UI form offers them in a list and refuses anything else at submission, like YAML
 # and flags
 GroupSize = Literal[8, 16, 32, 64, 128, 256, 512, 1024, "auto"]
@@ -107,6 +145,7 @@ class _WeightOnly(_Strict):
         description="How final scales are chosen: 'minmax' (plain range), 'mse' (clipping that minimizes weight error) "
         "or 'imatrix_mse' (the same, weighted by calibration activations; needs calibration data).",
     )
+    calibration: OwnCalibration = Field(None, description=OWN_CALIBRATION)
 
 
 class RTNVariant(_WeightOnly):
@@ -251,6 +290,7 @@ class _W8A8(_Strict):
 
     name: str = Field("", pattern=r"^$|" + NAME_PATTERN, description="Variant name; defaults to the method.")
     ignore: list[str] = Field(["lm_head"], description="Layers left in full precision (names or 're:' patterns).")
+    calibration: OwnCalibration = Field(None, description=OWN_CALIBRATION)
 
 
 class FP8Variant(_GPTQSettings, _W8A8):
@@ -310,6 +350,18 @@ class BnbVariant(_Strict):
         True, description="Quantize the 4-bit quantization constants too (saves ~0.4 bit/param)."
     )
     save: bool = Field(False, description="Also write the bitsandbytes-serialized weights as an artifact.")
+
+
+def needs_calibration(variant: Any) -> bool:
+    """Every method reads calibration data but FP8 with min-max weights (its activations are scaled at run time),
+    bitsandbytes and RTN, which reads it only for the activation-weighted observer."""
+    if isinstance(variant, BnbVariant):
+        return False
+    if isinstance(variant, FP8Variant):
+        return variant.algorithm == "gptq"
+    if isinstance(variant, FP4Variant):  # NVFP4's activation global scale is calibrated; MXFP4's scales are not
+        return variant.algorithm == "gptq" or (variant.method == "nvfp4" and variant.activations == "a4")
+    return not isinstance(variant, RTNVariant) or variant.observer == "imatrix_mse"
 
 
 class _FormBranches:
@@ -415,9 +467,25 @@ class SweepSpec(_Strict):
         description="Per-method settings, a value or a list to sweep, e.g. {awq: {n_grid: [10, 20]}, autoround: "
         "{iters: 50}}.",
     )
+    calibrations: list[ChoiceOrSource] = Field(
+        [],
+        description="Calibration sources to cross with every method that reads calibration data (a source, or "
+        "{source, chat_template}); empty = the run's calibration.source. RTN, FP8 with rtn and bitsandbytes read "
+        "none and are not repeated.",
+    )
     max_variants: int = Field(
         32, ge=1, le=1024, description="Refuse a grid with more combinations than this (each is a GPU job)."
     )
+
+    @field_validator("calibrations")
+    @classmethod
+    def _distinct_labels(cls, choices: list[CalibrationChoice]) -> list[CalibrationChoice]:
+        """Variant names carry each source's label, so two sources with one label would make one name twice."""
+        labels = [choice.label() for choice in choices]
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise ValueError(f"calibration sources share the label {', '.join(repeated)}: rename a file or drop one")
+        return choices
 
 
 CompileMode = Literal["default", "max-autotune-no-cudagraphs"]
@@ -663,7 +731,7 @@ class RunSpec(_Strict):
             raise ValueError("the spec has no variants: list some under 'variants' or give a 'sweep'")
         if self.sweep is None:
             return self
-        swept = {entry["name"] for entry in entries(self.sweep, Variant)}
+        swept = {entry["name"] for entry in entries(self.sweep, Variant, needs_calibration)}
         if len(swept) > self.sweep.max_variants:
             raise ValueError(
                 f"the sweep expands to {len(swept)} variants, over its max_variants {self.sweep.max_variants}: "

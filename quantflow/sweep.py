@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from quantflow.spec import RunSpec, SweepSpec, Variant
+from quantflow.spec import RunSpec, SweepSpec, Variant, needs_calibration
 from quantflow.sweep_grid import entries
 
 VARIANT = TypeAdapter(Variant)
@@ -24,7 +24,7 @@ class Dropped(BaseModel):
 
 
 def grid_size(sweep: SweepSpec) -> int:
-    return len(entries(sweep, Variant))
+    return len(entries(sweep, Variant, needs_calibration))
 
 
 def expand(spec: RunSpec) -> tuple[list[Variant], list[Dropped]]:
@@ -32,7 +32,7 @@ def expand(spec: RunSpec) -> tuple[list[Variant], list[Dropped]]:
     if spec.sweep is None:
         return [], []
     kept, dropped = [], []
-    for entry in entries(spec.sweep, Variant):
+    for entry in entries(spec.sweep, Variant, needs_calibration):
         try:
             kept.append(VARIANT.validate_python(entry))
         except ValidationError as error:

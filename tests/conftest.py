@@ -116,6 +116,27 @@ def run_interpreted(module: str, function: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def docstring_corpus(path: Path) -> Path:
+    """A JSONL calibration file of another kind of text than the default corpus: standard-library docstrings."""
+    import collections
+    import csv
+    import difflib
+    import email
+    import functools
+    import inspect
+    import itertools
+    import logging
+    import pathlib
+    import shutil
+    import tarfile
+    import typing
+
+    modules = (collections, csv, difflib, email, functools, itertools, logging, pathlib, shutil, tarfile, typing)
+    texts = [inspect.getdoc(module) or "" for module in modules]
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts if len(text) > 200))
+    return path
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 

@@ -140,6 +140,15 @@ def check_folder(field: str, folder: Path) -> None:
         )
 
 
+def check_calibration_choices(spec: RunSpec) -> None:
+    """Each variant's own calibration source and each source of the sweep's axis, checked like the run's own."""
+    for variant in spec.variants:
+        if getattr(variant, "calibration", None) is not None:
+            check_source(f"variant {variant.name or variant.method}: calibration.source", variant.calibration.source)
+    for choice in spec.sweep.calibrations if spec.sweep else []:
+        check_source("sweep.calibrations", choice.source)
+
+
 def plan(spec: RunSpec, progress: Progress = print) -> Plan:
     """Validate the spec against this machine and the model's shapes; resolve the model source."""
     spec = with_output_folder(spec, datetime.now())
@@ -157,6 +166,7 @@ def _plan(spec: RunSpec, progress: Progress) -> Plan:
     check_folder("output.cache_dir", cache.root)
     check_source("calibration.source", spec.calibration.source)
     check_source("evaluation.corpus", spec.evaluation.corpus)
+    check_calibration_choices(spec)
     if spec.output.store:
         from quantflow.delivery.store import check_access
 

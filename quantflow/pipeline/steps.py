@@ -22,10 +22,10 @@ from quantflow.infra.environment import code_version
 from quantflow.infra.steps import StepRun, cached
 from quantflow.inputs.calibration import CalibrationRecord, build_calibration
 from quantflow.pipeline.planning import BASELINE, Plan
-from quantflow.quantization.quantize import QuantizeRecord, needs_calibration, quantize_weights
+from quantflow.quantization.quantize import QuantizeRecord, quantize_weights
 from quantflow.quantization.sensitivity import SensitivityRecord, measure_sensitivity
-from quantflow.reporting.report import FailedVariant, VariantResult
-from quantflow.spec import BnbVariant, MixedVariant, PlannedVariant
+from quantflow.reporting.report import CalibrationUse, FailedVariant, VariantResult
+from quantflow.spec import BnbVariant, CalibrationChoice, MixedVariant, PlannedVariant, Variant, needs_calibration
 
 QUANT_PACKAGES = ("torch", "transformers", "llmcompressor", "compressed-tensors")
 EVAL_PACKAGES = ("torch", "transformers", "compressed-tensors", "bitsandbytes", "lm-eval")
@@ -57,14 +57,15 @@ class Quantized(BaseModel):
     record: QuantizeRecord | None
     step: StepRun | None
     sensitivity: Sensitivity | None = None
+    calibration: Calibrated | None = None  # the variant's own calibration set, when it asks for one
 
 
-def calibration_key(plan: Plan) -> str:
+def calibration_key(plan: Plan, choice: CalibrationChoice | None = None) -> str:
     spec = plan.spec  # the evaluation corpus decides which half of a shared source calibration may read
     return content_key(
         "calibration",
         plan.model.fingerprint,
-        spec.calibration,
+        choice.applied(spec.calibration) if choice else spec.calibration,
         spec.evaluation.corpus,
         spec.evaluation.text_column,
         code_version("transformers"),
@@ -82,7 +83,7 @@ def quantize_key(plan: Plan, variant: PlannedVariant, calibration: CalibrationRe
     return content_key(
         "quantize",
         plan.model.fingerprint,
-        variant.model_dump(exclude={"name"}),
+        variant.model_dump(exclude={"name", "calibration"}),  # the calibration set enters by its hash
         plan.schemes[variant.name].group_size,
         used,
         plan.spec.model.dtype,
@@ -135,19 +136,22 @@ def outcome(step: StepRun, result: str = "") -> str:
     return f"{result} ({did})" if result else did
 
 
-def calibrate(plan: Plan, isolate: bool = True) -> Calibrated:
-    """Build (or find) the calibration set: tokenized, seeded, disjoint from the evaluation texts."""
-    with progress.stage("calibration") as shown:
+def calibrate(
+    plan: Plan, isolate: bool = True, choice: CalibrationChoice | None = None, owner: str = BASELINE
+) -> Calibrated:
+    """Build (or find) the calibration set: tokenized, seeded, disjoint from the evaluation texts. ``choice`` is a
+    variant's own source in place of the run's (one cached step per distinct source, shared by its variants)."""
+    with progress.stage(f"calibration {choice.label()}" if choice else "calibration") as shown:
         record, step = cached(
             plan.cache,
             "calibration",
-            BASELINE,
-            calibration_key(plan),
+            owner,
+            calibration_key(plan, choice),
             CalibrationRecord,
             build_calibration,
             plan.spec.step_timeout_s,
             isolate,
-            spec=plan.spec.calibration,
+            spec=choice.applied(plan.spec.calibration) if choice else plan.spec.calibration,
             evaluation=plan.spec.evaluation,
             tokenizer_path=plan.model.path,
         )
@@ -155,6 +159,15 @@ def calibrate(plan: Plan, isolate: bool = True) -> Calibrated:
             progress.note(record.note)
         shown.outcome = outcome(step, f"{record.samples} samples, {record.tokens} tokens")
     return Calibrated(record=record, step=step)
+
+
+def own_calibration(plan: Plan, variant: Variant, isolate: bool = True) -> Calibrated | None:
+    """The variant's own calibration set, when it names a source and reads calibration data (else None: it uses the
+    run's set, or none)."""
+    choice = getattr(variant, "calibration", None)
+    if choice is None or not needs_calibration(variant):
+        return None
+    return calibrate(plan, isolate, choice, variant.name)
 
 
 def evaluate_baseline(plan: Plan, isolate: bool = True) -> Baseline:
@@ -169,7 +182,9 @@ def evaluate_baseline(plan: Plan, isolate: bool = True) -> Baseline:
 
 
 def measure(plan: Plan, variant: MixedVariant, calibration: CalibrationRecord, isolate: bool = True) -> Sensitivity:
-    """Score every Linear group of a mixed variant at every menu option (cached)."""
+    """Score every Linear group of a mixed variant at every menu option (cached), on its own calibration set if any."""
+    own = own_calibration(plan, variant, isolate)
+    calibration = own.record if own else calibration
     with progress.stage(f"sensitivity {variant.name}") as shown:
         record, step = cached(
             plan.cache,
@@ -201,6 +216,8 @@ def quantize(
     variant measures its sensitivity first unless the caller (a separate Prefect task) already did."""
     if load_time(variant):
         return unquantized(variant)
+    own = own_calibration(plan, variant, isolate)
+    calibration = own.record if own else calibration
     if isinstance(variant, MixedVariant) and sensitivity is None:
         sensitivity = measure(plan, variant, calibration, isolate)
     with progress.stage(f"quantize {variant.name}") as shown:
@@ -223,7 +240,7 @@ def quantize(
         )
         shown.outcome = outcome(step)
     record = record.model_copy(update={"variant": variant.name})
-    return Quantized(variant=variant.name, record=record, step=step, sensitivity=sensitivity)
+    return Quantized(variant=variant.name, record=record, step=step, sensitivity=sensitivity, calibration=own)
 
 
 def evaluate(
@@ -239,7 +256,8 @@ def evaluate(
         )
         shown.outcome = outcome(step, f"perplexity {evaluation.perplexity:.3f}")
     measured = quantized.sensitivity.step if quantized.sensitivity else None
-    steps = [s for s in (measured, quantized.step, step) if s is not None]
+    calibrated = quantized.calibration.step if quantized.calibration else None
+    steps = [s for s in (calibrated, measured, quantized.step, step) if s is not None]
     return VariantResult(
         name=variant.name,
         method=variant.method,
@@ -248,6 +266,27 @@ def evaluate(
         artifact=quantized.record.path if quantized.record else None,
         steps=steps,
         sensitivity=quantized.sensitivity.record if quantized.sensitivity else None,
+        calibration=calibration_used(plan, variant, quantized),
+    )
+
+
+def calibration_used(plan: Plan, variant: Variant, quantized: Quantized) -> CalibrationUse | None:
+    """Which calibration data the variant was built on (None when it reads none), for the report's comparison."""
+    if not needs_calibration(variant):
+        return None
+    choice = getattr(variant, "calibration", None)
+    spec = choice.applied(plan.spec.calibration) if choice else plan.spec.calibration
+    label = (
+        choice.label() if choice else CalibrationChoice(source=spec.source, chat_template=spec.chat_template).label()
+    )
+    record = quantized.calibration.record if quantized.calibration else None
+    return CalibrationUse(
+        source=spec.source,
+        chat_template=spec.chat_template,
+        label=label,
+        own=choice is not None,
+        samples=record.samples if record else None,
+        tokens=record.tokens if record else None,
     )
 
 

@@ -45,6 +45,7 @@ from quantflow.spec import (
     KVCacheVariant,
     MixedVariant,
     RTNVariant,
+    needs_calibration,
 )
 
 WeightVariant = (
@@ -581,16 +582,6 @@ def smoothing(variant: WeightVariant, mappings: list[dict], quantized: list[str]
         return None
     balanced = {name for mapping in mappings for name in mapping["balance"]}
     return Smoothing(mappings=mappings, unsmoothed=[name for name in quantized if name not in balanced])
-
-
-def needs_calibration(variant: WeightVariant) -> bool:
-    """Every method reads calibration data but FP8 with min-max weights (its activations are scaled at run time) and
-    RTN, which reads it only for the activation-weighted observer."""
-    if isinstance(variant, FP8Variant):
-        return variant.algorithm == "gptq"
-    if isinstance(variant, FP4Variant):  # NVFP4's activation global scale is calibrated; MXFP4's scales are not
-        return variant.algorithm == "gptq" or (variant.method == "nvfp4" and variant.activations == "a4")
-    return not isinstance(variant, RTNVariant) or variant.observer == "imatrix_mse"
 
 
 def bnb_config(variant: BnbVariant):

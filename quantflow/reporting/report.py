@@ -15,6 +15,7 @@ import re
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -34,7 +35,7 @@ from quantflow.reporting.kv_cache import KVCacheRow, kv_rows, kv_section
 from quantflow.spec import BnbVariant, ConstraintsSpec, RunSpec
 from quantflow.sweep import Dropped, expand
 
-SCHEMA_VERSION = "1.8"
+SCHEMA_VERSION = "1.9"
 UNITS = {
     "perplexity": "exp(mean NLL per token), lower is better",
     "ppl_delta_pct": "% change vs baseline",
@@ -59,6 +60,34 @@ PLOTS = {
 }
 
 
+class CalibrationUse(BaseModel):
+    """The calibration data a variant was built on: the run's set, or its own (a sweep's ``calibrations`` axis)."""
+
+    source: str
+    chat_template: bool
+    label: str  # what variant names carry: 'pydoc', a file's stem, '-chat' for chat-formatted text
+    own: bool  # True: the variant's own source; False: the run's calibration set (report.calibration)
+    samples: int | None = None  # own sets only: the run's set is described in report.calibration
+    tokens: int | None = None
+
+
+class CalibrationCell(BaseModel):
+    """One variant's quality under one calibration source."""
+
+    row: str
+    perplexity: float
+    ppl_delta_pct: float
+    kl_mean: float | None
+
+
+class CalibrationEffect(BaseModel):
+    """One variant's settings calibrated on several sources: its quality per source label, side by side."""
+
+    variant: str  # the name without the source label
+    method: str
+    by_source: dict[str, CalibrationCell]
+
+
 class VariantResult(BaseModel):
     """One variant as measured: its quantization (none for load-time variants), its evaluation and the steps run."""
 
@@ -69,6 +98,7 @@ class VariantResult(BaseModel):
     artifact: str | None
     steps: list[StepRun]
     sensitivity: SensitivityRecord | None = None  # mixed variants: the table their allocation read
+    calibration: CalibrationUse | None = None  # None: the variant reads no calibration data
 
     @property
     def cached(self) -> bool:
@@ -133,6 +163,7 @@ class Row(BaseModel):
     dominated_by: str | None = None  # mixed rows: a uniform row with fewer bits per weight and lower perplexity
     routing: RoutingRecord | None = None
     kv_cache: KVCacheRow | None = None
+    calibration: CalibrationUse | None = None
 
 
 class Report(BaseModel):
@@ -154,6 +185,7 @@ class Report(BaseModel):
     environment: dict
     spec: dict
     steps: list[StepRun] = []
+    calibration_effect: list[CalibrationEffect] = []
 
 
 def _row(
@@ -165,6 +197,7 @@ def _row(
     artifact: str | None = None,
     stored: StoredArtifact | None = None,
     sensitivity: SensitivityRecord | None = None,
+    calibration: CalibrationUse | None = None,
 ) -> Row:
     return Row(
         name=name,
@@ -190,6 +223,7 @@ def _row(
         precision=quantize.precision if quantize else {},
         allocated_bits=quantize.allocated_bits if quantize else None,
         sensitivity=sensitivity,
+        calibration=calibration,
         routing=quantize.routing if quantize else None,
         runtime=evaluation.runtime,
         artifact=artifact,
@@ -295,10 +329,21 @@ def build_report(
     where = {s.name: s for s in stored}
     rows = [_row("baseline", f"none ({spec.model.dtype})", baseline, baseline, artifact=model.path)]
     rows += [
-        _row(v.name, v.method, v.evaluation, baseline, v.quantize, v.artifact, where.get(v.name), v.sensitivity)
+        _row(
+            v.name,
+            v.method,
+            v.evaluation,
+            baseline,
+            v.quantize,
+            v.artifact,
+            where.get(v.name),
+            v.sensitivity,
+            v.calibration,
+        )
         for v in variants
     ]
-    load_time = {v.name: v for v in [*spec.variants, *expand(spec)[0]] if isinstance(v, BnbVariant)}
+    specs = {v.name: v for v in [*spec.variants, *expand(spec)[0]]}
+    load_time = {name: v for name, v in specs.items() if isinstance(v, BnbVariant)}
     rows = [row.model_copy(update={"effective_bits": row_bits(row, load_time, model)}) for row in rows]
     rows = [row.model_copy(update={"dominated_by": dominating(row, rows)}) for row in rows]
     evaluations = [baseline, *(v.evaluation for v in variants)]
@@ -328,7 +373,60 @@ def build_report(
         environment=environment(),
         spec=spec.model_dump(mode="json"),
         steps=steps + [step for v in variants for step in v.steps],
+        calibration_effect=calibration_effect(rows, specs),
     )
+
+
+def calibration_effect(rows: list[Row], specs: dict[str, Any]) -> list[CalibrationEffect]:
+    """Rows that differ only in their calibration data, grouped, each group's quality per source: the comparison
+    users ask for ("which data should I calibrate on?"). Empty when the run used one source."""
+    calibrated = [r for r in rows if r.calibration is not None and r.name in specs]
+    if len({r.calibration.label for r in calibrated}) < 2:
+        return []
+    groups: dict[str, list[Row]] = {}
+    for r in calibrated:
+        settings = json.dumps(specs[r.name].model_dump(mode="json", exclude={"name", "calibration"}), sort_keys=True)
+        groups.setdefault(settings, []).append(r)
+    return [
+        CalibrationEffect(
+            variant=group[0].name.removesuffix(f"-cal-{group[0].calibration.label}"),
+            method=group[0].method,
+            by_source={
+                r.calibration.label: CalibrationCell(
+                    row=r.name, perplexity=r.perplexity, ppl_delta_pct=r.ppl_delta_pct, kl_mean=r.kl_mean
+                )
+                for r in group
+            },
+        )
+        for group in groups.values()
+        if len(group) > 1
+    ]
+
+
+def _source_line(label: str, use: CalibrationUse) -> str:
+    chat = " (chat template)" if use.chat_template else ""
+    size = f", {use.samples} samples, {use.tokens} tokens" if use.samples else " (the run's calibration set)"
+    return f"- **{label}**: {use.source}{chat}{size}"
+
+
+def _calibration_effect(report: Report) -> list[str]:
+    """The effect table: one line per variant, perplexity / Δppl / KL under each calibration source."""
+    if not report.calibration_effect:
+        return []
+    labels = list(dict.fromkeys(label for e in report.calibration_effect for label in e.by_source))
+    sources = {r.calibration.label: r.calibration for r in report.rows if r.calibration is not None}
+    lines = ["", "## Calibration data", "", "Perplexity / Δppl % / KL (nats/tok) of each variant under each source:"]
+    lines += [""] + [_source_line(label, sources[label]) for label in labels]
+    lines += ["", "| variant | method | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 2)]
+    for effect in report.calibration_effect:
+        cells = [
+            f"{c.perplexity:.3f} / {c.ppl_delta_pct:+.2f} / {'–' if c.kl_mean is None else f'{c.kl_mean:.4f}'}"
+            if (c := effect.by_source.get(label))
+            else "–"
+            for label in labels
+        ]
+        lines.append(f"| {effect.variant} | {effect.method} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _speed(row: Row, batch: int, field: str) -> str:
@@ -425,7 +523,7 @@ def markdown(report: Report) -> str:
         card = f"; CUDA_VISIBLE_DEVICES={r.visible_devices}" if r.visible_devices is not None else ""
         lines.append(f"- **{r.name}**: {r.runtime}{harness}{layers}{note}{card}")
     lines += _smoothing(report.rows) + _mixed(report.rows) + _dropped(report.dropped) + _failed(report.failed)
-    lines += _routing(report.rows)
+    lines += _routing(report.rows) + _calibration_effect(report)
     lines += kv_section([r.name for r in report.rows], [r.kv_cache for r in report.rows])
     lines += _lm_eval_table(report.rows)
     lines += ["", "## Greedy samples", ""]

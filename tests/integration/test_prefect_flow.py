@@ -16,7 +16,7 @@ import pytest
 from deployments.local import stop_group
 from quantflow.pipeline import run as run_pipeline
 from quantflow.spec import parse_spec
-from tests.conftest import read_json, small_spec
+from tests.conftest import docstring_corpus, read_json, small_spec
 from tests.integration.conftest import BIN, form_parameters, run_artifacts, wait_final
 
 pytestmark = pytest.mark.integration
@@ -250,7 +250,9 @@ def test_a_sweep_fans_out_over_two_gpu_workers(deployed, worker, tiny_model, tmp
         for card in cards
     ]
     try:
-        spec = {**small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", [], speed=None), "sweep": SWEEP}
+        sources = ["builtin:pydoc", str(docstring_corpus(tmp_path / "doc.jsonl"))]  # objects, as the UI's form sends
+        sweep = {**SWEEP, "calibrations": [{"source": source} for source in sources]}
+        spec = {**small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", [], speed=None), "sweep": sweep}
         del spec["variants"]
         parent, _ = asyncio.run(trigger_and_wait(spec, "quantflow/fan-out"))
     finally:
@@ -259,9 +261,12 @@ def test_a_sweep_fans_out_over_two_gpu_workers(deployed, worker, tiny_model, tmp
     assert parent.state.is_completed(), parent.state
     report = read_json(tmp_path / "out" / "report.json")
     ran = {row["name"] for row in report["rows"]} - {"baseline"}
-    assert ran == {"rtn-w4-g32-asym", "rtn-w8-g32-asym", "fp8", "awq-w4-g32-asym-n_grid3"}
+    awq = {"awq-w4-g32-asym-n_grid3-cal-pydoc", "awq-w4-g32-asym-n_grid3-cal-doc"}  # AWQ once per source, RTN once
+    assert ran == {"rtn-w4-g32-asym", "rtn-w8-g32-asym", "fp8", *awq}
+    (effect,) = report["calibration_effect"]
+    assert {cell["row"] for cell in effect["by_source"].values()} == awq
     dropped = {d["name"]: d["reason"] for d in report["dropped"]}
-    assert "does not divide the input width" in dropped["rtn-w4-g128-asym"] and len(dropped) == 2 + 2 + 1
+    assert "does not divide the input width" in dropped["rtn-w4-g128-asym"] and len(dropped) == 2 + 2 + 2
     assert "bits: Input should be 4" in dropped["awq-w8-g32-asym-n_grid3"]
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "## Sweep combinations left out" in markdown and "**rtn-w8-g128-asym**: variant" in markdown

@@ -27,7 +27,7 @@ def finished(tiny_model, tmp_path_factory):
 def test_each_model_gets_an_fp8_kv_twin_whose_artifact_carries_the_scales_vllm_reads(finished):
     _, out = finished
     report = load_report(out / "report.json")
-    assert report.schema_version == "1.8"
+    assert report.schema_version == "1.9"
     assert [r.name for r in report.rows] == ["baseline", "rtn", "baseline-kv-fp8", "rtn-kv-fp8"]
     for name, groups in (("baseline-kv-fp8", 0), ("rtn-kv-fp8", 1)):
         config = read_json(out / name / "config.json")["quantization_config"]
