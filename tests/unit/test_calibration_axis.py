@@ -14,7 +14,7 @@ from quantflow.errors import QuantflowError
 from quantflow.reporting.report import load_report
 from quantflow.spec import parse_spec
 from quantflow.sweep import expand
-from tests.conftest import docstring_corpus, small_spec
+from tests.conftest import small_spec
 
 CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
 
@@ -69,18 +69,15 @@ def test_a_missing_source_is_refused_at_plan_time_writing_nothing(tiny_model, tm
 
 @pytest.fixture(scope="module")
 def swept(tiny_model, tmp_path_factory):
-    """GPTQ over three sources: the default corpus, the same rendered with a chat template, a user file (untimed)."""
+    """GPTQ over two sources: the default corpus and the same rendered with a chat template (untimed; a user file
+    is swept in the Prefect fan-out test)."""
     root = tmp_path_factory.mktemp("calibrations")
     model = shutil.copytree(tiny_model, root / "chat-model")
     config = json.loads((model / "tokenizer_config.json").read_text())
     (model / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHAT_TEMPLATE}))
     raw = small_spec(model, root / "out", root / "cache", [], speed=None)
     del raw["variants"]
-    sources = [
-        "builtin:pydoc",
-        {"source": "builtin:pydoc", "chat_template": True},
-        str(docstring_corpus(root / "doc.jsonl")),
-    ]
+    sources = ["builtin:pydoc", {"source": "builtin:pydoc", "chat_template": True}]
     raw["sweep"] = {"methods": ["gptq"], "group_sizes": [32], "calibrations": sources}
     out = pipeline.run(parse_spec(raw), progress=lambda _: None)
     return load_report(out / "report.json"), out
@@ -93,18 +90,17 @@ def test_each_source_is_its_own_calibration_and_the_report_compares_them(swept):
         "baseline",
         "gptq-w4-g32-sym-cal-pydoc",
         "gptq-w4-g32-sym-cal-pydoc-chat",
-        "gptq-w4-g32-sym-cal-doc",
     }
     chat = rows["gptq-w4-g32-sym-cal-pydoc-chat"].calibration
     assert chat.chat_template and chat.own and chat.samples == 8
     calibrations = [s for s in report.steps if s.step == "calibration"]
-    assert len({s.key for s in calibrations}) == 3  # the run's set and the two other sources
+    assert len({s.key for s in calibrations}) == 2  # the run's set and the chat-rendered one
     pydoc = next(s for s in calibrations if s.variant == "gptq-w4-g32-sym-cal-pydoc")
     assert pydoc.cached  # the same data as the run's own set: one step, read back
     (effect,) = report.calibration_effect
-    assert effect.variant == "gptq-w4-g32-sym" and list(effect.by_source) == ["pydoc", "pydoc-chat", "doc"]
+    assert effect.variant == "gptq-w4-g32-sym" and list(effect.by_source) == ["pydoc", "pydoc-chat"]
     perplexities = [cell.perplexity for cell in effect.by_source.values()]
-    assert len(set(perplexities)) == 3  # different data, different GPTQ result
+    assert len(set(perplexities)) == 2  # different data, different GPTQ result
     assert all(cell.kl_mean > 0 for cell in effect.by_source.values())
     text = (out / "report.md").read_text()
     assert "## Calibration data" in text
