@@ -1,15 +1,30 @@
 """docs/demo.md's "Current demo" table read back, so that a test holds it to what the demo prints.
 
 The numbers hold for the stated machine only: GPTQ's and AWQ's rounding decisions follow the
-float sums of their calibration statistics, whose order depends on torch's thread count.
+float sums of their calibration statistics, whose order depends on the CPU kernels torch runs and its thread count.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+from quantflow.infra.environment import cpu_kernels
+
 DOC = Path(__file__).parents[2] / "docs" / "demo.md"
-DOC_THREADS = 2  # the 2-core CPU the table was measured on
+DOC_KERNELS, DOC_THREADS = "family 23 model 49, AVX2", 2  # the machine the table was measured on (its heading says)
+
+
+def documented_machine() -> bool:
+    """Whether this process runs the kernels and thread count the table's digits came from."""
+    return cpu_kernels() == DOC_KERNELS and torch.get_num_threads() == DOC_THREADS
+
+
+def heading() -> str:
+    return DOC.read_text().split("\n## Current demo", 1)[1].splitlines()[0]
+
+
 CHECKED = ("perplexity", "Δppl %", "KL nats/tok")
 
 

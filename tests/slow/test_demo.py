@@ -5,12 +5,11 @@ calibration or evaluation code.
 """
 
 import pytest
-import torch
 
 from quantflow import pipeline
 from quantflow.devtools.demo import demo_spec
 from quantflow.reporting.report import load_report
-from tests.slow.demo_docs import DOC_THREADS, drift
+from tests.slow.demo_docs import documented_machine, drift
 
 pytestmark = pytest.mark.slow
 
@@ -26,6 +25,6 @@ def test_demo_awq_and_gptq_halve_rtns_damage(tmp_path):
         assert rows[name].kl_mean < rows["rtn"].kl_mean
     assert rows["bnb-nf4"].perplexity < rows["rtn"].perplexity
     assert all(rows[n].size_ratio < 0.5 for n in ("rtn", "awq", "gptq"))
-    if torch.get_num_threads() == DOC_THREADS:  # the documented machine's thread count: the same float sums
+    if documented_machine():  # the same CPU kernels and thread count: the same float sums
         moved = drift(rows.values())
         assert not moved, f"docs/demo.md's Current demo table differs from this run (documented, printed): {moved}"

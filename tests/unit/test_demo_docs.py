@@ -6,7 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from quantflow.devtools.demo import demo_spec
-from tests.slow.demo_docs import documented_rows, drift
+from tests.slow.demo_docs import DOC_KERNELS, DOC_THREADS, documented_rows, drift, heading
 
 
 def documented_as_rows() -> list[SimpleNamespace]:
@@ -31,3 +31,7 @@ def test_drift_flags_only_a_number_that_moved():
     gptq = next(r for r in rows if r.name == "gptq")
     gptq.perplexity += 0.1
     assert set(drift(rows)) == {"gptq"}
+
+
+def test_the_heading_names_the_machine_the_drift_check_compares_on():
+    assert DOC_KERNELS in heading() and f"{DOC_THREADS} torch threads" in heading()
