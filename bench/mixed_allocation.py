@@ -150,6 +150,7 @@ def main() -> None:
             tokens=sum(s.numel() for s in full), cost_vs_gptq=round(spent / result["direct"]["seconds"], 3)
         )
         print("direct", result["direct"], flush=True)
+        result["direct"]["scores"] = proxy
         save()
     clock = time.perf_counter()
     if args.measure == "fisher":

@@ -242,3 +242,21 @@ def test_int8_experts_load(qwen3_moe, tmp_path):
     assert len(record.quantized_layers) == 56 and record.routing.top_k == 2
     model, _ = load_for_eval(str(out), "cpu", "float32")
     assert torch.isfinite(model(torch.randint(3, 300, (1, 8))).logits).all()
+
+
+def test_the_direct_measure_scores_every_expert_from_the_uniform_gptq_pass(qwen3_moe, tmp_path):
+    """The direct measure's uniform pass quantizes each expert as its own group and moves each alone; routers stay out."""
+    from quantflow.pipeline import steps
+    from quantflow.pipeline.planning import plan
+    from quantflow.spec import parse_spec
+
+    variant = {"method": "mixed", "group_size": 32, "sensitivity": "direct", "sensitivity_tokens": 32}
+    planned = plan(parse_spec(moe_spec(qwen3_moe, tmp_path, [variant])), lambda _: None)
+    (mixed,) = planned.variants
+    measured = steps.measure(planned, mixed, steps.calibrate(planned, isolate=False).record, isolate=False)
+    table = json.loads(open(measured.record.path).read())
+    experts = [g for g in table["groups"] if ".experts." in g["name"]]
+    assert table["measure"] == "direct" and table["start"]["pass"] == "uniform gptq"
+    assert len(experts) == 2 * 8 * 2  # 2 blocks x 8 experts x (gate/up, down)
+    assert not any("gate" == g["name"].rsplit(".", 1)[-1] for g in table["groups"])  # routers stay bf16
+    assert sum(g["score"]["w4"] for g in experts) > 0
