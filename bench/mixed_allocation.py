@@ -49,6 +49,13 @@ def main() -> None:
     parser.add_argument("--bf16-ppl", type=float, help="the baseline's perplexity, when measured before")
     parser.add_argument("--direct-stride", type=int, default=1, help="rank every k-th group only")
     parser.add_argument("--only-budgets", action="store_true", help="allocations only (no uniform run, no ranking)")
+    parser.add_argument(
+        "--measure",
+        choices=["fisher", "direct"],
+        default="fisher",
+        help="what the measured allocations use: the Fisher proxy, or the direct measure as a run computes it",
+    )
+    parser.add_argument("--skip-rule", action="store_true", help="no allocation: rule (measured before)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -63,6 +70,7 @@ def main() -> None:
     from quantflow.pipeline import steps
     from quantflow.pipeline.planning import plan
     from quantflow.quantization import mixed, sensitivity
+    from quantflow.quantization.direct import measure_direct
     from quantflow.quantization.quantize import calibration_data, mixed_recipe, recipe_for
     from quantflow.quantization.targets import input_embedding, mixed_groups
     from quantflow.spec import GPTQVariant, MixedVariant, load_spec
@@ -93,6 +101,7 @@ def main() -> None:
         "group_size": group_size,
         "calibration": f"{calibration.samples} samples of up to {spec.calibration.seq_len} tokens",
         "evaluation": f"{spec.evaluation.max_windows} windows of {spec.evaluation.window} tokens",
+        "measure": args.measure,
     }
 
     def save() -> None:
@@ -128,14 +137,28 @@ def main() -> None:
         save()
 
     options = {o: sensitivity.weight_args(o, group_size, variant.symmetric) for o in variant.options if o != "bf16"}
-    full = sensitivity.measurement_samples(samples, variant.sensitivity_tokens)
+    if args.measure == "direct":
+        variant = variant.model_copy(update={"sensitivity": "direct"})
+    full = sensitivity.measurement_samples(samples, variant.measured_tokens())
+    if (
+        args.measure == "direct"
+    ):  # the product's own measure: a uniform GPTQ pass, then one forward per group and option
+        setup = (variant, group_size, calibration, planned.resources)
+        proxy, result["direct"] = measure_direct(base, groups, full, options, setup)
+        spent = result["direct"]["seconds"] + result["direct"]["scoring_seconds"]
+        result["direct"].update(
+            tokens=sum(s.numel() for s in full), cost_vs_gptq=round(spent / result["direct"]["seconds"], 3)
+        )
+        print("direct", result["direct"], flush=True)
+        result["direct"]["scores"] = proxy
+        save()
     clock = time.perf_counter()
-    layerwise = sensitivity.gptq_errors(base, groups, samples, options, variant)
-    proxy = sensitivity.fisher_scores(base, groups, full, options, errors=layerwise)
-    proxy_seconds = round(time.perf_counter() - clock, 1)
-    del layerwise
-    result["fisher_seconds"] = proxy_seconds
-    print("fisher seconds", proxy_seconds, flush=True)
+    if args.measure == "fisher":
+        layerwise = sensitivity.gptq_errors(base, groups, samples, options, variant)
+        proxy = sensitivity.fisher_scores(base, groups, full, options, errors=layerwise)
+        del layerwise
+        result["fisher_seconds"] = round(time.perf_counter() - clock, 1)
+        print("fisher seconds", result["fisher_seconds"], flush=True)
     if not args.only_budgets:
         result["sensitivity"] = ranked(args, base, groups, proxy, start_weights, options, samples, full, F, torch)
         print({k: v for k, v in result["sensitivity"].items() if k != "groups"}, flush=True)
@@ -180,10 +203,10 @@ def main() -> None:
     for extra in args.budgets:
         target = round(uniform_bits + extra, 4)
         row = {"extra_bits": extra, "target_bits": target}
-        for label, chosen in (
-            ("measured", mixed.allocate(groups, proxy, target)),
-            ("rule", mixed.rule_allocation(groups, target, variant.name)),
-        ):
+        allocations = [("measured", mixed.allocate(groups, proxy, target))]
+        if not args.skip_rule:
+            allocations.append(("rule", mixed.rule_allocation(groups, target, variant.name)))
+        for label, chosen in allocations:
             precision = mixed.precision_by_layer(groups, chosen)
             budgeted = variant.model_copy(update={"target_bits": target})
             model, seconds = gptq(mixed_recipe(budgeted, precision, group_size, "float32"))

@@ -73,7 +73,7 @@ def main() -> None:
     groups = mixed_groups(model, variant, group_size)
     options = {o: weight_args(o, group_size, variant.symmetric) for o in variant.options if o != "bf16"}
     samples = load_samples(calibration)
-    short, full = measurement_samples(samples, args.kl_tokens), measurement_samples(samples, variant.sensitivity_tokens)
+    short, full = measurement_samples(samples, args.kl_tokens), measurement_samples(samples, variant.measured_tokens())
     kl, kl_s = timed(kl_scores, model, groups, short, options)
     fisher_short, fisher_short_s = timed(fisher_scores, model, groups, short, options)
     fisher_full, fisher_full_s = timed(fisher_scores, model, groups, full, options)
@@ -88,7 +88,7 @@ def main() -> None:
         "kl": {"tokens": args.kl_tokens, "seconds": kl_s},
         "fisher_same_tokens": {"tokens": args.kl_tokens, "seconds": fisher_short_s, **agreement(kl, fisher_short)},
         "fisher_run_tokens": {
-            "tokens": variant.sensitivity_tokens,
+            "tokens": variant.measured_tokens(),
             "seconds": fisher_full_s,
             **agreement(kl, fisher_full),
         },

@@ -260,12 +260,18 @@ class MixedVariant(_AWQSearch, _GPTQOrdered, _WeightOnly):
         description="Per-layer menu: W4 at group_size, W8 per output channel, or kept in bf16.",
     )
     algorithm: Literal["gptq", "awq"] = Field("gptq", description="The final pass: GPTQ, or AWQ smoothing + RTN.")
-    sensitivity: Literal["fisher", "kl"] = Field(
+    sensitivity: Literal["fisher", "kl", "direct"] = Field(
         "fisher",
         description="'fisher': gradient-weighted output error from one backward pass (fast); 'kl': measured KL with "
-        "each layer group quantized alone (the reference, one forward pass per group and option).",
+        "each layer group quantized alone (the reference, one forward pass per group and option); 'direct' (GPTQ "
+        "only): from the uniform W4 GPTQ result, the KL each group removes when it alone takes each better option.",
     )
-    sensitivity_tokens: int = Field(4096, ge=16, description="Calibration tokens the sensitivity is measured on.")
+    sensitivity_tokens: int | None = Field(
+        None,
+        ge=16,
+        description="Calibration tokens the sensitivity is measured on; default 4096, 512 for 'direct' (one forward "
+        "pass per group and option).",
+    )
     embeddings: list[MenuOption] = Field(
         [],
         description="Menu for the input embedding and lm_head ([] keeps them as they are): a tied table is one "
@@ -283,6 +289,22 @@ class MixedVariant(_AWQSearch, _GPTQOrdered, _WeightOnly):
         if len(set(options)) != len(options):
             raise ValueError(f"options repeat a name: {options}")
         return options
+
+    @model_validator(mode="after")
+    def _direct_needs_gptq(self) -> "MixedVariant":
+        if self.sensitivity == "direct" and self.algorithm != "gptq":
+            raise ValueError(
+                "sensitivity 'direct' starts from the uniform GPTQ result and needs algorithm: gptq (AWQ's smoothing "
+                "rescales neighbouring layers, so one group cannot be moved alone); use sensitivity: fisher with awq"
+            )
+        return self
+
+    def measured_tokens(self) -> int:
+        """Calibration tokens the sensitivity is measured on: the direct measure runs one forward pass per group and
+        option, so it takes fewer by default, to stay within about half a GPTQ run."""
+        if self.sensitivity_tokens:
+            return self.sensitivity_tokens
+        return 512 if self.sensitivity == "direct" else 4096
 
 
 class _W8A8(_Strict):

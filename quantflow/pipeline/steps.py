@@ -23,7 +23,8 @@ from quantflow.infra.steps import StepRun, cached
 from quantflow.inputs.calibration import CalibrationRecord, build_calibration
 from quantflow.pipeline.planning import BASELINE, Plan
 from quantflow.quantization.quantize import QuantizeRecord, quantize_weights
-from quantflow.quantization.sensitivity import SensitivityRecord, measure_sensitivity
+from quantflow.quantization.sensitivity import SensitivityRecord
+from quantflow.quantization.sensitivity_step import measure_sensitivity
 from quantflow.reporting.report import CalibrationUse, FailedVariant, VariantResult
 from quantflow.spec import BnbVariant, CalibrationChoice, MixedVariant, PlannedVariant, Variant, needs_calibration
 
@@ -94,8 +95,13 @@ def quantize_key(plan: Plan, variant: PlannedVariant, calibration: CalibrationRe
 
 
 def sensitivity_key(plan: Plan, variant: MixedVariant, calibration: CalibrationRecord) -> str:
-    """What the table depends on: not the budget nor the final algorithm, so variants differing only there share it."""
-    measured = variant.model_dump(include={"options", "symmetric", "ignore", "sensitivity", "sensitivity_tokens"})
+    """What the table depends on: not the budget nor the allocation, so variants differing only there share it. The
+    final algorithm and its settings decide which error is scored (and run the direct measure's uniform pass)."""
+    measured = variant.model_dump(
+        include={"options", "symmetric", "ignore", "sensitivity", "sensitivity_tokens", "embeddings", "algorithm"}
+    )
+    if variant.algorithm == "gptq":
+        measured.update(variant.model_dump(include={"block_size", "dampening_frac", "actorder", "observer"}))
     return content_key(
         "sensitivity",
         plan.model.fingerprint,

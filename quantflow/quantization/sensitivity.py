@@ -24,7 +24,6 @@ bench/mixed_allocation.py ranks each proxy against the direct measure from the u
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -34,8 +33,6 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel
 
-from quantflow.infra.resources import Resources, peak_memory_mb, reset_peak_memory
-from quantflow.inputs.calibration import CalibrationRecord, load_samples
 from quantflow.quantization.mixed import LayerGroup
 from quantflow.spec import GPTQVariant, MixedVariant
 
@@ -288,59 +285,6 @@ def measurement_samples(samples: list[torch.Tensor], tokens: int) -> list[torch.
         chosen.append(sample[: tokens - total])
         total += chosen[-1].numel()
     return chosen
-
-
-def measure_sensitivity(
-    model_path: str,
-    variant,
-    group_size: int | None,
-    calibration: CalibrationRecord,
-    resources: Resources,
-    out: Path,
-    final: Path,
-) -> SensitivityRecord:
-    """The sensitivity step: load the model, group its quantized Linears, score every group at every option, save
-    the table as JSON (the report copies it beside itself)."""
-    from transformers import AutoModelForCausalLM
-
-    from quantflow.quantization.moe import routers_kept, unfuse
-    from quantflow.quantization.targets import mixed_groups
-
-    model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=getattr(torch, resources.compute_dtype), use_safetensors=True
-    )
-    model = unfuse(model).to(resources.device)  # a mixture's experts as Linears: each expert its own group
-    model.eval().requires_grad_(False)
-    groups = mixed_groups(model, routers_kept(variant, model), group_size)
-    args = {o: weight_args(o, group_size, variant.symmetric) for o in variant.options if o != "bf16"}
-    calibration_samples = load_samples(calibration)
-    samples = measurement_samples(calibration_samples, variant.sensitivity_tokens)
-    reset_peak_memory()
-    start = time.perf_counter()
-    errors = None
-    if variant.algorithm == "gptq":  # score what the final GPTQ pass leaves, not round-to-nearest's error
-        errors = gptq_errors(model, groups, calibration_samples, args, variant)
-    measure = fisher_scores if variant.sensitivity == "fisher" else kl_scores
-    scores = measure(model, groups, samples, args, errors=errors)
-    seconds = time.perf_counter() - start
-    table = {
-        "measure": variant.sensitivity,
-        "unit": "nats of KL from the unquantized model per token",
-        "tokens": sum(s.numel() for s in samples),
-        "group_size": group_size,
-        "start": "gptq, layer by layer" if errors else "round-to-nearest",
-        "groups": [{**g.model_dump(), "score": scores[g.name]} for g in groups],
-    }
-    (out / TABLE_FILE).write_text(json.dumps(table, indent=1))
-    peak, _ = peak_memory_mb()
-    return SensitivityRecord(
-        path=str(final / TABLE_FILE),
-        measure=variant.sensitivity,
-        tokens=table["tokens"],
-        groups=len(groups),
-        seconds=round(seconds, 2),
-        peak_memory_mb=peak,
-    )
 
 
 def read_table(record: SensitivityRecord) -> tuple[list[LayerGroup], dict[str, dict[str, float]]]:

@@ -4,6 +4,7 @@ import copy
 import itertools
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -217,6 +218,10 @@ def test_a_budget_the_model_cannot_spend_fails_at_plan_time(tiny_model, tmp_path
         ({"method": "mixed", "target_bits": 4.1, "group_size": 32}, "target_bits 4.1 is outside"),
         ({"method": "mixed", "options": ["w4"], "group_size": 128}, "no menu option fits"),
         (
+            {"method": "mixed", "sensitivity": "direct", "algorithm": "awq", "group_size": 32},
+            "sensitivity 'direct' starts from the uniform GPTQ result and needs algorithm: gptq",
+        ),
+        (
             {"method": "mixed", "allocation": "rule", "group_size": 32, "ignore": ["lm_head", "re:.*(v|down)_proj$"]},
             "allocation 'rule' knows Linears named v_proj and down_proj",
         ),
@@ -422,3 +427,38 @@ def test_quantized_embeddings_ship_standard_compressed_tensors_and_load(tmp_path
     assert (out / "precision-mixed-emb.png").stat().st_size > 1000
     with pytest.raises(AttributeError, match="'Embedding' object has no attribute 'weight'"):
         AutoModelForCausalLM.from_pretrained(out / "mixed-emb")  # upstream: see quantflow/evaluation/embedding_load.py
+
+
+def test_the_direct_measure_ranks_a_damaged_group_first(tiny_model):
+    """From a start that left one group far worse than round-to-nearest, that group gains most from more bits; every
+    score is additive from the most precise option (bf16 0) and the model's weights are back afterwards."""
+    from quantflow.quantization.direct import direct_scores
+
+    model, names, groups, args, samples = scored_setup(tiny_model, 2)
+    damaged = groups[3]
+    noise = torch.Generator().manual_seed(0)
+    start = {n: fake_quantized(model.get_submodule(n).weight, args["w4"]) for n in names}
+    for name in damaged.layers:
+        start[name] = start[name] + 0.5 * torch.randn(start[name].shape, generator=noise) * start[name].std()
+    kept = {n: model.get_submodule(n).weight.clone() for n in names}
+    scores, start_kl = direct_scores(model, groups, samples, args, start)
+    assert max(scores, key=lambda g: scores[g]["w4"]) == damaged.name, scores
+    assert 0 < scores[damaged.name]["w4"] <= start_kl
+    assert all(s["bf16"] == 0 and 0 <= s["w8"] < s["w4"] for s in scores.values()), scores
+    assert all(torch.equal(model.get_submodule(n).weight, w) for n, w in kept.items())
+
+
+def test_the_direct_step_runs_the_uniform_gptq_pass_and_records_it(tiny_model, tmp_path):
+    from quantflow.pipeline import steps
+
+    variant = {"method": "mixed", "group_size": 32, "sensitivity": "direct", "sensitivity_tokens": 64}
+    planned = plan(parse_spec(small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", [variant])), lambda _: None)
+    (mixed,) = planned.variants
+    measured = steps.measure(planned, mixed, steps.calibrate(planned, isolate=False).record, isolate=False)
+    table = json.loads(Path(measured.record.path).read_text())
+    assert measured.record.measure == table["measure"] == "direct" and table["tokens"] == 64
+    assert table["start"]["pass"] == "uniform gptq" and table["start"]["options"] == ["w4"]
+    assert table["start"]["kl"] > 0 and table["start"]["seconds"] > 0
+    scores = [g["score"] for g in table["groups"]]
+    assert len(scores) == 8 and all(s["bf16"] == 0 <= s["w8"] <= s["w4"] for s in scores), scores
+    assert sum(s["w4"] for s in scores) > 0

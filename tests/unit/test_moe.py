@@ -369,3 +369,22 @@ def test_precision_map_gives_each_expert_a_column(mixed_experts, tmp_path):
     dense = {name: option for name, option in precision.items() if ".experts." not in name}
     precision_map(dense, "mixed", tmp_path / "dense.png")
     assert wide > 4 * matplotlib.image.imread(tmp_path / "dense.png").shape[1]
+
+
+@pytest.mark.slow  # minutes on a 2-core CPU (337 s loaded): a uniform GPTQ pass, then a forward per expert
+def test_the_direct_measure_scores_every_expert_from_the_uniform_gptq_pass(qwen3_moe, tmp_path):
+    """The direct measure's uniform pass quantizes each expert as its own group and moves each alone; routers stay out."""
+    from quantflow.pipeline import steps
+    from quantflow.pipeline.planning import plan
+    from quantflow.spec import parse_spec
+
+    variant = {"method": "mixed", "group_size": 32, "sensitivity": "direct", "sensitivity_tokens": 32}
+    planned = plan(parse_spec(moe_spec(qwen3_moe, tmp_path, [variant])), lambda _: None)
+    (mixed,) = planned.variants
+    measured = steps.measure(planned, mixed, steps.calibrate(planned, isolate=False).record, isolate=False)
+    table = json.loads(open(measured.record.path).read())
+    experts = [g for g in table["groups"] if ".experts." in g["name"]]
+    assert table["measure"] == "direct" and table["start"]["pass"] == "uniform gptq"
+    assert len(experts) == 2 * 8 * 2  # 2 blocks x 8 experts x (gate/up, down)
+    assert not any("gate" == g["name"].rsplit(".", 1)[-1] for g in table["groups"])  # routers stay bf16
+    assert sum(g["score"]["w4"] for g in experts) > 0

@@ -1,0 +1,93 @@
+"""The sensitivity step of a mixed variant: load the model, group its layers, score every group at every option with
+the variant's measure, and save the table the allocation reads (``sensitivity.read_table``).
+
+Kept apart from ``quantflow.quantization.sensitivity`` because the direct measure runs the final pass's recipe
+(``quantflow.quantization.quantize``), which itself reads the sensitivity table: an import circle otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from quantflow.infra.resources import Resources, peak_memory_mb, reset_peak_memory
+from quantflow.inputs.calibration import CalibrationRecord, load_samples
+from quantflow.quantization.direct import measure_direct
+from quantflow.quantization.sensitivity import (
+    TABLE_FILE,
+    SensitivityRecord,
+    fisher_scores,
+    gptq_errors,
+    kl_scores,
+    measurement_samples,
+    weight_args,
+)
+from quantflow.spec import MixedVariant
+
+
+def measure_sensitivity(
+    model_path: str,
+    variant: MixedVariant,
+    group_size: int | None,
+    calibration: CalibrationRecord,
+    resources: Resources,
+    out: Path,
+    final: Path,
+) -> SensitivityRecord:
+    """The sensitivity step: load the model, group its quantized Linears, score every group at every option, save
+    the table as JSON (the report copies it beside itself)."""
+    from transformers import AutoModelForCausalLM
+
+    from quantflow.quantization.moe import routers_kept, unfuse
+    from quantflow.quantization.targets import mixed_groups
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=getattr(torch, resources.compute_dtype), use_safetensors=True
+    )
+    model = unfuse(model).to(resources.device)  # a mixture's experts as Linears: each expert its own group
+    model.eval().requires_grad_(False)
+    variant = routers_kept(variant, model)
+    groups = mixed_groups(model, variant, group_size)
+    args = {o: weight_args(o, group_size, variant.symmetric) for o in variant.options if o != "bf16"}
+    calibration_samples = load_samples(calibration)
+    samples = measurement_samples(calibration_samples, variant.measured_tokens())
+    reset_peak_memory()
+    start = time.perf_counter()
+    if variant.sensitivity == "direct":
+        scores, started = measure_direct(model, groups, samples, args, (variant, group_size, calibration, resources))
+    else:
+        scores, started = proxy_scores(model, groups, variant, calibration_samples, samples, args)
+    seconds = time.perf_counter() - start
+    table = {
+        "measure": variant.sensitivity,
+        "unit": "nats of KL from the unquantized model per token",
+        "tokens": sum(s.numel() for s in samples),
+        "group_size": group_size,
+        "start": started,
+        "groups": [{**g.model_dump(), "score": scores[g.name]} for g in groups],
+    }
+    (out / TABLE_FILE).write_text(json.dumps(table, indent=1))
+    peak, _ = peak_memory_mb()
+    return SensitivityRecord(
+        path=str(final / TABLE_FILE),
+        measure=variant.sensitivity,
+        tokens=table["tokens"],
+        groups=len(groups),
+        seconds=round(seconds, 2),
+        peak_memory_mb=peak,
+    )
+
+
+def proxy_scores(model, groups, variant: MixedVariant, calibration_samples, samples, args) -> tuple[dict, str]:
+    """``fisher`` or ``kl`` on the weight error the final pass leaves, and which error that was: GPTQ's layer by layer
+    under a GPTQ final pass, round-to-nearest's under AWQ."""
+    errors = None
+    if variant.algorithm == "gptq":  # score what the final GPTQ pass leaves, not round-to-nearest's error
+        errors = gptq_errors(model, groups, calibration_samples, args, variant)
+    measure = fisher_scores if variant.sensitivity == "fisher" else kl_scores
+    return measure(
+        model, groups, samples, args, errors=errors
+    ), "gptq, layer by layer" if errors else "round-to-nearest"
