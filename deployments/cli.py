@@ -372,6 +372,11 @@ def serve(
         _fail(error)
 
 
+def _stop_on_term(signum: int, frame: object) -> None:
+    """SIGTERM as Ctrl-C: without it the Prefect server (and a local PostgreSQL) outlived a terminated `server`."""
+    raise KeyboardInterrupt
+
+
 @app.command()
 def server(
     database: str = typer.Option(
@@ -387,6 +392,7 @@ def server(
 ) -> None:
     """Start a Prefect server for workers to share, on SQLite or PostgreSQL; Ctrl-C stops it."""
     import os
+    import signal
     import time
 
     from deployments.local import start_server, stop_server
@@ -396,6 +402,7 @@ def server(
 
     # like `serve` and `run`: nothing outside QUANTFLOW_HOME (these defaulted to .quantflow/ in the current folder)
     home, data = home or prefect_home(), data or quantflow_home() / "postgres"
+    signal.signal(signal.SIGTERM, _stop_on_term)  # a service manager's stop: the same clean stop as Ctrl-C
 
     try:
         url = database_url(database, data)

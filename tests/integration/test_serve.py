@@ -222,3 +222,29 @@ def test_nothing_lands_outside_quantflow_home(served, tiny_model, tmp_path):
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert (tmp_path / "out" / "report.json").is_file() and (tmp_path / "cli-home" / "prefect" / "prefect.db").is_file()
     assert changed_under(served.home) == []
+
+
+def test_server_stops_its_prefect_server_on_sigterm_and_keeps_to_quantflow_home(tmp_path):
+    """A service manager stops `quantflow server` with SIGTERM: the Prefect server it started must stop too (it
+    outlived its parent), and its database lands under QUANTFLOW_HOME, not in the current folder."""
+    port, cwd = free_port(), tmp_path / "cwd"
+    cwd.mkdir()
+    log = tmp_path / "server.log"
+    process = subprocess.Popen(
+        [str(BIN / "quantflow"), "server", "--port", str(port)],
+        env=user_env(tmp_path / "home", tmp_path / "qf"),
+        cwd=cwd,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/api/health", STARTUP_WAIT_S + 30)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+        with pytest.raises(TimeoutError):  # checked before the cleanup below kills what is left
+            wait_http(f"http://127.0.0.1:{port}/api/health", 5)
+    finally:
+        if process.poll() is None:
+            stop_group(process, signal.SIGKILL, 10)
+    assert (tmp_path / "qf" / "prefect" / "prefect.db").is_file() and list(cwd.iterdir()) == [], log.read_text()
