@@ -116,8 +116,8 @@ def serve_locally(port: int, home: Path, announce: Callable[[str], None], spec: 
         from quantflow.devtools.demo import demo_spec
 
         # the form opens on the demo's spec by default: a run that fits a laptop's CPU as it stands (about 10 minutes)
-        served = {"name": "quantflow-local", "tags": ["quantflow", "local"]}
-        served["parameters"] = {"spec": (spec or demo_spec()).model_dump(mode="json")}
+        defaults = {"spec": (spec or demo_spec()).model_dump(mode="json")}
+        served = {"name": "quantflow-local", "tags": ["quantflow", "local"], "parameters": defaults}
         deployment_id = quantflow_run.to_deployment(**served).apply()  # the id for the link; serve keeps it
         form = ui_link(f"http://127.0.0.1:{port}", f"deployments/deployment/{deployment_id}/run")
         announce(f"Prefect UI: http://127.0.0.1:{port}  run form: {form}  (Ctrl-C stops)")

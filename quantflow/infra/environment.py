@@ -48,23 +48,25 @@ def environment() -> dict:
     }
 
 
+def first_cpu() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo (empty where there is none): the model name and generation."""
+    cpuinfo = Path("/proc/cpuinfo")
+    block = cpuinfo.read_text().split("\n\n", 1)[0] if cpuinfo.is_file() else ""
+    pairs = (line.split(":", 1) for line in block.splitlines() if ":" in line)
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
 def cpu_model() -> str:
     """The CPU's model name: CPU results (GPTQ's and AWQ's rounding above all) follow float sums whose order depends on
     the CPU's kernels and torch's thread count, so a report names both."""
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return names[0] if names else platform.processor() or platform.machine()
+    return first_cpu().get("model name") or platform.processor() or platform.machine()
 
 
 def cpu_kernels() -> str:
     """Which CPU kernels torch runs here: the CPU generation (family and model; VMs often name only "AMD EPYC") and
     torch's vector capability (AVX2, AVX512, ...) decide the kernels and so the order of GPTQ's and AWQ's float sums.
     Printed digits are comparable between runs only where this string and the thread count match."""
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    fields = dict(line.split(":", 1) for line in lines[: lines.index("")] if ":" in line) if "" in lines else {}
-    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    fields = first_cpu()
     generation = (
         f"family {fields['cpu family']} model {fields['model']}" if "cpu family" in fields else platform.machine()
     )
