@@ -26,7 +26,15 @@ from quantflow.quantization.quantize import QuantizeRecord, quantize_weights
 from quantflow.quantization.sensitivity import SensitivityRecord
 from quantflow.quantization.sensitivity_step import measure_sensitivity
 from quantflow.reporting.report import CalibrationUse, FailedVariant, VariantResult
-from quantflow.spec import BnbVariant, CalibrationChoice, MixedVariant, PlannedVariant, Variant, needs_calibration
+from quantflow.spec import (
+    BnbVariant,
+    CalibrationChoice,
+    CalibrationSpec,
+    MixedVariant,
+    PlannedVariant,
+    Variant,
+    needs_calibration,
+)
 
 QUANT_PACKAGES = ("torch", "transformers", "llmcompressor", "compressed-tensors")
 EVAL_PACKAGES = ("torch", "transformers", "compressed-tensors", "bitsandbytes", "lm-eval")
@@ -61,12 +69,17 @@ class Quantized(BaseModel):
     calibration: Calibrated | None = None  # the variant's own calibration set, when it asks for one
 
 
+def calibration_spec(plan: Plan, choice: CalibrationChoice | None) -> CalibrationSpec:
+    """The calibration settings a variant's own source gives (the run's sample count, length and seed kept)."""
+    return choice.applied(plan.spec.calibration) if choice else plan.spec.calibration
+
+
 def calibration_key(plan: Plan, choice: CalibrationChoice | None = None) -> str:
     spec = plan.spec  # the evaluation corpus decides which half of a shared source calibration may read
     return content_key(
         "calibration",
         plan.model.fingerprint,
-        choice.applied(spec.calibration) if choice else spec.calibration,
+        calibration_spec(plan, choice),
         spec.evaluation.corpus,
         spec.evaluation.text_column,
         code_version("transformers"),
@@ -157,7 +170,7 @@ def calibrate(
             build_calibration,
             plan.spec.step_timeout_s,
             isolate,
-            spec=choice.applied(plan.spec.calibration) if choice else plan.spec.calibration,
+            spec=calibration_spec(plan, choice),
             evaluation=plan.spec.evaluation,
             tokenizer_path=plan.model.path,
         )
@@ -281,7 +294,7 @@ def calibration_used(plan: Plan, variant: Variant, quantized: Quantized) -> Cali
     if not needs_calibration(variant):
         return None
     choice = getattr(variant, "calibration", None)
-    spec = choice.applied(plan.spec.calibration) if choice else plan.spec.calibration
+    spec = calibration_spec(plan, choice)
     label = (
         choice.label() if choice else CalibrationChoice(source=spec.source, chat_template=spec.chat_template).label()
     )
