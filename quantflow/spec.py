@@ -264,13 +264,13 @@ class MixedVariant(_AWQSearch, _GPTQOrdered, _WeightOnly):
         "fisher",
         description="'fisher': gradient-weighted output error from one backward pass (fast); 'kl': measured KL with "
         "each layer group quantized alone (the reference, one forward pass per group and option); 'direct' (GPTQ "
-        "only): from the uniform W4 GPTQ result, the KL each group removes when it alone takes each better option.",
+        "only): from the uniform W4 GPTQ result, the KL each group removes when it alone takes its cheapest better option.",
     )
     sensitivity_tokens: int | None = Field(
         None,
         ge=16,
         description="Calibration tokens the sensitivity is measured on; default 4096, 512 for 'direct' (one forward "
-        "pass per group and option).",
+        "pass per group).",
     )
     embeddings: list[MenuOption] = Field(
         [],
@@ -300,8 +300,7 @@ class MixedVariant(_AWQSearch, _GPTQOrdered, _WeightOnly):
         return self
 
     def measured_tokens(self) -> int:
-        """Calibration tokens the sensitivity is measured on: the direct measure runs one forward pass per group and
-        option, so it takes fewer by default, to stay within about half a GPTQ run."""
+        """Calibration tokens the sensitivity is measured on: the direct measure runs one forward pass per group, so it takes fewer by default, to stay within about half a GPTQ run."""
         if self.sensitivity_tokens:
             return self.sensitivity_tokens
         return 512 if self.sensitivity == "direct" else 4096

@@ -431,7 +431,8 @@ def test_quantized_embeddings_ship_standard_compressed_tensors_and_load(tmp_path
 
 def test_the_direct_measure_ranks_a_damaged_group_first(tiny_model):
     """From a start that left one group far worse than round-to-nearest, that group gains most from more bits; every
-    score is additive from the most precise option (bf16 0) and the model's weights are back afterwards."""
+    score is additive from the most precise option (bf16 0; W8, the only upgrade measured, scores as bf16) and the
+    model's weights are back afterwards."""
     from quantflow.quantization.direct import direct_scores
 
     model, names, groups, args, samples = scored_setup(tiny_model, 2)
@@ -444,8 +445,31 @@ def test_the_direct_measure_ranks_a_damaged_group_first(tiny_model):
     scores, start_kl = direct_scores(model, groups, samples, args, start)
     assert max(scores, key=lambda g: scores[g]["w4"]) == damaged.name, scores
     assert 0 < scores[damaged.name]["w4"] <= start_kl
-    assert all(s["bf16"] == 0 and 0 <= s["w8"] < s["w4"] for s in scores.values()), scores
+    assert all(s["bf16"] == s["w8"] == 0 <= s["w4"] for s in scores.values()), scores
     assert all(torch.equal(model.get_submodule(n).weight, w) for n, w in kept.items())
+
+
+def test_a_forward_pass_resumed_at_a_block_gives_the_full_passs_logits(tiny_model):
+    """The direct measure starts each pass at the block a group sits in, from the start's hidden states cached at that
+    block: with a layer of a later block changed, the resumed logits are the full forward pass's, and a change in the
+    first block (or outside the blocks) runs in full."""
+    from quantflow.quantization.direct import BlockResume
+
+    model, names, _, _, samples = scored_setup(tiny_model, 2)
+    batches = [ids.unsqueeze(0) for ids in samples]
+    resume = BlockResume(model, batches, names)
+    assert len(resume.inputs) == 2 and len(resume.inputs[0]) == len(resume.blocks) > 1
+    last = [n for n in names if n.startswith(f"model.layers.{len(resume.blocks) - 1}.")][0]
+    weight = model.get_submodule(last).weight
+    kept = weight.data
+    weight.data = kept + 0.3 * kept.std()
+    try:
+        resumed, full = resume.logits(1, [last]), model(batches[1], use_cache=False).logits
+    finally:
+        weight.data = kept
+    assert not torch.allclose(full, model(batches[1], use_cache=False).logits)  # the change mattered
+    torch.testing.assert_close(resumed, full, rtol=1e-5, atol=1e-5)
+    assert resume._first_block([last]) == len(resume.blocks) - 1 and resume._first_block(["lm_head"]) == 0
 
 
 def test_the_direct_step_runs_the_uniform_gptq_pass_and_records_it(tiny_model, tmp_path):
