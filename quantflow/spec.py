@@ -300,7 +300,8 @@ class MixedVariant(_AWQSearch, _GPTQOrdered, _WeightOnly):
         return self
 
     def measured_tokens(self) -> int:
-        """Calibration tokens the sensitivity is measured on: the direct measure runs one forward pass per group, so it takes fewer by default, to stay within about half a GPTQ run."""
+        """Calibration tokens the sensitivity is measured on: the direct measure runs one forward pass per group, so
+        it takes fewer by default."""
         if self.sensitivity_tokens:
             return self.sensitivity_tokens
         return 512 if self.sensitivity == "direct" else 4096
