@@ -264,7 +264,8 @@ class MixedVariant(_AWQSearch, _GPTQOrdered, _WeightOnly):
         "fisher",
         description="'fisher': gradient-weighted output error from one backward pass (fast); 'kl': measured KL with "
         "each layer group quantized alone (the reference, one forward pass per group and option); 'direct' (GPTQ "
-        "only): from the uniform W4 GPTQ result, the KL each group removes when it alone takes its cheapest better option.",
+        "only): from the uniform W4 GPTQ result, the KL each group removes when it alone takes its cheapest better "
+        "option.",
     )
     sensitivity_tokens: int | None = Field(
         None,
