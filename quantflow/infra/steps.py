@@ -4,19 +4,24 @@ A step's cache key hashes everything its output depends on, so an unchanged step
 and a changed variant re-runs only its own branch. A computed step runs in a fresh child process,
 forked from a server that holds only the imported libraries: that gives every variant a clean
 peak-memory reading, proves artifacts reload from disk in a fresh process, frees all memory between
-variants, and lets a caller kill a stuck step. Which steps exist and what their keys hash is the pipeline's business
+variants, and lets a caller kill a stuck step. A step also stops with the process that asked for it, however that
+process ends (``Lifeline``): a killed run must not leave a step computing for minutes. Which steps exist and what their keys hash is the pipeline's business
 (``quantflow.pipeline.steps``); this module only knows how to run one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import multiprocessing
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeout
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -100,13 +105,98 @@ def _step_context() -> Any:
     return context
 
 
-def _child_start(environ: dict[str, str], cwd: str, *events: Any) -> None:
+class Lifeline:
+    """A pipe from the process that asks for a step to the step's process: the step stops when it closes.
+
+    Only the requester holds the writing end, so the step reads end-of-file when the requester closes it or
+    exits, whatever ended it (SIGKILL included; a forked step's parent is the fork server, so the kernel's
+    parent-death signal would not cover the requester). The step then interrupts itself as Ctrl-C would: its
+    scratch folder is removed on the way out (``StepCache.writing``) and nothing is published.
+    """
+
+    _open: set[Lifeline] = set()  # this process's live lifelines, for stop_steps()
+    _lock = threading.Lock()
+
+    def __init__(self, context: Any) -> None:
+        self.child_end, self._end = context.Pipe(duplex=False)
+        self.was_cut = False
+        with self._lock:
+            self._open.add(self)
+
+    def cut(self) -> None:
+        """The step stops (at once when idle, within ``STOP_GRACE_S`` when computing); idempotent."""
+        with self._lock:
+            self.was_cut = True
+            self._open.discard(self)
+            self._end.close()
+            self.child_end.close()
+
+    @classmethod
+    def cut_all(cls) -> None:
+        with cls._lock:
+            lifelines = list(cls._open)
+        for lifeline in lifelines:
+            lifeline.cut()
+
+
+# how long a step may take to unwind after its requester went away, before it is ended without clean-up
+STOP_GRACE_S = 10.0
+_working = threading.Lock()  # in a step's process: held while the step computes
+
+
+def _step(work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    with _working:
+        return work(*args, **kwargs)
+
+
+def _interrupt_once(signum: int, frame: Any) -> None:
+    """Ctrl-C in a step, once: a second interrupt (the terminal's and the lifeline's) would cut its clean-up short."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def _watch(requester: Any) -> None:
+    """In the step's process: wait for the requester's end of the lifeline to close, then stop this process."""
+    with contextlib.suppress(EOFError, OSError):
+        requester.recv_bytes()  # nothing is ever sent: this returns at end-of-file
+    if _working.locked():
+        os.kill(os.getpid(), signal.SIGINT)
+        _working.acquire(timeout=STOP_GRACE_S)
+    os._exit(1)
+
+
+def _child_start(environ: dict[str, str], cwd: str, requester: Any, *events: Any) -> None:
     """In the child: the parent's environment and folder as they are now (the fork server kept those of its own
-    start: a later run's cache folders, devices or keys would not reach the step), then its progress pipe."""
+    start: a later run's cache folders, devices or keys would not reach the step), the watch on its requester, then
+    its progress pipe."""
     os.environ.clear()
     os.environ.update(environ)
     os.chdir(cwd)
+    signal.signal(signal.SIGINT, _interrupt_once)
+    threading.Thread(target=_watch, args=(requester,), name="quantflow-lifeline", daemon=True).start()
     progress.forward_to(*events)
+
+
+def stop_steps() -> None:
+    """Stop every step this process has running (each cleans up as on Ctrl-C)."""
+    Lifeline.cut_all()
+
+
+@contextlib.contextmanager
+def steps_stop_on_interrupt() -> Iterator[None]:
+    """Steps started in other threads stop when an interrupt (Ctrl-C, SIGTERM as Prefect's TerminationSignal,
+    SystemExit) leaves the block.
+
+    A Prefect flow waits for its task threads before it records a crash; a task thread waits for its step; without
+    this a terminated flow waited for its steps to finish (minutes), and stayed Running on the server meanwhile.
+    """
+    try:
+        yield
+    except Exception:
+        raise
+    except BaseException:
+        stop_steps()
+        raise
 
 
 def isolated(label: str, timeout: float | None, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -114,18 +204,20 @@ def isolated(label: str, timeout: float | None, work: Callable[..., T], *args: A
 
     A thread-based timeout (Prefect's) cannot interrupt a blocking CUDA or BLAS call; killing
     the process can. A fresh process also gives the step its own peak memory reading. The
-    child's progress events reach this thread's subscribers.
+    child's progress events reach this thread's subscribers. The child stops when this thread is
+    interrupted, when ``stop_steps`` runs, or when this process ends (``Lifeline``).
     """
     context = _step_context()
     events = progress.ChildEvents(context)
+    lifeline = Lifeline(context)
     pool = ProcessPoolExecutor(
         max_workers=1,
         mp_context=context,
         initializer=_child_start,
-        initargs=(dict(os.environ), os.getcwd(), *events.child_args),
+        initargs=(dict(os.environ), os.getcwd(), lifeline.child_end, *events.child_args),
     )
     try:
-        return pool.submit(work, *args, **kwargs).result(timeout=timeout)
+        return pool.submit(_step, work, *args, **kwargs).result(timeout=timeout)
     except FuturesTimeout:
         for process in list(pool._processes.values()):  # the executor has no public kill; its workers are ours
             process.kill()
@@ -133,6 +225,16 @@ def isolated(label: str, timeout: float | None, work: Callable[..., T], *args: A
             f"step '{label}' ran longer than its timeout of {timeout:.0f} s and was killed",
             "raise step_timeout_s in the run spec, or give the step a faster device",
         ) from None
+    except BrokenProcessPool:
+        if lifeline.was_cut:  # stop_steps() ended it: the step was stopped, not broken
+            raise KeyboardInterrupt(f"step '{label}' stopped") from None
+        raise
+    except Exception:
+        raise
+    except BaseException:  # this thread was interrupted (Ctrl-C, SIGTERM): the step stops too, not after its work
+        lifeline.cut()
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        lifeline.cut()
         events.close()
