@@ -7,6 +7,7 @@ The core (``quantflow/``) never imports Prefect; ``--engine local`` runs the cor
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -259,6 +260,12 @@ def storage(
         _fail(error)
 
 
+def _stop_on_term(signum: int, frame: object) -> None:
+    """SIGTERM (a service manager's stop, `docker stop`, `kill`) as Ctrl-C: without it the Prefect server (and a local
+    PostgreSQL) outlived a terminated `server`, and a terminated run died without stopping its steps or its flow run."""
+    raise KeyboardInterrupt("SIGTERM")
+
+
 def _check_engine(engine: str) -> None:
     if engine not in ("prefect", "local"):
         raise QuantflowError(f"unknown engine '{engine}'", "use --engine prefect or --engine local")
@@ -270,22 +277,21 @@ def _execute(spec, engine: str, verbose: bool = False) -> None:
     from quantflow.spec import with_output_folder
 
     spec = with_output_folder(spec, datetime.now())  # the console's log goes into the folder the run will write
-    with run_console(Path(spec.output.dir), verbose) as console:
-        if engine == "local":
-            from quantflow.pipeline import run as run_pipeline
-
-            # the core's log lines: into the run's log file, or here with --verbose
-            out = run_pipeline(spec, progress=lambda message: print(f"[quantflow] {message}", file=sys.stderr))
-            where = None
-        elif engine == "prefect":
-            from deployments.prefect_home import use_quantflow_home
-
-            use_quantflow_home()  # before Prefect is imported
-            from flows.run import run_flow
-
-            out, where = run_flow(spec)
-        else:
-            raise AssertionError(engine)  # _check_engine ran first
+    before = signal.signal(signal.SIGTERM, _stop_on_term)
+    try:
+        with run_console(Path(spec.output.dir), verbose) as console:
+            out, where = _run_engine(spec, engine)
+    except KeyboardInterrupt as stop:
+        how = str(stop) or "Ctrl-C"
+        typer.secho(
+            f"stopped ({how}): the run and its steps stopped; finished steps stay in the cache, so the same command "
+            "resumes from them",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+        raise typer.Exit(128 + (signal.SIGTERM if how == "SIGTERM" else signal.SIGINT)) from None
+    finally:
+        signal.signal(signal.SIGTERM, before)  # a caller in this process (a test's CliRunner) keeps its own
     report = load_report(out / "report.json")
     typer.echo((out / "report.md").read_text().split("\n## Protocol")[0])
     typer.echo(f"artifacts: {out.resolve()}  best: {report.best}")
@@ -296,6 +302,23 @@ def _execute(spec, engine: str, verbose: bool = False) -> None:
         typer.echo(where)
     if console.log:
         typer.echo(f"log: {console.log}")
+
+
+def _run_engine(spec, engine: str) -> tuple[Path, str | None]:
+    """The run's output folder, and for the Prefect engine the lines that name its flow run."""
+    if engine == "local":
+        from quantflow.pipeline import run as run_pipeline
+
+        # the core's log lines: into the run's log file, or here with --verbose
+        return run_pipeline(spec, progress=lambda message: print(f"[quantflow] {message}", file=sys.stderr)), None
+    if engine == "prefect":
+        from deployments.prefect_home import use_quantflow_home
+
+        use_quantflow_home()  # before Prefect is imported
+        from flows.run import run_flow
+
+        return run_flow(spec)
+    raise AssertionError(engine)  # _check_engine ran first
 
 
 @app.command()
@@ -372,11 +395,6 @@ def serve(
         _fail(error)
 
 
-def _stop_on_term(signum: int, frame: object) -> None:
-    """SIGTERM as Ctrl-C: without it the Prefect server (and a local PostgreSQL) outlived a terminated `server`."""
-    raise KeyboardInterrupt
-
-
 @app.command()
 def server(
     database: str = typer.Option(
@@ -392,7 +410,6 @@ def server(
 ) -> None:
     """Start a Prefect server for workers to share, on SQLite or PostgreSQL; Ctrl-C stops it."""
     import os
-    import signal
     import time
 
     from deployments.local import start_server, stop_server

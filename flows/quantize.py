@@ -27,6 +27,7 @@ from prefect.logging.loggers import flow_run_logger
 from pydantic import Field, ValidationError, ValidatorFunctionWrapHandler, WrapValidator
 
 from quantflow.errors import QuantflowError
+from quantflow.infra.steps import steps_stop_on_interrupt
 from quantflow.pipeline import steps
 from quantflow.pipeline.planning import Plan
 from quantflow.reporting.report import FailedVariant, VariantResult
@@ -89,26 +90,27 @@ FLOW_OPTIONS = {
 @flow(name="quantflow", **FLOW_OPTIONS)
 def quantflow_run(spec: FormSpec = RunSpec(), variant_deployment: str | None = VARIANT_DEPLOYMENT) -> str:
     """Quantize a model into every variant of the spec, evaluate them all, write the report, upload."""
-    planned = plan_task(spec)
-    progress = progress_task()
-    if variant_deployment:
-        gathered = _fanned_out(planned, variant_deployment, progress)
-        calibration, baseline, variants, held = gathered.calibration, gathered.baseline, gathered.variants, []
-        plan, failed = _for_later_tasks(planned), []
-    else:
-        calibration, baseline = calibration_task.submit(planned), baseline_task.submit(planned)
-        plan = _for_later_tasks(planned)
-        baseline.wait()  # variants share the accelerator with the baseline: they start once it is measured
-        variants, failed, held = _in_turn(plan, calibration, baseline, progress)
-    out, report_uri = report_task(plan, calibration, baseline, variants, failed), None
-    if spec.output.store:
-        stored = [upload_task.submit(plan, v, out) for v in variants if v.artifact]
-        report_uri = store_report_task(plan, calibration, baseline, variants, stored, failed)
-    publish_run_artifacts(out)
-    if report_uri:
-        links_task(out, spec, report_uri)
-    del held  # only now may the quantize results' ids be reused
-    return out
+    with steps_stop_on_interrupt():  # a terminated run ends Crashed at once, not when its running steps finish
+        planned = plan_task(spec)
+        progress = progress_task()
+        if variant_deployment:
+            gathered = _fanned_out(planned, variant_deployment, progress)
+            calibration, baseline, variants, held = gathered.calibration, gathered.baseline, gathered.variants, []
+            plan, failed = _for_later_tasks(planned), []
+        else:
+            calibration, baseline = calibration_task.submit(planned), baseline_task.submit(planned)
+            plan = _for_later_tasks(planned)
+            baseline.wait()  # variants share the accelerator with the baseline: they start once it is measured
+            variants, failed, held = _in_turn(plan, calibration, baseline, progress)
+        out, report_uri = report_task(plan, calibration, baseline, variants, failed), None
+        if spec.output.store:
+            stored = [upload_task.submit(plan, v, out) for v in variants if v.artifact]
+            report_uri = store_report_task(plan, calibration, baseline, variants, stored, failed)
+        publish_run_artifacts(out)
+        if report_uri:
+            links_task(out, spec, report_uri)
+        del held  # only now may the quantize results' ids be reused
+        return out
 
 
 def _for_later_tasks(planned: Plan) -> Plan:
@@ -176,11 +178,12 @@ def quantflow_variant(
     spec: FormSpec, variant: str | None = Field(None, description="Variant name from the spec; empty: baseline only.")
 ) -> None:
     """One branch of a fanned-out run: calibration and baseline (cache hits after the first), then one variant."""
-    planned = plan_task(spec)
-    plan = _for_later_tasks(planned)
-    chosen = plan.variant(variant) if variant is not None else None  # a name from the spec or its sweep
-    calibration, baseline = calibration_task.submit(planned), baseline_task.submit(planned)
-    baseline.wait()
-    if chosen is not None:
-        held: list = []
-        evaluate_task(plan, chosen, _quantized(plan, chosen, calibration, held), baseline)
+    with steps_stop_on_interrupt():
+        planned = plan_task(spec)
+        plan = _for_later_tasks(planned)
+        chosen = plan.variant(variant) if variant is not None else None  # a name from the spec or its sweep
+        calibration, baseline = calibration_task.submit(planned), baseline_task.submit(planned)
+        baseline.wait()
+        if chosen is not None:
+            held: list = []
+            evaluate_task(plan, chosen, _quantized(plan, chosen, calibration, held), baseline)
