@@ -219,8 +219,7 @@ def isolated(label: str, timeout: float | None, work: Callable[..., T], *args: A
     try:
         return pool.submit(_step, work, *args, **kwargs).result(timeout=timeout)
     except FuturesTimeout:
-        for process in list(pool._processes.values()):  # the executor has no public kill; its workers are ours
-            process.kill()
+        _end(pool)
         raise QuantflowError(
             f"step '{label}' ran longer than its timeout of {timeout:.0f} s and was killed",
             "raise step_timeout_s in the run spec, or give the step a faster device",
@@ -233,8 +232,17 @@ def isolated(label: str, timeout: float | None, work: Callable[..., T], *args: A
         raise
     except BaseException:  # this thread was interrupted (Ctrl-C, SIGTERM): the step stops too, not after its work
         lifeline.cut()
+        _end(pool, STOP_GRACE_S + 5)  # in case the step cannot stop itself (a C call that holds the GIL)
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         lifeline.cut()
         events.close()
+
+
+def _end(pool: ProcessPoolExecutor, grace: float = 0) -> None:
+    """Kill the pool's process unless it exits within ``grace`` seconds (the executor has no public kill; its workers
+    are ours)."""
+    for process in list(pool._processes.values()):
+        process.join(grace)
+        process.kill()
