@@ -5,8 +5,8 @@ and a changed variant re-runs only its own branch. A computed step runs in a fre
 forked from a server that holds only the imported libraries: that gives every variant a clean
 peak-memory reading, proves artifacts reload from disk in a fresh process, frees all memory between
 variants, and lets a caller kill a stuck step. A step also stops with the process that asked for it, however that
-process ends (``Lifeline``): a killed run must not leave a step computing for minutes. Which steps exist and what their keys hash is the pipeline's business
-(``quantflow.pipeline.steps``); this module only knows how to run one.
+process ends (``Lifeline``): a killed run must not leave a step computing for minutes. Which steps exist and what
+their keys hash is the pipeline's business (``quantflow.pipeline.steps``); this module only knows how to run one.
 """
 
 from __future__ import annotations
