@@ -2,9 +2,9 @@
 tokens of it fit on a card beside the weights.
 
 A checkpoint whose config.json carries a ``kv_cache_scheme`` loads through compressed-tensors, which hooks every
-covered attention module: the keys (after RoPE) and values are quantized with the stored k/v scales (per tensor, or per
-KV head) and dequantized before attention reads them, as vLLM's FP8 cache stores and reads them. So the perplexity of such a
-model is the quantized cache's, exactly emulated, on any device.
+covered attention module: the keys (after RoPE) and values are quantized with the stored k/v scales (per tensor, or
+per KV head) and dequantized before attention reads them, as vLLM's FP8 cache stores and reads them. So the
+perplexity of such a model is the quantized cache's, exactly emulated, on any device.
 """
 
 from __future__ import annotations
