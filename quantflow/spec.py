@@ -595,7 +595,7 @@ class EvaluationSpec(_Strict):
         description="KV-cache precisions each model is evaluated with: 'bf16', 'fp8' for llm-compressor's "
         "calibrated FP8 KV cache (per-tensor k/v scales stored in the artifact, as vLLM reads them), 'fp8-head' for "
         "one scale per KV head (vLLM reads it on its Flash Attention backend only); each quantized option gives the "
-        "baseline and every weight variant a '-kv-<option>' twin (docs/evaluation.md).",
+        "baseline and every weight variant a twin (e.g. 'gptq-kv-fp8-head'; docs/evaluation.md).",
     )
     long_context: int | None = Field(
         None,
