@@ -548,7 +548,7 @@ DEFAULT_PROMPTS = [
 ]
 
 
-KVCacheOption = Literal["bf16", "fp8"]
+KVCacheOption = Literal["bf16", "fp8", "fp8-head"]
 
 
 class LmEvalSpec(_Strict):
@@ -593,15 +593,16 @@ class EvaluationSpec(_Strict):
     kv_cache: list[KVCacheOption] = Field(
         ["bf16"],
         min_length=1,
-        description="KV-cache precisions each model is evaluated with: 'bf16', and 'fp8' for llm-compressor's "
-        "calibrated FP8 KV cache (per-tensor k/v scales stored in the artifact, as vLLM reads them); with 'fp8' the "
-        "baseline and every weight variant get a '-kv-fp8' twin (docs/evaluation.md).",
+        description="KV-cache precisions each model is evaluated with: 'bf16', 'fp8' for llm-compressor's "
+        "calibrated FP8 KV cache (per-tensor k/v scales stored in the artifact, as vLLM reads them), 'fp8-head' for "
+        "one scale per KV head (vLLM reads it on its Flash Attention backend only); each quantized option gives the "
+        "baseline and every weight variant a twin (e.g. 'gptq-kv-fp8-head'; docs/evaluation.md).",
     )
     long_context: int | None = Field(
         None,
         ge=0,
         description="Tokens per window of the long-context perplexity. Null = 4 x window (capped at the model's "
-        "context) when kv_cache lists 'fp8', else skipped; 0 = skip.",
+        "context) when kv_cache lists a quantized option, else skipped; 0 = skip.",
     )
     card_memory_gb: float = Field(
         80,

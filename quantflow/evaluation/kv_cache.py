@@ -2,9 +2,9 @@
 tokens of it fit on a card beside the weights.
 
 A checkpoint whose config.json carries a ``kv_cache_scheme`` loads through compressed-tensors, which hooks every
-covered attention module: the keys (after RoPE) and values are quantized with the stored per-tensor k/v scales and
-dequantized before attention reads them, as vLLM's FP8 cache stores and reads them. So the perplexity of such a
-model is the quantized cache's, exactly emulated, on any device.
+covered attention module: the keys (after RoPE) and values are quantized with the stored k/v scales (per tensor, or
+per KV head) and dequantized before attention reads them, as vLLM's FP8 cache stores and reads them. So the
+perplexity of such a model is the quantized cache's, exactly emulated, on any device.
 """
 
 from __future__ import annotations
@@ -27,17 +27,19 @@ class KVCacheRecord(BaseModel):
 
 
 def kv_precision(model: torch.nn.Module) -> str:
-    """'bf16', or the format of the KV-cache scheme compressed-tensors installed on the model's attention."""
+    """'bf16', or the format of the KV-cache scheme compressed-tensors installed on the model's attention, with
+    '-head' when its scales are per KV head (the option's name: 'fp8', 'fp8-head')."""
     for module in model.modules():
         args = getattr(getattr(module, "quantization_scheme", None), "input_activations", None)
         if args is not None and hasattr(module, "k_scale"):
-            return KV_FORMATS.get((str(getattr(args.type, "value", args.type)), args.num_bits), f"{args.num_bits}-bit")
+            kind = KV_FORMATS.get((str(getattr(args.type, "value", args.type)), args.num_bits), f"{args.num_bits}-bit")
+            return kind + ("-head" if str(getattr(args.strategy, "value", args.strategy)) == "attn_head" else "")
     return "bf16"
 
 
 def bytes_per_token(config, precision: str) -> int | None:
     """KV-cache bytes one token costs over all layers: the config's layers, KV heads and head dim; 2 bytes per
-    element in bf16, 1 in an 8-bit cache (the per-tensor scales are a few bytes per layer, not per token). None for
+    element in bf16, 1 in an 8-bit cache (the scales are a few bytes per layer or head, not per token). None for
     a config that does not name them the standard way (no guess)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     layers, heads = getattr(text, "num_hidden_layers", None), getattr(text, "num_attention_heads", None)

@@ -19,7 +19,8 @@ from tests.conftest import read_json, small_spec
 def finished(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("kv-run")
     variants = [{"method": "rtn", "group_size": 32}]
-    spec = small_spec(tiny_model, root / "out", root / "cache", variants, kv_cache=["bf16", "fp8"], speed=None)
+    kv_cache = ["bf16", "fp8", "fp8-head"]
+    spec = small_spec(tiny_model, root / "out", root / "cache", variants, kv_cache=kv_cache, speed=None)
     spec = parse_spec(spec)
     return spec, pipeline.run(spec, progress=lambda _: None)
 
@@ -28,7 +29,7 @@ def test_each_model_gets_an_fp8_kv_twin_whose_artifact_carries_the_scales_vllm_r
     _, out = finished
     report = load_report(out / "report.json")
     assert report.schema_version == "1.9"
-    assert [r.name for r in report.rows] == ["baseline", "rtn", "baseline-kv-fp8", "rtn-kv-fp8"]
+    assert [r.name for r in report.rows][:4] == ["baseline", "rtn", "baseline-kv-fp8", "rtn-kv-fp8"]
     for name, groups in (("baseline-kv-fp8", 0), ("rtn-kv-fp8", 1)):
         config = read_json(out / name / "config.json")["quantization_config"]
         assert config["kv_cache_scheme"]["type"] == "float" and config["kv_cache_scheme"]["num_bits"] == 8
@@ -38,6 +39,44 @@ def test_each_model_gets_an_fp8_kv_twin_whose_artifact_carries_the_scales_vllm_r
             scales = sorted(k for k in stored.keys() if k.endswith(("k_scale", "v_scale")))
         assert scales == [f"model.layers.{i}.self_attn.{kv}_scale" for i in range(2) for kv in "kv"]
     assert read_json(out / "rtn" / "config.json")["quantization_config"].get("kv_cache_scheme") is None
+
+
+def test_the_fp8_head_twins_artifacts_carry_one_scale_per_kv_head_and_the_attn_head_scheme(finished):
+    """compressed-tensors' attn_head strategy: k_scale and v_scale of shape (KV heads, 1, 1) per layer, each head's
+    own range (the tiny Llama's 2 KV heads do not share one), and config.json's kv_cache_scheme says attn_head, which
+    is what vLLM reads to size its per-head scales."""
+    _, out = finished
+    rows = {r.name: r for r in load_report(out / "report.json").rows}
+    assert set(rows) == {"baseline", "rtn", "baseline-kv-fp8", "rtn-kv-fp8", "baseline-kv-fp8-head", "rtn-kv-fp8-head"}
+    for name in ("baseline-kv-fp8-head", "rtn-kv-fp8-head"):
+        scheme = read_json(out / name / "config.json")["quantization_config"]["kv_cache_scheme"]
+        assert (scheme["type"], scheme["num_bits"], scheme["strategy"]) == ("float", 8, "attn_head")
+        assert not scheme["dynamic"] and scheme["symmetric"]
+        with safe_open(out / name / "model.safetensors", "pt") as stored:
+            scales = {k: stored.get_tensor(k) for k in stored.keys() if k.endswith(("k_scale", "v_scale"))}
+        assert sorted(scales) == [f"model.layers.{i}.self_attn.{kv}_scale" for i in range(2) for kv in "kv"]
+        assert all(scale.shape == (2, 1, 1) for scale in scales.values())
+        assert all(scale[0].item() != scale[1].item() for scale in scales.values())
+        assert rows[name].kv_cache.precision == "fp8-head" and "per-head k/v scales" in rows[name].scheme
+        assert rows[name].kv_cache.bytes_per_token == rows["baseline"].kv_cache.bytes_per_token // 2
+    assert rows["rtn-kv-fp8-head"].kv_cache.paired_with == "rtn"
+    assert rows["baseline-kv-fp8-head"].kv_cache.paired_with == "baseline"
+
+
+def test_the_fp8_head_cache_is_emulated_with_each_heads_own_scale(finished):
+    """Moving one KV head's k scale far off moves the logits: the emulation reads each head's scale."""
+    from transformers import AutoModelForCausalLM
+
+    _, out = finished
+    ids = torch.arange(3, 200).unsqueeze(0)
+    model = AutoModelForCausalLM.from_pretrained(out / "baseline-kv-fp8-head", dtype=torch.float32)
+    assert kv_precision(model) == "fp8-head"
+    with torch.no_grad():
+        reference = model(ids).logits
+        for layer in model.model.layers:
+            layer.self_attn.k_scale.data[1] *= 1e6
+        moved = model(ids).logits
+    assert (moved - reference).abs().max().item() > 1e-3
 
 
 def test_the_report_gives_long_context_perplexity_kv_bytes_and_capacity_per_row(finished):
@@ -118,6 +157,45 @@ def test_a_model_whose_attention_the_scheme_does_not_cover_is_refused_at_plan_ti
     plan(parse_spec({**spec, "evaluation": {**spec["evaluation"], "kv_cache": ["bf16"]}}), progress=lambda _: None)
 
 
+def test_per_head_scales_on_a_model_that_caches_a_latent_instead_of_kv_heads_are_refused_at_plan_time(tmp_path):
+    """DeepSeek-V3's multi-head latent attention (kv_b_proj) is calibrated per tensor, but it caches one latent vector
+    per token: there is no KV head to give a scale."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from tests.conftest import make_tokenizer
+
+    folder = tmp_path / "mla"
+    tokenizer = make_tokenizer(folder)
+    config = DeepseekV3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        q_lora_rank=None,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=16,
+        n_group=1,
+        topk_group=1,
+    )
+    DeepseekV3ForCausalLM(config).save_pretrained(folder)
+    spec = small_spec(folder, tmp_path / "out", tmp_path / "cache", [], kv_cache=["bf16", "fp8-head"])
+    spec = {**spec, "variants": [{"method": "rtn", "group_size": 8}]}
+    with pytest.raises(QuantflowError) as refused:
+        plan(parse_spec(spec), progress=lambda _: None)
+    assert "'fp8-head' needs one scale per KV head, and this deepseek_v3 model has none" in refused.value.problem
+    assert "model.layers.0.self_attn" in refused.value.problem and "'fp8' (per-tensor" in refused.value.fix
+    assert not (tmp_path / "out").exists()
+    plan(parse_spec({**spec, "evaluation": {**spec["evaluation"], "kv_cache": ["bf16", "fp8"]}}), lambda _: None)
+
+
 def test_the_axis_twins_every_weight_variant_and_changes_only_the_twins_quantize_key(tiny_model, tmp_path):
     from quantflow.inputs.calibration import CalibrationRecord
     from quantflow.pipeline.steps import quantize_key
@@ -164,6 +242,8 @@ def test_every_recipe_takes_the_kv_scheme_on_its_last_quantizer_and_keeps_its_se
     unchanged = recipe[last].model_dump(exclude={"kv_cache_scheme", "requires_calibration_data"})
     assert with_kv[last].model_dump(exclude={"kv_cache_scheme", "requires_calibration_data"}) == unchanged
     assert all(a is b for i, (a, b) in enumerate(zip(recipe, with_kv, strict=True)) if i != last)
+    per_head = with_kv_cache(recipe, "fp8-head")[last].kv_cache_scheme
+    assert (per_head.strategy, per_head.observer) == ("attn_head", "static_minmax")
 
 
 def test_the_card_size_is_report_arithmetic_and_reuses_every_evaluation(tiny_model, tmp_path):
