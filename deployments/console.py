@@ -42,21 +42,37 @@ class LogCopier:
     bar's cursor-up) collapse to its last state, colours go, and a warning seen before (numbers and times aside) is
     dropped."""
 
-    def __init__(self, pipe: int, log: IO[str]) -> None:
-        self.pipe, self.log, self.seen = pipe, log, set()
+    def __init__(self, pipe: int, log: IO[str], close: bool = False) -> None:
+        self.pipe, self.log, self.seen, self.close = pipe, log, set(), close
         self.held: tuple[str, str] | None = None  # a nested bar's latest redraw: (its description, the line)
+        self.last = time.monotonic()  # when the pipe last delivered
         self.thread = threading.Thread(target=self._copy, name="quantflow-log", daemon=True)
         self.thread.start()
+
+    def drain(self, quiet: float = 1.0, longest: float = 30.0) -> None:
+        """Wait until every writer has closed the pipe, or until it has been quiet for ``quiet`` seconds.
+
+        Processes that outlive the block (the steps' fork server, a temporary Prefect server) hold the pipe open
+        until this process exits; waiting for their end-of-file cost every command 30 s. What they print later
+        still reaches the log: the copier keeps running until the pipe closes."""
+        deadline = time.monotonic() + longest
+        while self.thread.is_alive() and time.monotonic() < deadline:
+            if time.monotonic() - self.last >= quiet:
+                return
+            self.thread.join(timeout=0.1)
 
     def _copy(self) -> None:
         pending = b""
         while chunk := os.read(self.pipe, 65536):
+            self.last = time.monotonic()
             *lines, pending = (pending + chunk).split(b"\n")
             for line in lines:
                 self.write(line.decode("utf-8", errors="replace"))
         self.write(pending.decode("utf-8", errors="replace"))
         self._release()
         os.close(self.pipe)
+        if self.close:
+            self.log.close()
 
     def write(self, raw: str) -> None:
         line = next((part for part in reversed(ANSI.sub("", raw).split("\r")) if part.strip()), "")
@@ -93,22 +109,21 @@ def captured(log_path: Path) -> Iterator[IO[str]]:
     saved = os.dup(1), os.dup(2)
     terminal = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
     read, write = os.pipe()
-    with open(log_path, "a", encoding="utf-8") as log:
-        copier = LogCopier(read, log)
-        os.dup2(write, 1)
-        os.dup2(write, 2)
-        os.close(write)
-        try:
-            yield terminal
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for fd in saved:
-                os.close(fd)
-            copier.thread.join(timeout=30)  # EOF once the last child holding the pipe has exited
-            terminal.close()
+    copier = LogCopier(read, open(log_path, "a", encoding="utf-8"), close=True)  # closed at the pipe's end
+    os.dup2(write, 1)
+    os.dup2(write, 2)
+    os.close(write)
+    try:
+        yield terminal
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+        copier.drain()
+        terminal.close()
 
 
 class StageDisplay:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
 import threading
+import time
 
-from deployments.console import LogCopier
+from deployments.console import LogCopier, captured
 from quantflow.infra import progress
 from quantflow.infra.steps import isolated
 
@@ -76,3 +78,25 @@ def test_the_log_keeps_each_bars_last_state_and_each_warning_once():
         "Grid search for layers.1: 100%|##| 20/20 [00:02<00:00, 9.3it/s]",
         "done",
     ]
+
+
+def test_a_child_that_outlives_the_block_does_not_hold_the_console_and_still_reaches_the_log(tmp_path):
+    """The steps' fork server and a temporary Prefect server keep the log pipe open until the command exits: leaving
+    the block waited for their end-of-file, 30 s on every command. It now waits only until the pipe is quiet, and
+    what such a child prints later still lands in the log."""
+    log = tmp_path / "quantflow.log"
+    with captured(log):
+        child = subprocess.Popen(["sh", "-c", "echo early; sleep 3; echo late; sleep 120"])
+        time.sleep(0.5)
+        leaving = time.monotonic()
+    left = time.monotonic()
+    try:
+        assert left - leaving < 15, left - leaving  # was 30: the wait for the child's end-of-file
+        assert "early" in log.read_text()
+        deadline = left + 60
+        while "late" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "late" in log.read_text()
+    finally:
+        child.kill()
+        child.wait()
