@@ -27,9 +27,9 @@ import torch.nn.functional as F
 
 from quantflow.infra.resources import Resources
 from quantflow.inputs.calibration import CalibrationRecord
-from quantflow.quantization.mixed import LayerGroup, precision_by_layer
+from quantflow.quantization.mixed import LayerGroup, layer_option, precision_by_layer
 from quantflow.quantization.quantize import calibration_data, mixed_recipe
-from quantflow.quantization.sensitivity import fake_quantized
+from quantflow.quantization.sensitivity import fake_quantized, untied
 from quantflow.quantization.targets import input_embedding
 from quantflow.spec import MixedVariant
 
@@ -72,7 +72,7 @@ def uniform_start(
             if isinstance(model.get_submodule(name), torch.nn.Linear):
                 weights[name] = quantized.get_submodule(name).weight.detach().to(original.dtype).clone()
             else:  # the embedding: rounded to nearest at save, not in the model in memory
-                weights[name] = at_option(original, start[group.name], args)
+                weights[name] = at_option(original, layer_option(group, start[group.name], name), args)
     return weights
 
 
@@ -115,7 +115,10 @@ def direct_scores(
         for group in groups:
             measured = {options[group.name]: start_kl}
             for option in (o for o in group.bits if o != options[group.name]):
-                put(group.layers, {n: at_option(original[n], option, args) for n in group.layers})
+                put(
+                    group.layers,
+                    {n: at_option(original[n], layer_option(group, option, n), args) for n in group.layers},
+                )
                 measured[option] = kl()
             put(group.layers, start)
             floor = measured[max(group.bits, key=group.bits.get)]
@@ -136,7 +139,8 @@ def measure_direct(
     clock = time.perf_counter()
     start = uniform_start(model, groups, *setup, args)
     start_seconds = time.perf_counter() - clock
-    scores, start_kl = direct_scores(model, groups, samples, args, start)
+    with untied(model):  # a tied table's copies are put by layer, each at its own option
+        scores, start_kl = direct_scores(model, groups, samples, args, start)
     return scores, {
         "pass": "uniform gptq",
         "options": sorted(set(start_options(groups).values())),
