@@ -16,7 +16,9 @@ symmetry), then in one process:
 4. per budget (bits per weight above uniform): mixed GPTQ with the measured allocation and with ``allocation: rule``,
    their perplexities;
 5. per ``--embedding-targets`` value (bits per weight over the Linears and the embedding table): the input embedding
-   and lm_head on the menu too, the allocation, its perplexity and its size against bf16 (from the stored bits).
+   and lm_head on the menu too (``--embedding-menu``; W6 and a tied table's per-copy options among them), the
+   allocation, its perplexity and its size against bf16 (from the stored bits); with ``--artifact``, the artifact saved,
+   loaded as a run's evaluation loads it, and evaluated again.
 Everything is written to ``--out`` as it is measured.
 """
 
@@ -42,6 +44,12 @@ def main() -> None:
     parser.add_argument(
         "--embedding-targets", type=float, nargs="*", default=[], help="bits per weight with embeddings on the menu"
     )
+    parser.add_argument(
+        "--embedding-menu", nargs="*", default=["w4", "w8", "bf16"], help="the embeddings' menu with those targets"
+    )
+    parser.add_argument(
+        "--artifact", type=Path, help="save each embeddings row's artifact here, load it as a run does and evaluate it"
+    )
     parser.add_argument("--samples", type=int, help="calibration samples (default: the spec's)")
     parser.add_argument("--seq-len", type=int, help="calibration sample length (default: the spec's)")
     parser.add_argument("--windows", type=int, help="evaluation windows (default: the spec's)")
@@ -56,6 +64,7 @@ def main() -> None:
         help="what the measured allocations use: the Fisher proxy, or the direct measure as a run computes it",
     )
     parser.add_argument("--skip-rule", action="store_true", help="no allocation: rule (measured before)")
+    parser.add_argument("--skip-ranking", action="store_true", help="the uniform run, but no ranking of the proxies")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -136,7 +145,8 @@ def main() -> None:
         print("uniform", result["uniform"], flush=True)
         save()
 
-    options = {o: sensitivity.weight_args(o, group_size, variant.symmetric) for o in variant.options if o != "bf16"}
+    menu = dict.fromkeys([*variant.options, *(args.embedding_menu if args.embedding_targets else [])])
+    options = {o: sensitivity.weight_args(o, group_size, variant.symmetric) for o in menu if o != "bf16"}
     if args.measure == "direct":
         variant = variant.model_copy(update={"sensitivity": "direct"})
     full = sensitivity.measurement_samples(samples, variant.measured_tokens())
@@ -159,14 +169,14 @@ def main() -> None:
         del layerwise
         result["fisher_seconds"] = round(time.perf_counter() - clock, 1)
         print("fisher seconds", result["fisher_seconds"], flush=True)
-    if not args.only_budgets:
+    if not args.only_budgets and not args.skip_ranking:
         result["sensitivity"] = ranked(args, base, groups, proxy, start_weights, options, samples, full, F, torch)
         print({k: v for k, v in result["sensitivity"].items() if k != "groups"}, flush=True)
         save()
 
     result["embeddings"] = []
     for target in args.embedding_targets:  # the input embedding and lm_head on the menu too
-        budgeted = variant.model_copy(update={"target_bits": target, "embeddings": ["w4", "w8", "bf16"]})
+        budgeted = variant.model_copy(update={"target_bits": target, "embeddings": args.embedding_menu})
         every = mixed_groups(base, budgeted, group_size)
         outer = [g for g in every if g.name not in proxy]
         clock = time.perf_counter()
@@ -194,6 +204,8 @@ def main() -> None:
             "embeddings": {g.name: {"chosen": chosen[g.name], "score": scores[g.name]} for g in outer},
             "counts": mixed.option_counts(precision),
         }
+        if args.artifact:
+            row["artifact"] = artifact_check(model, tokenizer, args.artifact / f"emb-{target}", perplexity)
         del model
         print("embeddings", target, {k: v for k, v in row.items() if k != "embeddings"}, row["embeddings"], flush=True)
         result["embeddings"].append(row)
@@ -221,6 +233,21 @@ def main() -> None:
             print(extra, label, {k: v for k, v in row[label].items() if k != "promoted"}, flush=True)
         result["budgets"].append(row)
         save()
+
+
+def artifact_check(model, tokenizer, folder: Path, perplexity) -> dict:
+    """The model saved as a run saves it (bf16, compressed-tensors), loaded as a run's evaluation loads it, evaluated:
+    what a user gets, beside the in-memory model's perplexity."""
+    import torch
+
+    from quantflow.evaluation.evaluate import load_for_eval
+    from quantflow.reporting.bits import artifact_bits
+
+    model.to(torch.bfloat16).save_pretrained(folder, save_compressed=True)
+    tokenizer.save_pretrained(folder)
+    loaded, _ = load_for_eval(str(folder), "cpu", "float32")
+    stored = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    return {"path": str(folder), "safetensors_bytes": stored, "bits": artifact_bits(folder), "ppl": perplexity(loaded)}
 
 
 def ranked(args, base, groups, proxy, start_weights, options, samples, full, F, torch) -> dict:

@@ -240,6 +240,7 @@ class AutoRoundVariant(_WeightOnly):
 
 
 MenuOption = Literal["w4", "w8", "bf16"]
+EmbeddingOption = Literal["w4", "w6", "w8", "bf16"]  # W6 per output channel: the embedding table's middle step
 
 
 class MixedVariant(_AWQSearch, _GPTQOrdered, _WeightOnly):
@@ -273,10 +274,11 @@ class MixedVariant(_AWQSearch, _GPTQOrdered, _WeightOnly):
         description="Calibration tokens the sensitivity is measured on; default 4096, 512 for 'direct' (one forward "
         "pass per group).",
     )
-    embeddings: list[MenuOption] = Field(
+    embeddings: list[EmbeddingOption] = Field(
         [],
-        description="Menu for the input embedding and lm_head ([] keeps them as they are): a tied table is one "
-        "choice, stored twice once quantized (the embedding rounded to nearest, lm_head by the final pass).",
+        description="Menu for the input embedding and lm_head ([] keeps them as they are), 'w6' (per output channel) "
+        "among them: a tied table is one group, stored twice once quantized (the embedding rounded to nearest, lm_head "
+        "by the final pass), each copy at an option of its own ('w6/w4': embedding W6, lm_head W4).",
     )
     allocation: Literal["measured", "rule"] = Field(
         "measured",

@@ -3,9 +3,10 @@
 A proxy scores a group by a weight error and a curvature; what the allocation needs is how much the finished model
 improves when a group takes more bits. The direct measure asks exactly that, once: run the uniform pass (every group
 at its cheapest option, W4 where it fits: the same GPTQ recipe, scheme, group size and calibration set as the final
-pass), then, from those weights, move one group at a time to its cheapest better option (W8 from W4) and measure the
-KL from the unquantized model on the measured tokens: one forward pass per group, from the first decoder block the
-group touches (``BlockResume``); the options above that upgrade score as it does (``direct_scores`` says why).
+pass), then, from those weights, move one group at a time to better options (W8 from W4) and measure the
+KL from the unquantized model on the measured tokens: one forward pass per group and option that leaves a layer below
+W6, plus one for the cheapest option that does not (``direct_scores`` says why), each from the first decoder block the
+group touches (``BlockResume``).
 
 Scores stay additive per group, as the allocator expects: ``score(o) = max(KL(group at o) - KL(group at its most
 precise option), 0)``, with ``KL(group at its start option) = KL_start``. Under the first-order model in which groups
@@ -29,14 +30,24 @@ import torch.nn.functional as F
 
 from quantflow.infra.resources import Resources
 from quantflow.inputs.calibration import CalibrationRecord
-from quantflow.quantization.mixed import LayerGroup, precision_by_layer
+from quantflow.quantization.mixed import LayerGroup, layer_option, precision_by_layer
 from quantflow.quantization.quantize import calibration_data, mixed_recipe
-from quantflow.quantization.sensitivity import fake_quantized
+from quantflow.quantization.sensitivity import fake_quantized, untied
 from quantflow.quantization.targets import input_embedding
 from quantflow.spec import MixedVariant
 
+# per-layer options whose error the direct measure does not resolve (W6 per channel on Gemma 3's embedding: -0.04%)
+LOSSLESS = ("w6", "w8", "bf16")
 # a layer's decoder block: the list it is numbered in and its number (model.layers.3.mlp.down_proj -> model.layers, 3)
 BLOCK = re.compile(r"^(.*?)\.(\d+)\.")
+
+
+def near_lossless(group: LayerGroup) -> list[str]:
+    """The group's options whose every layer is at W6 or more, cheapest first: their errors are far below what a
+    first-order measure on a few hundred tokens resolves, so only the cheapest is measured and the rest score as it.
+    A tied table's ``w6/w4`` is not among them: its lm_head copy is still W4."""
+    precise = [o for o in group.bits if all(layer_option(group, o, n) in LOSSLESS for n in group.layers)]
+    return sorted(precise, key=group.bits.get)
 
 
 def start_options(groups: list[LayerGroup]) -> dict[str, str]:
@@ -77,7 +88,7 @@ def uniform_start(
             if isinstance(model.get_submodule(name), torch.nn.Linear):
                 weights[name] = quantized.get_submodule(name).weight.detach().to(original.dtype).clone()
             else:  # the embedding: rounded to nearest at save, not in the model in memory
-                weights[name] = at_option(original, start[group.name], args)
+                weights[name] = at_option(original, layer_option(group, start[group.name], name), args)
     return weights
 
 
@@ -97,9 +108,9 @@ def direct_scores(
     """Every group's score at every option from the start weights (see the module docstring), and the start's KL per
     token; the model's weights are back as they were afterwards.
 
-    Only each group's cheapest upgrade is measured (W8 from W4), and the options above it score as it does: W8's error
-    is far below what a first-order measure on a few hundred tokens resolves, and measuring bf16 too would double the
-    forward passes for a difference the allocator could not use."""
+    Of the options whose every layer is at W6 or more only the cheapest is measured (W8, not bf16): the rest score as
+    it does (``near_lossless``), since measuring bf16 too would double the forward passes for a difference the
+    allocator could not use. Options that leave a layer below W6 (a tied table's ``w6/w4``) are each measured."""
     device = next(model.parameters()).device
     batches = [ids.unsqueeze(0).to(device) for ids in samples]
     reference = [F.log_softmax(model(ids, use_cache=False).logits[0].float(), dim=-1) for ids in batches]
@@ -124,15 +135,18 @@ def direct_scores(
         start_kl, options = kl([]), start_options(groups)
         scores = {}
         for group in groups:
-            upgrades = sorted(
-                (o for o in group.bits if group.bits[o] > group.bits[options[group.name]]), key=group.bits.get
-            )
-            gain = 0.0
-            if upgrades:
-                put(group.layers, {n: at_option(original[n], upgrades[0], args) for n in group.layers})
-                gain = max(start_kl - kl(group.layers), 0.0)
-                put(group.layers, start)
-            scores[group.name] = {o: gain if o == options[group.name] else 0.0 for o in group.bits}
+            start_option, precise = options[group.name], near_lossless(group)
+            tried = [o for o in group.bits if o != start_option and o not in precise] + precise[:1]
+            measured = {start_option: start_kl}
+            for option in tried:
+                put(
+                    group.layers,
+                    {n: at_option(original[n], layer_option(group, option, n), args) for n in group.layers},
+                )
+                measured[option] = kl(group.layers)
+            put(group.layers, start)
+            floor = measured[precise[0]] if precise else measured[max(group.bits, key=group.bits.get)]
+            scores[group.name] = {o: max(measured.get(o, floor) - floor, 0.0) for o in group.bits}
     finally:
         put(list(original), original)
     return scores, start_kl
@@ -238,7 +252,8 @@ def measure_direct(
     clock = time.perf_counter()
     start = uniform_start(model, groups, *setup, args)
     start_seconds = time.perf_counter() - clock
-    scores, start_kl = direct_scores(model, groups, samples, args, start)
+    with untied(model):  # a tied table's copies are put by layer, each at its own option
+        scores, start_kl = direct_scores(model, groups, samples, args, start)
     return scores, {
         "pass": "uniform gptq",
         "options": sorted(set(start_options(groups).values())),

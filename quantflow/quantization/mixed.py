@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from quantflow.errors import QuantflowError
 
-OPTIONS = ("w4", "w8", "bf16")
+OPTIONS = ("w4", "w6", "w8", "bf16")  # w6: the embeddings' menu only (compressed-tensors packs 1 to 8 bits)
 RESOLUTION = 20_000  # DP cells over the spare budget when costs share no usable unit
 MAX_CELLS = 2_000_000  # largest exact DP (a float64 row per group of this many cells)
 TIED = (  # members of a block that a fused serving kernel runs as one matmul
@@ -31,21 +31,26 @@ TIED = (  # members of a block that a fused serving kernel runs as one matmul
 
 
 class LayerGroup(BaseModel):
-    """Linears that take one option together, with their weight count and each option's stored bits per weight."""
+    """Linears that take one option together, with their weight count and each option's stored bits per weight.
+
+    A tied table's option may name one option per copy, embedding first: 'w6/w4' stores the input embedding at W6
+    and lm_head at W4 (``layer_option``)."""
 
     name: str
     layers: list[str]
     weights: int
     bits: dict[str, float]  # option -> bits per weight; an option the shapes cannot take is absent
     note: str = ""  # why an option is absent
+    menu: str = "options"  # the variant field whose options these are: 'options' (Linears) or 'embeddings'
 
 
 def option_bits(option: str, in_features: int, group_size: int | None, symmetric: bool) -> float | None:
     """Stored bits per weight, bf16 scales and packed zero points included; None where the width cannot take it."""
     if option == "bf16":
         return 16.0
-    if option == "w8":  # one scale (and zero point) per output row of in_features weights
-        return 8 + (16 + (0 if symmetric else 8)) / in_features
+    if option in ("w6", "w8"):  # one scale (and a zero point of the same width) per output row of in_features weights
+        bits = int(option[1:])
+        return bits + (16 + (0 if symmetric else bits)) / in_features
     if group_size is None:
         return 4 + (16 + (0 if symmetric else 4)) / in_features
     if in_features % group_size:
@@ -76,7 +81,12 @@ def layer_groups(
 
 
 def _group(
-    members: list[str], widths: dict[str, tuple[int, int]], options: list[str], group_size: int | None, symmetric: bool
+    members: list[str],
+    widths: dict[str, tuple[int, int]],
+    options: list[str],
+    group_size: int | None,
+    symmetric: bool,
+    menu: str = "options",
 ) -> LayerGroup:
     total = sum(widths[m][0] * widths[m][1] for m in members)
     bits, notes = {}, []
@@ -87,26 +97,59 @@ def _group(
             continue
         bits[option] = sum(b * widths[m][0] * widths[m][1] for b, m in zip(per_layer, members, strict=True)) / total
     name = members[0] if len(members) == 1 else _joined(members)
-    return LayerGroup(name=name, layers=members, weights=total, bits=bits, note="; ".join(notes))
+    return LayerGroup(name=name, layers=members, weights=total, bits=bits, note="; ".join(notes), menu=menu)
 
 
 def embedding_groups(
     names: list[str], shape: tuple[int, int], tied: bool, options: list[str], group_size: int | None, symmetric: bool
 ) -> list[LayerGroup]:
     """The input embedding and lm_head (``names``, each [vocab, hidden]) as menu groups: untied, one group each; tied
-    (two names, one table), one group counted once over the table, whose quantized options cost two copies' bits,
-    because llm-compressor unties a quantized table (the embedding rounded to nearest, lm_head by the final pass)."""
+    (two names, one table), one group counted once over the table. Quantized, a tied table is stored twice (llm-compressor
+    unties it: the embedding rounded to nearest, lm_head by the final pass), so each copy takes an option of its own
+    and an option costs both copies' bits: 'w6/w4' (embedding W6, lm_head W4) as well as 'w4' for both. Pairs that
+    cost bf16's 16 bits or more are dropped: one bf16 table is cheaper."""
     widths = dict.fromkeys(names, shape)
     if not tied:
-        return [_group([name], widths, options, group_size, symmetric) for name in names]
-    table = _group(names[:1], widths, options, group_size, symmetric)
-    bits = {o: b if o == "bf16" else 2 * b for o, b in table.bits.items()}
-    notes = [table.note] if table.note else []
-    for option in [o for o, b in bits.items() if o != "bf16" and b >= 16]:
-        notes.append(f"{option} dropped: a tied table quantized is stored twice, {bits.pop(option):.2f} bits >= bf16's")
+        return [_group([name], widths, options, group_size, symmetric, "embeddings") for name in names]
+    copy = _group(names[:1], widths, options, group_size, symmetric, "embeddings")  # one copy's bits per option
+    quantized = [o for o in copy.bits if o != "bf16"]
+    bits = {"bf16": 16.0} if "bf16" in copy.bits else {}
+    notes = [copy.note] if copy.note else []
+    for first in quantized:
+        for second in quantized:
+            option, cost = copy_pair(first, second), copy.bits[first] + copy.bits[second]
+            if cost < 16:
+                bits[option] = cost
+            else:
+                notes.append(f"{option} dropped: a tied table quantized is stored twice, {cost:.2f} bits >= bf16's")
+    bits = dict(sorted(bits.items(), key=lambda item: item[1]))
+    table = shape[0] * shape[1]
     return [
-        LayerGroup(name="+".join(names), layers=names, weights=shape[0] * shape[1], bits=bits, note="; ".join(notes))
+        LayerGroup(
+            name="+".join(names), layers=names, weights=table, bits=bits, note="; ".join(notes), menu="embeddings"
+        )
     ]
+
+
+def copy_pair(embedding: str, head: str) -> str:
+    """A tied table's option: 'w6/w4' for the input embedding at W6 and lm_head at W4, 'w4' for both at W4."""
+    return embedding if embedding == head else f"{embedding}/{head}"
+
+
+def layer_option(group: LayerGroup, option: str, layer: str) -> str:
+    """The option one layer of ``group`` takes when the group takes ``option`` (a tied table's copies may differ)."""
+    parts = option.split("/")
+    return parts[group.layers.index(layer)] if len(parts) > 1 else option
+
+
+def layer_menus(groups: list[LayerGroup]) -> dict[str, list[str]]:
+    """Every layer's quantized options across its group's menu: the weight errors the sensitivity must score."""
+    menus = {}
+    for group in groups:
+        for layer in group.layers:
+            taken = {layer_option(group, option, layer) for option in group.bits} - {"bf16"}
+            menus[layer] = [o for o in OPTIONS if o in taken]
+    return menus
 
 
 def _joined(members: list[str]) -> str:
@@ -129,7 +172,7 @@ def check_budget(groups: list[LayerGroup], target_bits: float, variant: str) -> 
     bad = next((g for g in groups if not g.bits), None)
     if bad is not None:
         raise QuantflowError(
-            f"variant '{variant}': no menu option fits {bad.name} ({bad.note})", "add 'bf16' or 'w8' to options"
+            f"variant '{variant}': no menu option fits {bad.name} ({bad.note})", f"add 'bf16' to {bad.menu}"
         )
     low, high = budget_bounds(groups)
     if not low - 1e-9 <= target_bits <= high + 1e-9:
@@ -234,7 +277,7 @@ def effective_bits(groups: list[LayerGroup], chosen: dict[str, str]) -> float:
 
 def precision_by_layer(groups: list[LayerGroup], chosen: dict[str, str]) -> dict[str, str]:
     """Layer name -> option, the per-Linear view the recipe and the report's precision map need."""
-    return {layer: chosen[g.name] for g in groups for layer in g.layers}
+    return {layer: layer_option(g, chosen[g.name], layer) for g in groups for layer in g.layers}
 
 
 def block_and_kind(layer: str) -> tuple[int | None, str]:

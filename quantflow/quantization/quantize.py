@@ -236,9 +236,10 @@ def scheme_label(variant: WeightVariant, group_size: int | None, precision: dict
 
         counts = option_counts(precision or {})
         grouping = f"group {group_size}" if group_size else "per-channel"
+        six = f"{counts['w6']} W6A16 int per-channel (embedding table), " if counts["w6"] else ""
         return (
             f"mixed, {'symmetric' if variant.symmetric else 'asymmetric'}: {counts['w4']} Linears W4A16 int "
-            f"{grouping}, {counts['w8']} W8A16 int per-channel, {counts['bf16']} kept in bf16"
+            f"{grouping}, {six}{counts['w8']} W8A16 int per-channel, {counts['bf16']} kept in bf16"
         )
     if isinstance(variant, FP8Variant):
         rounding = ", GPTQ-rounded" if variant.algorithm == "gptq" else ""
@@ -307,7 +308,7 @@ def mixed_recipe(
 
     def schemes(chosen: dict[str, str]) -> dict:
         found = {}
-        for option in ("w4", "w8"):
+        for option in ("w4", "w6", "w8"):
             if names := [name for name, taken in chosen.items() if taken == option]:
                 args = weight_args(option, group_size, variant.symmetric, variant.observer, getattr(torch, scale_dtype))
                 found[option] = QuantizationScheme(targets=names, weights=args)

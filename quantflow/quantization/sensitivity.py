@@ -23,8 +23,9 @@ bench/mixed_allocation.py ranks each proxy against the direct measure from the u
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel
 
-from quantflow.quantization.mixed import LayerGroup
+from quantflow.quantization.mixed import LayerGroup, layer_menus, layer_option
 from quantflow.spec import GPTQVariant, MixedVariant
 
 TABLE_FILE = "sensitivity.json"
@@ -51,14 +52,15 @@ class SensitivityRecord(BaseModel):
 
 
 def weight_args(option: str, group_size: int | None, symmetric: bool, observer: str = "minmax", scale_dtype=None):
-    """The compressed-tensors weight arguments of a menu option; None for 'bf16' (kept)."""
+    """The compressed-tensors weight arguments of a menu option (W4 at the group size, W6 and W8 per output channel);
+    None for 'bf16' (kept)."""
     from compressed_tensors.quantization import QuantizationArgs
 
     if option == "bf16":
         return None
     grouped = option == "w4" and group_size is not None
     return QuantizationArgs(
-        num_bits=4 if option == "w4" else 8,
+        num_bits=int(option[1:]),
         type="int",
         symmetric=symmetric,
         dynamic=False,
@@ -85,9 +87,12 @@ def fake_quantized(weight: torch.Tensor, args) -> torch.Tensor:
 
 
 def rtn_errors(model: torch.nn.Module, groups: list[LayerGroup], args: dict) -> dict[str, dict[str, torch.Tensor]]:
-    """Each Linear's weight error at each option under round-to-nearest."""
-    layers = {name: model.get_submodule(name) for g in groups for name in g.layers}
-    return {name: {o: fake_quantized(m.weight, a) - m.weight for o, a in args.items()} for name, m in layers.items()}
+    """Each layer's weight error at each quantized option of its menu under round-to-nearest."""
+    errors = {}
+    for name, menu in layer_menus(groups).items():
+        weight = model.get_submodule(name).weight
+        errors[name] = {o: fake_quantized(weight, args[o]) - weight for o in menu if o in args}
+    return errors
 
 
 def start_errors(
@@ -147,12 +152,13 @@ def gptq_errors(
     names = [name for g in groups for name in g.layers if isinstance(model.get_submodule(name), torch.nn.Linear)]
     found = hessians(model, names, samples)
     errors = rtn_errors(model, [g for g in groups if not set(g.layers) <= set(names)], args)  # embeddings: RTN
+    menus = layer_menus(groups)
     for name in names:
         weight = model.get_submodule(name).weight
         w = weight.detach().float()
         errors[name] = {}
-        for option, option_args in args.items():
-            option_args = option_args.model_copy(update={"actorder": settings.actorder})
+        for option in (o for o in menus[name] if o in args):
+            option_args = args[option].model_copy(update={"actorder": settings.actorder})
             view = w.reshape(w.shape[0], -1, option_args.group_size) if option_args.group_size else w.unsqueeze(1)
             scale, zero = calculate_qparams(view.amin(dim=-1), view.amax(dim=-1), option_args)
             quantized, _, _ = quantize_weight(
@@ -181,8 +187,8 @@ def fisher_scores(
     """Gradient-weighted output error of every group at every option (see the module docstring); ``errors`` are the
     weight errors per Linear and option, round-to-nearest's unless given."""
     layers = {name: model.get_submodule(name) for g in groups for name in g.layers}
-    sums = {name: {option: 0.0 for option in args} for name in layers}
     errors = errors if errors is not None else rtn_errors(model, groups, args)
+    sums = {name: dict.fromkeys(errors[name], 0.0) for name in layers}
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
 
@@ -214,7 +220,14 @@ def fisher_scores(
     finally:
         for handle in handles:
             handle.remove()
-    return {g.name: _per_group(g, {o: sum(sums[n][o] for n in g.layers) / tokens for o in args}) for g in groups}
+    return {
+        g.name: _per_group(g, {o: sum(_part(sums, g, o, n) for n in g.layers) / tokens for o in g.bits}) for g in groups
+    }
+
+
+def _part(sums: dict[str, dict[str, float]], group: LayerGroup, option: str, layer: str) -> float:
+    """One layer's share of its group's score at ``option``: the score of the layer's own option, 0 where it is bf16."""
+    return sums[layer].get(layer_option(group, option, layer), 0.0)
 
 
 @torch.no_grad()
@@ -227,6 +240,21 @@ def embedded(module: torch.nn.Embedding, ids: torch.Tensor, delta: torch.Tensor)
         return module.forward(ids)
     finally:
         module.weight.data = kept
+
+
+@contextlib.contextmanager
+def untied(model: torch.nn.Module) -> Iterator[None]:
+    """lm_head on a table of its own while a measure swaps weights by layer: a tied table's two copies may take
+    different options, and a swap of one shared tensor would change both."""
+    source, output = model.get_input_embeddings(), model.get_output_embeddings()
+    shared = output is not None and output.weight is source.weight
+    if shared:
+        output.weight = torch.nn.Parameter(source.weight.detach().clone(), requires_grad=False)
+    try:
+        yield
+    finally:
+        if shared:
+            output.weight = source.weight
 
 
 @torch.no_grad()
@@ -244,24 +272,25 @@ def kl_scores(
     reference = [F.log_softmax(model(ids).logits[0].float(), dim=-1) for ids in batches]  # float32: no rounding floor
     tokens = sum(ids.numel() for ids in samples)
     scores = {}
-    for group in groups:
-        measured = {}
-        for option, option_args in args.items():
-            if option not in group.bits:
-                continue
-            kept = {name: model.get_submodule(name).weight.data for name in group.layers}
-            for name, weight in kept.items():
-                model.get_submodule(name).weight.data = (
-                    weight + errors[name][option] if errors else fake_quantized(weight, option_args)
-                )
-            total = 0.0
-            for ids, base in zip(batches, reference, strict=True):
-                logprobs = F.log_softmax(model(ids).logits[0].float(), dim=-1)
-                total += F.kl_div(logprobs, base, log_target=True, reduction="sum").item()
-            for name, weight in kept.items():
-                model.get_submodule(name).weight.data = weight
-            measured[option] = total / tokens
-        scores[group.name] = _per_group(group, measured)
+    with untied(model):
+        for group in groups:
+            measured = {}
+            for option in (o for o in group.bits if o != "bf16"):
+                kept = {name: model.get_submodule(name).weight.data for name in group.layers}
+                for name, weight in kept.items():
+                    taken = layer_option(group, option, name)
+                    if taken != "bf16":
+                        model.get_submodule(name).weight.data = (
+                            weight + errors[name][taken] if errors else fake_quantized(weight, args[taken])
+                        )
+                total = 0.0
+                for ids, base in zip(batches, reference, strict=True):
+                    logprobs = F.log_softmax(model(ids).logits[0].float(), dim=-1)
+                    total += F.kl_div(logprobs, base, log_target=True, reduction="sum").item()
+                for name, weight in kept.items():
+                    model.get_submodule(name).weight.data = weight
+                measured[option] = total / tokens
+            scores[group.name] = _per_group(group, measured)
     return scores
 
 

@@ -26,7 +26,7 @@ from quantflow.infra.home import quantflow_home
 from quantflow.infra.steps import StepRun
 from quantflow.inputs.calibration import CalibrationRecord
 from quantflow.inputs.sources import ModelRef
-from quantflow.quantization.mixed import option_counts
+from quantflow.quantization.mixed import OPTIONS, option_counts
 from quantflow.quantization.moe import RoutingRecord
 from quantflow.quantization.quantize import QuantizeRecord, Smoothing
 from quantflow.quantization.sensitivity import SensitivityRecord
@@ -585,9 +585,11 @@ def _mixed(rows: list[Row]) -> list[str]:
     for r in mixed:
         counts = option_counts(r.precision)
         kept = [n for n, o in r.precision.items() if o != "w4"]
+        six = f"{counts['w6']} W6, " if counts["w6"] else ""  # the embedding table's middle step
         lines += [
             f"**{r.name}**: {r.allocated_bits} bits per weight allocated ({r.effective_bits} stored), "
-            f"{counts['w4']} Linears W4, {counts['w8']} W8, {counts['bf16']} bf16, from its {r.sensitivity.measure} "
+            f"{counts['w4']} Linears W4, {six}{counts['w8']} W8, "
+            f"{counts['bf16']} bf16, from its {r.sensitivity.measure} "
             f"sensitivity on {r.sensitivity.tokens} tokens (`{sensitivity_file(r.name)}`). Above W4: "
             f"{by_role(kept) or 'none'}."
             + (
@@ -729,7 +731,7 @@ def precision_map(precision: dict[str, str], title: str, path: Path) -> None:
     plt = _pyplot()
     from matplotlib.colors import ListedColormap
 
-    from quantflow.quantization.mixed import OPTIONS, map_cell
+    from quantflow.quantization.mixed import map_cell
 
     cells = {map_cell(name): option for name, option in precision.items()}
     blocks = sorted({b for b, _ in cells if b is not None})
@@ -740,7 +742,7 @@ def precision_map(precision: dict[str, str], title: str, path: Path) -> None:
     labelled = len(kinds) <= LABELLED_COLUMNS
     width = 1.0 + (0.9 * len(kinds) if labelled else 0.12 * len(kinds))
     fig, ax = plt.subplots(figsize=(min(width, 40.0), 1.2 + 0.22 * len(blocks)))
-    colours = ListedColormap(["#dbe9f6", "#f4a259", "#bc4b51", "#ffffff"])
+    colours = ListedColormap(["#dbe9f6", "#f7d08a", "#f4a259", "#bc4b51", "#ffffff"])  # OPTIONS, then absent
     ax.imshow(grid, cmap=colours, vmin=0, vmax=absent, aspect="auto")
     for row, block in enumerate(blocks):
         for col, kind in enumerate(kinds if labelled else []):
@@ -757,7 +759,7 @@ def plots(report: Report, out: Path) -> list[Path]:
     """The plots named in PLOTS (speed plots only when the rows were timed), and each mixed row's precision map."""
     for row in report.rows:
         if row.precision:
-            title = f"{row.name}: {row.allocated_bits} bits/weight (w4 / w8 / bf16)" + (
+            title = f"{row.name}: {row.allocated_bits} bits/weight ({' / '.join(OPTIONS)})" + (
                 f"\ndominated by {row.dominated_by}" if row.dominated_by else ""
             )
             precision_map(row.precision, title, out / precision_file(row.name))

@@ -3,6 +3,7 @@
 import copy
 import itertools
 import json
+import math
 import random
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from quantflow.quantization.mixed import (
     embedding_groups,
     layer_groups,
     option_bits,
+    precision_by_layer,
     rule_allocation,
 )
 from quantflow.quantization.sensitivity import (
@@ -369,7 +371,49 @@ def test_embeddings_on_the_menu_untied_each_alone_tied_one_table_stored_twice():
     assert untied[0].bits == {"w4": 4.5, "w8": 8.25, "bf16": 16.0} and untied[0].weights == 64_000
     (tied,) = embedding_groups(["model.embed_tokens", "lm_head"], (1000, 64), True, ["w4", "w8", "bf16"], 32, True)
     assert tied.layers == ["model.embed_tokens", "lm_head"] and tied.weights == 64_000  # one table, counted once
-    assert tied.bits == {"w4": 9.0, "bf16": 16.0} and "w8 dropped" in tied.note  # two W8 copies cost more than bf16
+    assert tied.bits == {"w4": 9.0, "w8/w4": 12.75, "w4/w8": 12.75, "bf16": 16.0}  # each copy at an option of its own
+    assert "w8 dropped" in tied.note  # two W8 copies cost more than bf16
+
+
+def test_a_tied_tables_two_copies_take_options_of_their_own_counted_exactly():
+    """Quantized, a tied table is stored twice: each copy (embedding first, then lm_head) takes its own option, W6 per
+    channel among them, the option costs both copies' bits, and a pair dearer than one bf16 table is dropped."""
+    names = ["model.embed_tokens", "lm_head"]
+    (tied,) = embedding_groups(names, (1000, 64), True, ["w4", "w6", "w8", "bf16"], 32, False)
+    w4, w6, w8 = 4 + 20 / 32, 6 + 22 / 64, 8 + 24 / 64  # a bf16 scale and a zero point of the weights' width
+    assert [option_bits(o, 64, 32, False) for o in ("w4", "w6", "w8")] == [w4, w6, w8]
+    assert tied.bits == {
+        "w4": 2 * w4,
+        "w6/w4": w6 + w4,
+        "w4/w6": w4 + w6,
+        "w6": 2 * w6,
+        "w8/w4": w8 + w4,
+        "w4/w8": w4 + w8,
+        "w8/w6": w8 + w6,
+        "w6/w8": w6 + w8,
+        "bf16": 16.0,
+    }
+    assert tied.weights == 64_000 and "w8 dropped" in tied.note and tied.menu == "embeddings"
+    assert precision_by_layer([tied], {tied.name: "w6/w4"}) == {"model.embed_tokens": "w6", "lm_head": "w4"}
+    scores = {tied.name: {"w4": 1.0, "w6/w4": 0.2, "w4/w6": 0.9, "w6": 0.1, "w8/w4": 0.15, "w4/w8": 0.85}}
+    scores[tied.name] |= {"w8/w6": 0.05, "w6/w8": 0.05, "bf16": 0.0}
+    assert allocate([tied], scores, w6 + w4 + 0.01) == {tied.name: "w6/w4"}  # W6 on both would be over budget
+    assert effective_bits([tied], {tied.name: "w6/w4"}) == w6 + w4
+    untied = embedding_groups(names, (1000, 64), False, ["w6", "bf16"], 32, False)
+    assert [g.bits for g in untied] == [{"w6": w6, "bf16": 16.0}] * 2
+
+
+def test_a_tied_table_whose_menu_has_no_option_under_bf16_is_refused_at_plan_time(tmp_path):
+    from tests.conftest import make_model
+
+    model = make_model(tmp_path / "tied", tie=True)
+    variant = {"method": "mixed", "group_size": 32, "target_bits": 8, "embeddings": ["w8"]}
+    spec = parse_spec(small_spec(model, tmp_path / "out", tmp_path / "cache", [variant]))
+    with pytest.raises(QuantflowError, match=r"no menu option fits model.embed_tokens\+lm_head \(w8 dropped") as error:
+        plan(spec, progress=lambda _: None)
+    assert error.value.fix == "add 'bf16' to embeddings"
+    with pytest.raises(QuantflowError, match="Input should be 'w4', 'w8' or 'bf16'"):  # W6: the embeddings only
+        parse_spec(small_spec(model, tmp_path / "out", tmp_path / "cache", [{**variant, "options": ["w6"]}]))
 
 
 def test_an_embedding_shared_with_an_output_compressed_tensors_cannot_quantize_is_refused(tiny_model):
@@ -402,7 +446,8 @@ def test_quantized_embeddings_ship_standard_compressed_tensors_and_load(tmp_path
     from tests.conftest import make_model
 
     model = make_model(tmp_path / "tied", tie=True)
-    variant = {"method": "mixed", "name": "mixed-emb", "group_size": 32, "target_bits": 8, "embeddings": ["w4", "w8"]}
+    # 6 bits: room for the table at W4 (5.63 with every Linear at W4), not for an embedding at W8 ('w8/w4', 6.56)
+    variant = {"method": "mixed", "name": "mixed-emb", "group_size": 32, "target_bits": 6, "embeddings": ["w4", "w8"]}
     out = pipeline.run(
         parse_spec(small_spec(model, tmp_path / "out", tmp_path / "cache", [variant])), progress=lambda _: None
     )
@@ -410,7 +455,8 @@ def test_quantized_embeddings_ship_standard_compressed_tensors_and_load(tmp_path
     assert row.precision["model.embed_tokens"] == row.precision["lm_head"] == "w4"
     table = json.loads((out / "sensitivity-mixed-emb.json").read_text())
     (tied,) = [g for g in table["groups"] if g["name"] == "model.embed_tokens+lm_head"]
-    assert tied["bits"] == {"w4": 9.0} and tied["score"]["w4"] > 0 and "w8 dropped" in tied["note"]
+    assert tied["bits"] == {"w4": 9.0, "w8/w4": 12.75, "w4/w8": 12.75} and "w8 dropped" in tied["note"]
+    assert tied["score"]["w4"] > tied["score"]["w8/w4"] > 0 and tied["score"]["w4"] > tied["score"]["w4/w8"] > 0
     config = read_json(out / "mixed-emb" / "config.json")["quantization_config"]
     targets = {t for g in config["config_groups"].values() for t in g["targets"]}
     assert {"model.embed_tokens", "lm_head"} <= targets and "lm_head" not in config["ignore"]
@@ -427,6 +473,57 @@ def test_quantized_embeddings_ship_standard_compressed_tensors_and_load(tmp_path
     assert (out / "precision-mixed-emb.png").stat().st_size > 1000
     with pytest.raises(AttributeError, match="'Embedding' object has no attribute 'weight'"):
         AutoModelForCausalLM.from_pretrained(out / "mixed-emb")  # upstream: see quantflow/evaluation/embedding_load.py
+
+
+def test_a_tied_table_stored_as_a_w6_and_a_w4_copy_loads_and_evaluates(tmp_path):
+    """A budget with room for one W6 copy of the tied table but not two: the two copies are stored at different
+    precisions, their tensors cost the bits the allocation counted, and the artifact loads and evaluates as a run's
+    evaluation loads it."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from quantflow.evaluation.evaluate import load_for_eval
+    from quantflow.quantization.targets import mixed_groups
+    from quantflow.spec import MixedVariant
+    from tests.conftest import make_model
+
+    model = make_model(tmp_path / "tied", tie=True)
+    original = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    menu = {"group_size": 32, "options": ["w4"], "embeddings": ["w4", "w6"]}
+    groups = mixed_groups(original, MixedVariant(**menu), 32)
+    (table,) = [g for g in groups if g.menu == "embeddings"]
+    target = effective_bits(groups, {g.name: "w6/w4" if g is table else "w4" for g in groups})
+    variant = {"method": "mixed", "name": "mixed-emb6", "target_bits": round(target + 1e-4, 4), **menu}
+    out = pipeline.run(
+        parse_spec(small_spec(model, tmp_path / "out", tmp_path / "cache", [variant])), progress=lambda _: None
+    )
+    (row,) = [r for r in load_report(out / "report.json").rows if r.name == "mixed-emb6"]
+    copies = {name: row.precision[name] for name in ("model.embed_tokens", "lm_head")}
+    assert sorted(copies.values()) == ["w4", "w6"], copies  # one W6 copy: W6 on both is over budget
+    assert row.allocated_bits == pytest.approx(target, abs=1e-4)
+    config = read_json(out / "mixed-emb6" / "config.json")["quantization_config"]
+    bits = {t: g["weights"]["num_bits"] for g in config["config_groups"].values() for t in g["targets"]}
+    assert {name: f"w{bits[name]}" for name in copies} == copies
+    stored = 0
+    with safe_open(str(out / "mixed-emb6" / "model.safetensors"), "pt") as handle:
+        for name in copies:
+            for part in ("weight_packed", "weight_scale", "weight_zero_point"):
+                if f"{name}.{part}" in handle.keys():
+                    tensor = handle.get_slice(f"{name}.{part}")
+                    stored += torch.Size(tensor.get_shape()).numel() * (32 if tensor.get_dtype() == "I32" else 16)
+    from quantflow.quantization.mixed import copy_pair
+
+    option = copy_pair(copies["model.embed_tokens"], copies["lm_head"])
+    assert stored / table.weights == pytest.approx(table.bits[option], rel=1e-3), (stored, option, table.bits)
+    loaded, _ = load_for_eval(str(out / "mixed-emb6"), "cpu", "float32")
+    with torch.no_grad():
+        loaded(torch.tensor([[1, 2, 3]]))  # compressed-tensors decompresses at the first forward pass
+    reference = original.model.embed_tokens.weight
+    for name, module in (("model.embed_tokens", loaded.model.embed_tokens), ("lm_head", loaded.lm_head)):
+        error = ((module.weight - reference).norm() / reference.norm()).item()
+        assert (0.002 < error < 0.05) if copies[name] == "w6" else (0.02 < error < 0.2), (name, error)
+    (bf16,) = [r for r in load_report(out / "report.json").rows if r.name == "baseline"]
+    assert math.isfinite(row.perplexity) and row.perplexity < 1.2 * bf16.perplexity, (row.perplexity, bf16.perplexity)
 
 
 def test_the_direct_measure_ranks_a_damaged_group_first(tiny_model):
