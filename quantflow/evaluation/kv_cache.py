@@ -19,9 +19,10 @@ from pydantic import BaseModel
 KV_FORMATS = {("float", 8): "fp8", ("int", 8): "int8"}
 GIB = 2**30
 EMULATED = "quantflow_kv_cache"  # the model attribute naming the runtime KV scheme emulated on it
-# vLLM's int8_per_token_head (tests/quantization/test_per_token_kv_cache.py): absmax / 127 as a float32 scale (at
-# least 1e-6) per token and KV head, values rounded and clamped to [-128, 127]; the scales live in a cache of their
-# own, (blocks, block size, KV heads) in float32 for K and for V.
+# vLLM's int8_per_token_head (its Triton kernel _reshape_cache_per_token_head): a float32 scale per token and KV head,
+# absmax / 127 (at least 1e-6); the values times 1 / scale, clamped to [-128, 127] and stored as int8, which in Triton
+# truncates toward zero (vLLM's tests/quantization/test_per_token_kv_cache.py says so). The scales take 4 bytes per
+# token and KV head for K and for V beside the cache.
 INT8_MAX, INT8_MIN, SCALE_BYTES = 127.0, -128.0, 4
 
 
@@ -36,9 +37,10 @@ class KVCacheRecord(BaseModel):
 
 
 def quantize_per_token_head(states: torch.Tensor) -> torch.Tensor:
-    """K or V states (batch, KV heads, tokens, head dim) through vLLM's int8 per-token-head cache and back."""
+    """K or V states (batch, KV heads, tokens, head dim) through vLLM's int8 per-token-head cache and back: the
+    kernel's arithmetic, truncation included (up to one step of error, toward zero, where rounding would give half)."""
     scale = (states.float().abs().amax(dim=-1, keepdim=True) / INT8_MAX).clamp(min=1e-6)
-    return ((states.float() / scale).round().clamp(INT8_MIN, INT8_MAX) * scale).to(states.dtype)
+    return ((states.float() * (1.0 / scale)).clamp(INT8_MIN, INT8_MAX).trunc() * scale).to(states.dtype)
 
 
 def emulate_runtime_kv(model: torch.nn.Module, option: str) -> None:
