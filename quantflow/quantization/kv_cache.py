@@ -33,8 +33,8 @@ KV_LABELS = {
     "fp8": "FP8 e4m3 KV cache (calibrated per-tensor k/v scales)",
     "fp8-head": "FP8 e4m3 KV cache (calibrated per-head k/v scales; vLLM: Flash Attention backend only)",
     "int8-token-head": "int8 KV cache, one dynamic scale per token and KV head: vLLM's runtime scheme, served with "
-    "--kv-cache-dtype int8_per_token_head on its Triton attention backend; emulated by quantflow, no KV scales "
-    "in the artifact",
+    f"--kv-cache-dtype {RUNTIME_KV['int8-token-head']} on its Triton attention backend; emulated by quantflow, no KV "
+    "scales in the artifact",
 }
 
 

@@ -96,6 +96,7 @@ def test_the_int8_token_head_twins_keep_their_base_artifact_and_are_evaluated_on
         assert "--kv-cache-dtype int8_per_token_head" in twin.runtime and "Triton" in twin.runtime
         assert "emulated by quantflow" in twin.runtime
     assert "int8_per_token_head" in twins[1].scheme and twins[1].scheme.startswith(rows["rtn"].scheme)
+    assert twins[0].scheme.startswith("weights unquantized, int8 KV cache") and rows["baseline"].scheme == ""
     config = read_json(out / "rtn-kv-int8-token-head" / "config.json")["quantization_config"]
     assert config.get("kv_cache_scheme") is None
 
