@@ -550,7 +550,7 @@ DEFAULT_PROMPTS = [
 ]
 
 
-KVCacheOption = Literal["bf16", "fp8", "fp8-head"]
+KVCacheOption = Literal["bf16", "fp8", "fp8-head", "int8-token-head"]
 
 
 class LmEvalSpec(_Strict):
@@ -597,8 +597,10 @@ class EvaluationSpec(_Strict):
         min_length=1,
         description="KV-cache precisions each model is evaluated with: 'bf16', 'fp8' for llm-compressor's "
         "calibrated FP8 KV cache (per-tensor k/v scales stored in the artifact, as vLLM reads them), 'fp8-head' for "
-        "one scale per KV head (vLLM reads it on its Flash Attention backend only); each quantized option gives the "
-        "baseline and every weight variant a twin (e.g. 'gptq-kv-fp8-head'; docs/evaluation.md).",
+        "one scale per KV head (vLLM reads it on its Flash Attention backend only), 'int8-token-head' for vLLM's "
+        "runtime int8 cache with one dynamic scale per token and KV head (--kv-cache-dtype int8_per_token_head, "
+        "Triton attention backend; emulated, no scales in the artifact); each quantized option gives the baseline and "
+        "every weight variant a twin (e.g. 'gptq-kv-fp8-head'; docs/evaluation.md).",
     )
     long_context: int | None = Field(
         None,

@@ -27,6 +27,7 @@ class Subject(BaseModel):
     name: str
     model_path: str
     bnb: BnbVariant | None = None
+    kv_cache: str = "bf16"  # a runtime KV scheme (RUNTIME_KV) to emulate on the loaded model, else the artifact's own
 
 
 class Protocol(BaseModel):
@@ -143,8 +144,10 @@ def evaluate_subject(
     this is the baseline, and its log-probabilities are saved into ``out`` for the variants.
     """
     from quantflow.evaluation.evaluate import evaluate_model, timed
+    from quantflow.evaluation.kv_cache import emulate_runtime_kv
     from quantflow.infra.resources import cap_gpu_memory, over_budget
     from quantflow.inputs.corpus import evaluation_documents
+    from quantflow.quantization.kv_cache import KV_LABELS, RUNTIME_KV
 
     resources.use_compile_cache()
     cap_gpu_memory(resources.gpu_memory_gb)
@@ -152,6 +155,9 @@ def evaluate_subject(
     with over_budget("evaluate", resources.gpu_memory_gb):
         with timed(phases, "load"):
             model, tokenizer, size, runtime = load_on_runtime(subject, protocol.evaluation.kernels, resources)
+            if subject.kv_cache in RUNTIME_KV:
+                emulate_runtime_kv(model, subject.kv_cache)
+                runtime += f"; {KV_LABELS[subject.kv_cache]}"
         texts = evaluation_documents(protocol.calibration, protocol.evaluation)
         evaluation = protocol.evaluation
         if fp4_activations(Path(subject.model_path)):  # an emulated FP4 matmul's time would be a guess

@@ -22,6 +22,7 @@ from quantflow.infra.environment import code_version
 from quantflow.infra.steps import StepRun, cached
 from quantflow.inputs.calibration import CalibrationRecord, build_calibration
 from quantflow.pipeline.planning import BASELINE, Plan
+from quantflow.quantization.kv_cache import KV_LABELS, RUNTIME_KV
 from quantflow.quantization.quantize import QuantizeRecord, quantize_weights
 from quantflow.quantization.sensitivity import SensitivityRecord
 from quantflow.quantization.sensitivity_step import measure_sensitivity
@@ -30,6 +31,7 @@ from quantflow.spec import (
     BnbVariant,
     CalibrationChoice,
     CalibrationSpec,
+    KVCacheVariant,
     MixedVariant,
     PlannedVariant,
     Variant,
@@ -90,8 +92,21 @@ def baseline_key(plan: Plan) -> str:
     return eval_key(plan, plan.model.fingerprint, None)
 
 
-def quantize_key(plan: Plan, variant: PlannedVariant, calibration: CalibrationRecord) -> str:
+def stored_kv(plan: Plan, variant: PlannedVariant) -> str:
+    """The KV-cache option the variant's artifact carries: a runtime scheme (RUNTIME_KV) is none, so its twin shares
+    its base row's artifact and only its evaluation differs."""
     kv_cache = plan.kv.get(variant.name, "bf16")
+    return "bf16" if kv_cache in RUNTIME_KV else kv_cache
+
+
+def runtime_kv(plan: Plan, variant: PlannedVariant) -> str | None:
+    """The runtime KV scheme the variant is evaluated with (emulated), if any."""
+    kv_cache = plan.kv.get(variant.name, "bf16")
+    return kv_cache if kv_cache in RUNTIME_KV else None
+
+
+def quantize_key(plan: Plan, variant: PlannedVariant, calibration: CalibrationRecord) -> str:
+    kv_cache = stored_kv(plan, variant)
     # RTN's result does not depend on the calibration set; k/v scales always do
     used = calibration.hash if needs_calibration(variant) or kv_cache != "bf16" else None
     return content_key(
@@ -137,7 +152,8 @@ def variant_eval_key(plan: Plan, variant: PlannedVariant, quantized: Quantized) 
         subject = content_key("bnb", plan.model.fingerprint, variant.model_dump(exclude={"name", "save"}))
     else:
         subject = Path(quantized.record.path).name
-    return eval_key(plan, subject, baseline_key(plan))
+    emulated = runtime_kv(plan, variant)  # the same artifact as its base row, evaluated with another cache
+    return eval_key(plan, f"{subject}+kv-{emulated}" if emulated else subject, baseline_key(plan))
 
 
 def load_time(variant: PlannedVariant) -> bool:
@@ -233,8 +249,8 @@ def quantize(
 ) -> Quantized:
     """Quantize one weight variant with llm-compressor; a bitsandbytes variant has nothing to do here. A mixed
     variant measures its sensitivity first unless the caller (a separate Prefect task) already did."""
-    if load_time(variant):
-        return unquantized(variant)
+    if load_time(variant) or (isinstance(variant, KVCacheVariant) and runtime_kv(plan, variant)):
+        return unquantized(variant)  # quantized as it loads, or the baseline's own weights with a runtime cache
     own = own_calibration(plan, variant, isolate)
     calibration = own.record if own else calibration
     if isinstance(variant, MixedVariant) and sensitivity is None:
@@ -255,10 +271,12 @@ def quantize(
             calibration=calibration,
             resources=plan.resources,
             sensitivity=sensitivity.record if sensitivity else None,
-            kv_cache=plan.kv.get(variant.name, "bf16"),
+            kv_cache=stored_kv(plan, variant),
         )
         shown.outcome = outcome(step)
-    record = record.model_copy(update={"variant": variant.name})
+    emulated = runtime_kv(plan, variant)
+    scheme = f"{record.scheme}, {KV_LABELS[emulated]}" if emulated else record.scheme
+    record = record.model_copy(update={"variant": variant.name, "scheme": scheme})
     return Quantized(variant=variant.name, record=record, step=step, sensitivity=sensitivity, calibration=own)
 
 
@@ -268,7 +286,7 @@ def evaluate(
     """Evaluate one variant under the same protocol as the baseline, with KL from the baseline's log-probabilities."""
     bnb = variant if isinstance(variant, BnbVariant) else None
     path = quantized.record.path if quantized.record else plan.model.path
-    subject = Subject(name=variant.name, model_path=path, bnb=bnb)
+    subject = Subject(name=variant.name, model_path=path, bnb=bnb, kv_cache=runtime_kv(plan, variant) or "bf16")
     with progress.stage(f"evaluate {variant.name}") as shown:
         evaluation, step = evaluate_subject_once(
             plan, variant_eval_key(plan, variant, quantized), subject, baseline.key, isolate

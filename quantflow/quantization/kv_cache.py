@@ -25,9 +25,16 @@ KV_SCHEMES = {
     "fp8": {**FP8, "strategy": "tensor"},
     "fp8-head": {**FP8, "strategy": "attn_head", "observer": "static_minmax"},
 }
+# Runtime schemes: the server quantizes K and V as it writes the cache, so the artifact carries no scale and the twin
+# keeps its base row's artifact; quantflow emulates the scheme when it evaluates (quantflow/evaluation/kv_cache.py).
+# The option is named after vLLM's --kv-cache-dtype value (per token and head, as 'fp8-head' says per head).
+RUNTIME_KV = {"int8-token-head": "int8_per_token_head"}
 KV_LABELS = {
     "fp8": "FP8 e4m3 KV cache (calibrated per-tensor k/v scales)",
     "fp8-head": "FP8 e4m3 KV cache (calibrated per-head k/v scales; vLLM: Flash Attention backend only)",
+    "int8-token-head": "int8 KV cache, one dynamic scale per token and KV head: vLLM's runtime scheme, served with "
+    f"--kv-cache-dtype {RUNTIME_KV['int8-token-head']} on its Triton attention backend; emulated by quantflow, no KV "
+    "scales in the artifact",
 }
 
 
@@ -38,8 +45,9 @@ def twin_name(name: str, option: str) -> str:
 
 def with_kv_cache(recipe: list, option: str) -> list:
     """The recipe with the KV-cache scheme on its last quantizing modifier (so one pass calibrates the weights and the
-    k/v scales, and the artifact carries both), or a modifier of its own when the recipe quantizes no weight."""
-    if option == "bf16":
+    k/v scales, and the artifact carries both), or a modifier of its own when the recipe quantizes no weight. A bf16
+    or runtime cache (RUNTIME_KV) leaves the recipe as it is."""
+    if option not in KV_SCHEMES:
         return recipe
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.quantization.quantization.mixin import QuantizationMixin
@@ -68,9 +76,11 @@ def covered_attention(model: torch.nn.Module) -> tuple[list[str], list[str]]:
 
 def check_attention(model: torch.nn.Module, option: str, model_type: str) -> None:
     """Refuse a KV-cache scheme the model's attention does not take: no k/v scales would be calibrated, and the
-    artifact would claim a quantized cache it does not have."""
+    artifact would claim a quantized cache it does not have. A runtime scheme's emulation hooks the same attention
+    modules (compressed-tensors' cache hook), and quantizes per KV head, so it takes the per-head rule too."""
     covered, missed = covered_attention(model)
-    if covered and not missed and KV_SCHEMES[option]["strategy"] == "attn_head":
+    per_head = option in RUNTIME_KV or KV_SCHEMES[option]["strategy"] == "attn_head"
+    if covered and not missed and per_head:
         check_heads(model, covered, option, model_type)
     if not covered or missed:
         found = f"the attention layers {', '.join(missed[:3])} are not" if missed else "no attention layer is"

@@ -26,6 +26,7 @@ from quantflow.infra.home import quantflow_home
 from quantflow.infra.steps import StepRun
 from quantflow.inputs.calibration import CalibrationRecord
 from quantflow.inputs.sources import ModelRef
+from quantflow.quantization.kv_cache import KV_LABELS, RUNTIME_KV
 from quantflow.quantization.mixed import OPTIONS, option_counts
 from quantflow.quantization.moe import RoutingRecord
 from quantflow.quantization.quantize import QuantizeRecord, Smoothing
@@ -188,6 +189,12 @@ class Report(BaseModel):
     calibration_effect: list[CalibrationEffect] = []
 
 
+def unquantized_scheme(evaluation: EvalRecord) -> str:
+    """The scheme of a row with no quantize step: the baseline's twin on a runtime KV cache (RUNTIME_KV) says so."""
+    precision = evaluation.kv_cache.precision if evaluation.kv_cache else "bf16"
+    return f"weights unquantized, {KV_LABELS[precision]}" if precision in RUNTIME_KV else ""
+
+
 def _row(
     name: str,
     method: str,
@@ -218,7 +225,7 @@ def _row(
         skipped_layers=quantize.skipped_layers if quantize else [],
         group_size=quantize.group_size if quantize else None,
         group_size_note=quantize.group_size_note if quantize else None,
-        scheme=quantize.scheme if quantize else "",
+        scheme=quantize.scheme if quantize else unquantized_scheme(evaluation),
         smoothing=quantize.smoothing if quantize else None,
         precision=quantize.precision if quantize else {},
         allocated_bits=quantize.allocated_bits if quantize else None,

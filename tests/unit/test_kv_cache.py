@@ -19,7 +19,7 @@ from tests.conftest import read_json, small_spec
 def finished(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("kv-run")
     variants = [{"method": "rtn", "group_size": 32}]
-    kv_cache = ["bf16", "fp8", "fp8-head"]
+    kv_cache = ["bf16", "fp8", "fp8-head", "int8-token-head"]
     spec = small_spec(tiny_model, root / "out", root / "cache", variants, kv_cache=kv_cache, speed=None)
     spec = parse_spec(spec)
     return spec, pipeline.run(spec, progress=lambda _: None)
@@ -47,7 +47,7 @@ def test_the_fp8_head_twins_artifacts_carry_one_scale_per_kv_head_and_the_attn_h
     is what vLLM reads to size its per-head scales."""
     _, out = finished
     rows = {r.name: r for r in load_report(out / "report.json").rows}
-    assert set(rows) == {"baseline", "rtn", "baseline-kv-fp8", "rtn-kv-fp8", "baseline-kv-fp8-head", "rtn-kv-fp8-head"}
+    assert {"baseline", "rtn", "baseline-kv-fp8", "rtn-kv-fp8", "baseline-kv-fp8-head", "rtn-kv-fp8-head"} <= set(rows)
     for name in ("baseline-kv-fp8-head", "rtn-kv-fp8-head"):
         scheme = read_json(out / name / "config.json")["quantization_config"]["kv_cache_scheme"]
         assert (scheme["type"], scheme["num_bits"], scheme["strategy"]) == ("float", 8, "attn_head")
@@ -77,6 +77,58 @@ def test_the_fp8_head_cache_is_emulated_with_each_heads_own_scale(finished):
             layer.self_attn.k_scale.data[1] *= 1e6
         moved = model(ids).logits
     assert (moved - reference).abs().max().item() > 1e-3
+
+
+def test_the_int8_token_head_twins_keep_their_base_artifact_and_are_evaluated_on_an_emulated_cache(finished):
+    """vLLM's runtime int8_per_token_head: no KV scales in any artifact (the rtn twin's is rtn's own), a small
+    nonzero perplexity cost, bytes that count a float32 scale per token and KV head, and a label naming vLLM's flag."""
+    _, out = finished
+    report = load_report(out / "report.json")
+    rows = {r.name: r for r in report.rows}
+    twins = [rows["baseline-kv-int8-token-head"], rows["rtn-kv-int8-token-head"]]
+    assert twins[1].artifact == rows["rtn"].artifact and twins[0].artifact is None
+    for twin, base in zip(twins, ("baseline", "rtn"), strict=True):
+        cache, plain = twin.kv_cache, rows[base].kv_cache
+        assert cache.precision == "int8-token-head" and cache.paired_with == base
+        assert cache.bytes_per_token == 2 * 2 * (16 + 4) * 2  # layers x KV heads x (16 int8 + fp32 scale) x (K, V)
+        assert 0 < abs(cache.kv_ppl_delta_pct) < 1, cache.kv_ppl_delta_pct
+        assert twin.perplexity != rows[base].perplexity and plain.precision == "bf16"
+        assert "--kv-cache-dtype int8_per_token_head" in twin.runtime and "Triton" in twin.runtime
+        assert "emulated by quantflow" in twin.runtime
+    assert "int8_per_token_head" in twins[1].scheme and twins[1].scheme.startswith(rows["rtn"].scheme)
+    assert twins[0].scheme.startswith("weights unquantized, int8 KV cache") and rows["baseline"].scheme == ""
+    config = read_json(out / "rtn-kv-int8-token-head" / "config.json")["quantization_config"]
+    assert config.get("kv_cache_scheme") is None
+
+
+def test_the_int8_cache_scales_each_token_and_kv_head_on_its_own_and_hooks_the_attention(tiny_model):
+    """A huge key in one token and head leaves every other token's and head's values as they were; on the model,
+    the emulation moves the logits a little, not a lot."""
+    from transformers import AutoModelForCausalLM
+
+    from quantflow.evaluation.kv_cache import emulate_runtime_kv, quantize_per_token_head
+
+    states = torch.randn(1, 2, 5, 16)
+    spiked = states.clone()
+    spiked[0, 0, 2, 3] = 1e4
+    plain, moved = quantize_per_token_head(states), quantize_per_token_head(spiked)
+    steps = states.abs().amax(-1, keepdim=True) / 127
+    assert 0 < (plain - states).abs().max() and ((plain - states).abs() <= steps * 1.0001).all()
+    # vLLM's Triton store truncates toward zero: with a scale of exactly 1, 2.7 is stored as 2 and -2.7 as -2
+    row = torch.tensor([127.0, 2.7, -2.7, 0.5] + [0.0] * 12).reshape(1, 1, 1, 16)
+    assert quantize_per_token_head(row)[0, 0, 0, :4].tolist() == [127.0, 2.0, -2.0, 0.0]
+    others = torch.ones_like(states, dtype=torch.bool)
+    others[0, 0, 2] = False
+    assert torch.equal(plain[others], moved[others]) and not torch.equal(plain[0, 0, 2], moved[0, 0, 2])
+
+    ids = torch.arange(3, 200).unsqueeze(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    with torch.no_grad():
+        reference = model(ids).logits
+        emulate_runtime_kv(model, "int8-token-head")
+        error = (model(ids).logits - reference).abs().max().item()
+    assert kv_precision(model) == "int8-token-head"
+    assert 0 < error < 1e-2 * reference.abs().max().item(), error
 
 
 def test_the_report_gives_long_context_perplexity_kv_bytes_and_capacity_per_row(finished):
@@ -131,12 +183,15 @@ def test_a_bf16_cache_costs_twice_the_bytes_of_an_fp8_one_and_capacity_counts_th
 
     config = LlamaConfig(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576)
     assert bytes_per_token(config, "bf16") == 30 * 3 * 64 * 2 * 2 == 2 * bytes_per_token(config, "fp8")
+    assert bytes_per_token(config, "int8-token-head") == 30 * 3 * (64 + 4) * 2 == 12_240  # 53% of bf16's 23,040
     fits = capacity(weight_bytes=2**30, per_token=1024, card_memory_gb=2, context=1000)
     assert fits.max_kv_tokens == 2**30 // 1024 and fits.max_batch == 1048
 
 
-def test_a_model_whose_attention_the_scheme_does_not_cover_is_refused_at_plan_time(tmp_path):
-    """GPT-NeoX (Pythia) joins q, k and v in one query_key_value Linear: llm-compressor would calibrate no k/v scale."""
+@pytest.mark.parametrize("option", ["fp8", "int8-token-head"])
+def test_a_model_whose_attention_the_scheme_does_not_cover_is_refused_at_plan_time(tmp_path, option):
+    """GPT-NeoX (Pythia) joins q, k and v in one query_key_value Linear: llm-compressor would calibrate no k/v scale,
+    and the int8 emulation, which hooks the same attention modules, would leave the cache in full precision."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     from tests.conftest import make_tokenizer
@@ -148,16 +203,17 @@ def test_a_model_whose_attention_the_scheme_does_not_cover_is_refused_at_plan_ti
     )
     GPTNeoXForCausalLM(config).save_pretrained(folder)
     variants = [{"method": "rtn", "group_size": 32}]
-    spec = small_spec(folder, tmp_path / "out", tmp_path / "cache", variants, kv_cache=["bf16", "fp8"])
+    spec = small_spec(folder, tmp_path / "out", tmp_path / "cache", variants, kv_cache=["bf16", option])
     with pytest.raises(QuantflowError) as refused:
         plan(parse_spec(spec), progress=lambda _: None)
-    assert "evaluation.kv_cache 'fp8' cannot quantize this gpt_neox model's KV cache" in refused.value.problem
+    assert f"evaluation.kv_cache '{option}' cannot quantize this gpt_neox model's KV cache" in refused.value.problem
     assert "kv_cache to [bf16]" in refused.value.fix
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache" / "plan").exists()
     plan(parse_spec({**spec, "evaluation": {**spec["evaluation"], "kv_cache": ["bf16"]}}), progress=lambda _: None)
 
 
-def test_per_head_scales_on_a_model_that_caches_a_latent_instead_of_kv_heads_are_refused_at_plan_time(tmp_path):
+@pytest.mark.parametrize("option", ["fp8-head", "int8-token-head"])
+def test_per_head_scales_on_a_model_that_caches_a_latent_instead_of_kv_heads_are_refused_at_plan_time(tmp_path, option):
     """DeepSeek-V3's multi-head latent attention (kv_b_proj) is calibrated per tensor, but it caches one latent vector
     per token: there is no KV head to give a scale."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
@@ -186,11 +242,11 @@ def test_per_head_scales_on_a_model_that_caches_a_latent_instead_of_kv_heads_are
         topk_group=1,
     )
     DeepseekV3ForCausalLM(config).save_pretrained(folder)
-    spec = small_spec(folder, tmp_path / "out", tmp_path / "cache", [], kv_cache=["bf16", "fp8-head"])
+    spec = small_spec(folder, tmp_path / "out", tmp_path / "cache", [], kv_cache=["bf16", option])
     spec = {**spec, "variants": [{"method": "rtn", "group_size": 8}]}
     with pytest.raises(QuantflowError) as refused:
         plan(parse_spec(spec), progress=lambda _: None)
-    assert "'fp8-head' needs one scale per KV head, and this deepseek_v3 model has none" in refused.value.problem
+    assert f"'{option}' needs one scale per KV head, and this deepseek_v3 model has none" in refused.value.problem
     assert "model.layers.0.self_attn" in refused.value.problem and "'fp8' (per-tensor" in refused.value.fix
     assert not (tmp_path / "out").exists()
     plan(parse_spec({**spec, "evaluation": {**spec["evaluation"], "kv_cache": ["bf16", "fp8"]}}), lambda _: None)
@@ -213,6 +269,12 @@ def test_the_axis_twins_every_weight_variant_and_changes_only_the_twins_quantize
     rtn, twin = axis.variant("rtn"), axis.variant("rtn-kv-fp8")
     assert quantize_key(plain, plain.variant("rtn"), record) == quantize_key(axis, rtn, record)
     assert quantize_key(axis, twin, record) != quantize_key(axis, rtn, record)
+    runtime = plan(
+        parse_spec(small_spec(tiny_model, tmp_path / "d", tmp_path / "c", variants, kv_cache=["int8-token-head"])),
+        lambda _: None,
+    )
+    # no scales to calibrate: the int8 twin's artifact is rtn's own, quantized once
+    assert quantize_key(runtime, runtime.variant("rtn-kv-int8-token-head"), record) == quantize_key(plain, rtn, record)
 
 
 def test_the_axis_refuses_a_repeated_option_and_a_name_its_twins_take(tiny_model, tmp_path):
