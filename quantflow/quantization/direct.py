@@ -26,13 +26,12 @@ import re
 import time
 
 import torch
-import torch.nn.functional as F
 
 from quantflow.infra.resources import Resources
 from quantflow.inputs.calibration import CalibrationRecord
 from quantflow.quantization.mixed import LayerGroup, layer_option, precision_by_layer
 from quantflow.quantization.quantize import calibration_data, mixed_recipe
-from quantflow.quantization.sensitivity import fake_quantized, untied
+from quantflow.quantization.sensitivity import fake_quantized, mean_kl, reference_logprobs, untied
 from quantflow.quantization.targets import input_embedding
 from quantflow.spec import MixedVariant
 
@@ -111,10 +110,7 @@ def direct_scores(
     Of the options whose every layer is at W6 or more only the cheapest is measured (W8, not bf16): the rest score as
     it does (``near_lossless``), since measuring bf16 too would double the forward passes for a difference the
     allocator could not use. Options that leave a layer below W6 (a tied table's ``w6/w4``) are each measured."""
-    device = next(model.parameters()).device
-    batches = [ids.unsqueeze(0).to(device) for ids in samples]
-    reference = [F.log_softmax(model(ids, use_cache=False).logits[0].float(), dim=-1) for ids in batches]
-    tokens = sum(ids.numel() for ids in samples)
+    batches, reference = reference_logprobs(model, samples)
     original = {name: model.get_submodule(name).weight.data for name in start}
 
     def put(names: list[str], weights: dict[str, torch.Tensor]) -> None:
@@ -126,17 +122,13 @@ def direct_scores(
         forward = BlockResume(model, batches, [n for g in groups for n in g.layers])
 
         def kl(names: list[str]) -> float:
-            total = 0.0
-            for index, base in enumerate(reference):
-                logprobs = F.log_softmax(forward.logits(index, names)[0].float(), dim=-1)
-                total += F.kl_div(logprobs, base, log_target=True, reduction="sum").item()
-            return total / tokens
+            return mean_kl(lambda index: forward.logits(index, names), reference)
 
         start_kl, options = kl([]), start_options(groups)
         scores = {}
         for group in groups:
             start_option, precise = options[group.name], near_lossless(group)
-            tried = [o for o in group.bits if o != start_option and o not in precise] + precise[:1]
+            tried = [o for o in [*(o for o in group.bits if o not in precise), *precise[:1]] if o != start_option]
             measured = {start_option: start_kl}
             for option in tried:
                 put(
@@ -166,8 +158,9 @@ class BlockResume:
         self.prefix, self.blocks = decoder_blocks(model, layers)
         self.inputs: list[list[torch.Tensor]] = []
         if self.blocks is not None and len(self.blocks) > 1:
-            self.inputs = [self._block_inputs(ids) for ids in batches]
-            self.inputs = self.inputs if self._resumes_exactly() else []
+            captured = [self._block_inputs(ids) for ids in batches]
+            self.inputs = [inputs for inputs, _ in captured]
+            self.inputs = self.inputs if self._resumes_exactly(captured[0][1]) else []
 
     def logits(self, index: int, changed: list[str]) -> torch.Tensor:
         """The logits of sample ``index`` with the current weights, where only the layers ``changed`` differ from the
@@ -181,7 +174,8 @@ class BlockResume:
         found = [block_of(name, self.prefix) for name in changed]
         return 0 if not found or None in found else min(found)
 
-    def _block_inputs(self, ids: torch.Tensor) -> list[torch.Tensor]:
+    def _block_inputs(self, ids: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Every block's input hidden states for one sample, and the full pass's logits they came with."""
         seen: list[torch.Tensor] = []
 
         def keep(_module, args, kwargs):
@@ -189,11 +183,11 @@ class BlockResume:
 
         handles = [b.register_forward_pre_hook(keep, with_kwargs=True) for b in self.blocks]
         try:
-            self.model(ids, use_cache=False)
+            logits = self.model(ids, use_cache=False).logits
         finally:
             for handle in handles:
                 handle.remove()
-        return seen
+        return seen, logits
 
     def _resumed(self, index: int, block: int) -> torch.Tensor:
         cached = self.inputs[index][block]
@@ -217,12 +211,12 @@ class BlockResume:
             for module in skipped:
                 del module.forward
 
-    def _resumes_exactly(self) -> bool:
+    def _resumes_exactly(self, full: torch.Tensor) -> bool:
+        """Whether a pass resumed halfway gives ``full``, the first sample's logits from the capturing pass."""
         try:
             resumed = self._resumed(0, len(self.blocks) // 2)
         except (TypeError, KeyError, IndexError, AttributeError):
             return False
-        full = self.model(self.batches[0], use_cache=False).logits
         return bool(torch.allclose(resumed, full, rtol=1e-4, atol=1e-4))
 
 

@@ -257,6 +257,24 @@ def untied(model: torch.nn.Module) -> Iterator[None]:
             output.weight = source.weight
 
 
+def reference_logprobs(model: torch.nn.Module, samples: list[torch.Tensor]) -> tuple[list, list]:
+    """The samples as batches on the model's device, and the unquantized model's log-probabilities for them (float32:
+    no rounding floor under the small KLs measured against them)."""
+    device = next(model.parameters()).device
+    batches = [ids.unsqueeze(0).to(device) for ids in samples]
+    return batches, [F.log_softmax(model(ids, use_cache=False).logits[0].float(), dim=-1) for ids in batches]
+
+
+def mean_kl(logits: Callable[[int], torch.Tensor], reference: list[torch.Tensor]) -> float:
+    """KL per token from the reference log-probabilities, of the logits ``logits(i)`` gives for batch ``i``."""
+    total, tokens = 0.0, 0
+    for index, base in enumerate(reference):
+        logprobs = F.log_softmax(logits(index)[0].float(), dim=-1)
+        total += F.kl_div(logprobs, base, log_target=True, reduction="sum").item()
+        tokens += base.shape[0]
+    return total / tokens
+
+
 @torch.no_grad()
 def kl_scores(
     model: torch.nn.Module,
@@ -267,10 +285,7 @@ def kl_scores(
 ) -> dict[str, dict[str, float]]:
     """Measured KL from the unquantized model, per token, with one group at one option and the rest unquantized;
     ``errors`` (per Linear and option) replace round-to-nearest's where given."""
-    device = next(model.parameters()).device
-    batches = [ids.unsqueeze(0).to(device) for ids in samples]
-    reference = [F.log_softmax(model(ids).logits[0].float(), dim=-1) for ids in batches]  # float32: no rounding floor
-    tokens = sum(ids.numel() for ids in samples)
+    batches, reference = reference_logprobs(model, samples)
     scores = {}
     with untied(model):
         for group in groups:
@@ -283,13 +298,9 @@ def kl_scores(
                         model.get_submodule(name).weight.data = (
                             weight + errors[name][taken] if errors else fake_quantized(weight, args[taken])
                         )
-                total = 0.0
-                for ids, base in zip(batches, reference, strict=True):
-                    logprobs = F.log_softmax(model(ids).logits[0].float(), dim=-1)
-                    total += F.kl_div(logprobs, base, log_target=True, reduction="sum").item()
+                measured[option] = mean_kl(lambda index: model(batches[index]).logits, reference)
                 for name, weight in kept.items():
                     model.get_submodule(name).weight.data = weight
-                measured[option] = total / tokens
             scores[group.name] = _per_group(group, measured)
     return scores
 
