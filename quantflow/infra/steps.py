@@ -94,11 +94,23 @@ def cached(
 PRELOAD = ["torch", "transformers", "llmcompressor"]
 
 
+def _cuda_visible() -> bool:
+    """Whether this machine shows a CUDA device (torch counts them through NVML first, without starting CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() > 0
+
+
 @functools.cache
 def _step_context() -> Any:
     """Steps start from a fork server that has imported the heavy libraries and nothing else: as clean as a spawned
-    process (no CUDA context, no threads, no state of the parent), without paying the imports per step."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
+    process (no threads, no state of the parent), without paying the imports per step.
+
+    Not where a CUDA device is visible: importing the libraries there can start the CUDA driver in the fork
+    server, and CUDA cannot start again in a process forked from it ("Cannot
+    re-initialize CUDA in forked subprocess", seen on an H200): steps spawn there, whose imports a GPU machine's
+    cores pay for quickly."""
+    if "forkserver" not in multiprocessing.get_all_start_methods() or _cuda_visible():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)

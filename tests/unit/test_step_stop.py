@@ -117,3 +117,21 @@ def test_stop_steps_stops_a_step_that_another_thread_waits_for(tmp_path):
     assert [type(error) for error in raised] == [KeyboardInterrupt]
     wait_for(lambda: not running(pid), f"end of the step process {pid}")
     assert_nothing_published(tmp_path / "cache")
+
+
+def test_steps_spawn_where_a_cuda_device_is_visible(monkeypatch):
+    """A fork server that imported torch and llm-compressor on a GPU machine hands out processes where CUDA cannot
+    start (every GPU step failed): steps spawn there, and start from the fork server only on machines without one."""
+    import torch
+
+    from quantflow.infra import steps
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    steps._step_context.cache_clear()
+    try:
+        assert steps._step_context().get_start_method() == "spawn"
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+        steps._step_context.cache_clear()
+        assert steps._step_context().get_start_method() == "forkserver"
+    finally:
+        steps._step_context.cache_clear()
