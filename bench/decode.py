@@ -6,7 +6,8 @@ zero points: AWQ and GPTQ write the same packed format, so they decode at the sa
 runs ``quantflow.evaluation.decode.benchmark`` on:
   - bf16: the baseline folder, dense;
   - W4 int4 tinygemm: the saved artifact through ``quantflow.evaluation.int4`` (packed weights, PyTorch's int4 op);
-  - dense-decompressed: the same artifact as transformers loads it (compressed-tensors -> bf16).
+  - dense-decompressed: the same artifact as transformers loads it (compressed-tensors -> bf16);
+  - FP8 W8A8 (when asked): an fp8 variant's artifact on FP8 matmuls (``quantflow.evaluation.fp8``).
 Before timing, the int4 model's logits are checked against the dequantized reference.
 ``--fuse both`` times each runtime with separate and with fused q/k/v and gate/up projections.
 
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 from bench.models import SHAPES, build_baseline  # noqa: E402
 
 W4A16 = "W4 int4 W4A16 Triton"  # quantflow.kernels' decode and prefill kernels on the same artifact
+FP8 = "FP8 W8A8"  # an fp8 variant's artifact (e4m3 per channel, dynamic per-token activations) on FP8 matmuls
 
 
 def quantize(baseline: Path, artifact: Path, group_size: int) -> dict:
@@ -95,11 +97,14 @@ def measure(
     from quantflow.evaluation.int4 import load_int4, pack_all
     from quantflow.spec import SpeedSpec
 
-    model = (
-        load_int4(folder, "cuda")
-        if runtime.startswith("W4 int4")
-        else AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).cuda()
-    )
+    if runtime.startswith("W4 int4"):
+        model = load_int4(folder, "cuda")
+    elif runtime == FP8:
+        from quantflow.evaluation.fp8 import load_fp8
+
+        model = load_fp8(folder, "cuda")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).cuda()
     if runtime == W4A16:
         pack_all(model, "w4a16")  # the harness's own pack_all then leaves the layers as they are
     return [
@@ -148,7 +153,12 @@ def run_shape(
         f"{shape}: built in {built:.0f} s, RTN W4 g128 in {quant['seconds']} s, int4 logits rel. error {error:.4f}",
         flush=True,
     )
+    if FP8 in chosen:
+        from bench.fp8_decode import quantize as quantize_fp8
+
+        isolated("quantize fp8", None, quantize_fp8, baseline, work / f"{shape}-fp8")
     runtimes = {
+        FP8: work / f"{shape}-fp8",
         "bf16": baseline,
         "W4 int4 tinygemm": artifact,
         W4A16: artifact,
@@ -199,12 +209,12 @@ def report(records: list[dict], cache: str) -> None:
 
 
 def summary(result: dict) -> list[str]:
-    """Speed-up and memory ratio of int4 vs bf16 per batch size, each against bf16 in the same harness (fused or
-    not)."""
+    """Speed-up and memory ratio of each quantized runtime vs bf16 per batch size, each against bf16 in the same
+    harness (fused or not)."""
     lines = []
     by = {(r["runtime"], r["batch"], r["harness"]): r for r in result["records"]}  # the harness names fusion and mode
     for (runtime, batch, harness), record in by.items():
-        if runtime.startswith("W4 int4") and ("bf16", batch, harness) in by:
+        if runtime != "bf16" and ("bf16", batch, harness) in by:
             base = by[("bf16", batch, harness)]
             lines.append(
                 f"{result['shape']} b{batch} [{harness}]: {runtime} "
@@ -212,7 +222,7 @@ def summary(result: dict) -> list[str]:
                 f"{base['prefill_ms'] / record['prefill_ms']:.2f}x bf16 prefill, peak memory "
                 f"{record['peak_memory_mb'] / base['peak_memory_mb']:.2f}x; bf16 at "
                 f"{base['bandwidth_floor_fraction']} of the floor; compile {base['compile_seconds']} s bf16, "
-                f"{record['compile_seconds']} s int4"
+                f"{record['compile_seconds']} s quantized"
             )
     return lines
 
