@@ -83,7 +83,8 @@ def concat(layers: list[nn.Module]) -> nn.Module | None:
         all(isinstance(layer, Int4Linear) for layer in layers)
         and len({(layer.group_size, layer.in_features) for layer in layers}) == 1
     ):
-        like = torch.empty(0, dtype=torch.bfloat16, device=layers[0].scales_and_zeros.device)  # its bias is bf16
+        device = next(layers[0].buffers()).device  # tinygemm's tensors or W4A16's, whichever form it holds
+        like = torch.empty(0, dtype=torch.bfloat16, device=device)  # its bias is bf16
         return Int4Linear.concat(layers, joined_bias(layers, like))
     kind = type(layers[0])
     if kind in (FP8Linear, Int8Linear, Int8WeightOnlyLinear) and all(type(layer) is kind for layer in layers):

@@ -106,10 +106,10 @@ def _step_context() -> Any:
     """Steps start from a fork server that has imported the heavy libraries and nothing else: as clean as a spawned
     process (no threads, no state of the parent), without paying the imports per step.
 
-    Not where a CUDA device is visible: importing the libraries there can start the CUDA driver in the fork
-    server, and CUDA cannot start again in a process forked from it ("Cannot
-    re-initialize CUDA in forked subprocess", seen on an H200): steps spawn there, whose imports a GPU machine's
-    cores pay for quickly."""
+    Not where a CUDA device is visible: importing llm-compressor there starts CUDA in the fork server, and a process
+    forked from it cannot start CUDA again ("Cannot re-initialize CUDA in forked subprocess"; on an H200 a process
+    forked after importing torch or transformers could, after llmcompressor it could not): steps spawn there, whose
+    imports a GPU machine's cores pay for quickly."""
     if "forkserver" not in multiprocessing.get_all_start_methods() or _cuda_visible():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")

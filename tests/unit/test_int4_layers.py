@@ -61,3 +61,22 @@ def test_concatenated_int4_layers_compute_each_part(group_size, device):
     joined = Int4Linear.concat(parts, torch.cat([part.bias for part in parts]))
     x = torch.randn(3, 2048, device=device, dtype=torch.bfloat16)
     torch.testing.assert_close(joined(x), torch.cat([part(x) for part in parts], dim=-1), rtol=0.01, atol=0.01)
+
+
+@torch.no_grad()
+def test_fusing_w4a16_packed_projections_keeps_their_outputs():
+    """The GPU's decode harness packs every Int4Linear for the W4A16 kernels before it fuses q/k/v and gate/up: the
+    fuse then finds no tinygemm tensors to read (it crashed on the H200 with "no attribute 'scales_and_zeros'")."""
+    from quantflow.evaluation.fuse import FusedProjections, fuse_projections
+
+    torch.manual_seed(0)
+    attention = torch.nn.Module()
+    for name, out_features in (("q_proj", 128), ("k_proj", 64), ("v_proj", 64)):
+        layer = Int4Linear.from_unsigned(*random_layer(out_features, 256, 64), 64, None, torch.device("cpu"))
+        attention.register_module(name, layer.pack("w4a16"))
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    separate = [getattr(attention, name)(x) for name in ("q_proj", "k_proj", "v_proj")]
+    assert fuse_projections(attention) == 1
+    assert isinstance(attention.fused_q, FusedProjections) and "w4_words" in attention.fused_q.linear._buffers
+    for name, expected in zip(("q_proj", "k_proj", "v_proj"), separate, strict=True):
+        assert torch.equal(getattr(attention, name)(x), expected)
