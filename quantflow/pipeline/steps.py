@@ -31,6 +31,7 @@ from quantflow.spec import (
     BnbVariant,
     CalibrationChoice,
     CalibrationSpec,
+    GPTQVariant,
     KVCacheVariant,
     MixedVariant,
     PlannedVariant,
@@ -216,10 +217,26 @@ def evaluate_baseline(plan: Plan, isolate: bool = True) -> Baseline:
     return Baseline(evaluation=evaluation, key=key, step=step)
 
 
+def uniform_twin(plan: Plan, variant: MixedVariant, calibration: CalibrationRecord) -> QuantizeRecord | None:
+    """The finished uniform W4 GPTQ artifact the direct measure would otherwise compute again, if the run has one.
+
+    The direct measure starts from every Linear at W4 through the final pass's GPTQ recipe; a plain ``gptq`` variant
+    with the same settings, group size and calibration set is that pass (the quantize step's key says so), so its
+    cached result is read instead of paying a second GPTQ pass. Only when it has already finished: the variants are
+    not made to wait for each other. A menu with the embeddings on it starts elsewhere (a rounded table), so not then.
+    """
+    if variant.sensitivity != "direct" or variant.algorithm != "gptq" or variant.embeddings:
+        return None
+    same = variant.model_dump(include=set(GPTQVariant.model_fields) - {"method", "calibration"})
+    twin = GPTQVariant(**same)  # the mixed variant's name: its scheme's group size and KV cache are the twin's
+    return plan.cache.lookup("quantize", quantize_key(plan, twin, calibration), QuantizeRecord)
+
+
 def measure(plan: Plan, variant: MixedVariant, calibration: CalibrationRecord, isolate: bool = True) -> Sensitivity:
     """Score every Linear group of a mixed variant at every menu option (cached), on its own calibration set if any."""
     own = own_calibration(plan, variant, isolate)
     calibration = own.record if own else calibration
+    uniform = uniform_twin(plan, variant, calibration)
     with progress.stage(f"sensitivity {variant.name}") as shown:
         record, step = cached(
             plan.cache,
@@ -235,6 +252,8 @@ def measure(plan: Plan, variant: MixedVariant, calibration: CalibrationRecord, i
             group_size=plan.schemes[variant.name].group_size,
             calibration=calibration,
             resources=plan.resources,
+            uniform=uniform.path if uniform else None,
+            uniform_layers=uniform.quantized_layers if uniform else [],
         )
         shown.outcome = outcome(step, f"{record.groups} groups")
     return Sensitivity(variant=variant.name, record=record, step=step)

@@ -91,6 +91,30 @@ def uniform_start(
     return weights
 
 
+def layer_names(groups: list[LayerGroup]) -> set[str]:
+    return {name for group in groups for name in group.layers}
+
+
+def artifact_start(model: torch.nn.Module, groups: list[LayerGroup], path: str) -> dict[str, torch.Tensor] | None:
+    """Each layer's weights from a uniform GPTQ artifact, dequantized by compressed-tensors as transformers loads it;
+    None where its layers do not load under the groups' names (a mixture of experts fuses them again on load)."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    config = CompressedTensorsConfig(dequantize=True)  # dense Linears, not ones that unpack at every call
+    loaded = AutoModelForCausalLM.from_pretrained(path, quantization_config=config)
+    weights = {}
+    for name in layer_names(groups):
+        try:
+            layer = loaded.get_submodule(name)
+        except AttributeError:
+            return None
+        if layer.weight.shape != model.get_submodule(name).weight.shape:
+            return None
+        like = model.get_submodule(name).weight
+        weights[name] = layer.weight.detach().to(like.device, like.dtype)
+    return weights
+
+
 def at_option(weight: torch.Tensor, option: str, args: dict) -> torch.Tensor:
     """A weight at a menu option without GPTQ: round-to-nearest, or the original for bf16."""
     return weight if option == "bf16" else fake_quantized(weight, args[option])
@@ -241,15 +265,21 @@ def measure_direct(
     samples: list[torch.Tensor],
     args: dict,
     setup: tuple[MixedVariant, int | None, CalibrationRecord, Resources],
+    artifact: tuple[str | None, list[str]] = (None, []),
 ) -> tuple[dict[str, dict[str, float]], dict]:
-    """The uniform pass, then the scores; with what the table records of the start (its pass, KL and seconds)."""
+    """The uniform pass (or ``artifact``: a finished uniform GPTQ artifact and the Linears it quantized, read when
+    they are exactly the groups' layers), then the scores; with what the table records of the start (its pass, KL
+    and seconds)."""
     clock = time.perf_counter()
-    start = uniform_start(model, groups, *setup, args)
+    path, quantized = artifact
+    start = artifact_start(model, groups, path) if path and set(quantized) == layer_names(groups) else None
+    source = f"uniform gptq, read from {path}" if start else "uniform gptq"
+    start = start or uniform_start(model, groups, *setup, args)
     start_seconds = time.perf_counter() - clock
     with untied(model):  # a tied table's copies are put by layer, each at its own option
         scores, start_kl = direct_scores(model, groups, samples, args, start)
     return scores, {
-        "pass": "uniform gptq",
+        "pass": source,
         "options": sorted(set(start_options(groups).values())),
         "kl": round(start_kl, 6),
         "seconds": round(start_seconds, 2),

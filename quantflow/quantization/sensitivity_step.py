@@ -36,9 +36,12 @@ def measure_sensitivity(
     resources: Resources,
     out: Path,
     final: Path,
+    uniform: str | None = None,
+    uniform_layers: list[str] | None = None,
 ) -> SensitivityRecord:
     """The sensitivity step: load the model, group its quantized Linears, score every group at every option, save
-    the table as JSON (the report copies it beside itself)."""
+    the table as JSON (the report copies it beside itself). ``uniform``: a finished uniform GPTQ artifact (with the
+    Linears it quantized) the direct measure starts from instead of its own pass."""
     from transformers import AutoModelForCausalLM
 
     from quantflow.quantization.moe import routers_kept, unfuse
@@ -58,7 +61,8 @@ def measure_sensitivity(
     reset_peak_memory()
     start = time.perf_counter()
     if variant.sensitivity == "direct":
-        scores, started = measure_direct(model, groups, samples, args, (variant, group_size, calibration, resources))
+        setup = (variant, group_size, calibration, resources)
+        scores, started = measure_direct(model, groups, samples, args, setup, (uniform, uniform_layers or []))
     else:
         scores, started = proxy_scores(model, groups, variant, calibration_samples, samples, args)
     seconds = time.perf_counter() - start

@@ -583,3 +583,26 @@ def test_the_direct_step_runs_the_uniform_gptq_pass_and_records_it(tiny_model, t
     scores = [g["score"] for g in table["groups"]]
     assert len(scores) == 8 and all(s["bf16"] == 0 <= s["w8"] <= s["w4"] for s in scores), scores
     assert sum(s["w4"] for s in scores) > 0
+
+
+def test_the_direct_step_reads_a_finished_uniform_gptq_variant_instead_of_its_own_pass(tiny_model, tmp_path):
+    """A run that lists the uniform GPTQ variant has already paid for the direct measure's start: once its artifact is
+    in the cache the sensitivity step reads it, and the table is the one its own pass gives."""
+    from quantflow.pipeline import steps
+
+    mixed = {"method": "mixed", "group_size": 32, "sensitivity": "direct", "sensitivity_tokens": 64}
+    tables = {}
+    for name, variants in (("own", [mixed]), ("read", [{"method": "gptq", "group_size": 32}, mixed])):
+        spec = parse_spec(small_spec(tiny_model, tmp_path / name, tmp_path / f"cache-{name}", variants))
+        planned = plan(spec, lambda _: None)
+        calibration = steps.calibrate(planned, isolate=False).record
+        if name == "read":
+            steps.quantize(planned, planned.variants[0], calibration, isolate=False)
+        measured = steps.measure(planned, planned.variants[-1], calibration, isolate=False)
+        tables[name] = json.loads(Path(measured.record.path).read_text())
+    assert tables["own"]["start"]["pass"] == "uniform gptq"
+    assert tables["read"]["start"]["pass"].startswith("uniform gptq, read from ")
+    assert tables["read"]["start"]["seconds"] < tables["own"]["start"]["seconds"]
+    own, read = ([g["score"]["w4"] for g in tables[name]["groups"]] for name in ("own", "read"))
+    assert sum(own) > 0
+    torch.testing.assert_close(torch.tensor(read), torch.tensor(own), rtol=1e-3, atol=1e-6)
