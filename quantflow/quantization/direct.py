@@ -31,12 +31,10 @@ from quantflow.infra.resources import Resources
 from quantflow.inputs.calibration import CalibrationRecord
 from quantflow.quantization.mixed import LayerGroup, layer_option, precision_by_layer
 from quantflow.quantization.quantize import calibration_data, mixed_recipe
-from quantflow.quantization.sensitivity import fake_quantized, mean_kl, reference_logprobs, untied
+from quantflow.quantization.sensitivity import NEAR_LOSSLESS, fake_quantized, mean_kl, reference_logprobs, untied
 from quantflow.quantization.targets import input_embedding
 from quantflow.spec import MixedVariant
 
-# per-layer options whose error the direct measure does not resolve (W6 per channel on Gemma 3's embedding: -0.04%)
-LOSSLESS = ("w6", "w8", "bf16")
 # a layer's decoder block: the list it is numbered in and its number (model.layers.3.mlp.down_proj -> model.layers, 3)
 BLOCK = re.compile(r"^(.*?)\.(\d+)\.")
 
@@ -45,7 +43,7 @@ def near_lossless(group: LayerGroup) -> list[str]:
     """The group's options whose every layer is at W6 or more, cheapest first: their errors are far below what a
     first-order measure on a few hundred tokens resolves, so only the cheapest is measured and the rest score as it.
     A tied table's ``w6/w4`` is not among them: its lm_head copy is still W4."""
-    precise = [o for o in group.bits if all(layer_option(group, o, n) in LOSSLESS for n in group.layers)]
+    precise = [o for o in group.bits if all(layer_option(group, o, n) in NEAR_LOSSLESS for n in group.layers)]
     return sorted(precise, key=group.bits.get)
 
 

@@ -38,6 +38,12 @@ from quantflow.quantization.mixed import LayerGroup, layer_menus, layer_option
 from quantflow.spec import GPTQVariant, MixedVariant
 
 TABLE_FILE = "sensitivity.json"
+# bump when a change to the measures changes the scores they give: the table's cache key (and the mixed artifacts
+# allocated from it) carries it, so a cache filled by an earlier quantflow of the same version is not read as current
+MEASURE_VERSION = 2  # 2: W6 and W8 scored by round-to-nearest's error
+# options whose every layer is at W6 or more: their error is far below what a layer's score resolves next to W4's, so
+# they are scored by round-to-nearest's error (GPTQ's would cost a solve per layer for no change in the ranking)
+NEAR_LOSSLESS = ("w6", "w8", "bf16")
 
 
 class SensitivityRecord(BaseModel):
@@ -144,20 +150,23 @@ def gptq_errors(
     """The weight error GPTQ leaves at each option, layer by layer: llm-compressor's own GPTQ solve on each Linear
     with its Hessian from the unquantized model's calibration activations and min-max scales, minus the original.
     What the final pass leaves differs from round-to-nearest's error, and unevenly across layers; this costs one
-    forward pass and one GPTQ solve per Linear and option, not a sequential GPTQ run."""
+    forward pass and one GPTQ solve per Linear and option below W6 (``NEAR_LOSSLESS`` options take round-to-nearest's
+    error), not a sequential GPTQ run."""
     from compressed_tensors.quantization.utils import calculate_qparams
     from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
 
     settings = settings or GPTQVariant()  # block size, dampening and column order as the final pass's
     names = [name for g in groups for name in g.layers if isinstance(model.get_submodule(name), torch.nn.Linear)]
     found = hessians(model, names, samples)
-    errors = rtn_errors(model, [g for g in groups if not set(g.layers) <= set(names)], args)  # embeddings: RTN
+    linear = [g for g in groups if set(g.layers) <= set(names)]
+    errors = rtn_errors(model, [g for g in groups if g not in linear], args)  # embeddings: RTN, as the final pass
+    errors |= rtn_errors(model, linear, {o: a for o, a in args.items() if o in NEAR_LOSSLESS})
     menus = layer_menus(groups)
     for name in names:
         weight = model.get_submodule(name).weight
         w = weight.detach().float()
-        errors[name] = {}
-        for option in (o for o in menus[name] if o in args):
+        errors.setdefault(name, {})
+        for option in (o for o in menus[name] if o in args and o not in NEAR_LOSSLESS):
             option_args = args[option].model_copy(update={"actorder": settings.actorder})
             view = w.reshape(w.shape[0], -1, option_args.group_size) if option_args.group_size else w.unsqueeze(1)
             scale, zero = calculate_qparams(view.amin(dim=-1), view.amax(dim=-1), option_args)

@@ -212,6 +212,29 @@ def test_a_budget_the_model_cannot_spend_fails_at_plan_time(tiny_model, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_a_new_measure_version_misses_the_table_and_the_mixed_artifact_only(tiny_model, tmp_path, monkeypatch):
+    """A change to the measures changes the scores, while quantflow's version may stay: the cached table, and the
+    mixed artifacts allocated from it, must not be read as current; uniform variants keep their cache."""
+    from quantflow.inputs.calibration import CalibrationRecord
+    from quantflow.pipeline import steps
+
+    variants = [{"method": "gptq", "group_size": 32}, {"method": "mixed", "target_bits": 5, "group_size": 32}]
+    planned = plan(parse_spec(small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", variants)), lambda _: None)
+    record = CalibrationRecord.model_construct(hash="h")
+    gptq, mixed = planned.variant("gptq"), planned.variant("mixed")
+
+    def keys():
+        return [steps.quantize_key(planned, v, record) for v in (gptq, mixed)] + [
+            steps.sensitivity_key(planned, mixed, record)
+        ]
+
+    before = keys()
+    monkeypatch.setattr(steps, "MEASURE_VERSION", steps.MEASURE_VERSION + 1)
+    after = keys()
+    assert after[0] == before[0]
+    assert after[1] != before[1] and after[2] != before[2]
+
+
 @pytest.mark.parametrize(
     ("variant", "words"),
     [
