@@ -316,7 +316,13 @@ def mixed_recipe(
 
     rounded = []
     if precision.get(embedding, "bf16") != "bf16":
-        rounded = [QuantizationModifier(config_groups=schemes({embedding: precision[embedding]}))]
+        table = schemes({embedding: precision[embedding]})
+        for scheme in table.values():
+            # compressed-tensors 0.19 infers a module's format by its exact type (nn.Linear, nn.Embedding), so an
+            # Embedding subclass (Gemma 3's scaled one) was saved dense, its bf16 weights beside their scales; named
+            # here, it is packed like the Linears (test_a_scaled_embedding_subclass_is_packed_not_stored_dense)
+            scheme.format = "pack-quantized"
+        rounded = [QuantizationModifier(config_groups=table)]
     groups = schemes({name: taken for name, taken in precision.items() if name != embedding})
     quantized = {name for name, taken in precision.items() if taken != "bf16"}
     ignore = [
