@@ -318,7 +318,8 @@ def mixed_recipe(
     if precision.get(embedding, "bf16") != "bf16":
         table = schemes({embedding: precision[embedding]})
         for scheme in table.values():
-            # compressed-tensors 0.19 infers a module's format by its exact type (nn.Linear, nn.Embedding), so an
+            # compressed-tensors 0.19 infers a module's format by its exact type (``module_type in
+            # COMPRESSIBLE_MODULE_TYPES``, from vllm-project/compressed-tensors#718), so an
             # Embedding subclass (Gemma 3's scaled one) was saved dense, its bf16 weights beside their scales; named
             # here, it is packed like the Linears (test_a_scaled_embedding_subclass_is_packed_not_stored_dense)
             scheme.format = "pack-quantized"
