@@ -23,8 +23,9 @@ from quantflow.infra.steps import StepRun, cached
 from quantflow.inputs.calibration import CalibrationRecord, build_calibration
 from quantflow.pipeline.planning import BASELINE, Plan
 from quantflow.quantization.kv_cache import KV_LABELS, RUNTIME_KV
+from quantflow.quantization.mixed import MIXED_VERSION
 from quantflow.quantization.quantize import QuantizeRecord, quantize_weights
-from quantflow.quantization.sensitivity import MEASURE_VERSION, SensitivityRecord
+from quantflow.quantization.sensitivity import SensitivityRecord
 from quantflow.quantization.sensitivity_step import measure_sensitivity
 from quantflow.reporting.report import CalibrationUse, FailedVariant, VariantResult
 from quantflow.spec import (
@@ -120,7 +121,7 @@ def quantize_key(plan: Plan, variant: PlannedVariant, calibration: CalibrationRe
         plan.device,
         code_version(*QUANT_PACKAGES),
         *([kv_cache] if kv_cache != "bf16" else []),  # a bf16 cache keeps the keys that runs before the axis wrote
-        *([MEASURE_VERSION] if isinstance(variant, MixedVariant) else []),  # its allocation comes from the table
+        *([MIXED_VERSION] if isinstance(variant, MixedVariant) else []),  # its allocation comes from the table
     )
 
 
@@ -134,7 +135,7 @@ def sensitivity_key(plan: Plan, variant: MixedVariant, calibration: CalibrationR
         measured.update(variant.model_dump(include={"block_size", "dampening_frac", "actorder", "observer"}))
     return content_key(
         "sensitivity",
-        MEASURE_VERSION,
+        MIXED_VERSION,
         plan.model.fingerprint,
         measured,
         plan.schemes[variant.name].group_size,

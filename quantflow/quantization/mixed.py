@@ -22,6 +22,11 @@ from pydantic import BaseModel
 from quantflow.errors import QuantflowError
 
 OPTIONS = ("w4", "w6", "w8", "bf16")  # w6: the embeddings' menu only (compressed-tensors packs 1 to 8 bits)
+# bump when a change to the sensitivity measures or to how a mixed artifact is written changes what they give: the
+# sensitivity table's cache key and mixed variants' quantize key carry it, so a cache filled by an earlier build of
+# the same quantflow version is not read as current (2: W6 and W8 scored by round-to-nearest's error; 3: an
+# Embedding subclass's table packed, not saved dense)
+MIXED_VERSION = 3
 RESOLUTION = 20_000  # DP cells over the spare budget when costs share no usable unit
 MAX_CELLS = 2_000_000  # largest exact DP (a float64 row per group of this many cells)
 TIED = (  # members of a block that a fused serving kernel runs as one matmul

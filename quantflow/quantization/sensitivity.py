@@ -38,9 +38,6 @@ from quantflow.quantization.mixed import LayerGroup, layer_menus, layer_option
 from quantflow.spec import GPTQVariant, MixedVariant
 
 TABLE_FILE = "sensitivity.json"
-# bump when a change to the measures changes the scores they give: the table's cache key (and the mixed artifacts
-# allocated from it) carries it, so a cache filled by an earlier quantflow of the same version is not read as current
-MEASURE_VERSION = 2  # 2: W6 and W8 scored by round-to-nearest's error
 # options whose every layer is at W6 or more: their error is far below what a layer's score resolves next to W4's, so
 # they are scored by round-to-nearest's error (GPTQ's would cost a solve per layer for no change in the ranking)
 NEAR_LOSSLESS = ("w6", "w8", "bf16")

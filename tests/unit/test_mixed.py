@@ -212,7 +212,7 @@ def test_a_budget_the_model_cannot_spend_fails_at_plan_time(tiny_model, tmp_path
     assert not (tmp_path / "out").exists()
 
 
-def test_a_new_measure_version_misses_the_table_and_the_mixed_artifact_only(tiny_model, tmp_path, monkeypatch):
+def test_a_new_mixed_version_misses_the_table_and_the_mixed_artifact_only(tiny_model, tmp_path, monkeypatch):
     """A change to the measures changes the scores, while quantflow's version may stay: the cached table, and the
     mixed artifacts allocated from it, must not be read as current; uniform variants keep their cache."""
     from quantflow.inputs.calibration import CalibrationRecord
@@ -229,7 +229,7 @@ def test_a_new_measure_version_misses_the_table_and_the_mixed_artifact_only(tiny
         ]
 
     before = keys()
-    monkeypatch.setattr(steps, "MEASURE_VERSION", steps.MEASURE_VERSION + 1)
+    monkeypatch.setattr(steps, "MIXED_VERSION", steps.MIXED_VERSION + 1)
     after = keys()
     assert after[0] == before[0]
     assert after[1] != before[1] and after[2] != before[2]
