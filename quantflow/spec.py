@@ -239,7 +239,7 @@ class AutoRoundVariant(_WeightOnly):
         return self
 
 
-MenuOption = Literal["w4", "w8", "bf16"]
+MenuOption = Literal["w4", "w4g64", "w4g32", "w8", "bf16"]  # w4gN: W4 at a finer group N than the variant's
 EmbeddingOption = Literal["w4", "w6", "w8", "bf16"]  # W6 per output channel: the embedding table's middle step
 
 
@@ -258,7 +258,8 @@ class MixedVariant(_AWQSearch, _GPTQOrdered, _WeightOnly):
     options: list[MenuOption] = Field(
         ["w4", "w8", "bf16"],
         min_length=1,
-        description="Per-layer menu: W4 at group_size, W8 per output channel, or kept in bf16.",
+        description="Per-layer menu: W4 at group_size, W4 at a finer group ('w4g64', 'w4g32': 0.16 and 0.47 bits "
+        "more than group 128, asymmetric), W8 per output channel, or kept in bf16.",
     )
     algorithm: Literal["gptq", "awq"] = Field("gptq", description="The final pass: GPTQ, or AWQ smoothing + RTN.")
     sensitivity: Literal["fisher", "kl", "direct"] = Field(
@@ -299,6 +300,12 @@ class MixedVariant(_AWQSearch, _GPTQOrdered, _WeightOnly):
             raise ValueError(
                 "sensitivity 'direct' starts from the uniform GPTQ result and needs algorithm: gptq (AWQ's smoothing "
                 "rescales neighbouring layers, so one group cannot be moved alone); use sensitivity: fisher with awq"
+            )
+        finer = [o for o in self.options if o.startswith("w4g")]
+        if self.sensitivity == "direct" and finer:
+            raise ValueError(
+                f"sensitivity 'direct' measures each group's upgrade to W8 from the uniform GPTQ result and cannot "
+                f"score finer W4 groups ({', '.join(finer)}); use sensitivity: fisher, or drop them from options"
             )
         return self
 

@@ -208,7 +208,8 @@ def weight_scheme(config: dict) -> dict:
     """The artifact's 4-bit weight quantization args, refused unless the int4 kernels can run them.
 
     A mixed-precision artifact (several config groups naming their layers) qualifies when its other groups are
-    8-bit weight-only per channel: those layers run on the int8 weight-only kernel or dense (``convert_any``).
+    8-bit weight-only per channel: those layers run on the int8 weight-only kernel or dense (``convert_any``). Its
+    4-bit groups may differ in group size (a finer group on some layers); each layer takes its own from its scales.
     """
     quant = config.get("quantization_config") or {}
     if quant.get("quant_method") != "compressed-tensors" or quant.get("format") != "pack-quantized":
@@ -220,19 +221,21 @@ def weight_scheme(config: dict) -> dict:
     four = [g["weights"] for g in groups if g["weights"]["num_bits"] == 4]
     others = [g["weights"] for g in groups if g["weights"]["num_bits"] != 4]
     weight_only = not any(group.get("input_activations") for group in groups)
-    if len(four) > 1 or not weight_only or any(w["num_bits"] != 8 or w["strategy"] != "channel" for w in others):
+    symmetry = {w["symmetric"] for w in four}
+    if len(symmetry) > 1 or not weight_only or any(w["num_bits"] != 8 or w["strategy"] != "channel" for w in others):
         raise QuantflowError(
-            "the int4 runtime handles one 4-bit weight-only scheme per model (and per-channel 8-bit layers beside it)",
+            "the int4 runtime handles 4-bit weight-only schemes of one symmetry per model (and per-channel 8-bit layers "
+            "beside them)",
             "use the dense runtime for this model",
         )
-    args = four[0] if four else groups[0]["weights"]
-    if args["num_bits"] != 4 or args["strategy"] != "group" or args["group_size"] not in GROUP_SIZES:
-        raise QuantflowError(
-            f"the int4 kernels need 4-bit weights in groups of {GROUP_SIZES}; this artifact has {args['num_bits']} "
-            f"bits, strategy {args['strategy']}, group size {args.get('group_size')}",
-            "use the dense runtime for this model",
-        )
-    return args
+    for args in four or [groups[0]["weights"]]:
+        if args["num_bits"] != 4 or args["strategy"] != "group" or args["group_size"] not in GROUP_SIZES:
+            raise QuantflowError(
+                f"the int4 kernels need 4-bit weights in groups of {GROUP_SIZES}; this artifact has "
+                f"{args['num_bits']} bits, strategy {args['strategy']}, group size {args.get('group_size')}",
+                "use the dense runtime for this model",
+            )
+    return four[0]
 
 
 def use_int4(model_path: str | Path, kernels: str, device: str) -> bool:
@@ -259,7 +262,8 @@ def use_int4(model_path: str | Path, kernels: str, device: str) -> bool:
 def convert_layer(
     tensors: dict[str, torch.Tensor], args: dict, bias: torch.Tensor | None, device: torch.device
 ) -> Int4Linear:
-    """One compressed Linear (weight_packed, weight_scale, weight_shape[, weight_zero_point]) to an Int4Linear."""
+    """One compressed Linear (weight_packed, weight_scale, weight_shape[, weight_zero_point]) to an Int4Linear, in
+    the group size its scales give (a mixed artifact's layers may differ from ``args``)."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
     shape = torch.Size(tensors["weight_shape"].tolist())
@@ -270,7 +274,8 @@ def convert_layer(
     else:
         zp = unpack_from_int32(tensors["weight_zero_point"], 4, scale.shape, packed_dim=0)
         zero = -zp.float() * scale
-    return Int4Linear.from_unsigned(signed.to(torch.int32) + 8, scale, zero, args["group_size"], bias, device)
+    group_size = shape[1] // scale.shape[1]
+    return Int4Linear.from_unsigned(signed.to(torch.int32) + 8, scale, zero, group_size, bias, device)
 
 
 def convert_any(

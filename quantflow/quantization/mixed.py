@@ -1,7 +1,7 @@
 """Mixed precision: which Linears share a choice, what each menu option costs in bits, and the allocation.
 
-A ``mixed`` variant gives every quantized Linear one option from its menu (W4 at the variant's group size,
-W8 per output channel, or kept in bf16) so that the summed sensitivity is least while the effective bits per
+A ``mixed`` variant gives every quantized Linear one option from its menu (W4 at the variant's group size or a
+finer one, W8 per output channel, or kept in bf16) so that the summed sensitivity is least while the effective bits per
 weight stay within ``target_bits``. Serving engines fuse q/k/v and gate/up into one matmul each (vLLM's
 ``qkv_proj`` and ``gate_up_proj``), and one matmul runs one scheme, so those layers form one group that takes one
 option together.
@@ -21,7 +21,9 @@ from pydantic import BaseModel
 
 from quantflow.errors import QuantflowError
 
-OPTIONS = ("w4", "w6", "w8", "bf16")  # w6: the embeddings' menu only (compressed-tensors packs 1 to 8 bits)
+# cheapest first; w4gN: W4 at group N, finer than the variant's (Marlin and the int4 kernels take 32 to 128);
+# w6: the embeddings' menu only (compressed-tensors packs 1 to 8 bits, the Linears' serving kernels take 4 and 8)
+OPTIONS = ("w4", "w4g64", "w4g32", "w6", "w8", "bf16")
 # bump when a change to the sensitivity measures or to how a mixed artifact is written changes what they give: the
 # sensitivity table's cache key and mixed variants' quantize key carry it, so a cache filled by an earlier build of
 # the same quantflow version is not read as current (2: W6 and W8 scored by round-to-nearest's error; 3: an
@@ -49,6 +51,16 @@ class LayerGroup(BaseModel):
     menu: str = "options"  # the variant field whose options these are: 'options' (Linears) or 'embeddings'
 
 
+def finer_group(option: str) -> int | None:
+    """The group size a 'w4gN' option names (None for every other option)."""
+    return int(option[3:]) if option.startswith("w4g") else None
+
+
+def option_group(option: str, group_size: int | None) -> int | None:
+    """The group size W4 takes at ``option``: its own for 'w4gN', the variant's for 'w4'."""
+    return finer_group(option) or group_size
+
+
 def option_bits(option: str, in_features: int, group_size: int | None, symmetric: bool) -> float | None:
     """Stored bits per weight, bf16 scales and packed zero points included; None where the width cannot take it."""
     if option == "bf16":
@@ -56,6 +68,7 @@ def option_bits(option: str, in_features: int, group_size: int | None, symmetric
     if option in ("w6", "w8"):  # one scale (and a zero point of the same width) per output row of in_features weights
         bits = int(option[1:])
         return bits + (16 + (0 if symmetric else bits)) / in_features
+    group_size = option_group(option, group_size)
     if group_size is None:
         return 4 + (16 + (0 if symmetric else 4)) / in_features
     if in_features % group_size:
@@ -96,6 +109,9 @@ def _group(
     total = sum(widths[m][0] * widths[m][1] for m in members)
     bits, notes = {}, []
     for option in options:
+        if (finer := finer_group(option)) and group_size is not None and finer >= group_size:
+            notes.append(f"{option} dropped: not finer than group size {group_size}")
+            continue
         per_layer = [option_bits(option, widths[m][1], group_size, symmetric) for m in members]
         if any(b is None for b in per_layer):
             notes.append(f"{option} dropped: group size {group_size} does not divide width {widths[members[0]][1]}")
@@ -251,7 +267,10 @@ def rule_allocation(groups: list[LayerGroup], target_bits: float, variant: str) 
     total = sum(g.weights for g in groups)
     spare = target_bits * total - sum(g.bits[chosen[g.name]] * g.weights for g in groups)
     for group in rule_order(groups, variant):
-        dearer = sorted((b, o) for o, b in group.bits.items() if b > group.bits[chosen[group.name]])
+        # llama.cpp's rule buys bits (W8), not finer W4 groups
+        dearer = sorted(
+            (b, o) for o, b in group.bits.items() if b > group.bits[chosen[group.name]] and not finer_group(o)
+        )
         if dearer and (cost := (dearer[0][0] - group.bits[chosen[group.name]]) * group.weights) <= spare + 1e-6:
             chosen[group.name], spare = dearer[0][1], spare - cost
     return chosen

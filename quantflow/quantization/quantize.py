@@ -237,9 +237,10 @@ def scheme_label(variant: WeightVariant, group_size: int | None, precision: dict
         counts = option_counts(precision or {})
         grouping = f"group {group_size}" if group_size else "per-channel"
         six = f"{counts['w6']} W6A16 int per-channel (embedding table), " if counts["w6"] else ""
+        finer = "".join(f"{counts[o]} W4A16 int group {o[3:]}, " for o in ("w4g64", "w4g32") if counts[o])
         return (
             f"mixed, {'symmetric' if variant.symmetric else 'asymmetric'}: {counts['w4']} Linears W4A16 int "
-            f"{grouping}, {six}{counts['w8']} W8A16 int per-channel, {counts['bf16']} kept in bf16"
+            f"{grouping}, {finer}{six}{counts['w8']} W8A16 int per-channel, {counts['bf16']} kept in bf16"
         )
     if isinstance(variant, FP8Variant):
         rounding = ", GPTQ-rounded" if variant.algorithm == "gptq" else ""
@@ -304,11 +305,12 @@ def mixed_recipe(
     from compressed_tensors.quantization import QuantizationScheme
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
+    from quantflow.quantization.mixed import OPTIONS
     from quantflow.quantization.sensitivity import weight_args
 
     def schemes(chosen: dict[str, str]) -> dict:
         found = {}
-        for option in ("w4", "w6", "w8"):
+        for option in (o for o in OPTIONS if o != "bf16"):
             if names := [name for name, taken in chosen.items() if taken == option]:
                 args = weight_args(option, group_size, variant.symmetric, variant.observer, getattr(torch, scale_dtype))
                 found[option] = QuantizationScheme(targets=names, weights=args)

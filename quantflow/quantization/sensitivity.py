@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel
 
-from quantflow.quantization.mixed import LayerGroup, layer_menus, layer_option
+from quantflow.quantization.mixed import LayerGroup, layer_menus, layer_option, option_group
 from quantflow.spec import GPTQVariant, MixedVariant
 
 TABLE_FILE = "sensitivity.json"
@@ -55,15 +55,17 @@ class SensitivityRecord(BaseModel):
 
 
 def weight_args(option: str, group_size: int | None, symmetric: bool, observer: str = "minmax", scale_dtype=None):
-    """The compressed-tensors weight arguments of a menu option (W4 at the group size, W6 and W8 per output channel);
+    """The compressed-tensors weight arguments of a menu option (W4 at the group size or the finer one a 'w4gN' names,
+    W6 and W8 per output channel);
     None for 'bf16' (kept)."""
     from compressed_tensors.quantization import QuantizationArgs
 
     if option == "bf16":
         return None
-    grouped = option == "w4" and group_size is not None
+    group_size = option_group(option, group_size)
+    grouped = option.startswith("w4") and group_size is not None
     return QuantizationArgs(
-        num_bits=int(option[1:]),
+        num_bits=int(option[1:2]),
         type="int",
         symmetric=symmetric,
         dynamic=False,

@@ -593,9 +593,10 @@ def _mixed(rows: list[Row]) -> list[str]:
         counts = option_counts(r.precision)
         kept = [n for n, o in r.precision.items() if o != "w4"]
         six = f"{counts['w6']} W6, " if counts["w6"] else ""  # the embedding table's middle step
+        finer = "".join(f"{counts[o]} W4 group {o[3:]}, " for o in ("w4g64", "w4g32") if counts[o])
         lines += [
             f"**{r.name}**: {r.allocated_bits} bits per weight allocated ({r.effective_bits} stored), "
-            f"{counts['w4']} Linears W4, {six}{counts['w8']} W8, "
+            f"{counts['w4']} Linears W4, {finer}{six}{counts['w8']} W8, "
             f"{counts['bf16']} bf16, from its {r.sensitivity.measure} "
             f"sensitivity on {r.sensitivity.tokens} tokens (`{sensitivity_file(r.name)}`). Above W4: "
             f"{by_role(kept) or 'none'}."
@@ -749,7 +750,8 @@ def precision_map(precision: dict[str, str], title: str, path: Path) -> None:
     labelled = len(kinds) <= LABELLED_COLUMNS
     width = 1.0 + (0.9 * len(kinds) if labelled else 0.12 * len(kinds))
     fig, ax = plt.subplots(figsize=(min(width, 40.0), 1.2 + 0.22 * len(blocks)))
-    colours = ListedColormap(["#dbe9f6", "#f7d08a", "#f4a259", "#bc4b51", "#ffffff"])  # OPTIONS, then absent
+    # OPTIONS (w4, w4g64, w4g32: blues; w6, w8: oranges; bf16: red), then absent
+    colours = ListedColormap(["#dbe9f6", "#a9cce3", "#6fa8dc", "#f7d08a", "#f4a259", "#bc4b51", "#ffffff"])
     ax.imshow(grid, cmap=colours, vmin=0, vmax=absent, aspect="auto")
     for row, block in enumerate(blocks):
         for col, kind in enumerate(kinds if labelled else []):

@@ -149,6 +149,52 @@ def test_both_measures_find_8_bits_gentler_than_4(tiny_model):
         assert all(0 <= s["w8"] < s["w4"] and s["bf16"] == 0 for s in scores.values()), scores
 
 
+def test_finer_w4_groups_cost_their_scales_and_are_dropped_where_not_finer():
+    groups = layer_groups(BLOCK, ["w4", "w4g32", "w8", "bf16"], 64, symmetric=False)
+    o_proj, down = groups[1], groups[3]
+    assert o_proj.bits["w4"] == 4 + 20 / 64 and o_proj.bits["w4g32"] == 4 + 20 / 32
+    assert "w4" not in down.bits and down.bits["w4g32"] == 4 + 20 / 32  # 64 does not divide 96, 32 does
+    args = weight_args("w4g32", 64, symmetric=False)
+    assert (args.num_bits, args.strategy, args.group_size) == (4, "group", 32)
+    same = layer_groups(BLOCK, ["w4", "w4g32", "bf16"], 32, symmetric=True)
+    assert "w4g32" not in same[1].bits and "w4g32 dropped: not finer than group size 32" in same[1].note
+
+
+def test_the_rule_buys_bits_not_finer_groups():
+    groups = layer_groups(blocks(8), ["w4", "w4g32", "w8", "bf16"], 64, symmetric=True)
+    start = {g.name: min(g.bits, key=g.bits.get) for g in groups}  # down_proj (width 96): w4g32, 64 does not divide
+    chosen = rule_allocation(groups, effective_bits(groups, start) + 0.45, "mixed-rule")
+    moved = {chosen[name] for name in chosen if chosen[name] != start[name]}
+    assert moved == {"w8"} and {chosen[g.name] for g in groups if "w4" in g.bits} == {"w4", "w8"}
+
+
+def test_a_finer_group_option_ships_its_own_config_group_and_runs_on_the_int4_runtime(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from quantflow.quantization.mixed import budget_bounds
+    from quantflow.quantization.targets import mixed_groups
+    from quantflow.spec import MixedVariant
+
+    variant = {"method": "mixed", "group_size": 64, "options": ["w4", "w4g32", "bf16"], "name": "finer"}
+    menu = mixed_groups(AutoModelForCausalLM.from_pretrained(tiny_model), MixedVariant(**variant), 64)
+    cheapest = budget_bounds(menu)[0]
+    finer = effective_bits(menu, {g.name: "w4g32" for g in menu})
+    variant["target_bits"] = round((cheapest + finer) / 2, 3)  # room for about half of the Linears at group 32
+    spec = small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", [variant])
+    out = pipeline.run(parse_spec(spec), progress=lambda _: None)
+    row = next(r for r in load_report(out / "report.json").rows if r.name == "finer")
+    assert set(row.precision.values()) >= {"w4", "w4g32"}, row.precision
+    assert row.effective_bits == pytest.approx(artifact_bits(out / "finer"), abs=1e-3)
+    config = read_json(out / "finer" / "config.json")["quantization_config"]["config_groups"]
+    by_group = {g["weights"]["group_size"]: set(g["targets"]) for g in config.values()}
+    assert by_group == {
+        64: {n for n, o in row.precision.items() if o == "w4"},
+        32: {n for n, o in row.precision.items() if o == "w4g32"},
+    }
+    assert "W4A16 int group 32" in row.scheme
+    assert_runtime_matches_dense(out / "finer", row.precision)
+
+
 def test_mixed_run_allocates_within_budget_and_ships_standard_compressed_tensors(tiny_model, tmp_path):
     variants = [
         {"method": "mixed", "group_size": 32, "target_bits": 5.0, "name": "mixed-5"},
@@ -193,13 +239,13 @@ def assert_runtime_matches_dense(folder, precision):
     kinds = {name: type(packed.get_submodule(name)) for name in precision}
     symmetric = read_json(folder / "config.json")["quantization_config"]["config_groups"]
     eight = Int8WeightOnlyLinear if all(g["weights"]["symmetric"] for g in symmetric.values()) else torch.nn.Linear
-    expected = {"w4": Int4Linear, "w8": eight, "bf16": torch.nn.Linear}
+    expected = {"w4": Int4Linear, "w4g64": Int4Linear, "w4g32": Int4Linear, "w8": eight, "bf16": torch.nn.Linear}
     assert kinds == {name: expected[option] for name, option in precision.items()}
     ids = torch.randint(0, 300, (1, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got, want = packed(ids).logits.float(), dense(ids).logits.float()
     assert ((got - want).norm() / want.norm()).item() < 0.02
-    assert "int8 weight-only" in runtime_label(packed) or eight is torch.nn.Linear
+    assert "int8 weight-only" in runtime_label(packed) or eight is torch.nn.Linear or "w8" not in precision.values()
 
 
 def test_a_budget_the_model_cannot_spend_fails_at_plan_time(tiny_model, tmp_path):
@@ -238,7 +284,11 @@ def test_a_new_mixed_version_misses_the_table_and_the_mixed_artifact_only(tiny_m
 @pytest.mark.parametrize(
     ("variant", "words"),
     [
-        ({"method": "mixed", "options": ["w4", "w5"]}, "Input should be 'w4', 'w8' or 'bf16'"),
+        ({"method": "mixed", "options": ["w4", "w5"]}, "Input should be 'w4', 'w4g64', 'w4g32', 'w8' or 'bf16'"),
+        (
+            {"method": "mixed", "sensitivity": "direct", "options": ["w4", "w4g32", "w8"], "group_size": 64},
+            "cannot score finer W4 groups (w4g32); use sensitivity: fisher",
+        ),
         ({"method": "mixed", "target_bits": 17}, "less than or equal to 16"),
         ({"method": "mixed", "target_bits": 4.1, "group_size": 32}, "target_bits 4.1 is outside"),
         ({"method": "mixed", "options": ["w4"], "group_size": 128}, "no menu option fits"),
