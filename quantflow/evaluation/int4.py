@@ -224,8 +224,8 @@ def weight_scheme(config: dict) -> dict:
     symmetry = {w["symmetric"] for w in four}
     if len(symmetry) > 1 or not weight_only or any(w["num_bits"] != 8 or w["strategy"] != "channel" for w in others):
         raise QuantflowError(
-            "the int4 runtime handles 4-bit weight-only schemes of one symmetry per model (and per-channel 8-bit layers "
-            "beside them)",
+            "the int4 runtime handles 4-bit weight-only schemes of one symmetry per model (and per-channel 8-bit "
+            "layers beside them)",
             "use the dense runtime for this model",
         )
     for args in four or [groups[0]["weights"]]:

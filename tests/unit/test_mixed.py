@@ -485,7 +485,9 @@ def test_a_tied_table_whose_menu_has_no_option_under_bf16_is_refused_at_plan_tim
     with pytest.raises(QuantflowError, match=r"no menu option fits model.embed_tokens\+lm_head \(w8 dropped") as error:
         plan(spec, progress=lambda _: None)
     assert error.value.fix == "add 'bf16' to embeddings"
-    with pytest.raises(QuantflowError, match="Input should be 'w4', 'w4g64', 'w4g32', 'w8' or 'bf16'"):  # W6: the embeddings only
+    with pytest.raises(
+        QuantflowError, match="Input should be 'w4', 'w4g64', 'w4g32', 'w8' or 'bf16'"
+    ):  # W6: the embeddings only
         parse_spec(small_spec(model, tmp_path / "out", tmp_path / "cache", [{**variant, "options": ["w6"]}]))
 
 
