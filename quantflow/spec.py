@@ -256,10 +256,11 @@ class MixedVariant(_AWQSearch, _GPTQOrdered, _WeightOnly):
         description="Effective bits per weight over the quantized Linears, scales and zero points included.",
     )
     options: list[MenuOption] = Field(
-        ["w4", "w8", "bf16"],
+        ["w4", "w4g64", "w4g32", "w8", "bf16"],
         min_length=1,
         description="Per-layer menu: W4 at group_size, W4 at a finer group ('w4g64', 'w4g32': 0.16 and 0.47 bits "
-        "more than group 128, asymmetric), W8 per output channel, or kept in bf16.",
+        "more than group 128, asymmetric; dropped where not finer than group_size), W8 per output channel, or kept "
+        "in bf16. With sensitivity 'direct' the default leaves out the finer groups.",
     )
     algorithm: Literal["gptq", "awq"] = Field("gptq", description="The final pass: GPTQ, or AWQ smoothing + RTN.")
     sensitivity: Literal["fisher", "kl", "direct"] = Field(
@@ -302,7 +303,9 @@ class MixedVariant(_AWQSearch, _GPTQOrdered, _WeightOnly):
                 "rescales neighbouring layers, so one group cannot be moved alone); use sensitivity: fisher with awq"
             )
         finer = [o for o in self.options if o.startswith("w4g")]
-        if self.sensitivity == "direct" and finer:
+        if self.sensitivity == "direct" and finer and "options" not in self.model_fields_set:
+            self.options = [o for o in self.options if o not in finer]  # the default menu, less what direct cannot score
+        elif self.sensitivity == "direct" and finer:
             raise ValueError(
                 f"sensitivity 'direct' measures each group's upgrade to W8 from the uniform GPTQ result and cannot "
                 f"score finer W4 groups ({', '.join(finer)}); use sensitivity: fisher, or drop them from options"
