@@ -304,7 +304,8 @@ class MixedVariant(_AWQSearch, _GPTQOrdered, _WeightOnly):
             )
         finer = [o for o in self.options if o.startswith("w4g")]
         if self.sensitivity == "direct" and finer and "options" not in self.model_fields_set:
-            self.options = [o for o in self.options if o not in finer]  # the default menu, less what direct cannot score
+            # the default menu, less what direct cannot score
+            self.options = [o for o in self.options if o not in finer]
         elif self.sensitivity == "direct" and finer:
             raise ValueError(
                 f"sensitivity 'direct' measures each group's upgrade to W8 from the uniform GPTQ result and cannot "

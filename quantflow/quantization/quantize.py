@@ -232,12 +232,12 @@ def scheme_label(variant: WeightVariant, group_size: int | None, precision: dict
     if isinstance(variant, KVCacheVariant):
         return "weights unquantized"
     if isinstance(variant, MixedVariant):
-        from quantflow.quantization.mixed import option_counts
+        from quantflow.quantization.mixed import FINER, finer_group, option_counts
 
         counts = option_counts(precision or {})
         grouping = f"group {group_size}" if group_size else "per-channel"
         six = f"{counts['w6']} W6A16 int per-channel (embedding table), " if counts["w6"] else ""
-        finer = "".join(f"{counts[o]} W4A16 int group {o[3:]}, " for o in ("w4g64", "w4g32") if counts[o])
+        finer = "".join(f"{counts[o]} W4A16 int group {finer_group(o)}, " for o in FINER if counts[o])
         return (
             f"mixed, {'symmetric' if variant.symmetric else 'asymmetric'}: {counts['w4']} Linears W4A16 int "
             f"{grouping}, {finer}{six}{counts['w8']} W8A16 int per-channel, {counts['bf16']} kept in bf16"

@@ -27,7 +27,7 @@ from quantflow.infra.steps import StepRun
 from quantflow.inputs.calibration import CalibrationRecord
 from quantflow.inputs.sources import ModelRef
 from quantflow.quantization.kv_cache import KV_LABELS, RUNTIME_KV
-from quantflow.quantization.mixed import OPTIONS, option_counts
+from quantflow.quantization.mixed import FINER, OPTIONS, finer_group, option_counts
 from quantflow.quantization.moe import RoutingRecord
 from quantflow.quantization.quantize import QuantizeRecord, Smoothing
 from quantflow.quantization.sensitivity import SensitivityRecord
@@ -593,7 +593,7 @@ def _mixed(rows: list[Row]) -> list[str]:
         counts = option_counts(r.precision)
         kept = [n for n, o in r.precision.items() if o != "w4"]
         six = f"{counts['w6']} W6, " if counts["w6"] else ""  # the embedding table's middle step
-        finer = "".join(f"{counts[o]} W4 group {o[3:]}, " for o in ("w4g64", "w4g32") if counts[o])
+        finer = "".join(f"{counts[o]} W4 group {finer_group(o)}, " for o in FINER if counts[o])
         lines += [
             f"**{r.name}**: {r.allocated_bits} bits per weight allocated ({r.effective_bits} stored), "
             f"{counts['w4']} Linears W4, {finer}{six}{counts['w8']} W8, "
