@@ -36,13 +36,24 @@ def make_tokenizer(folder: Path):
     return tokenizer
 
 
-def make_model(folder: Path, hidden: int = 64, layers: int = 2, tie: bool = False, seed: int = 0) -> Path:
+def make_model(
+    folder: Path,
+    hidden: int = 64,
+    layers: int = 2,
+    tie: bool = False,
+    seed: int = 0,
+    classes: tuple[type, type] | None = None,
+    **fields: Any,
+) -> Path:
+    """A tiny random model with the test tokenizer, in bf16: Llama unless ``classes`` (config, model) names another
+    architecture, whose own config ``fields`` go over the shared defaults."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    config_class, model_class = classes or (LlamaConfig, LlamaForCausalLM)
     tokenizer = make_tokenizer(folder)
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    defaults = dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=2 * hidden,
@@ -55,7 +66,7 @@ def make_model(folder: Path, hidden: int = 64, layers: int = 2, tie: bool = Fals
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = model_class(config_class(**{**defaults, **fields})).to(torch.bfloat16)
     model.save_pretrained(folder, safe_serialization=True)
     return folder
 

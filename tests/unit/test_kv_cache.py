@@ -218,17 +218,12 @@ def test_per_head_scales_on_a_model_that_caches_a_latent_instead_of_kv_heads_are
     per token: there is no KV head to give a scale."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    from tests.conftest import make_tokenizer
+    from tests.conftest import make_model
 
-    folder = tmp_path / "mla"
-    tokenizer = make_tokenizer(folder)
-    config = DeepseekV3Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
+    folder = make_model(
+        tmp_path / "mla",
+        classes=(DeepseekV3Config, DeepseekV3ForCausalLM),
         moe_intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
         num_key_value_heads=4,
         n_routed_experts=4,
         num_experts_per_tok=2,
@@ -241,7 +236,6 @@ def test_per_head_scales_on_a_model_that_caches_a_latent_instead_of_kv_heads_are
         n_group=1,
         topk_group=1,
     )
-    DeepseekV3ForCausalLM(config).save_pretrained(folder)
     spec = small_spec(folder, tmp_path / "out", tmp_path / "cache", [], kv_cache=["bf16", option])
     spec = {**spec, "variants": [{"method": "rtn", "group_size": 8}]}
     with pytest.raises(QuantflowError) as refused:

@@ -692,29 +692,13 @@ def test_a_scaled_embedding_subclass_is_packed_not_stored_dense(tmp_path):
 
     from quantflow.evaluation.evaluate import load_for_eval
     from quantflow.reporting.bits import artifact_bits
-    from tests.conftest import make_tokenizer
+    from tests.conftest import make_model
 
-    folder = tmp_path / "gemma"
-    tokenizer = make_tokenizer(folder)
-    torch.manual_seed(0)
-    config = Gemma3TextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        sliding_window=64,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+    folder = make_model(
+        tmp_path / "gemma", tie=True, classes=(Gemma3TextConfig, Gemma3ForCausalLM), head_dim=16, sliding_window=64
     )
-    model = Gemma3ForCausalLM(config).to(torch.bfloat16)
+    model = Gemma3ForCausalLM.from_pretrained(folder)
     assert type(model.model.embed_tokens) is not torch.nn.Embedding  # the case this test is about
-    model.save_pretrained(folder)
     variant = {"method": "mixed", "name": "emb", "group_size": 32, "target_bits": 7, "embeddings": ["w4"]}
     out = pipeline.run(
         parse_spec(small_spec(folder, tmp_path / "out", tmp_path / "cache", [variant])), progress=lambda _: None
