@@ -29,6 +29,7 @@ from quantflow.quantization.sensitivity import (
     fake_quantized,
     fisher_scores,
     gptq_errors,
+    hessians,
     kl_scores,
     rtn_errors,
     start_errors,
@@ -436,6 +437,28 @@ def test_gptq_errors_are_what_gptq_leaves_on_layers_whose_inputs_it_does_not_cha
         left = quantized.get_submodule(name).weight - model.get_submodule(name).weight
         assert torch.allclose(errors[name]["w4"], left, atol=1e-5), (errors[name]["w4"] - left).abs().max()
         assert not torch.allclose(errors[name]["w4"], rtn[name]["w4"], atol=1e-3)  # GPTQ moved the weights
+
+
+def test_hessians_stop_before_a_head_they_do_not_measure_and_agree_with_a_full_pass(tiny_model):
+    """The calibration pass that collects GPTQ's Hessians ends before an unmeasured head (a large vocabulary's logits
+    cost more than the blocks), with the same Hessians as a pass through it; a measured head is still run."""
+    model, names, _, _, samples = scored_setup(tiny_model, 2)
+    head = model.get_output_embeddings()
+    calls = []
+    counted = head.register_forward_hook(lambda *_: calls.append(1))
+    found = hessians(model, names, samples)
+    assert calls == []
+    inputs = {}
+    watched = model.get_submodule(names[-1]).register_forward_hook(
+        lambda m, i, o: inputs.setdefault("x", []).append(i[0][0].double())
+    )
+    for ids in samples:
+        model(ids.unsqueeze(0))
+    watched.remove()
+    x = torch.cat(inputs["x"])
+    assert torch.allclose(found[names[-1]].double(), 2 * x.T @ x / len(samples), rtol=1e-4, atol=1e-6)
+    assert set(hessians(model, ["lm_head"], samples)) == {"lm_head"} and len(calls) == 2 * len(samples)
+    counted.remove()
 
 
 def test_embeddings_on_the_menu_untied_each_alone_tied_one_table_stored_twice():
