@@ -23,6 +23,9 @@ from quantflow.inputs.corpus import calibration_documents
 from quantflow.spec import DEFAULT_CALIBRATION_SAMPLES, CalibrationSpec, EvaluationSpec
 
 SAMPLES_FILE = "samples.safetensors"
+# bump when the same texts and settings give other samples: the calibration step's cache key carries it (2: a plain
+# text's samples start with the BOS token its tokenizer adds)
+SAMPLES_VERSION = 2
 MIN_CHUNK_FRACTION = 4  # a trailing chunk shorter than seq_len / 4 adds little signal; drop it
 
 
@@ -46,8 +49,17 @@ def _chunks(ids: list[int], seq_len: int) -> list[list[int]]:
     return [piece for piece in pieces if len(piece) >= max(2, seq_len // MIN_CHUNK_FRACTION)]
 
 
+def text_start(tokenizer) -> list[int]:
+    """The BOS token when the tokenizer starts every text with it (Gemma's; SmolLM2's tokenizer adds none): calibration
+    samples start as the model's inputs do in training and in serving, not at a first token it never sees first."""
+    bos = tokenizer.bos_token_id
+    return [bos] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else []
+
+
 def tokenize_samples(texts: list[str], tokenizer, spec: CalibrationSpec) -> list[list[int]]:
-    """Token id lists, at most ``seq_len`` long, shuffled with ``seed`` and cut to ``num_samples``."""
+    """Token id lists, at most ``seq_len`` long, shuffled with ``seed`` and cut to ``num_samples``; a plain text's
+    samples start with ``text_start`` (a chat template writes its own)."""
+    start = text_start(tokenizer)
     samples: list[list[int]] = []
     for done, text in enumerate(texts, start=1):
         progress.advance(done, len(texts), "texts")
@@ -60,7 +72,8 @@ def tokenize_samples(texts: list[str], tokenizer, spec: CalibrationSpec) -> list
             text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False)
             samples.append(tokenizer(text, add_special_tokens=False)["input_ids"][: spec.seq_len])
         else:
-            samples.extend(_chunks(tokenizer(text, add_special_tokens=False)["input_ids"], spec.seq_len))
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            samples.extend(start + chunk for chunk in _chunks(ids, spec.seq_len - len(start)))
     random.Random(spec.seed).shuffle(samples)
     usable = (
         f"calibration source {spec.source} gives only {len(samples)} usable samples of <= {spec.seq_len} tokens "

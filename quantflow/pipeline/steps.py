@@ -20,7 +20,7 @@ from quantflow.infra import progress
 from quantflow.infra.cache import content_key
 from quantflow.infra.environment import code_version
 from quantflow.infra.steps import StepRun, cached
-from quantflow.inputs.calibration import CalibrationRecord, build_calibration
+from quantflow.inputs.calibration import SAMPLES_VERSION, CalibrationRecord, build_calibration
 from quantflow.pipeline.planning import BASELINE, Plan
 from quantflow.quantization.kv_cache import KV_LABELS, RUNTIME_KV
 from quantflow.quantization.mixed import MIXED_VERSION
@@ -82,6 +82,7 @@ def calibration_key(plan: Plan, choice: CalibrationChoice | None = None) -> str:
     spec = plan.spec  # the evaluation corpus decides which half of a shared source calibration may read
     return content_key(
         "calibration",
+        SAMPLES_VERSION,
         plan.model.fingerprint,
         calibration_spec(plan, choice),
         spec.evaluation.corpus,

@@ -80,6 +80,25 @@ def test_samples_are_chunked_seeded_and_bounded(tiny_model):
     assert len(first) == 20 and all(16 <= len(ids) <= 64 for ids in first)
 
 
+def test_samples_start_with_bos_where_the_tokenizer_starts_a_text_with_it(tiny_model):
+    """Gemma's tokenizer puts BOS before every text and the model expects it first; SmolLM2's (like the tiny one)
+    adds none, and its samples stay as they were."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    texts = calibration_documents(CalibrationSpec(min_chars=500), EvaluationSpec())
+    spec = CalibrationSpec(num_samples=8, seq_len=64)
+    plain = tokenize_samples(texts, tokenizer, spec)
+    assert not any(ids[0] == tokenizer.bos_token_id for ids in plain)
+    bos = tokenizer.bos_token_id
+    tokenizer._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    assert tokenizer("a")["input_ids"][0] == bos
+    started = tokenize_samples(texts, tokenizer, spec)
+    assert all(ids[0] == bos and bos not in ids[1:] and len(ids) <= 64 for ids in started)
+    assert max(len(ids) for ids in started) == 64
+
+
 def test_too_few_samples_names_the_number(tiny_model):
     from transformers import AutoTokenizer
 
