@@ -28,8 +28,9 @@ FINER = ("w4g64", "w4g32")  # the W4 options at a group of their own
 # bump when a change to the sensitivity measures or to how a mixed artifact is written changes what they give: the
 # sensitivity table's cache key and mixed variants' quantize key carry it, so a cache filled by an earlier build of
 # the same quantflow version is not read as current (2: W6 and W8 scored by round-to-nearest's error; 3: an
-# Embedding subclass's table packed, not saved dense)
-MIXED_VERSION = 3
+# Embedding subclass's table packed, not saved dense; 4: under GPTQ, a Linear's finer options scored in proportion
+# to their output error)
+MIXED_VERSION = 4
 RESOLUTION = 20_000  # DP cells over the spare budget when costs share no usable unit
 MAX_CELLS = 2_000_000  # largest exact DP (a float64 row per group of this many cells)
 TIED = (  # members of a block that a fused serving kernel runs as one matmul

@@ -89,10 +89,11 @@ def measure_sensitivity(
 def proxy_scores(model, groups, variant: MixedVariant, calibration_samples, samples, args) -> tuple[dict, str]:
     """``fisher`` or ``kl`` on the weight error the final pass leaves, and which error that was: GPTQ's layer by layer
     under a GPTQ final pass, round-to-nearest's under AWQ."""
-    errors = None
+    errors, energy = None, {}
     if variant.algorithm == "gptq":  # score what the final GPTQ pass leaves, not round-to-nearest's error
-        errors = gptq_errors(model, groups, calibration_samples, args, variant)
-    measure = fisher_scores if variant.sensitivity == "fisher" else kl_scores
-    return measure(
-        model, groups, samples, args, errors=errors
-    ), "gptq, layer by layer" if errors else "round-to-nearest"
+        errors = gptq_errors(model, groups, calibration_samples, args, variant, energy=energy)
+    if variant.sensitivity == "fisher":
+        scores = fisher_scores(model, groups, samples, args, errors=errors, energy=energy)
+    else:
+        scores = kl_scores(model, groups, samples, args, errors=errors)
+    return scores, "gptq, layer by layer" if errors else "round-to-nearest"

@@ -385,6 +385,30 @@ def test_w4_is_scored_by_the_error_the_uniform_start_left(tiny_model):
             assert scored[group.name]["w4"] == pytest.approx(rtn[group.name]["w4"], rel=1e-4)
 
 
+def test_with_output_errors_each_linear_is_scored_once_and_its_other_options_in_proportion(tiny_model):
+    """The Fisher pass scores a Linear at its coarsest option only (the same score as the pass over every option)
+    and its other options by their output error over the calibration tokens, which gptq_errors measures as
+    tr(dW H dW^T) while it holds each Hessian."""
+    model, names, groups, args, samples = scored_setup(tiny_model, 2)
+    energy = {}
+    errors = gptq_errors(model, groups, samples, args, energy=energy)
+    x = []
+    watched = model.get_submodule(names[0]).register_forward_hook(lambda m, i, o: x.append(i[0][0]))
+    for ids in samples:
+        model(ids.unsqueeze(0))
+    watched.remove()
+    output = torch.cat(x) @ errors[names[0]]["w8"].T
+    assert energy[names[0]]["w8"] == pytest.approx(2 * output.pow(2).sum().item() / len(samples), rel=1e-4)
+    every = fisher_scores(model, groups, samples, args, errors=errors)
+    scaled = fisher_scores(model, groups, samples, args, errors=errors, energy=energy)
+    for group in groups:
+        assert scaled[group.name]["w4"] == pytest.approx(every[group.name]["w4"], rel=1e-5)
+        assert scaled[group.name]["w8"] != pytest.approx(every[group.name]["w8"], rel=1e-3)
+    for group in (g for g in groups if len(g.layers) == 1):  # o_proj and down_proj: groups of one Linear
+        ratio = energy[group.layers[0]]["w8"] / energy[group.layers[0]]["w4"]
+        assert scaled[group.name]["w8"] == pytest.approx(scaled[group.name]["w4"] * ratio, rel=1e-5)
+
+
 def row(name: str, perplexity: float, bits: float, precision: dict | None = None) -> Row:
     return report_row(
         name,
