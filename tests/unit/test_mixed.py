@@ -481,8 +481,22 @@ def test_hessians_stop_before_a_head_they_do_not_measure_and_agree_with_a_full_p
     watched.remove()
     x = torch.cat(inputs["x"])
     assert torch.allclose(found[names[-1]].double(), 2 * x.T @ x / len(samples), rtol=1e-4, atol=1e-6)
+    block = "model.layers.1."  # Linears on one input share one Hessian: q/k/v, and gate/up
+    attention, mlp = (f"{block}self_attn.{n}_proj" for n in "qkvo"), (f"{block}mlp.{n}_proj" for n in ("gate", "up"))
+    q, k, v, o = (found[n] for n in attention)
+    gate, up = (found[n] for n in mlp)
+    assert q is k is v and gate is up and o is not q and found[f"{block}mlp.down_proj"] is not gate
     assert set(hessians(model, ["lm_head"], samples)) == {"lm_head"} and len(calls) == 2 * len(samples)
     counted.remove()
+
+
+def test_labels_are_drawn_from_the_models_distribution():
+    from quantflow.quantization.sensitivity import sample_tokens
+
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0, -30.0]]).repeat(100_000, 1)
+    drawn = sample_tokens(logits, torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(drawn, minlength=5) / len(drawn)
+    assert torch.allclose(frequencies, torch.softmax(logits[0], -1), atol=0.005) and frequencies[4] == 0
 
 
 def test_embeddings_on_the_menu_untied_each_alone_tied_one_table_stored_twice():
