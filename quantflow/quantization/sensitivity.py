@@ -245,12 +245,12 @@ def fisher_scores(
 
     With ``energy`` (each Linear's output error per option over the calibration tokens, ``gptq_errors``), a Linear
     is scored at its coarsest option only and its other options in proportion to their output error: one sampled
-    label per token makes the score noisy, and scored alone at each option, a finer W4 group came out worse than a
-    coarser one for a third of Gemma 3 270M's groups; the output error ratio is exact over all calibration tokens,
+    label per token makes the score noisy, and scored alone at each option, group 64 came out worse than group 128
+    for 14 of Gemma 3 270M's 72 groups; the output error ratio is exact over all calibration tokens,
     and the pass computes one output error per Linear instead of one per option."""
     layers = {name: model.get_submodule(name) for g in groups for name in g.layers}
     errors = errors if errors is not None else rtn_errors(model, groups, args)
-    energy = {n: e for n, e in (energy or {}).items() if n in layers and max(e.values()) > 0}
+    energy = {n: e for n, e in (energy or {}).items() if n in layers and any(v > 0 for v in e.values())}
     coarsest = {n: max(e, key=e.get) for n, e in energy.items()}
     scored = {n: {coarsest[n]: errors[n][coarsest[n]]} if n in energy else errors[n] for n in layers}
     sums = {name: dict.fromkeys(scored[name], 0.0) for name in layers}

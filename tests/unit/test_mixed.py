@@ -407,6 +407,10 @@ def test_with_output_errors_each_linear_is_scored_once_and_its_other_options_in_
     for group in (g for g in groups if len(g.layers) == 1):  # o_proj and down_proj: groups of one Linear
         ratio = energy[group.layers[0]]["w8"] / energy[group.layers[0]]["w4"]
         assert scaled[group.name]["w8"] == pytest.approx(scaled[group.name]["w4"] * ratio, rel=1e-5)
+    kept = "model.layers.0.self_attn.o_proj"  # a Linear whose menu is bf16 alone has no output error to scale
+    alone = fisher_scores(model, groups, samples, args, errors={**errors, kept: {}}, energy={**energy, kept: {}})
+    (group,) = (g for g in groups if g.layers == [kept])
+    assert alone[group.name]["w4"] == alone[group.name]["w8"] == 0
 
 
 def row(name: str, perplexity: float, bits: float, precision: dict | None = None) -> Row:
