@@ -29,8 +29,9 @@ FINER = ("w4g64", "w4g32")  # the W4 options at a group of their own
 # sensitivity table's cache key and mixed variants' quantize key carry it, so a cache filled by an earlier build of
 # the same quantflow version is not read as current (2: W6 and W8 scored by round-to-nearest's error; 3: an
 # Embedding subclass's table packed, not saved dense; 4: under GPTQ, a Linear's finer options scored in proportion
-# to their output error; 5: the Fisher pass's labels drawn by inverting the cumulative distribution)
-MIXED_VERSION = 5
+# to their output error; 5: the Fisher pass's labels drawn by inverting the cumulative distribution; 6: in two
+# steps, a block of the vocabulary then a token, which draws other labels from the same distribution)
+MIXED_VERSION = 6
 RESOLUTION = 20_000  # DP cells over the spare budget when costs share no usable unit
 MAX_CELLS = 2_000_000  # largest exact DP (a float64 row per group of this many cells)
 TIED = (  # members of a block that a fused serving kernel runs as one matmul

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -38,6 +40,9 @@ from pydantic import BaseModel
 
 from quantflow.quantization.mixed import LayerGroup, layer_menus, layer_option, option_group
 from quantflow.spec import GPTQVariant, MixedVariant
+
+if TYPE_CHECKING:
+    from compressed_tensors.quantization import QuantizationArgs
 
 TABLE_FILE = "sensitivity.json"
 # options whose every layer is at W6 or more: their error is far below what a layer's score resolves next to W4's, so
@@ -177,7 +182,8 @@ def gptq_errors(
     What the final pass leaves differs from round-to-nearest's error, and unevenly across layers; this costs one
     forward pass and one GPTQ solve per Linear and option below W6 (``NEAR_LOSSLESS`` options take round-to-nearest's
     error), not a sequential GPTQ run. ``energy``, when given, receives each Linear's output error per option over
-    the calibration tokens (``tr(dW H dW^T)``, GPTQ's own objective), taken while the layer's Hessian is held."""
+    the calibration tokens (``tr(dW H dW^T)``, GPTQ's own objective), taken while the layer's Hessian is held.
+    The Linears on one input and all their options are solved as one stack of rows (``gptq_solve``)."""
     settings = settings or GPTQVariant()  # block size, dampening and column order as the final pass's
     names = [name for g in groups for name in g.layers if isinstance(model.get_submodule(name), torch.nn.Linear)]
     found = hessians(model, names, samples)
@@ -185,17 +191,17 @@ def gptq_errors(
     errors = rtn_errors(model, [g for g in groups if g not in linear], args)  # embeddings: RTN, as the final pass
     errors |= rtn_errors(model, linear, {o: a for o, a in args.items() if o in NEAR_LOSSLESS})
     menus = layer_menus(groups)
-    shared: dict[int, list[str]] = {}  # Linears on one input (one Hessian object): one solve of their stacked rows
+    shared: dict[int, list[str]] = {}  # Linears on one input (one Hessian object): one solve of all their options
     for name in names:
         shared.setdefault(id(found[name]), []).append(name)
     for members in shared.values():
         hessian = found[members[0]]
-        for option in dict.fromkeys(o for n in members for o in menus[n] if o in args and o not in NEAR_LOSSLESS):
-            taking = [n for n in members if option in menus[n]]
-            weights = [model.get_submodule(n).weight for n in taking]
-            solved = gptq_solve(torch.cat([w.detach().float() for w in weights]), hessian, args[option], settings)
-            for n, weight, rows in zip(taking, weights, solved.split([w.shape[0] for w in weights])):
-                errors.setdefault(n, {})[option] = rows.to(weight.dtype) - weight
+        pieces = [(n, o) for n in members for o in menus[n] if o in args and o not in NEAR_LOSSLESS]
+        weights = [model.get_submodule(n).weight for n, _ in pieces]
+        stack = [(w.detach().float(), args[o]) for w, (_, o) in zip(weights, pieces)]
+        solved = gptq_solve(stack, hessian, settings) if stack else []
+        for (n, option), weight, rows in zip(pieces, weights, solved):
+            errors.setdefault(n, {})[option] = rows.to(weight.dtype) - weight
         for name in members:
             if energy is not None:
                 energy[name] = {o: output_energy(d, hessian) for o, d in errors[name].items()}
@@ -203,26 +209,44 @@ def gptq_errors(
     return errors
 
 
-def gptq_solve(w: torch.Tensor, hessian: torch.Tensor, args, settings: GPTQVariant | MixedVariant) -> torch.Tensor:
-    """llm-compressor's GPTQ solve of a float32 weight on a Hessian, min-max scales; its rows are independent (GPTQ
-    propagates each column's error along its own row), so Linears that share the Hessian are solved stacked."""
+def gptq_solve(
+    pieces: list[tuple[torch.Tensor, QuantizationArgs]], hessian: torch.Tensor, settings: GPTQVariant | MixedVariant
+) -> list[torch.Tensor]:
+    """llm-compressor's GPTQ solve of float32 weights on one Hessian, each at its own arguments with min-max scales
+    fixed before the solve, in one call: GPTQ's rows are independent (each column's error moves along its own row), so
+    Linears that share the Hessian and the group sizes of one Linear are solved stacked. Each piece takes the finest
+    group among them, its own scales repeated over their sub-groups (the same scale per column, so the same result):
+    the solve's per-column Python loop, not its arithmetic, is the cost on a CPU (Gemma 3 270M: 61 s of 121 for its
+    three W4 group sizes solved one by one)."""
     from compressed_tensors.quantization.utils import calculate_qparams
     from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
 
-    option_args = args.model_copy(update={"actorder": settings.actorder})
-    view = w.reshape(w.shape[0], -1, option_args.group_size) if option_args.group_size else w.unsqueeze(1)
-    scale, zero = calculate_qparams(view.amin(dim=-1), view.amax(dim=-1), option_args)
+    columns = pieces[0][0].shape[1]
+    sizes = [args.group_size or columns for _, args in pieces]
+    common = math.gcd(*sizes)
+    scales, zeros = [], []
+    for (w, args), size in zip(pieces, sizes):
+        view = w.reshape(w.shape[0], -1, size)
+        scale, zero = calculate_qparams(view.amin(dim=-1), view.amax(dim=-1), args)
+        scales.append(scale.repeat_interleave(size // common, dim=1))
+        zeros.append(zero.repeat_interleave(size // common, dim=1))
+    base = pieces[0][1]
+    alike = {"group_size", "strategy"}
+    if any(args.model_dump(exclude=alike) != base.model_dump(exclude=alike) for _, args in pieces):
+        raise ValueError("weights solved together may differ in their group size alone")
+    group = {"strategy": "group", "group_size": common} if common < columns or base.group_size else {}
+    stacked = base.model_copy(update={"actorder": settings.actorder, **group})
     quantized, _, _ = quantize_weight(
-        w.unsqueeze(0).clone(),
+        torch.cat([w for w, _ in pieces]).unsqueeze(0),
         hessian.unsqueeze(0).clone(),
-        scale.unsqueeze(0),
-        zero.unsqueeze(0),
+        torch.cat(scales).unsqueeze(0),
+        torch.cat(zeros).unsqueeze(0),
         None,
-        option_args,
+        stacked,
         blocksize=settings.block_size,
         percdamp=settings.dampening_frac,
     )
-    return quantized[0]
+    return list(quantized[0].split([w.shape[0] for w, _ in pieces]))
 
 
 def output_energy(delta: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -279,8 +303,10 @@ def fisher_scores(
         for ids in samples:
             logits = model(ids.unsqueeze(0).to(device)).logits[0].float()
             with torch.no_grad():  # labels drawn from the model itself: the squared gradient then estimates the Fisher
-                labels = sample_tokens(logits.cpu(), generator)
-            F.cross_entropy(logits, labels.to(device), reduction="sum").backward()
+                grad = F.softmax(logits, dim=-1)
+                labels = sample_tokens(grad.cpu(), generator).to(device)
+                grad[torch.arange(len(labels), device=device), labels] -= 1  # the summed cross-entropy's gradient
+            logits.backward(grad)
             tokens += ids.numel()
     finally:
         for handle in handles:
@@ -293,13 +319,23 @@ def fisher_scores(
     }
 
 
-def sample_tokens(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One token per row drawn from the softmax of ``logits`` by inverting its cumulative distribution (summed in
-    float64): ``torch.multinomial`` took 2.7 s per sample of 512 tokens over Gemma 3's 262k-token vocabulary on a
-    2-core CPU, 40% of the Fisher pass; this takes a quarter of that."""
-    cumulative = F.softmax(logits, dim=-1).cumsum(dim=-1, dtype=torch.float64)
-    drawn = torch.rand(logits.shape[0], 1, generator=generator, dtype=torch.float64) * cumulative[:, -1:]
-    return torch.searchsorted(cumulative, drawn).squeeze(1).clamp_(max=logits.shape[-1] - 1)
+def sample_tokens(probs: torch.Tensor, generator: torch.Generator, block: int = 1024) -> torch.Tensor:
+    """One token per row of ``probs`` (rows summing to 1) by inverting the cumulative distribution in two steps: a
+    block of ``block`` tokens by the blocks' totals, then a token inside it, both summed in float64. Over Gemma 3's
+    262k-token vocabulary ``torch.multinomial`` took 2.7 s per sample of 512 tokens on a 2-core CPU, a float64 cumulative
+    sum of the whole row 0.4 s; this reads the probabilities once."""
+    rows, vocab = probs.shape
+    blocks = probs.new_zeros(rows, -(-vocab // block) * block)
+    blocks[:, :vocab] = probs
+    blocks = blocks.view(rows, -1, block)
+    totals = blocks.sum(dim=-1, dtype=torch.float64)
+    cumulative = totals.cumsum(dim=-1)
+    drawn = torch.rand(rows, 1, generator=generator, dtype=torch.float64) * cumulative[:, -1:]
+    chosen = torch.searchsorted(cumulative, drawn).clamp_(max=totals.shape[1] - 1)
+    inside = drawn - cumulative.gather(1, chosen) + totals.gather(1, chosen)
+    within = blocks.gather(1, chosen.unsqueeze(-1).expand(-1, -1, block)).squeeze(1).cumsum(dim=-1, dtype=torch.float64)
+    index = torch.searchsorted(within, inside).clamp_(max=block - 1)
+    return (chosen * block + index).squeeze(1).clamp_(max=vocab - 1)
 
 
 def _part(sums: dict[str, dict[str, float]], group: LayerGroup, option: str, layer: str) -> float:

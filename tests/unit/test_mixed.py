@@ -467,6 +467,30 @@ def test_gptq_errors_are_what_gptq_leaves_on_layers_whose_inputs_it_does_not_cha
         assert not torch.allclose(errors[name]["w4"], rtn[name]["w4"], atol=1e-3)  # GPTQ moved the weights
 
 
+def test_one_stacked_solve_gives_each_group_size_what_its_own_solve_gives():
+    """Linears on one Hessian and all their W4 group sizes go through one GPTQ solve (the per-column loop is the cost):
+    each piece's rows equal its solve alone, channel-wise and with activation ordering too."""
+    from quantflow.quantization.sensitivity import gptq_solve
+    from quantflow.spec import GPTQVariant
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 256, generator=generator) * torch.linspace(0.2, 3, 256)
+    hessian = 2 * x.T @ x / x.shape[0]
+    weights = [torch.randn(rows, 256, generator=generator) for rows in (48, 32, 16)]
+    for settings in (GPTQVariant(), GPTQVariant(actorder="weight")):
+        for symmetric in (True, False):
+            options = [weight_args(o, 128, symmetric) for o in ("w4", "w4g64", "w4g32")]
+            options.append(weight_args("w4", None, symmetric))
+            pieces = [(w, a) for w in weights[:2] for a in options] + [(weights[2], options[1])]
+            stacked = gptq_solve(pieces, hessian, settings)
+            for (w, a), rows in zip(pieces, stacked, strict=True):
+                (alone,) = gptq_solve([(w, a)], hessian, settings)
+                assert torch.allclose(rows, alone, atol=1e-5), (a.group_size, (rows - alone).abs().max())
+                assert not torch.equal(rows, w) and len(rows.unique()) > 16
+    with pytest.raises(ValueError, match="group size alone"):
+        gptq_solve([(weights[0], options[0]), (weights[1], weight_args("w8", 128, True))], hessian, GPTQVariant())
+
+
 def test_hessians_stop_before_a_head_they_do_not_measure_and_agree_with_a_full_pass(tiny_model):
     """The calibration pass that collects GPTQ's Hessians ends before an unmeasured head (a large vocabulary's logits
     cost more than the blocks), with the same Hessians as a pass through it; a measured head is still run."""
@@ -498,9 +522,16 @@ def test_labels_are_drawn_from_the_models_distribution():
     from quantflow.quantization.sensitivity import sample_tokens
 
     logits = torch.tensor([[0.0, 1.0, 2.0, -1.0, -30.0]]).repeat(100_000, 1)
-    drawn = sample_tokens(logits, torch.Generator().manual_seed(0))
+    drawn = sample_tokens(torch.softmax(logits, -1), torch.Generator().manual_seed(0))
     frequencies = torch.bincount(drawn, minlength=5) / len(drawn)
     assert torch.allclose(frequencies, torch.softmax(logits[0], -1), atol=0.005) and frequencies[4] == 0
+    # over blocks of the vocabulary (the last one partial): the token's frequency, not its block's alone
+    logits = torch.randn(1, 37, generator=torch.Generator().manual_seed(1)) * 2
+    drawn = sample_tokens(torch.softmax(logits, -1).repeat(200_000, 1), torch.Generator().manual_seed(0), block=8)
+    frequencies = torch.bincount(drawn, minlength=37) / len(drawn)
+    assert torch.allclose(frequencies, torch.softmax(logits[0], -1), atol=0.004), (
+        (frequencies - logits.softmax(-1)).abs().max()
+    )
 
 
 def test_embeddings_on_the_menu_untied_each_alone_tied_one_table_stored_twice():
