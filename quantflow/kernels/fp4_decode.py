@@ -1,0 +1,44 @@
+"""The Triton decode kernel of ``quantflow.kernels.fp4`` (layout and method there): FP4 codes unpacked in registers,
+even and odd K positions multiplied against the activations' even and odd columns."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def e2m1(nibble):
+    """A 4-bit code's E2M1 value in float32, computed from its bits (no table in memory)."""
+    index = nibble & 7
+    exponent = index >> 1
+    mantissa = (index & 1).to(tl.float32) * 0.5
+    normal = (1.0 + mantissa) * tl.exp2((exponent - 1).to(tl.float32))
+    value = tl.where(exponent == 0, mantissa, normal)
+    return tl.where((nibble & 8) != 0, -value, value)
+
+
+@triton.jit
+def decode(x, packed, scale, out, rows, n, groups, K_HALF: tl.constexpr,
+           GROUP_HALF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr, ROWS: tl.constexpr,
+           INTERPRET: tl.constexpr):  # fmt: skip
+    """``out[rows, n] = x[rows, 2 * K_HALF] @ W^T`` for one block of ``BLOCK_N`` outputs, rows padded to ``ROWS``."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, ROWS)
+    live_n, live_r = offs_n < n, offs_r < rows
+    acc = tl.zeros((BLOCK_N, ROWS), dtype=tl.float32)
+    for start in range(0, K_HALF, BLOCK_KH):  # K per layer: a constant
+        offs_k = start + tl.arange(0, BLOCK_KH)
+        codes = tl.load(packed + offs_n[:, None] * K_HALF + offs_k[None, :], mask=live_n[:, None], other=0)
+        codes = codes.to(tl.int32)
+        group = tl.load(
+            scale + offs_n[:, None] * groups + (offs_k // GROUP_HALF)[None, :], mask=live_n[:, None], other=0.0
+        )
+        even = (e2m1(codes & 15) * group).to(tl.bfloat16)
+        odd = (e2m1(codes >> 4) * group).to(tl.bfloat16)
+        where = x + offs_r[None, :] * (2 * K_HALF) + 2 * offs_k[:, None]
+        x_even = tl.load(where, mask=live_r[None, :], other=0.0)
+        x_odd = tl.load(where + 1, mask=live_r[None, :], other=0.0)
+        if INTERPRET:  # the CPU interpreter multiplies bf16 tiles as their raw bits: give it fp32 (exact)
+            acc += tl.dot(even.to(tl.float32), x_even.to(tl.float32)) + tl.dot(odd.to(tl.float32), x_odd.to(tl.float32))
+        else:
+            acc += tl.dot(even, x_even) + tl.dot(odd, x_odd)
+    tl.store(out + offs_r[None, :] * n + offs_n[:, None], acc.to(tl.bfloat16), mask=live_n[:, None] & live_r[None, :])

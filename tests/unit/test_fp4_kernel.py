@@ -1,0 +1,89 @@
+"""The FP4 decode kernel (quantflow.kernels.fp4): its dequantization against compressed-tensors' own, and its
+product under Triton's CPU interpreter against float64, for NVFP4 and MXFP4 weights."""
+
+import pytest
+import torch
+
+from tests.conftest import run_interpreted
+
+CASES = [  # (format, out features, in features, rows)
+    ("nvfp4-pack-quantized", 96, 256, 1),
+    ("nvfp4-pack-quantized", 64, 128, 16),
+    ("mxfp4-pack-quantized", 80, 256, 5),
+]
+
+
+def fp4_weight(fmt: str, out: int, width: int, seed: int):
+    """Random codes and scales as an artifact stores them: uint8 pairs of nibbles, FP8 E4M3 scales with a float32
+    global scale (NVFP4) or E8M0 exponent bytes (MXFP4)."""
+    from quantflow.kernels.fp4 import GROUPS, from_compressed
+
+    generator = torch.Generator().manual_seed(seed)
+    packed = torch.randint(0, 256, (out, width // 2), generator=generator, dtype=torch.uint8)
+    groups = width // GROUPS[fmt]
+    if fmt.startswith("nvfp4"):
+        scale = (torch.rand(out, groups, generator=generator) * 400 + 1).to(torch.float8_e4m3fn)
+        global_scale = torch.tensor([448.0 * 6 / 0.37])
+        return packed, scale, global_scale, from_compressed(packed, scale, global_scale, fmt)
+    scale = torch.randint(118, 130, (out, groups), generator=generator, dtype=torch.uint8)
+    return packed, scale, None, from_compressed(packed, scale, None, fmt)
+
+
+def interpreted_checks() -> dict:
+    """Run in the child, under the interpreter: each case's kernel product against float64, in bf16 ulps."""
+    from quantflow.kernels.fp4 import decode_linear, dequantize, reference_linear
+
+    results = {}
+    for index, (fmt, out, width, rows) in enumerate(CASES):
+        *_, weight = fp4_weight(fmt, out, width, index)
+        x = torch.randn(rows, width, generator=torch.Generator().manual_seed(50 + index)).to(torch.bfloat16)
+        dense = dequantize(weight, torch.float64)
+        reference = reference_linear(x.double(), weight)
+        slack = (x.double().abs() @ dense.abs().t()) * 2**-8  # each weight rounded once to bf16, fp32 sums
+        y = decode_linear(x, weight, block_n=32, block_k=32)
+        results[str(index)] = {
+            "shape": list(y.shape),
+            "worst": ((y.double() - reference).abs() / (reference.abs() * 2**-7 + slack)).max().item(),
+        }
+    return results
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    pytest.importorskip("triton")
+    return run_interpreted("tests.unit.test_fp4_kernel", "interpreted_checks")
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[str(case) for case in CASES])
+def test_decode_kernel_is_within_one_bf16_rounding_of_float64(interpreted, case):
+    fmt, out, _, rows = CASES[case]
+    result = interpreted[str(case)]
+    assert result["shape"] == [rows, out] and result["worst"] <= 1.0, result
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4-pack-quantized", "mxfp4-pack-quantized"])
+def test_dequantize_is_compressed_tensors_own_decompression(fmt):
+    """Bit for bit: the nibble order, the E2M1 values, NVFP4's scale / global scale and MXFP4's 2^(s - 127)."""
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+
+    from quantflow.kernels.fp4 import dequantize
+
+    packed, scale, global_scale, weight = fp4_weight(fmt, 48, 128, 7)
+    values = unpack_fp4_from_uint8(packed, 48, 128, dtype=torch.float32)
+    if global_scale is not None:
+        effective = scale.to(torch.float32) / global_scale
+    else:
+        effective = torch.pow(2.0, scale.to(torch.float32) - 127)
+    expected = (values * effective.repeat_interleave(128 // scale.shape[1], dim=1)).to(torch.bfloat16)
+    assert torch.equal(dequantize(weight), expected)
+    assert values.abs().max() == 6 and (values == 0).any() and (values < 0).any()
+
+
+def test_decode_refuses_what_it_cannot_take():
+    from quantflow.kernels.fp4 import decode_linear, from_compressed
+
+    *_, weight = fp4_weight("nvfp4-pack-quantized", 32, 128, 0)
+    with pytest.raises(ValueError, match="1-16 rows"):
+        decode_linear(torch.zeros(17, 128), weight)
+    with pytest.raises(ValueError, match="not an FP4 format"):
+        from_compressed(weight.packed, weight.scale, None, "pack-quantized")
