@@ -9,6 +9,8 @@ byte plus its scales and offsets) over the time, against a device-to-device copy
 The decode kernel runs the blocks ``quantflow.kernels.w4a16.decode_config`` gives, as ``linear`` does. First it times
 every unpack form that gives the plain unpack's numbers bit for bit; with ``--sweep`` it also times those blocks'
 neighbours at 1, 16 and 32 rows (one sweep per product width), which is how ``decode_config`` was chosen.
+``nvfp4`` rows time ``quantflow.kernels.fp4``'s decode product (1-16 rows) on random NVFP4 weights of the same shapes
+(its scales read as float32: 4.25 bytes per 8 weights).
 
     python3 bench/kernels.py --out $OUT/kernels.json [--sweep]
 """
@@ -74,7 +76,16 @@ def make_weights(out: int, width: int, seed: int) -> dict:
     zp = torch.randint(-8, 8, scale.shape, generator=generator, device="cuda", dtype=torch.int8)
     packed = repack(q, scale, zp, GROUP)
     tiny = Int4Linear.from_unsigned(q.int() + 8, scale.float(), -zp.float() * scale.float(), GROUP, None, "cuda")
-    return {"packed": packed, "bf16": dequantize(packed), "tinygemm": tiny.pack("tinygemm")}
+    return {"packed": packed, "bf16": dequantize(packed), "tinygemm": tiny.pack("tinygemm"), "nvfp4": fp4(out, width)}
+
+
+def fp4(out: int, width: int):
+    """Random NVFP4 codes and FP8 scales of one Linear's shape, as ``quantflow.kernels.fp4`` takes them."""
+    from quantflow.kernels.fp4 import from_compressed
+
+    codes = torch.randint(0, 256, (out, width // 2), device="cuda", dtype=torch.uint8)
+    scale = (torch.rand(out, width // 16, device="cuda") * 400 + 1).to(torch.float8_e4m3fn)
+    return from_compressed(codes, scale, torch.tensor([7000.0], device="cuda"), "nvfp4-pack-quantized")
 
 
 SWEEP_ROWS = (1, 16, 32)  # one sweep per product width (8, 16, 32): rows 1-8 take the first's blocks
@@ -150,6 +161,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from quantflow.kernels import unpack_form, w4a16
+    from quantflow.kernels.fp4 import DECODE_ROWS as FP4_ROWS
+    from quantflow.kernels.fp4 import decode_linear as fp4_decode
 
     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = True  # cuBLAS's default, stated
     form = unpack_form(torch.device("cuda"))
@@ -168,6 +181,8 @@ def main() -> None:
             return [lambda w=w: flat @ w[name]["bf16"].t() for w in weights]
         if method == "tinygemm":
             return [lambda w=w: w[name]["tinygemm"](flat) for w in weights]
+        if method == "nvfp4":
+            return [lambda w=w: fp4_decode(flat, w[name]["nvfp4"]) for w in weights]
         if rows <= 32:
             config = w4a16.decode_config(*LAYER[name], 128, rows, w4a16.multiprocessors(x.device))
             return [lambda w=w: w4a16.decode_launch(flat, w[name]["packed"], config, form) for w in weights]
@@ -175,12 +190,14 @@ def main() -> None:
 
     def weight_bytes(method: str, name: str) -> int:
         out, width = LAYER[name]
+        if method == "nvfp4":
+            return out * width // 2 + out * width // 16 * 4
         return out * width * 2 if method == "bf16" else out * width // 2 + out * width // GROUP * 4
 
     table = []
     for rows in ROWS:
         replays = args.replays if rows <= 32 else 5
-        for method in ("bf16", "tinygemm", "w4a16"):
+        for method in ("bf16", "tinygemm", "w4a16") + (("nvfp4",) if rows <= FP4_ROWS else ()):
             per = {}
             for name in LAYER:
                 calls = method_call(method, name, rows)
