@@ -6,8 +6,8 @@
 
 The direct measure (``quantflow.quantization.direct.direct_scores``) starts from the finished uniform W4 GPTQ artifact
 of the same run (decompressed), moves each group alone to W8 and measures the KL from the unquantized model it
-removes on the first ``--tokens`` calibration tokens. The table's proxy gain is its score at W4 less its score at W8 (finer W4 groups on the table's menu are left out of
-both).
+removes on the first ``--tokens`` calibration tokens. The table's proxy gain is its score at W4 less its score at W8
+(finer W4 groups on the table's menu are left out of both).
 Reported: Spearman's rank correlation of the two over every group, and how many of the direct measure's ten largest
 gains are among the proxy's ten.
 """

@@ -15,7 +15,7 @@ registers. Rather than interleaving the two nibbles of a byte back into K order 
 shared memory), it splits the activations instead: ``W_even @ x[:, 0::2] + W_odd @ x[:, 1::2]``, two tensor-core
 products per tile with the weight tile as the left operand and the rows padded to 16 (as the W4A16 kernel does).
 The E2M1 value is computed from the three bits, the group scale applied per weight before the product (bf16), fp32
-accumulation. ``reference_linear`` is the same product on the dequantized weight, in PyTorch.
+accumulation. ``reference_linear`` is the same product on the weight as compressed-tensors dequantizes it.
 
 Not yet timed on a GPU: where it stands against bf16 and W4A16 is for ``bench/kernels.py`` to measure.
 """
@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import torch
 
-E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 DECODE_ROWS = 16
 GROUPS = {"nvfp4-pack-quantized": 16, "mxfp4-pack-quantized": 32}
 
@@ -59,17 +58,13 @@ def from_compressed(
     return FP4Weight(packed.contiguous(), effective.contiguous(), GROUPS[fmt])
 
 
-def nibble_values(nibbles: torch.Tensor) -> torch.Tensor:
-    """E2M1 values (float32) of 4-bit codes."""
-    table = torch.tensor(E2M1, dtype=torch.float32, device=nibbles.device)
-    values = table[(nibbles & 7).long()]
-    return torch.where((nibbles & 8) != 0, -values, values)
-
-
 def dequantize(weight: FP4Weight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """The dense weight [N, K]: each value times its group's scale in float32, rounded once to ``dtype``."""
-    low, high = nibble_values(weight.packed & 15), nibble_values(weight.packed >> 4)
-    values = torch.stack((low, high), dim=-1).flatten(1)
+    """The dense weight [N, K]: compressed-tensors' own unpack of the codes, each value times its group's scale in
+    float32, rounded once to ``dtype``."""
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+
+    n, k = weight.shape
+    values = unpack_fp4_from_uint8(weight.packed, n, k, dtype=torch.float32)
     return (values * weight.scale.repeat_interleave(weight.group, dim=1)).to(dtype)
 
 
@@ -86,7 +81,7 @@ def decode_linear(x: torch.Tensor, weight: FP4Weight, block_n: int = 64, block_k
 
     rows, k = x.shape
     n, width = weight.shape
-    if rows > DECODE_ROWS or k != width or k % (2 * block_k) or weight.group % 2:
+    if rows > DECODE_ROWS or k != width or k % (2 * block_k):
         raise ValueError(f"the FP4 decode kernel takes 1-{DECODE_ROWS} rows and K a multiple of {2 * block_k}")
     out = torch.empty(rows, n, dtype=torch.bfloat16, device=x.device)
     x = x.to(torch.bfloat16).contiguous()

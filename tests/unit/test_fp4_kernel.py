@@ -63,7 +63,8 @@ def test_decode_kernel_is_within_one_bf16_rounding_of_float64(interpreted, case)
 
 @pytest.mark.parametrize("fmt", ["nvfp4-pack-quantized", "mxfp4-pack-quantized"])
 def test_dequantize_is_compressed_tensors_own_decompression(fmt):
-    """Bit for bit: the nibble order, the E2M1 values, NVFP4's scale / global scale and MXFP4's 2^(s - 127)."""
+    """Bit for bit: compressed-tensors' unpack times NVFP4's scale / global scale or MXFP4's 2^(s - 127), rounded
+    once."""
     from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
 
     from quantflow.kernels.fp4 import dequantize
