@@ -30,6 +30,13 @@ from quantflow.infra.home import quantflow_home
 
 STATE_FILE = "server.json"
 ADDRESS_FILE = "address.json"  # the last start's ports; kept after a stop, unlike STATE_FILE
+# Each bucket is a SeaweedFS collection with volumes of its own, 7 at its first write by default. With the volume
+# count derived from free disk (-volume.max=0) a store, or a test session, that had made ~35 buckets on a disk with a
+# few GB free had no volume left for the next one, and every write to it answered 500 InternalError ("failed to pick
+# 1 from 0 node candidates"). One volume per bucket to start, grown as it fills; volumes are sparse files, so the
+# fixed count costs no disk until written.
+MAX_VOLUMES = 10000
+MASTER_TOML = "[master.volume_growth]\ncopy_1 = 1\ncopy_2 = 1\ncopy_3 = 1\ncopy_other = 1\n"
 
 
 class LocalS3(BaseModel):
@@ -155,10 +162,11 @@ def start(data_dir: Path, ports: dict[str, int] | None = None, timeout: float = 
         "-s3.port.lance=0",
         "-master.volumeSizeLimitMB=64",
         "-master.electionTimeout=1s",
-        "-volume.max=0",
-    ]  # 0: as many volumes as the disk holds (one set per bucket)
+        f"-volume.max={MAX_VOLUMES}",
+    ]
+    (data_dir / "master.toml").write_text(MASTER_TOML)  # read from the working directory
     log = (data_dir / "weed.log").open("a")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=data_dir)
     server = LocalS3(
         endpoint_url=_endpoint(ports),
         access_key=creds["access_key"],

@@ -364,6 +364,25 @@ def test_server_killed_mid_upload_then_restarted_resumes(tmp_path, monkeypatch):
         s3server.stop(data)
 
 
+def test_each_new_bucket_takes_one_volume_so_many_buckets_fit(tmp_path, monkeypatch):
+    """A store that had made ~35 buckets on a disk with a few GB free answered 500 to every write into the next one:
+    SeaweedFS gave each bucket 7 volumes and derived its volume count from free disk. Capped at 8 volumes, 8 buckets
+    must each take an artifact."""
+    monkeypatch.setattr(s3server, "MAX_VOLUMES", 8)
+    data = tmp_path / "weed"
+    server = s3server.start(data)
+    try:
+        for key, value in server.env().items():
+            monkeypatch.setenv(key, value)
+        folder = artifact(tmp_path, sizes=(1000,))
+        for _ in range(8):
+            spec = bucket_spec(max_attempts=2)
+            upload(folder, spec, "p/", {})
+            assert MANIFEST in " ".join(keys(spec))
+    finally:
+        s3server.stop(data)
+
+
 def _catch(action):
     try:
         action()
