@@ -7,7 +7,9 @@ runs ``quantflow.evaluation.decode.benchmark`` on:
   - bf16: the baseline folder, dense;
   - W4 int4 tinygemm: the saved artifact through ``quantflow.evaluation.int4`` (packed weights, PyTorch's int4 op);
   - dense-decompressed: the same artifact as transformers loads it (compressed-tensors -> bf16);
-  - FP8 W8A8 (when asked): an fp8 variant's artifact on FP8 matmuls (``quantflow.evaluation.fp8``).
+  - FP8 W8A8 (when asked): an fp8 variant's artifact on FP8 matmuls (``quantflow.evaluation.fp8``);
+  - NVFP4 W4A16 Triton (when asked): an nvfp4 variant's artifact on quantflow's FP4 decode kernel
+    (``quantflow.evaluation.fp4``).
 Before timing, the int4 model's logits are checked against the dequantized reference.
 ``--fuse both`` times each runtime with separate and with fused q/k/v and gate/up projections.
 
@@ -32,6 +34,19 @@ from bench.models import SHAPES, build_baseline  # noqa: E402
 
 W4A16 = "W4 int4 W4A16 Triton"  # quantflow.kernels' decode and prefill kernels on the same artifact
 FP8 = "FP8 W8A8"  # an fp8 variant's artifact (e4m3 per channel, dynamic per-token activations) on FP8 matmuls
+NVFP4 = "NVFP4 W4A16 Triton"  # an nvfp4 variant's artifact (RTN) on quantflow.kernels.fp4's decode kernel
+
+
+def quantize_nvfp4(baseline: Path, artifact: Path) -> dict:
+    from quantflow.infra.resources import Resources
+    from quantflow.quantization.quantize import Scheme, quantize_weights
+    from quantflow.spec import FP4Variant
+
+    variant = FP4Variant(name="nvfp4", method="nvfp4")
+    record = quantize_weights(
+        str(baseline), variant, Scheme(group_size=16), None, Resources(device="cuda"), artifact, artifact
+    )
+    return {"seconds": record.seconds, "quantized_layers": len(record.quantized_layers)}
 
 
 def quantize(baseline: Path, artifact: Path, group_size: int) -> dict:
@@ -103,6 +118,10 @@ def measure(
         from quantflow.evaluation.fp8 import load_fp8
 
         model = load_fp8(folder, "cuda")
+    elif runtime == NVFP4:
+        from quantflow.evaluation.fp4 import load_fp4
+
+        model = load_fp4(folder, "cuda")
     else:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).cuda()
     if runtime == W4A16:
@@ -157,8 +176,11 @@ def run_shape(
         from bench.fp8_decode import quantize as quantize_fp8
 
         isolated("quantize fp8", None, quantize_fp8, baseline, work / f"{shape}-fp8")
+    if NVFP4 in chosen:
+        isolated("quantize nvfp4", None, quantize_nvfp4, baseline, work / f"{shape}-nvfp4")
     runtimes = {
         FP8: work / f"{shape}-fp8",
+        NVFP4: work / f"{shape}-nvfp4",
         "bf16": baseline,
         "W4 int4 tinygemm": artifact,
         W4A16: artifact,

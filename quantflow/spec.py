@@ -590,11 +590,13 @@ class EvaluationSpec(_Strict):
         2048, ge=0, description="Tokens on which the KL divergence from the baseline is measured (0 = skip)."
     )
     speed: SpeedSpec | None = Field(default_factory=SpeedSpec, description="Throughput settings; null skips timing.")
-    kernels: Literal["auto", "dense", "int4", "fp8"] = Field(
+    kernels: Literal["auto", "dense", "int4", "fp8", "fp4"] = Field(
         "auto",
         description="How artifacts execute: 'int4' = W4 packed weights on PyTorch's int4 kernels (bf16 activations), "
         "'fp8' = FP8 variants on FP8 matmuls (compute capability 8.9+), 'dense' = decompressed by transformers, "
-        "'auto' = each variant's quantized kernels on CUDA where the scheme and the card allow, else dense.",
+        "'auto' = each variant's quantized kernels on CUDA where the scheme and the card allow, else dense, "
+        "'fp4' = as 'auto', and NVFP4/MXFP4 weight-only variants on quantflow's FP4 Triton kernel (CUDA GPUs; not "
+        "yet timed, so not in 'auto').",
     )
     prompts: list[str] = Field(
         default_factory=lambda: list(DEFAULT_PROMPTS), description="Prompts answered greedily by every variant."

@@ -8,7 +8,7 @@ would copy transformers' code, so instead the projections keep their names: each
 fused matmul and keeps its parts; the others return theirs. Called in any other order, or with
 different inputs, a slice recomputes: the result is the same, only the saving is lost.
 
-The decode harness applies this to every runtime alike (bf16, int4, FP8 and int8), so the comparison stays fair.
+The decode harness applies this to every runtime alike (bf16, int4, FP8, int8 and FP4), so the comparison stays fair.
 It works in place and renames the weights (``fused_q.linear.weight``), so a fused model is for
 running, not for saving.
 """
@@ -20,6 +20,7 @@ from torch import nn
 from transformers.activations import SiLUActivation
 
 from quantflow.evaluation.int4 import Int4Linear
+from quantflow.kernels.fp4 import FP4Linear
 from quantflow.kernels.fp8 import FP8GatedMLP, FP8Linear
 from quantflow.kernels.int8 import Int8Linear, Int8WeightOnlyLinear
 
@@ -86,6 +87,9 @@ def concat(layers: list[nn.Module]) -> nn.Module | None:
         device = next(layers[0].buffers()).device  # tinygemm's tensors or W4A16's, whichever form it holds
         like = torch.empty(0, dtype=torch.bfloat16, device=device)  # its bias is bf16
         return Int4Linear.concat(layers, joined_bias(layers, like))
+    if all(isinstance(layer, FP4Linear) for layer in layers) and len({layer.group for layer in layers}) == 1:
+        like = torch.empty(0, dtype=torch.bfloat16, device=layers[0].packed.device)
+        return FP4Linear.concat(layers, joined_bias(layers, like))
     kind = type(layers[0])
     if kind in (FP8Linear, Int8Linear, Int8WeightOnlyLinear) and all(type(layer) is kind for layer in layers):
         like = torch.empty(0, dtype=torch.bfloat16, device=layers[0].weight.device)  # they keep biases in bf16

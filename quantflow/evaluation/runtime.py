@@ -16,7 +16,8 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from quantflow.errors import QuantflowError
-from quantflow.evaluation.evaluate import BASELINE_LOGPROBS, FP4_FORMATS, EvalRecord, is_fp4
+from quantflow.evaluation.evaluate import BASELINE_LOGPROBS, FP4_FORMATS, EvalRecord
+from quantflow.evaluation.fp4 import fp4_activations
 from quantflow.infra.resources import Resources
 from quantflow.spec import BnbVariant, CalibrationSpec, EvaluationSpec
 
@@ -78,10 +79,17 @@ def moe_note(model, path: str) -> str:
 
 def on_kernels(path: str, kernels: str, device: str):
     """(model, label) on the artifact's quantized kernels, or (None, why they were refused, or '') for dense."""
+    from quantflow.evaluation.fp4 import LABEL, fp4_kernel_missing, load_fp4, use_fp4
     from quantflow.evaluation.fp8 import load_fp8, use_fp8
     from quantflow.evaluation.int4 import load_int4, runtime_label, use_int4
     from quantflow.evaluation.int8 import load_int8, use_int8
 
+    if use_fp4(path, kernels, device):  # asked for by name: no silent substitute
+        problem = fp4_kernel_missing(device)
+        if problem is not None:
+            raise QuantflowError(f"evaluation.kernels 'fp4': {problem}", "set evaluation.kernels to 'auto'")
+        return load_fp4(path, device), LABEL
+    kernels = "auto" if kernels == "fp4" else kernels  # the other variants run as under 'auto'
     if use_int4(path, kernels, device):
         try:
             model = load_int4(path, device)
@@ -108,14 +116,6 @@ def on_kernels(path: str, kernels: str, device: str):
     return None, ""
 
 
-def fp4_activations(path: Path) -> bool:
-    """An FP4 artifact with FP4 activations (W4A4): no machine here has the matmul, so it is not timed."""
-    if not is_fp4(path):
-        return False
-    quant = json.loads((path / "config.json").read_text())["quantization_config"]
-    return any(group.get("input_activations") for group in quant.get("config_groups", {}).values())
-
-
 def dense_note(path: Path) -> str:
     """What the dense runtime does with an artifact's quantization: weights dequantized; W8A8 activations
     fake-quantized per token, so the quality is the quantized model's though the matmuls are bf16."""
@@ -128,7 +128,7 @@ def dense_note(path: Path) -> str:
         return ", compressed-tensors FP4 weights dequantized at load (exact emulation; no FP4 matmuls here)" + (
             ", activations quantized to FP4 and back per group: W4A4 not timed, no FP4 kernel here"
             if acts
-            else ", timed dense in bf16: not an FP4 kernel's speed"
+            else ", timed dense in bf16: not an FP4 kernel's speed (evaluation.kernels 'fp4' times quantflow's)"
         )
     if any(group.get("input_activations") for group in groups):
         return ", compressed-tensors: weights dequantized, activations quantized per token and back (simulated W8A8)"

@@ -7,7 +7,7 @@ Each kernel module names its weight layout at the top and keeps a reference besi
 - ``fp8``: the FP8 W8A8 Linears (``_scaled_mm``), with ``fp8_gemv`` and ``fp8_mlp`` for one row and ``e4m3``;
 - ``int8``: the INT8 W8A8 and W8A16 Linears on PyTorch's int8 kernels.
 - ``fp4``: compressed-tensors' NVFP4/MXFP4 weights as saved, their dequantization and a Triton decode product
-  for 1-16 rows (``fp4_decode``); tested, not yet timed on a GPU or used by a runtime.
+  for 1-16 rows (``fp4_decode``) with ``FP4Linear``, the FP4 runtime's module; not yet timed on a GPU.
 
 The FP8 and INT8 Linears are modules the runtimes swap in; the W4 kernels go through ``linear``.
 

@@ -17,18 +17,30 @@ products per tile with the weight tile as the left operand and the rows padded t
 The E2M1 value is computed from the three bits, the group scale applied per weight before the product (bf16), fp32
 accumulation. ``reference_linear`` is the same product on the weight as compressed-tensors dequantizes it.
 
-Not yet timed on a GPU: where it stands against bf16 and W4A16 is for ``bench/kernels.py`` to measure.
+``FP4Linear`` is the module the FP4 runtime swaps in for each quantized Linear: the decode kernel up to 16 rows,
+above that the weight dequantized to bf16 for a cuBLAS product (prefill), and the dequantized reference wherever the
+kernel cannot run (no CUDA GPU, a width it cannot tile, a failed self-check), which ``route`` names.
+
+Not yet timed on a GPU: where it stands against bf16 and W4A16 is for ``bench/kernels.py`` to measure, and until it
+is, only ``evaluation.kernels: fp4`` runs it.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 DECODE_ROWS = 16
 GROUPS = {"nvfp4-pack-quantized": 16, "mxfp4-pack-quantized": 32}
+FORMATS = tuple(GROUPS)
+BLOCKS_K = (64, 32, 16)  # packed bytes per K step, largest first: a tile is 2 x BLOCK_K weights wide
+MIN_CAPABILITY = (8, 0)  # bf16 tensor cores
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton reads it once too, at import
+_problems: dict[str, str | None] = {}  # device -> why the kernel cannot run there, or None (checked once)
 
 
 @dataclass
@@ -73,22 +85,94 @@ def reference_linear(x: torch.Tensor, weight: FP4Weight) -> torch.Tensor:
     return x @ dequantize(weight, x.dtype).T
 
 
+def block_k(in_features: int) -> int | None:
+    """The K step (packed bytes) that tiles ``in_features`` exactly, or None when none does."""
+    return next((block for block in BLOCKS_K if in_features % (2 * block) == 0), None)
+
+
 def decode_linear(x: torch.Tensor, weight: FP4Weight, block_n: int = 64, block_k: int = 64) -> torch.Tensor:
     """``x @ W^T`` for 1-16 rows of bf16 ``x`` [rows, K] on the Triton decode kernel; bf16 [rows, N]."""
-    import triton
-
-    from quantflow.kernels.fp4_decode import decode
+    from quantflow.kernels import fp4_decode  # noqa: F401 (registers the custom op)
 
     rows, k = x.shape
     n, width = weight.shape
     if rows > DECODE_ROWS or k != width or k % (2 * block_k):
         raise ValueError(f"the FP4 decode kernel takes 1-{DECODE_ROWS} rows and K a multiple of {2 * block_k}")
-    out = torch.empty(rows, n, dtype=torch.bfloat16, device=x.device)
     x = x.to(torch.bfloat16).contiguous()
-    grid = (triton.cdiv(n, block_n),)
-    decode[grid](
-        x, weight.packed, weight.scale, out, rows, n, weight.scale.shape[1],
-        K_HALF=k // 2, GROUP_HALF=weight.group // 2, BLOCK_N=block_n, BLOCK_KH=block_k, ROWS=DECODE_ROWS,
-        INTERPRET=os.environ.get("TRITON_INTERPRET") == "1",
-    )  # fmt: skip
-    return out
+    return torch.ops.quantflow.fp4_decode(x, weight.packed, weight.scale, weight.group, block_n, block_k, DECODE_ROWS)
+
+
+def device_problem(device: torch.device) -> str | None:
+    """Why the FP4 decode kernel cannot run on ``device``, or None when it can: checked once per device against the
+    dequantized reference, so a GPU or Triton build that lowers it differently is found here, not as wrong numbers."""
+    key = str(device)
+    if key not in _problems:
+        _problems[key] = _device_problem(device)
+    return _problems[key]
+
+
+def _device_problem(device: torch.device) -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    if device.type != "cuda" and not _INTERPRETED:
+        return "the FP4 kernel runs on CUDA GPUs"
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < MIN_CAPABILITY:
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{torch.cuda.get_device_name(device)} has compute capability {major}.{minor}"
+    return self_check(device)
+
+
+def self_check(device: torch.device) -> str | None:
+    """None when the kernel's product on a random NVFP4 weight is within bf16 rounding of the float32 reference."""
+    generator = torch.Generator().manual_seed(0)
+    packed = torch.randint(0, 256, (96, 128), generator=generator, dtype=torch.uint8)
+    scale = (torch.rand(96, 16, generator=generator) + 0.5).to(torch.float8_e4m3fn)
+    weight = from_compressed(packed.to(device), scale.to(device), torch.tensor([1.0], device=device), FORMATS[0])
+    x = torch.randn(3, 256, generator=generator).to(device, torch.bfloat16)
+    try:
+        y = decode_linear(x, weight).float()
+    except Exception as error:  # a compiler or driver that cannot build it: the runtime says so and runs dense
+        return f"the FP4 kernel failed to run ({type(error).__name__})"
+    reference = reference_linear(x.float(), weight)
+    slack = (x.float().abs() @ dequantize(weight, torch.float32).abs().t()) * 2**-7
+    return None if bool(((y - reference).abs() <= slack + 1e-3).all()) else "the FP4 kernel failed its self-check"
+
+
+class FP4Linear(nn.Module):
+    """A Linear whose weight stays FP4 as saved (half a byte per weight plus its group scales)."""
+
+    def __init__(self, weight: FP4Weight, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.group = weight.group
+        self.register_buffer("packed", weight.packed)
+        self.register_buffer("scale", weight.scale)
+        self.bias = nn.Parameter(bias.to(torch.bfloat16), requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def concat(cls, layers: list[FP4Linear], bias: torch.Tensor | None) -> FP4Linear:
+        """One layer computing ``layers`` (same input width and group) side by side: their codes and their effective
+        scales (each NVFP4 layer's global scale already folded in) stacked by rows."""
+        packed = torch.cat([layer.packed for layer in layers])
+        return cls(FP4Weight(packed, torch.cat([layer.scale for layer in layers]), layers[0].group), bias)
+
+    @property
+    def weight_fp4(self) -> FP4Weight:
+        return FP4Weight(self.packed, self.scale, self.group)
+
+    def route(self, rows: int, device: torch.device) -> str:
+        """Which path ``forward`` takes for ``rows`` rows on ``device``: the label the report shows."""
+        problem = device_problem(device) or (None if block_k(self.in_features) else "a width the kernel cannot tile")
+        if problem is not None:
+            return f"FP4 dequantized reference, no kernel ({problem})"
+        return "FP4 Triton decode" if rows <= DECODE_ROWS else "FP4 dequantized to bf16 + cuBLAS"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if self.route(flat.shape[0], x.device) == "FP4 Triton decode":
+            y = decode_linear(flat, self.weight_fp4, block_k=block_k(self.in_features))
+        else:
+            y = flat @ dequantize(self.weight_fp4).t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)

@@ -1,6 +1,9 @@
 """The Triton decode kernel of ``quantflow.kernels.fp4`` (layout and method there): FP4 codes unpacked in registers,
 even and odd K positions multiplied against the activations' even and odd columns."""
 
+import os
+
+import torch
 import triton
 import triton.language as tl
 
@@ -42,3 +45,20 @@ def decode(x, packed, scale, out, rows, n, groups, K_HALF: tl.constexpr,
         else:
             acc += tl.dot(even, x_even) + tl.dot(odd, x_odd)
     tl.store(out + offs_r[None, :] * n + offs_n[:, None], acc.to(tl.bfloat16), mask=live_n[:, None] & live_r[None, :])
+
+
+@torch.library.triton_op("quantflow::fp4_decode", mutates_args={})
+def fp4_decode(
+    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, group: int, block_n: int, block_k: int, pad: int
+) -> torch.Tensor:
+    """``x @ W^T`` in bf16 for bf16 ``x`` [rows <= pad, K] and an FP4 weight given by its tensors, the rows padded to
+    ``pad`` for the tensor cores (a custom op, so that torch.compile and CUDA graphs take the kernel as one node)."""
+    rows, k = x.shape
+    n = packed.shape[0]
+    out = torch.empty(rows, n, dtype=torch.bfloat16, device=x.device)
+    torch.library.wrap_triton(decode)[(triton.cdiv(n, block_n),)](
+        x, packed, scale, out, rows, n, scale.shape[1],
+        K_HALF=k // 2, GROUP_HALF=group // 2, BLOCK_N=block_n, BLOCK_KH=block_k, ROWS=pad,
+        INTERPRET=os.environ.get("TRITON_INTERPRET") == "1",
+    )  # fmt: skip
+    return out

@@ -10,6 +10,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from quantflow.errors import QuantflowError
+from quantflow.evaluation.fp4 import fp4_kernel_missing
 from quantflow.evaluation.fp8 import fp8_matmuls, fp8_matmuls_missing
 from quantflow.evaluation.int4 import GROUP_SIZES
 from quantflow.infra.cache import StepCache, content_key, default_cache_root
@@ -120,6 +121,11 @@ def check_kernels(kernels: str, variant: WeightVariant, scheme: Scheme, device: 
         raise QuantflowError(
             f"variant '{variant.name}' ({scheme_label(variant, scheme.group_size)}) cannot run on FP8 matmuls",
             "set evaluation.kernels to 'auto' or 'dense', or keep only fp8 variants",
+        )
+    if kernels == "fp4" and (problem := fp4_kernel_missing(device)) is not None:
+        raise QuantflowError(
+            f"evaluation.kernels 'fp4' needs quantflow's FP4 kernel, which this machine cannot run ({problem})",
+            "run on a CUDA GPU of compute capability 8.0 or newer, or set evaluation.kernels to 'auto'",
         )
     if kernels == "fp8" and not fp8_matmuls(device):
         raise QuantflowError(

@@ -116,3 +116,57 @@ def test_nvfp4_experts_load_with_their_global_scales(moe_nvfp4):
     model, out = moe_nvfp4
     loaded, _ = load_for_eval(str(out), "cpu", "float32")
     assert 0 < expert_error(loaded, AutoModelForCausalLM.from_pretrained(model)) < 0.15  # FP4, groups of 16
+
+
+def runtime_checks() -> dict:
+    """In the child, under the interpreter: each FP4 artifact on the FP4 runtime against its dense emulation."""
+    import json
+    import os
+
+    from quantflow.evaluation.evaluate import load_for_eval
+    from quantflow.evaluation.fp4 import load_fp4
+    from quantflow.evaluation.fuse import fuse_projections
+    from quantflow.kernels.fp4 import FP4Linear
+
+    results = {}
+    for name, path in json.loads(os.environ["QF_FP4_ARTIFACTS"]).items():
+        dense, _ = load_for_eval(path, "cpu", "bfloat16")
+        kernel = load_fp4(path, "cpu")
+        layers = [m for m in kernel.modules() if isinstance(m, FP4Linear)]
+        ids = torch.randint(3, 300, (1, 20), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            for rows in (1, 20):  # one row: the decode kernel; 20: dequantized to bf16 for the matmul
+                want, got = dense(ids[:, :rows]).logits.float(), kernel(ids[:, :rows]).logits.float()
+                results[f"{name}-{rows}"] = {
+                    "error": ((got - want).abs().max() / want.abs().max()).item(),
+                    "same_argmax": bool((got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9),
+                    "route": layers[0].route(rows, torch.device("cpu")),
+                    "layers": len(layers),
+                }
+            unfused = kernel(ids[:, :1]).logits.float()
+            fused = fuse_projections(kernel)  # q/k/v and gate/up as one FP4Linear each, as the decode harness times
+            results[f"{name}-fused"] = {
+                "groups": fused,
+                "error": (kernel(ids[:, :1]).logits - unfused).abs().max().item(),
+            }
+    return results
+
+
+def test_fp4_runtime_runs_the_stored_codes_on_the_kernel(fp4_run, moe_nvfp4, monkeypatch):
+    """The FP4 runtime keeps every quantized Linear (dense and each expert) packed and gives the dense emulation's
+    logits: the Triton kernel to 16 rows, the dequantized weight above."""
+    import json
+
+    from tests.conftest import run_interpreted
+
+    pytest.importorskip("triton")
+    artifacts = {"dense": str(fp4_run / "nvfp4"), "moe": str(moe_nvfp4[1])}
+    monkeypatch.setenv("QF_FP4_ARTIFACTS", json.dumps(artifacts))
+    results = run_interpreted("tests.unit.test_fp4", "runtime_checks")
+    for name, layers in (("dense", 14), ("moe", None)):
+        one, many = results[f"{name}-1"], results[f"{name}-20"]
+        assert one["route"] == "FP4 Triton decode" and many["route"] == "FP4 dequantized to bf16 + cuBLAS"
+        assert one["error"] < 0.02 and many["error"] < 0.02 and one["same_argmax"] and many["same_argmax"]
+        assert layers is None or one["layers"] == layers
+        assert results[f"{name}-fused"]["groups"] >= 2 and results[f"{name}-fused"]["error"] < 1e-2
+    assert results["moe-1"]["layers"] > 14  # one module per expert and projection

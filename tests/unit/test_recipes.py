@@ -163,6 +163,9 @@ def test_plan_refuses_what_the_machine_or_model_cannot_run(tmp_path):
     assert "compute capability 8.9" in error.value.fix
     with pytest.raises(QuantflowError, match="cannot run on FP8 matmuls"):
         plan([{"method": "int8"}, {"method": "fp8"}], kernels="fp8")
+    with pytest.raises(QuantflowError, match="needs quantflow's FP4 kernel.*on CPU") as error:
+        plan([{"method": "nvfp4"}], kernels="fp4")
+    assert "compute capability 8.0" in error.value.fix
     with pytest.raises(QuantflowError, match="cannot run on the int4 kernels"):
         plan([{"method": "fp8"}], kernels="int4")
     with pytest.raises(QuantflowError, match="unknown variant method 'fp9'"):
