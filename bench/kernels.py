@@ -10,7 +10,7 @@ The decode kernel runs the blocks ``quantflow.kernels.w4a16.decode_config`` give
 every unpack form that gives the plain unpack's numbers bit for bit; with ``--sweep`` it also times those blocks'
 neighbours at 1, 16 and 32 rows (one sweep per product width), which is how ``decode_config`` was chosen.
 ``nvfp4`` rows time ``quantflow.kernels.fp4``'s decode product (1-16 rows) on random NVFP4 weights of the same shapes
-(its scales read as float32: 4.25 bytes per 8 weights).
+(codes, E4M3 scale bytes and one global scale per row read as saved: 4.5 bytes per 8 weights).
 
     python3 bench/kernels.py --out $OUT/kernels.json [--sweep]
 """
@@ -191,7 +191,7 @@ def main() -> None:
     def weight_bytes(method: str, name: str) -> int:
         out, width = LAYER[name]
         if method == "nvfp4":
-            return out * width // 2 + out * width // 16 * 4
+            return out * width // 2 + out * width // 16 + out * 4  # codes, E4M3 scale bytes, global scales
         return out * width * 2 if method == "bf16" else out * width // 2 + out * width // GROUP * 4
 
     table = []

@@ -6,16 +6,22 @@ Layout (compressed-tensors' ``nvfp4-pack-quantized`` and ``mxfp4-pack-quantized`
   high nibble. A nibble is sign (bit 3) and a magnitude index (bits 0-2) into E2M1's values 0, 0.5, 1, 1.5, 2, 3,
   4, 6: exponent ``e = index >> 1``, mantissa ``m = index & 1``, value ``m / 2`` when ``e == 0`` (subnormal), else
   ``(1 + m / 2) * 2^(e - 1)``.
-- ``scale``: float32 ``[N, K/group]``, the group's dequantization scale, taken once at load: NVFP4 (group 16) stores
-  an FP8 E4M3 scale per group and one float32 global scale, and dequantizes with ``scale / global_scale``; MXFP4
-  (group 32) stores an E8M0 exponent byte ``s`` per group, the scale ``2^(s - 127)``.
+- ``scale``: uint8 ``[N, K/group]``, the group's scale byte as saved: NVFP4 (group 16) an FP8 E4M3 value, MXFP4
+  (group 32) an E8M0 exponent ``s`` meaning ``2^(s - 127)``.
+- ``global_scale``: float32 ``[N]``, what the group scales are divided by: NVFP4's per-tensor global scale repeated
+  over the layer's rows (so that fused layers keep each their own), 1 for MXFP4.
+
+The kernel reads the bytes as saved, 4.5 bits per NVFP4 weight and 4.25 per MXFP4 weight, where float32 group scales
+would add 2 and 1 bits: at one row decoding is a matter of bytes read.
 
 The decode kernel computes ``x @ W^T`` for up to 16 rows without a dequantized copy: the nibbles never leave
 registers. Rather than interleaving the two nibbles of a byte back into K order (a reshape that Triton routes through
 shared memory), it splits the activations instead: ``W_even @ x[:, 0::2] + W_odd @ x[:, 1::2]``, two tensor-core
 products per tile with the weight tile as the left operand and the rows padded to 16 (as the W4A16 kernel does).
-The E2M1 value is computed from the three bits, the group scale applied per weight before the product (bf16), fp32
-accumulation. ``reference_linear`` is the same product on the weight as compressed-tensors dequantizes it.
+The E2M1 value and the group's scale are computed from their bits; their product has at most 6 significant bits, so
+the bf16 weight tile is exact; fp32 accumulation, and the division by the global scale once per output.
+``reference_linear`` is the product on the weight as compressed-tensors dequantizes it (each weight divided by the
+global scale and rounded), so the kernel's error against float64 is at most that of the reference.
 
 ``FP4Linear`` is the module the FP4 runtime swaps in for each quantized Linear: the decode kernel up to 16 rows,
 above that the weight dequantized to bf16 for a cuBLAS product (prefill), and the dequantized reference wherever the
@@ -45,11 +51,13 @@ _problems: dict[str, str | None] = {}  # device -> why the kernel cannot run the
 
 @dataclass
 class FP4Weight:
-    """One Linear's FP4 weight as saved: ``packed`` uint8 [N, K/2], ``scale`` float32 [N, K/group]."""
+    """One Linear's FP4 weight as saved (layout above)."""
 
     packed: torch.Tensor
     scale: torch.Tensor
+    global_scale: torch.Tensor
     group: int
+    e8m0: bool  # MXFP4's power-of-two scale bytes, else NVFP4's E4M3
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -60,14 +68,26 @@ def from_compressed(
     packed: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor | None, fmt: str
 ) -> FP4Weight:
     """The kernel's weight from an artifact's ``weight_packed``, ``weight_scale`` and, for NVFP4, its
-    ``weight_global_scale``."""
+    ``weight_global_scale``: the same tensors, the scale bytes viewed as uint8."""
     if fmt not in GROUPS:
         raise ValueError(f"not an FP4 format: {fmt}")
-    if fmt == "mxfp4-pack-quantized":  # E8M0: the byte is a biased power of two
-        effective = torch.exp2(scale.to(torch.float32) - 127)
+    rows = packed.shape[0]
+    e8m0 = fmt == "mxfp4-pack-quantized"
+    if e8m0:
+        divisor = torch.ones(rows, dtype=torch.float32, device=packed.device)
     else:
-        effective = scale.to(torch.float32) / global_scale.to(torch.float32)
-    return FP4Weight(packed.contiguous(), effective.contiguous(), GROUPS[fmt])
+        divisor = global_scale.to(torch.float32).reshape(-1).expand(rows)
+    raw = scale.view(torch.uint8) if scale.dtype == torch.float8_e4m3fn else scale.to(torch.uint8)
+    return FP4Weight(packed.contiguous(), raw.contiguous(), divisor.contiguous(), GROUPS[fmt], e8m0)
+
+
+def group_scales(weight: FP4Weight) -> torch.Tensor:
+    """float32 [N, K/group]: each group's scale divided by its row's global scale, as compressed-tensors computes it."""
+    if weight.e8m0:  # E8M0: the byte is a biased power of two
+        decoded = torch.exp2(weight.scale.to(torch.float32) - 127)
+    else:
+        decoded = weight.scale.view(torch.float8_e4m3fn).to(torch.float32)
+    return decoded / weight.global_scale[:, None]
 
 
 def dequantize(weight: FP4Weight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -77,7 +97,7 @@ def dequantize(weight: FP4Weight, dtype: torch.dtype = torch.bfloat16) -> torch.
 
     n, k = weight.shape
     values = unpack_fp4_from_uint8(weight.packed, n, k, dtype=torch.float32)
-    return (values * weight.scale.repeat_interleave(weight.group, dim=1)).to(dtype)
+    return (values * group_scales(weight).repeat_interleave(weight.group, dim=1)).to(dtype)
 
 
 def reference_linear(x: torch.Tensor, weight: FP4Weight) -> torch.Tensor:
@@ -99,7 +119,9 @@ def decode_linear(x: torch.Tensor, weight: FP4Weight, block_n: int = 64, block_k
     if rows > DECODE_ROWS or k != width or k % (2 * block_k):
         raise ValueError(f"the FP4 decode kernel takes 1-{DECODE_ROWS} rows and K a multiple of {2 * block_k}")
     x = x.to(torch.bfloat16).contiguous()
-    return torch.ops.quantflow.fp4_decode(x, weight.packed, weight.scale, weight.group, block_n, block_k, DECODE_ROWS)
+    return torch.ops.quantflow.fp4_decode(
+        x, weight.packed, weight.scale, weight.global_scale, weight.group, weight.e8m0, block_n, block_k, DECODE_ROWS
+    )
 
 
 def device_problem(device: torch.device) -> str | None:
@@ -127,7 +149,8 @@ def self_check(device: torch.device) -> str | None:
     generator = torch.Generator().manual_seed(0)
     packed = torch.randint(0, 256, (96, 128), generator=generator, dtype=torch.uint8)
     scale = (torch.rand(96, 16, generator=generator) + 0.5).to(torch.float8_e4m3fn)
-    weight = from_compressed(packed.to(device), scale.to(device), torch.tensor([1.0], device=device), FORMATS[0])
+    global_scale = torch.tensor([448.0 * 6 / 3.0], device=device)
+    weight = from_compressed(packed.to(device), scale.to(device), global_scale, FORMATS[0])
     x = torch.randn(3, 256, generator=generator).to(device, torch.bfloat16)
     try:
         y = decode_linear(x, weight).float()
@@ -144,21 +167,26 @@ class FP4Linear(nn.Module):
     def __init__(self, weight: FP4Weight, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.group = weight.group
+        self.group, self.e8m0 = weight.group, weight.e8m0
         self.register_buffer("packed", weight.packed)
         self.register_buffer("scale", weight.scale)
+        self.register_buffer("global_scale", weight.global_scale)
         self.bias = nn.Parameter(bias.to(torch.bfloat16), requires_grad=False) if bias is not None else None
 
     @classmethod
     def concat(cls, layers: list[FP4Linear], bias: torch.Tensor | None) -> FP4Linear:
-        """One layer computing ``layers`` (same input width and group) side by side: their codes and their effective
-        scales (each NVFP4 layer's global scale already folded in) stacked by rows."""
-        packed = torch.cat([layer.packed for layer in layers])
-        return cls(FP4Weight(packed, torch.cat([layer.scale for layer in layers]), layers[0].group), bias)
+        """One layer computing ``layers`` (same input width and format) side by side: codes, scale bytes and each
+        row's global scale stacked by rows."""
+        weight = FP4Weight(
+            *(torch.cat([getattr(layer, name) for layer in layers]) for name in ("packed", "scale", "global_scale")),
+            layers[0].group,
+            layers[0].e8m0,
+        )
+        return cls(weight, bias)
 
     @property
     def weight_fp4(self) -> FP4Weight:
-        return FP4Weight(self.packed, self.scale, self.group)
+        return FP4Weight(self.packed, self.scale, self.global_scale, self.group, self.e8m0)
 
     def route(self, rows: int, device: torch.device) -> str:
         """Which path ``forward`` takes for ``rows`` rows on ``device``: the label the report shows."""

@@ -20,9 +20,21 @@ def e2m1(nibble):
 
 
 @triton.jit
-def decode(x, packed, scale, out, rows, n, groups, K_HALF: tl.constexpr,
+def group_scale(byte, E8M0: tl.constexpr):
+    """A scale byte's value in float32, built from its bits: E8M0 ``2^(s - 127)``, else FP8 E4M3 (bias 7)."""
+    if E8M0:
+        return (byte << 23).to(tl.float32, bitcast=True)
+    exponent = (byte >> 3) & 15
+    mantissa = byte & 7
+    normal = ((exponent + 120) << 23 | mantissa << 20).to(tl.float32, bitcast=True)
+    value = tl.where(exponent == 0, mantissa.to(tl.float32) * 0.001953125, normal)  # subnormal: m * 2^-9
+    return tl.where((byte & 128) != 0, -value, value)
+
+
+@triton.jit
+def decode(x, packed, scale, global_scale, out, rows, n, groups, K_HALF: tl.constexpr,
            GROUP_HALF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr, ROWS: tl.constexpr,
-           INTERPRET: tl.constexpr):  # fmt: skip
+           E8M0: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
     """``out[rows, n] = x[rows, 2 * K_HALF] @ W^T`` for one block of ``BLOCK_N`` outputs, rows padded to ``ROWS``."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, ROWS)
@@ -32,9 +44,10 @@ def decode(x, packed, scale, out, rows, n, groups, K_HALF: tl.constexpr,
         offs_k = start + tl.arange(0, BLOCK_KH)
         codes = tl.load(packed + offs_n[:, None] * K_HALF + offs_k[None, :], mask=live_n[:, None], other=0)
         codes = codes.to(tl.int32)
-        group = tl.load(
-            scale + offs_n[:, None] * groups + (offs_k // GROUP_HALF)[None, :], mask=live_n[:, None], other=0.0
+        byte = tl.load(
+            scale + offs_n[:, None] * groups + (offs_k // GROUP_HALF)[None, :], mask=live_n[:, None], other=0
         )
+        group = group_scale(byte.to(tl.int32), E8M0)
         even = (e2m1(codes & 15) * group).to(tl.bfloat16)
         odd = (e2m1(codes >> 4) * group).to(tl.bfloat16)
         where = x + offs_r[None, :] * (2 * K_HALF) + 2 * offs_k[:, None]
@@ -44,12 +57,22 @@ def decode(x, packed, scale, out, rows, n, groups, K_HALF: tl.constexpr,
             acc += tl.dot(even.to(tl.float32), x_even.to(tl.float32)) + tl.dot(odd.to(tl.float32), x_odd.to(tl.float32))
         else:
             acc += tl.dot(even, x_even) + tl.dot(odd, x_odd)
-    tl.store(out + offs_r[None, :] * n + offs_n[:, None], acc.to(tl.bfloat16), mask=live_n[:, None] & live_r[None, :])
+    divisor = tl.load(global_scale + offs_n, mask=live_n, other=1.0)
+    y = (acc / divisor[:, None]).to(tl.bfloat16)
+    tl.store(out + offs_r[None, :] * n + offs_n[:, None], y, mask=live_n[:, None] & live_r[None, :])
 
 
 @torch.library.triton_op("quantflow::fp4_decode", mutates_args={})
 def fp4_decode(
-    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, group: int, block_n: int, block_k: int, pad: int
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    global_scale: torch.Tensor,
+    group: int,
+    e8m0: bool,
+    block_n: int,
+    block_k: int,
+    pad: int,
 ) -> torch.Tensor:
     """``x @ W^T`` in bf16 for bf16 ``x`` [rows <= pad, K] and an FP4 weight given by its tensors, the rows padded to
     ``pad`` for the tensor cores (a custom op, so that torch.compile and CUDA graphs take the kernel as one node)."""
@@ -57,8 +80,8 @@ def fp4_decode(
     n = packed.shape[0]
     out = torch.empty(rows, n, dtype=torch.bfloat16, device=x.device)
     torch.library.wrap_triton(decode)[(triton.cdiv(n, block_n),)](
-        x, packed, scale, out, rows, n, scale.shape[1],
-        K_HALF=k // 2, GROUP_HALF=group // 2, BLOCK_N=block_n, BLOCK_KH=block_k, ROWS=pad,
+        x, packed, scale, global_scale, out, rows, n, scale.shape[1],
+        K_HALF=k // 2, GROUP_HALF=group // 2, BLOCK_N=block_n, BLOCK_KH=block_k, ROWS=pad, E8M0=e8m0,
         INTERPRET=os.environ.get("TRITON_INTERPRET") == "1",
     )  # fmt: skip
     return out

@@ -22,7 +22,8 @@ def fp4_weight(fmt: str, out: int, width: int, seed: int):
     packed = torch.randint(0, 256, (out, width // 2), generator=generator, dtype=torch.uint8)
     groups = width // GROUPS[fmt]
     if fmt.startswith("nvfp4"):
-        scale = (torch.rand(out, groups, generator=generator) * 400 + 1).to(torch.float8_e4m3fn)
+        tiny = torch.where(torch.rand(out, groups, generator=generator) < 0.1, 2.0**-12, 1.0)  # E4M3 subnormals
+        scale = ((torch.rand(out, groups, generator=generator) * 400 + 1) * tiny).to(torch.float8_e4m3fn)
         global_scale = torch.tensor([448.0 * 6 / 0.37])
         return packed, scale, global_scale, from_compressed(packed, scale, global_scale, fmt)
     scale = torch.randint(118, 130, (out, groups), generator=generator, dtype=torch.uint8)
@@ -45,7 +46,36 @@ def interpreted_checks() -> dict:
             "shape": list(y.shape),
             "worst": ((y.double() - reference).abs() / (reference.abs() * 2**-7 + slack)).max().item(),
         }
+    results.update(every_scale_byte())
     return results
+
+
+def every_scale_byte() -> dict:
+    """Every finite scale byte read through the kernel: all codes 1.0, the activations' row ``r`` one-hot at group
+    ``r``'s first weight, so output [r, n] is row n's scale of group r, exactly (16 x 16 bytes per format)."""
+    from quantflow.kernels.fp4 import GROUPS, decode_linear, from_compressed, group_scales
+
+    results = {}
+    for fmt, group in GROUPS.items():
+        codes = torch.full((16, 8 * group), 0x22, dtype=torch.uint8)  # nibble 2: E2M1 1.0, twice a byte
+        byte = torch.arange(256, dtype=torch.uint8).reshape(16, 16)
+        if fmt.startswith("nvfp4"):
+            byte[(byte & 0x7F) == 0x7F] = 0x38  # E4M3's NaNs replaced by 1.0
+            weight = from_compressed(codes, byte.view(torch.float8_e4m3fn), torch.tensor([1.0]), fmt)
+        else:
+            byte[(byte == 0) | (byte == 255)] = 127  # E8M0's NaN, and 2^-127, below bf16's normal range
+            weight = from_compressed(codes, byte, None, fmt)
+        x = torch.zeros(16, 16 * group, dtype=torch.bfloat16)
+        x[torch.arange(16), torch.arange(16) * group] = 1
+        y = decode_linear(x, weight, block_n=16, block_k=16)
+        results[fmt] = {"exact": torch.equal(y.float(), group_scales(weight).t()), "tried": byte.unique().numel()}
+    return results
+
+
+def test_every_scale_byte_decodes_exactly(interpreted):
+    """E4M3's normals, subnormals, zero and signs; E8M0's 2^-126 to 2^127."""
+    assert interpreted["nvfp4-pack-quantized"] == {"exact": True, "tried": 254}
+    assert interpreted["mxfp4-pack-quantized"] == {"exact": True, "tried": 254}
 
 
 @pytest.fixture(scope="module")
