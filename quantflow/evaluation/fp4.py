@@ -2,9 +2,9 @@
 
 transformers would dequantize every FP4 weight to bf16 at load: the quality is the FP4 model's, the speed and memory
 are the baseline's. Here each quantized Linear keeps its FP4 codes and group scales as saved and runs on
-``quantflow.kernels.fp4``'s ``FP4Linear`` (the Triton decode kernel to 16 rows, the weight dequantized to bf16 for
-cuBLAS above). No Hopper or CPU has FP4 matmuls, so W4A4 artifacts are not run here at all. The kernel is not yet
-timed on a GPU, so only ``evaluation.kernels: fp4`` chooses it; 'auto' keeps these artifacts dense.
+``quantflow.kernels.fp4``'s ``FP4Linear`` (the Triton decode kernel to 16 rows, the weight dequantized to bf16 by a
+Triton kernel for cuBLAS above). No Hopper or CPU has FP4 matmuls, so W4A4 artifacts are not run here at all. The
+kernels are not yet timed on a GPU, so only ``evaluation.kernels: fp4`` chooses them; 'auto' keeps these dense.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from quantflow.errors import QuantflowError
 from quantflow.evaluation.evaluate import is_fp4
 from quantflow.kernels.fp4 import FP4Linear, block_k, device_problem, from_compressed
 
-LABEL = "FP4 weights on quantflow's Triton decode kernel (to 16 rows; above, dequantized to bf16 + cuBLAS)"
+DENSE = "use the dense runtime (evaluation.kernels: auto or dense)"
+LABEL = "FP4 weights on quantflow's Triton kernels (decode to 16 rows; above, dequantized to bf16 + cuBLAS)"
 
 
 def fp4_activations(path: Path) -> bool:
@@ -56,17 +57,24 @@ def load_fp4(path: str | Path, device: str) -> nn.Module:
     fmt = json.loads((path / "config.json").read_text())["quantization_config"]["format"]
 
     def convert(parts: dict[str, torch.Tensor], bias: torch.Tensor | None, target: torch.device) -> FP4Linear:
-        weight = from_compressed(parts["weight_packed"], parts["weight_scale"], parts.get("weight_global_scale"), fmt)
+        if "weight_zero_point" in parts:
+            raise QuantflowError(f"{path} stores FP4 zero points, which the FP4 kernels do not apply", DENSE)
+        try:
+            weight = from_compressed(
+                parts["weight_packed"], parts["weight_scale"], parts.get("weight_global_scale"), fmt
+            )
+        except ValueError as error:
+            raise QuantflowError(f"{path}: {error}", DENSE) from None
         return FP4Linear(weight, bias)
 
-    model = load_converted(
-        path, device, "weight_packed", ("weight_packed", "weight_scale", "weight_global_scale"), convert
-    )
+    parts = ("weight_packed", "weight_scale", "weight_global_scale", "weight_zero_point")
+    model = load_converted(path, device, "weight_packed", parts, convert)
+    device_problem(torch.device(device))  # the kernels' check now, not inside the first (compiled) forward
     untiled = [n for n, m in model.named_modules() if isinstance(m, FP4Linear) and block_k(m.in_features) is None]
     if untiled:
         raise QuantflowError(
             f"the FP4 kernel needs layer widths that are multiples of 32; {len(untiled)} layers are not "
             f"(e.g. {untiled[0]})",
-            "use the dense runtime (evaluation.kernels: auto or dense)",
+            DENSE,
         )
     return model

@@ -87,7 +87,10 @@ def concat(layers: list[nn.Module]) -> nn.Module | None:
         device = next(layers[0].buffers()).device  # tinygemm's tensors or W4A16's, whichever form it holds
         like = torch.empty(0, dtype=torch.bfloat16, device=device)  # its bias is bf16
         return Int4Linear.concat(layers, joined_bias(layers, like))
-    if all(isinstance(layer, FP4Linear) for layer in layers) and len({layer.group for layer in layers}) == 1:
+    if (
+        all(isinstance(layer, FP4Linear) for layer in layers)
+        and len({(layer.group, layer.in_features) for layer in layers}) == 1
+    ):
         like = torch.empty(0, dtype=torch.bfloat16, device=layers[0].packed.device)
         return FP4Linear.concat(layers, joined_bias(layers, like))
     kind = type(layers[0])

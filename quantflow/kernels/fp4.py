@@ -24,8 +24,9 @@ the bf16 weight tile is exact; fp32 accumulation, and the division by the global
 global scale and rounded), so the kernel's error against float64 is at most that of the reference.
 
 ``FP4Linear`` is the module the FP4 runtime swaps in for each quantized Linear: the decode kernel up to 16 rows,
-above that the weight dequantized to bf16 for a cuBLAS product (prefill), and the dequantized reference wherever the
-kernel cannot run (no CUDA GPU, a width it cannot tile, a failed self-check), which ``route`` names.
+above that the weight dequantized to bf16 by a Triton kernel for a cuBLAS product (prefill), and the dequantized
+reference wherever the kernels cannot run (no CUDA GPU, a width they cannot tile, a failed self-check), which
+``route`` names.
 
 Not yet timed on a GPU: where it stands against bf16 and W4A16 is for ``bench/kernels.py`` to measure, and until it
 is, only ``evaluation.kernels: fp4`` runs it.
@@ -43,6 +44,10 @@ from torch import nn
 DECODE_ROWS = 16
 GROUPS = {"nvfp4-pack-quantized": 16, "mxfp4-pack-quantized": 32}
 FORMATS = tuple(GROUPS)
+SCALE_DTYPES = {  # compressed-tensors' scale dtypes for each format, as the kernel reads them (bytes)
+    "nvfp4-pack-quantized": (torch.float8_e4m3fn,),
+    "mxfp4-pack-quantized": (torch.uint8, torch.float8_e8m0fnu),
+}
 BLOCKS_K = (64, 32, 16)  # packed bytes per K step, largest first: a tile is 2 x BLOCK_K weights wide
 MIN_CAPABILITY = (8, 0)  # bf16 tensor cores
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton reads it once too, at import
@@ -73,11 +78,15 @@ def from_compressed(
         raise ValueError(f"not an FP4 format: {fmt}")
     rows = packed.shape[0]
     e8m0 = fmt == "mxfp4-pack-quantized"
+    if scale.dtype not in SCALE_DTYPES[fmt]:  # a scale_dtype override: its bits are not the bytes the kernel reads
+        raise ValueError(f"{fmt} scales stored as {scale.dtype}; the FP4 kernel reads {SCALE_DTYPES[fmt]}")
     if e8m0:
         divisor = torch.ones(rows, dtype=torch.float32, device=packed.device)
+    elif global_scale is None:
+        raise ValueError("an NVFP4 weight without its global scale")
     else:
         divisor = global_scale.to(torch.float32).reshape(-1).expand(rows)
-    raw = scale.view(torch.uint8) if scale.dtype == torch.float8_e4m3fn else scale.to(torch.uint8)
+    raw = scale.view(torch.uint8)
     return FP4Weight(packed.contiguous(), raw.contiguous(), divisor.contiguous(), GROUPS[fmt], e8m0)
 
 
@@ -110,6 +119,18 @@ def block_k(in_features: int) -> int | None:
     return next((block for block in BLOCKS_K if in_features % (2 * block) == 0), None)
 
 
+def dequantize_on_kernel(weight: FP4Weight) -> torch.Tensor:
+    """``dequantize(weight)`` in bf16 by the Triton kernel (the same numbers, read from the saved bytes)."""
+    from quantflow.kernels import fp4_decode  # noqa: F401 (registers the custom op)
+
+    step = block_k(weight.shape[1])
+    if step is None:
+        raise ValueError(f"the FP4 kernels take K a multiple of {2 * BLOCKS_K[-1]}")
+    return torch.ops.quantflow.fp4_dequantize(
+        weight.packed, weight.scale, weight.global_scale, weight.group, weight.e8m0, step
+    )
+
+
 def decode_linear(x: torch.Tensor, weight: FP4Weight, block_n: int = 64, block_k: int = 64) -> torch.Tensor:
     """``x @ W^T`` for 1-16 rows of bf16 ``x`` [rows, K] on the Triton decode kernel; bf16 [rows, N]."""
     from quantflow.kernels import fp4_decode  # noqa: F401 (registers the custom op)
@@ -127,6 +148,8 @@ def decode_linear(x: torch.Tensor, weight: FP4Weight, block_n: int = 64, block_k
 def device_problem(device: torch.device) -> str | None:
     """Why the FP4 decode kernel cannot run on ``device``, or None when it can: checked once per device against the
     dequantized reference, so a GPU or Triton build that lowers it differently is found here, not as wrong numbers."""
+    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" are one device, checked once
+        device = torch.device("cuda", torch.cuda.current_device())
     key = str(device)
     if key not in _problems:
         _problems[key] = _device_problem(device)
@@ -145,20 +168,31 @@ def _device_problem(device: torch.device) -> str | None:
 
 
 def self_check(device: torch.device) -> str | None:
-    """None when the kernel's product on a random NVFP4 weight is within bf16 rounding of the float32 reference."""
+    """None when the kernels' products on random NVFP4 and MXFP4 weights (K steps 64 and 16) are within bf16 rounding
+    of the float32 reference, and so is their dequantization."""
     generator = torch.Generator().manual_seed(0)
-    packed = torch.randint(0, 256, (96, 128), generator=generator, dtype=torch.uint8)
-    scale = (torch.rand(96, 16, generator=generator) + 0.5).to(torch.float8_e4m3fn)
-    global_scale = torch.tensor([448.0 * 6 / 3.0], device=device)
-    weight = from_compressed(packed.to(device), scale.to(device), global_scale, FORMATS[0])
-    x = torch.randn(3, 256, generator=generator).to(device, torch.bfloat16)
-    try:
-        y = decode_linear(x, weight).float()
-    except Exception as error:  # a compiler or driver that cannot build it: the runtime says so and runs dense
-        return f"the FP4 kernel failed to run ({type(error).__name__})"
-    reference = reference_linear(x.float(), weight)
-    slack = (x.float().abs() @ dequantize(weight, torch.float32).abs().t()) * 2**-7
-    return None if bool(((y - reference).abs() <= slack + 1e-3).all()) else "the FP4 kernel failed its self-check"
+    for fmt, width in (("nvfp4-pack-quantized", 256), ("mxfp4-pack-quantized", 224)):
+        packed = torch.randint(0, 256, (96, width // 2), generator=generator, dtype=torch.uint8).to(device)
+        groups = width // GROUPS[fmt]
+        if fmt == "nvfp4-pack-quantized":
+            scale = (torch.rand(96, groups, generator=generator) + 0.5).to(torch.float8_e4m3fn)
+            weight = from_compressed(packed, scale.to(device), torch.tensor([1000.0], device=device), fmt)
+        else:
+            scale = torch.randint(118, 130, (96, groups), generator=generator, dtype=torch.uint8)
+            weight = from_compressed(packed, scale.to(device), None, fmt)
+        x = torch.randn(3, width, generator=generator).to(device, torch.bfloat16)
+        try:
+            y = decode_linear(x, weight, block_k=block_k(width)).float()
+            dense = dequantize_on_kernel(weight)
+        except Exception as error:  # a compiler or driver that cannot build them: the runtime says so, runs dense
+            return f"the FP4 kernels failed to run ({type(error).__name__})"
+        reference = reference_linear(x.float(), weight)
+        slack = (x.float().abs() @ dequantize(weight, torch.float32).abs().t()) * 2**-7
+        rounded = dequantize(weight).float()  # the kernel's within one bf16 unit (the CPU interpreter truncates)
+        off = (dense.float() - rounded).abs() > rounded.abs() * 2**-7
+        if not bool(((y - reference).abs() <= slack + 1e-3).all()) or bool(off.any()):
+            return f"the FP4 kernels failed their self-check ({fmt})"
+    return None
 
 
 class FP4Linear(nn.Module):
@@ -168,6 +202,7 @@ class FP4Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.group, self.e8m0 = weight.group, weight.e8m0
+        self.block_k = block_k(self.in_features)  # None: a width the kernels cannot tile
         self.register_buffer("packed", weight.packed)
         self.register_buffer("scale", weight.scale)
         self.register_buffer("global_scale", weight.global_scale)
@@ -190,17 +225,20 @@ class FP4Linear(nn.Module):
 
     def route(self, rows: int, device: torch.device) -> str:
         """Which path ``forward`` takes for ``rows`` rows on ``device``: the label the report shows."""
-        problem = device_problem(device) or (None if block_k(self.in_features) else "a width the kernel cannot tile")
+        problem = device_problem(device) or (None if self.block_k else "a width the kernels cannot tile")
         if problem is not None:
             return f"FP4 dequantized reference, no kernel ({problem})"
-        return "FP4 Triton decode" if rows <= DECODE_ROWS else "FP4 dequantized to bf16 + cuBLAS"
+        return "FP4 Triton decode" if rows <= DECODE_ROWS else "FP4 dequantized to bf16 by Triton + cuBLAS"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if self.route(flat.shape[0], x.device) == "FP4 Triton decode":
-            y = decode_linear(flat, self.weight_fp4, block_k=block_k(self.in_features))
+        path = self.route(flat.shape[0], x.device)
+        if path == "FP4 Triton decode":
+            y = decode_linear(flat, self.weight_fp4, block_k=self.block_k)
+        elif path.startswith("FP4 dequantized to bf16 by Triton"):
+            y = flat @ dequantize_on_kernel(self.weight_fp4).t()
         else:
             y = flat @ dequantize(self.weight_fp4).t()
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)

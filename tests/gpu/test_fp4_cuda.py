@@ -1,6 +1,6 @@
-"""The FP4 decode kernel at 7B shapes on the GPU: its self-check, products within one bf16 rounding of float64 for
-NVFP4 and MXFP4 at every decode row count, and the FP4Linear under torch.compile with CUDA graphs (GPU machines
-only)."""
+"""The FP4 kernels at 7B shapes on the GPU: the self-check, decode products within one bf16 rounding of float64 for
+NVFP4 and MXFP4 at every decode row count, the dequantization bit for bit, and the FP4Linear under torch.compile
+with CUDA graphs (GPU machines only)."""
 
 import pytest
 import torch
@@ -53,3 +53,16 @@ def test_fp4_linear_compiles_into_a_cuda_graph_with_the_eager_numbers():
     for _ in range(3):  # warm-up, record, replay
         y = compiled(x)
     assert torch.equal(y, eager) and layer.route(4, x.device) == "FP4 Triton decode"
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{f[:5]}-{o}x{i}" for f, o, i in SHAPES])
+def test_kernel_dequantization_is_the_reference_bit_for_bit(shape):
+    """The long-input path's weight: on the GPU float32 rounds to bf16 to nearest, as torch does."""
+    from quantflow.kernels.fp4 import FP4Linear, dequantize, dequantize_on_kernel
+
+    weight = fp4_weight(*shape, seed=3)
+    assert torch.equal(dequantize_on_kernel(weight), dequantize(weight))
+    layer = FP4Linear(weight, None)
+    x = torch.randn(40, shape[2], device="cuda").to(torch.bfloat16)
+    assert layer.route(40, x.device) == "FP4 dequantized to bf16 by Triton + cuBLAS"
+    assert torch.equal(layer(x), x @ dequantize(weight).t())

@@ -47,7 +47,26 @@ def interpreted_checks() -> dict:
             "worst": ((y.double() - reference).abs() / (reference.abs() * 2**-7 + slack)).max().item(),
         }
     results.update(every_scale_byte())
+    results["dequantize"] = dequantized_on_the_kernel()
+    from quantflow.kernels.fp4 import self_check
+
+    results["self_check"] = self_check(torch.device("cpu"))
     return results
+
+
+def dequantized_on_the_kernel() -> list[float]:
+    """The Triton dequantization's worst distance from ``dequantize`` per case (K steps of 64, 32 and 16 bytes), in
+    bf16 units in the last place. The interpreter rounds float32 to bf16 toward zero where GPUs round to nearest, so
+    here it may be off by one (bit for bit on the GPU: tests/gpu/test_fp4_cuda.py)."""
+    from quantflow.kernels.fp4 import dequantize, dequantize_on_kernel
+
+    cases = [*((fmt, out, width) for fmt, out, width, _ in CASES), ("mxfp4-pack-quantized", 40, 224)]
+    worst = []
+    for weight in (fp4_weight(*case, 9)[-1] for case in cases):
+        got, want = dequantize_on_kernel(weight).double(), dequantize(weight).double()
+        unit = torch.exp2(torch.floor(torch.log2(want.abs().clamp_min(2.0**-126))) - 7)
+        worst.append(((got - want).abs() / unit).max().item())
+    return worst
 
 
 def every_scale_byte() -> dict:
@@ -70,6 +89,11 @@ def every_scale_byte() -> dict:
         y = decode_linear(x, weight, block_n=16, block_k=16)
         results[fmt] = {"exact": torch.equal(y.float(), group_scales(weight).t()), "tried": byte.unique().numel()}
     return results
+
+
+def test_kernel_dequantization_is_the_reference_within_one_bf16_unit_and_the_self_check_passes(interpreted):
+    assert interpreted["self_check"] is None and len(interpreted["dequantize"]) == len(CASES) + 1
+    assert max(interpreted["dequantize"]) <= 1.0 and interpreted["dequantize"][2:] == [0.0, 0.0]  # MXFP4: exact
 
 
 def test_every_scale_byte_decodes_exactly(interpreted):
@@ -118,3 +142,8 @@ def test_decode_refuses_what_it_cannot_take():
         decode_linear(torch.zeros(17, 128), weight)
     with pytest.raises(ValueError, match="not an FP4 format"):
         from_compressed(weight.packed, weight.scale, None, "pack-quantized")
+    bf16_scales = torch.ones(32, 8, dtype=torch.bfloat16)  # a scale_dtype override: not the bytes the kernel reads
+    with pytest.raises(ValueError, match="scales stored as torch.bfloat16"):
+        from_compressed(weight.packed, bf16_scales, torch.tensor([1.0]), "nvfp4-pack-quantized")
+    with pytest.raises(ValueError, match="without its global scale"):
+        from_compressed(weight.packed, weight.scale.view(torch.float8_e4m3fn), None, "nvfp4-pack-quantized")
