@@ -66,3 +66,27 @@ def test_kernel_dequantization_is_the_reference_bit_for_bit(shape):
     x = torch.randn(40, shape[2], device="cuda").to(torch.bfloat16)
     assert layer.route(40, x.device) == "FP4 dequantized to bf16 by Triton + cuBLAS"
     assert torch.equal(layer(x), x @ dequantize(weight).t())
+
+
+def test_fp4_variants_run_on_the_fp4_kernels_through_the_pipeline(tmp_path):
+    """`evaluation.kernels: fp4`: NVFP4 and MXFP4 W4A16 rows on FP4Linear and timed; a W4 INT row beside them runs as
+    under 'auto' (int4 kernels); the W4A4 row is not timed."""
+    from quantflow import pipeline
+    from quantflow.reporting.report import load_report
+    from quantflow.spec import parse_spec
+    from tests.conftest import make_model, small_spec
+
+    model = make_model(tmp_path / "model", hidden=256)
+    variants = [
+        {"method": "nvfp4"},
+        {"method": "mxfp4"},
+        {"method": "nvfp4", "activations": "a4", "name": "nvfp4-a4"},
+        {"method": "rtn", "group_size": 64},
+    ]
+    raw = small_spec(model, tmp_path / "out", tmp_path / "cache", variants, kernels="fp4")
+    raw["device"] = "cuda"
+    rows = {r.name: r for r in load_report(pipeline.run(parse_spec(raw), progress=lambda _: None) / "report.json").rows}
+    for name in ("nvfp4", "mxfp4"):
+        assert "FP4 weights on quantflow's Triton kernels" in rows[name].runtime, rows[name].runtime
+        assert 0 < rows[name].kl_mean < 0.5 and all(s["decode_tokens_per_s"] > 0 for s in rows[name].speed)
+    assert "int4" in rows["rtn"].runtime and not rows["nvfp4-a4"].speed
