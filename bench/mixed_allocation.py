@@ -146,7 +146,9 @@ def main() -> None:
         save()
 
     menu = dict.fromkeys([*variant.options, *(args.embedding_menu if args.embedding_targets else [])])
-    options = {o: sensitivity.weight_args(o, group_size, variant.symmetric) for o in menu if o != "bf16"}
+    options = {
+        o: sensitivity.weight_args(o, group_size, variant.symmetric, variant.observer) for o in menu if o != "bf16"
+    }
     if args.measure == "direct":
         variant = variant.model_copy(update={"sensitivity": "direct"})
     full = sensitivity.measurement_samples(samples, variant.measured_tokens())

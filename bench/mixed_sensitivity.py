@@ -71,7 +71,9 @@ def main() -> None:
     calibration = steps.calibrate(planned).record
     model = AutoModelForCausalLM.from_pretrained(planned.model.path, dtype=torch.float32).eval().requires_grad_(False)
     groups = mixed_groups(model, variant, group_size)
-    options = {o: weight_args(o, group_size, variant.symmetric) for o in variant.options if o != "bf16"}
+    options = {
+        o: weight_args(o, group_size, variant.symmetric, variant.observer) for o in variant.options if o != "bf16"
+    }
     samples = load_samples(calibration)
     short, full = measurement_samples(samples, args.kl_tokens), measurement_samples(samples, variant.measured_tokens())
     kl, kl_s = timed(kl_scores, model, groups, short, options)

@@ -31,8 +31,9 @@ FINER = ("w4g64", "w4g32")  # the W4 options at a group of their own
 # Embedding subclass's table packed, not saved dense; 4: under GPTQ, a Linear's finer options scored in proportion
 # to their output error; 5: the Fisher pass's labels drawn by inverting the cumulative distribution; 6: in two
 # steps, a block of the vocabulary then a token: the same uniform draws give the same labels but where float64
-# rounding of the two sums differs at a boundary; W4 group sizes solved stacked, equal to 1e-5)
-MIXED_VERSION = 6
+# rounding of the two sums differs at a boundary; W4 group sizes solved stacked, equal to 1e-5; 7: options scored
+# with the variant's observer's scales, MSE's clipping search where it asks for it, not always min-max)
+MIXED_VERSION = 7
 RESOLUTION = 20_000  # DP cells over the spare budget when costs share no usable unit
 MAX_CELLS = 2_000_000  # largest exact DP (a float64 row per group of this many cells)
 TIED = (  # members of a block that a fused serving kernel runs as one matmul

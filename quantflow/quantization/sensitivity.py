@@ -83,18 +83,31 @@ def weight_args(option: str, group_size: int | None, symmetric: bool, observer: 
     )
 
 
-def fake_quantized(weight: torch.Tensor, args) -> torch.Tensor:
-    """Round-to-nearest with min-max scales under ``args``, dequantized back to the weight's dtype."""
-    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+def weight_qparams(weight: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero point) of a float32 weight [rows, columns] under ``args``, per row and group, as llm-compressor's
+    weight observer fixes them before GPTQ: min-max, or for ``observer: mse`` its clipping search, so that an option's
+    score is the error of the scales the variant will use. 'imatrix_mse' weighs the search by calibration activations,
+    which are not observed here: it is scored with min-max scales."""
     from compressed_tensors.quantization.utils import calculate_qparams
 
-    w = weight.float()
+    if args.observer == "mse":
+        from llmcompressor.observers import Observer
+
+        observer = Observer.load_from_registry("memoryless_mse", base_name="weight", args=args.model_copy(deep=True))
+        found = observer(weight).get_qparams()
+        return found["scale"], found["zero_point"]
     if args.group_size:
-        view = w.reshape(w.shape[0], -1, args.group_size)
-        low, high = view.amin(dim=-1), view.amax(dim=-1)
-    else:
-        low, high = w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
-    scale, zero = calculate_qparams(low, high, args)
+        view = weight.reshape(weight.shape[0], -1, args.group_size)
+        return calculate_qparams(view.amin(dim=-1), view.amax(dim=-1), args)
+    return calculate_qparams(weight.amin(dim=1, keepdim=True), weight.amax(dim=1, keepdim=True), args)
+
+
+def fake_quantized(weight: torch.Tensor, args) -> torch.Tensor:
+    """Round-to-nearest with the observer's scales under ``args``, dequantized back to the weight's dtype."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    w = weight.float()
+    scale, zero = weight_qparams(w, args)
     return fake_quantize(w, scale, zero, args).to(weight.dtype)
 
 
@@ -212,13 +225,12 @@ def gptq_errors(
 def gptq_solve(
     pieces: list[tuple[torch.Tensor, QuantizationArgs]], hessian: torch.Tensor, settings: GPTQVariant | MixedVariant
 ) -> list[torch.Tensor]:
-    """llm-compressor's GPTQ solve of float32 weights on one Hessian, each at its own arguments with min-max scales
-    fixed before the solve, in one call: GPTQ's rows are independent (each column's error moves along its own row), so
+    """llm-compressor's GPTQ solve of float32 weights on one Hessian, each at its own arguments with its observer's
+    scales fixed before the solve (``weight_qparams``), in one call: GPTQ's rows are independent (each column's error moves along its own row), so
     Linears that share the Hessian and the group sizes of one Linear are solved stacked. Each piece takes the finest
     group among them, its own scales repeated over their sub-groups (the same scale per column, so the same result).
     One call per Hessian pays the column loop's fixed cost once: Gemma 3 270M's solves at three W4 group sizes took 41 s
     on a 2-core CPU, 61 s one option at a time."""
-    from compressed_tensors.quantization.utils import calculate_qparams
     from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
 
     columns = pieces[0][0].shape[1]
@@ -226,8 +238,7 @@ def gptq_solve(
     common = math.gcd(*sizes)
     scales, zeros = [], []
     for (w, args), size in zip(pieces, sizes):
-        view = w.reshape(w.shape[0], -1, size)
-        scale, zero = calculate_qparams(view.amin(dim=-1), view.amax(dim=-1), args)
+        scale, zero = weight_qparams(w, args)
         scales.append(scale.repeat_interleave(size // common, dim=1))
         zeros.append(zero.repeat_interleave(size // common, dim=1))
     base = pieces[0][1]

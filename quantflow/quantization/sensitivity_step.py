@@ -55,7 +55,7 @@ def measure_sensitivity(
     variant = routers_kept(variant, model)
     groups = mixed_groups(model, variant, group_size)
     menu = dict.fromkeys([*variant.options, *variant.embeddings])  # the embeddings' menu may add W6
-    args = {o: weight_args(o, group_size, variant.symmetric) for o in menu if o != "bf16"}
+    args = {o: weight_args(o, group_size, variant.symmetric, variant.observer) for o in menu if o != "bf16"}
     calibration_samples = load_samples(calibration)
     samples = measurement_samples(calibration_samples, variant.measured_tokens())
     reset_peak_memory()

@@ -491,6 +491,32 @@ def test_one_stacked_solve_gives_each_group_size_what_its_own_solve_gives():
         gptq_solve([(weights[0], options[0]), (weights[1], weight_args("w8", 128, True))], hessian, GPTQVariant())
 
 
+def test_options_are_scored_with_the_variants_observer_scales():
+    """A variant with `observer: mse` is quantized with MSE-searched scales, so its options are scored with them too:
+    round-to-nearest and GPTQ's solve put every weight on the MSE observer's grid, not on the min-max one."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from llmcompressor.observers import Observer
+
+    from quantflow.quantization.sensitivity import fake_quantized, gptq_solve
+    from quantflow.spec import GPTQVariant
+
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(512, 256, generator=generator) * torch.linspace(0.2, 3, 256)
+    hessian = 2 * x.T @ x / x.shape[0]
+    w = torch.randn(64, 256, generator=generator) ** 3  # heavy tails: clipping pays
+    for option in ("w4", "w8"):
+        mse, minmax = weight_args(option, 128, False, "mse"), weight_args(option, 128, False)
+        found = Observer.load_from_registry("memoryless_mse", base_name="weight", args=mse.model_copy(deep=True))
+        qparams = found(w).get_qparams()
+        on_grid = fake_quantize(w, qparams["scale"], qparams["zero_point"], mse)
+        assert torch.equal(fake_quantized(w, mse), on_grid)
+        loss = {a.observer: ((fake_quantized(w, a) - w).abs() ** 2.4).sum() for a in (mse, minmax)}
+        assert loss["mse"] < loss["minmax"] if option == "w4" else loss["mse"] <= loss["minmax"], loss
+        (solved,) = gptq_solve([(w, mse)], hessian, GPTQVariant())
+        again = fake_quantize(solved, qparams["scale"], qparams["zero_point"], mse)
+        assert torch.allclose(again, solved, atol=1e-6) and not torch.equal(solved, on_grid)
+
+
 def test_hessians_stop_before_a_head_they_do_not_measure_and_agree_with_a_full_pass(tiny_model):
     """The calibration pass that collects GPTQ's Hessians ends before an unmeasured head (a large vocabulary's logits
     cost more than the blocks), with the same Hessians as a pass through it; a measured head is still run."""
