@@ -170,3 +170,22 @@ def test_fp4_runtime_runs_the_stored_codes_on_the_kernel(fp4_run, moe_nvfp4, mon
         assert layers is None or one["layers"] == layers
         assert results[f"{name}-fused"]["groups"] >= 2 and results[f"{name}-fused"]["error"] < 1e-2
     assert results["moe-1"]["layers"] > 14  # one module per expert and projection
+
+
+def test_fp4_runtime_refuses_scales_it_cannot_read_with_one_clear_error(fp4_run, tmp_path):
+    """An NVFP4 artifact whose scales were saved in another dtype (a scale_dtype override): the FP4 runtime stops
+    with one error naming the dense runtime instead of reading the wrong bytes."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from quantflow.evaluation.fp4 import load_fp4
+
+    copy = tmp_path / "nvfp4-bf16-scales"
+    shutil.copytree(fp4_run / "nvfp4", copy)
+    tensors = load_file(copy / "model.safetensors")
+    tensors = {k: v.to(torch.bfloat16) if k.endswith("weight_scale") else v for k, v in tensors.items()}
+    save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(QuantflowError, match="scales stored as torch.bfloat16") as error:
+        load_fp4(copy, "cpu")
+    assert "dense runtime" in error.value.fix
