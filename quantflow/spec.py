@@ -240,6 +240,7 @@ class AutoRoundVariant(_WeightOnly):
 
 
 MenuOption = Literal["w4", "w4g64", "w4g32", "w8", "bf16"]  # w4gN: W4 at a finer group N than the variant's
+FINER = ("w4g64", "w4g32")  # the W4 options at a group of their own
 EmbeddingOption = Literal["w4", "w6", "w8", "bf16"]  # W6 per output channel: the embedding table's middle step
 
 
@@ -302,7 +303,7 @@ class MixedVariant(_AWQSearch, _GPTQOrdered, _WeightOnly):
                 "sensitivity 'direct' starts from the uniform GPTQ result and needs algorithm: gptq (AWQ's smoothing "
                 "rescales neighbouring layers, so one group cannot be moved alone); use sensitivity: fisher with awq"
             )
-        finer = [o for o in self.options if o.startswith("w4g")]
+        finer = [o for o in self.options if o in FINER]
         if self.sensitivity == "direct" and finer and "options" not in self.model_fields_set:
             # the default menu, less what direct cannot score
             self.options = [o for o in self.options if o not in finer]

@@ -20,11 +20,11 @@ import numpy as np
 from pydantic import BaseModel
 
 from quantflow.errors import QuantflowError
+from quantflow.spec import FINER
 
 # cheapest first; w4gN: W4 at group N, finer than the variant's (Marlin and the int4 kernels take 32 to 128);
 # w6: the embeddings' menu only (compressed-tensors packs 1 to 8 bits, the Linears' serving kernels take 4 and 8)
 OPTIONS = ("w4", "w4g64", "w4g32", "w6", "w8", "bf16")
-FINER = ("w4g64", "w4g32")  # the W4 options at a group of their own
 # bump when a change to the sensitivity measures or to how a mixed artifact is written changes what they give: the
 # sensitivity table's cache key and mixed variants' quantize key carry it, so a cache filled by an earlier build of
 # the same quantflow version is not read as current (2: W6 and W8 scored by round-to-nearest's error; 3: an

@@ -33,6 +33,7 @@ from quantflow.quantization.moe import RoutingRecord, counted_routing, routers_k
 from quantflow.quantization.sensitivity import SensitivityRecord
 from quantflow.quantization.targets import input_embedding, target_layers
 from quantflow.spec import (
+    FINER,
     FP4_GROUP,
     AutoRoundVariant,
     AWQGPTQVariant,
@@ -232,7 +233,7 @@ def scheme_label(variant: WeightVariant, group_size: int | None, precision: dict
     if isinstance(variant, KVCacheVariant):
         return "weights unquantized"
     if isinstance(variant, MixedVariant):
-        from quantflow.quantization.mixed import FINER, finer_group, option_counts
+        from quantflow.quantization.mixed import finer_group, option_counts
 
         counts = option_counts(precision or {})
         grouping = f"group {group_size}" if group_size else "per-channel"

@@ -27,13 +27,13 @@ from quantflow.infra.steps import StepRun
 from quantflow.inputs.calibration import CalibrationRecord
 from quantflow.inputs.sources import ModelRef
 from quantflow.quantization.kv_cache import KV_LABELS, RUNTIME_KV
-from quantflow.quantization.mixed import FINER, OPTIONS, finer_group, option_counts
+from quantflow.quantization.mixed import OPTIONS, finer_group, option_counts
 from quantflow.quantization.moe import RoutingRecord
 from quantflow.quantization.quantize import QuantizeRecord, Smoothing
 from quantflow.quantization.sensitivity import SensitivityRecord
 from quantflow.reporting.bits import artifact_bits, bnb_bits
 from quantflow.reporting.kv_cache import KVCacheRow, kv_rows, kv_section
-from quantflow.spec import BnbVariant, ConstraintsSpec, RunSpec
+from quantflow.spec import FINER, BnbVariant, ConstraintsSpec, RunSpec
 from quantflow.sweep import Dropped, expand
 
 SCHEMA_VERSION = "1.9"
