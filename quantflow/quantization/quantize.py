@@ -240,8 +240,9 @@ def scheme_label(variant: WeightVariant, group_size: int | None, precision: dict
         six = f"{counts['w6']} W6A16 int per-channel (embedding table), " if counts["w6"] else ""
         finer = "".join(f"{counts[o]} W4A16 int group {finer_group(o)}, " for o in FINER if counts[o])
         return (
-            f"mixed, {'symmetric' if variant.symmetric else 'asymmetric'}: {counts['w4']} Linears W4A16 int "
-            f"{grouping}, {finer}{six}{counts['w8']} W8A16 int per-channel, {counts['bf16']} kept in bf16"
+            f"mixed, {'symmetric' if variant.symmetric else 'asymmetric'}{scales_note(variant)}: {counts['w4']} "
+            f"Linears W4A16 int {grouping}, {finer}{six}{counts['w8']} W8A16 int per-channel, {counts['bf16']} kept "
+            "in bf16"
         )
     if isinstance(variant, FP8Variant):
         rounding = ", GPTQ-rounded" if variant.algorithm == "gptq" else ""
@@ -251,7 +252,17 @@ def scheme_label(variant: WeightVariant, group_size: int | None, precision: dict
     if isinstance(variant, FP4Variant):
         return fp4_label(variant)
     grouping = f"group {group_size}" if group_size else "per-channel"
-    return f"W{variant.bits}A16 int, {'symmetric' if variant.symmetric else 'asymmetric'}, {grouping}"
+    kind = "symmetric" if variant.symmetric else "asymmetric"
+    return f"W{variant.bits}A16 int, {kind}, {grouping}{scales_note(variant)}"
+
+
+SCALES = {"minmax": "", "mse": ", MSE-clipped scales", "imatrix_mse": ", activation-weighted MSE-clipped scales"}
+
+
+def scales_note(variant: WeightVariant) -> str:
+    """How the integer scales were chosen, where not by the plain range: two rows of the same scheme can differ by
+    this alone (AutoRound learns its own clipping, so its observer is not named)."""
+    return "" if isinstance(variant, AutoRoundVariant) else SCALES[variant.observer]
 
 
 def recipe_for(variant: WeightVariant, group_size: int | None, scale_dtype: str = "bfloat16") -> list:

@@ -185,3 +185,18 @@ def test_autoround_calibrates_when_the_calibration_batch_is_larger_than_its_own(
     raw["evaluation"]["speed"]["batch_sizes"] = [1]
     rows = {r.name: r for r in load_report(pipeline.run(parse_spec(raw), progress=lambda _: None) / "report.json").rows}
     assert rows["autoround"].kl_mean > 0 and rows["autoround"].effective_bits == 4.5
+
+
+def test_scheme_names_how_the_integer_scales_were_chosen():
+    """Two GPTQ rows that differ only in their observer differ by several points of perplexity (docs/recipes.md): the
+    report's scheme column must tell them apart; AutoRound learns its own clipping, so no observer is named."""
+    from quantflow.quantization.quantize import scheme_label
+    from quantflow.spec import AutoRoundVariant, AWQVariant, GPTQVariant
+
+    assert scheme_label(GPTQVariant(name="g"), 128) == "W4A16 int, symmetric, group 128"
+    assert (
+        scheme_label(GPTQVariant(name="g", observer="mse"), 128)
+        == "W4A16 int, symmetric, group 128, MSE-clipped scales"
+    )
+    assert scheme_label(AWQVariant(name="a"), None).endswith("per-channel, activation-weighted MSE-clipped scales")
+    assert scheme_label(AutoRoundVariant(name="x", observer="mse"), 64) == "W4A16 int, symmetric, group 64"
