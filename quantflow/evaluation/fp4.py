@@ -17,7 +17,7 @@ from torch import nn
 
 from quantflow.errors import QuantflowError
 from quantflow.evaluation.evaluate import is_fp4
-from quantflow.kernels.fp4 import FP4Linear, block_k, device_problem, from_compressed
+from quantflow.kernels.fp4 import FP4Linear, device_problem, from_compressed
 
 DENSE = "use the dense runtime (evaluation.kernels: auto or dense)"
 LABEL = "FP4 weights on quantflow's Triton kernels (decode to 16 rows; above, dequantized to bf16 + cuBLAS)"
@@ -70,7 +70,7 @@ def load_fp4(path: str | Path, device: str) -> nn.Module:
     parts = ("weight_packed", "weight_scale", "weight_global_scale", "weight_zero_point")
     model = load_converted(path, device, "weight_packed", parts, convert)
     device_problem(torch.device(device))  # the kernels' check now, not inside the first (compiled) forward
-    untiled = [n for n, m in model.named_modules() if isinstance(m, FP4Linear) and block_k(m.in_features) is None]
+    untiled = [n for n, m in model.named_modules() if isinstance(m, FP4Linear) and m.block_k is None]
     if untiled:
         raise QuantflowError(
             f"the FP4 kernel needs layer widths that are multiples of 32; {len(untiled)} layers are not "

@@ -41,24 +41,40 @@ def kernel_problem(x: torch.Tensor, packed: W4Weight) -> str | None:
 def device_problem(device: torch.device) -> str | None:
     """Why the W4 kernels cannot run on ``device``, or None when they can (their self-check passed there). Cached per
     device, so a compiled graph reads a constant."""
-    key = str(device)
-    if key not in _problems:
-        _problems[key] = _device_problem(device)
-    return _problems[key]
+    return checked_once(_problems, device, _device_problem)
 
 
 def _device_problem(device: torch.device) -> str | None:
+    problem = triton_problem(device, "W4 kernels")
+    if problem is not None or _INTERPRETED:
+        return problem
+    form = unpack_form(device)
+    return form if isinstance(form, str) else None
+
+
+def checked_once(cache: dict[str, str | None], device: torch.device, check) -> str | None:
+    """``check(device)``, run once per device ("cuda" and "cuda:0" are one) and remembered in ``cache``."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = str(device)
+    if key not in cache:
+        cache[key] = check(device)
+    return cache[key]
+
+
+def triton_problem(device: torch.device, kernels: str) -> str | None:
+    """Why quantflow's Triton ``kernels`` cannot run on ``device`` whatever their self-check says, or None: Triton
+    missing, not a CUDA GPU (Triton's CPU interpreter runs them anywhere), no bf16 tensor cores."""
     if not _HAS_TRITON:
         return "Triton is not installed"
     if _INTERPRETED:
         return None
     if device.type != "cuda":
-        return "the W4 kernels run on CUDA GPUs"
+        return f"the {kernels} run on CUDA GPUs"
     capability = torch.cuda.get_device_capability(device)
     if capability < MIN_CAPABILITY:
         return f"{torch.cuda.get_device_name(device)} has compute capability {capability[0]}.{capability[1]}"
-    form = unpack_form(device)
-    return form if isinstance(form, str) else None
+    return None
 
 
 def unpack_form(device: torch.device) -> int | str:

@@ -34,12 +34,12 @@ is, only ``evaluation.kernels: fp4`` runs it.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from quantflow.kernels import checked_once, triton_problem
 
 DECODE_ROWS = 16
 GROUPS = {"nvfp4-pack-quantized": 16, "mxfp4-pack-quantized": 32}
@@ -49,9 +49,7 @@ SCALE_DTYPES = {  # compressed-tensors' scale dtypes for each format, as the ker
     "mxfp4-pack-quantized": (torch.uint8, torch.float8_e8m0fnu),
 }
 BLOCKS_K = (64, 32, 16)  # packed bytes per K step, largest first: a tile is 2 x BLOCK_K weights wide
-MIN_CAPABILITY = (8, 0)  # bf16 tensor cores
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton reads it once too, at import
-_problems: dict[str, str | None] = {}  # device -> why the kernel cannot run there, or None (checked once)
+_problems: dict[str, str | None] = {}  # device -> why the kernels cannot run there, or None (checked once)
 
 
 @dataclass
@@ -146,25 +144,9 @@ def decode_linear(x: torch.Tensor, weight: FP4Weight, block_n: int = 64, block_k
 
 
 def device_problem(device: torch.device) -> str | None:
-    """Why the FP4 decode kernel cannot run on ``device``, or None when it can: checked once per device against the
-    dequantized reference, so a GPU or Triton build that lowers it differently is found here, not as wrong numbers."""
-    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" are one device, checked once
-        device = torch.device("cuda", torch.cuda.current_device())
-    key = str(device)
-    if key not in _problems:
-        _problems[key] = _device_problem(device)
-    return _problems[key]
-
-
-def _device_problem(device: torch.device) -> str | None:
-    if importlib.util.find_spec("triton") is None:
-        return "Triton is not installed"
-    if device.type != "cuda" and not _INTERPRETED:
-        return "the FP4 kernel runs on CUDA GPUs"
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < MIN_CAPABILITY:
-        major, minor = torch.cuda.get_device_capability(device)
-        return f"{torch.cuda.get_device_name(device)} has compute capability {major}.{minor}"
-    return self_check(device)
+    """Why the FP4 kernels cannot run on ``device``, or None when they can: checked once per device against the
+    dequantized reference, so a GPU or Triton build that lowers them differently is found here, not as wrong numbers."""
+    return checked_once(_problems, device, lambda d: triton_problem(d, "FP4 kernels") or self_check(d))
 
 
 def self_check(device: torch.device) -> str | None:
@@ -186,11 +168,11 @@ def self_check(device: torch.device) -> str | None:
             dense = dequantize_on_kernel(weight)
         except Exception as error:  # a compiler or driver that cannot build them: the runtime says so, runs dense
             return f"the FP4 kernels failed to run ({type(error).__name__})"
-        reference = reference_linear(x.float(), weight)
-        slack = (x.float().abs() @ dequantize(weight, torch.float32).abs().t()) * 2**-7
-        rounded = dequantize(weight).float()  # the kernel's within one bf16 unit (the CPU interpreter truncates)
+        exact = dequantize(weight, torch.float32)
+        slack = (x.float().abs() @ exact.abs().t()) * 2**-7
+        rounded = exact.to(torch.bfloat16).float()  # the kernel's within one bf16 unit (the CPU interpreter truncates)
         off = (dense.float() - rounded).abs() > rounded.abs() * 2**-7
-        if not bool(((y - reference).abs() <= slack + 1e-3).all()) or bool(off.any()):
+        if not bool(((y - x.float() @ exact.t()).abs() <= slack + 1e-3).all()) or bool(off.any()):
             return f"the FP4 kernels failed their self-check ({fmt})"
     return None
 
@@ -223,22 +205,25 @@ class FP4Linear(nn.Module):
     def weight_fp4(self) -> FP4Weight:
         return FP4Weight(self.packed, self.scale, self.global_scale, self.group, self.e8m0)
 
+    def problem(self, device: torch.device) -> str | None:
+        """Why this layer runs on the dequantized reference on ``device``, or None when the kernels take it."""
+        return device_problem(device) or (None if self.block_k else "a width the kernels cannot tile")
+
     def route(self, rows: int, device: torch.device) -> str:
         """Which path ``forward`` takes for ``rows`` rows on ``device``: the label the report shows."""
-        problem = device_problem(device) or (None if self.block_k else "a width the kernels cannot tile")
+        problem = self.problem(device)
         if problem is not None:
             return f"FP4 dequantized reference, no kernel ({problem})"
         return "FP4 Triton decode" if rows <= DECODE_ROWS else "FP4 dequantized to bf16 by Triton + cuBLAS"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        path = self.route(flat.shape[0], x.device)
-        if path == "FP4 Triton decode":
-            y = decode_linear(flat, self.weight_fp4, block_k=self.block_k)
-        elif path.startswith("FP4 dequantized to bf16 by Triton"):
-            y = flat @ dequantize_on_kernel(self.weight_fp4).t()
-        else:
+        if self.problem(x.device) is not None:
             y = flat @ dequantize(self.weight_fp4).t()
+        elif flat.shape[0] <= DECODE_ROWS:
+            y = decode_linear(flat, self.weight_fp4, block_k=self.block_k)
+        else:
+            y = flat @ dequantize_on_kernel(self.weight_fp4).t()
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
