@@ -37,6 +37,10 @@ ADDRESS_FILE = "address.json"  # the last start's ports; kept after a stop, unli
 # fixed count costs no disk until written.
 MAX_VOLUMES = 10000
 MASTER_TOML = "[master.volume_growth]\ncopy_1 = 1\ncopy_2 = 1\ncopy_3 = 1\ncopy_other = 1\n"
+# Under this much free disk SeaweedFS marks every volume read-only; then each write waits 30 s for a volume and answers
+# 500, and an upload retries that for minutes. Its default, 1% of the disk, is 2.5 GB on a 250 GB disk shared with
+# other work: a test session there hung until its CI limit. A fixed floor, and a refusal at start below twice it.
+MIN_FREE_BYTES = 256 * 2**20
 
 
 class LocalS3(BaseModel):
@@ -127,6 +131,7 @@ def start(data_dir: Path, ports: dict[str, int] | None = None, timeout: float = 
     if existing:
         return existing
     (data_dir / "data").mkdir(parents=True, exist_ok=True)
+    _check_free_disk(data_dir)
     keys = data_dir / "credentials.json"
     if not keys.is_file():
         keys.write_text(json.dumps({"access_key": "qf" + secrets.token_hex(8), "secret_key": secrets.token_hex(20)}))
@@ -163,6 +168,7 @@ def start(data_dir: Path, ports: dict[str, int] | None = None, timeout: float = 
         "-master.volumeSizeLimitMB=64",
         "-master.electionTimeout=1s",
         f"-volume.max={MAX_VOLUMES}",
+        f"-volume.minFreeSpace={MIN_FREE_BYTES // 2**20}MiB",
     ]
     (data_dir / "master.toml").write_text(MASTER_TOML)  # read from the working directory
     log = (data_dir / "weed.log").open("a")
@@ -180,6 +186,17 @@ def start(data_dir: Path, ports: dict[str, int] | None = None, timeout: float = 
     (data_dir / STATE_FILE).chmod(0o600)
     (data_dir / ADDRESS_FILE).write_text(json.dumps(ports))
     return server
+
+
+def _check_free_disk(data_dir: Path) -> None:
+    """Refuse to start a store that could not take a write: SeaweedFS would accept connections, then stall each PUT."""
+    free = shutil.disk_usage(data_dir).free
+    if free < 2 * MIN_FREE_BYTES:
+        raise QuantflowError(
+            f"the disk under {data_dir} has {free / 2**20:.0f} MiB free; the local store needs at least "
+            f"{2 * MIN_FREE_BYTES / 2**20:.0f} MiB (SeaweedFS refuses writes under {MIN_FREE_BYTES / 2**20:.0f} MiB)",
+            "free disk space there, or give the store another folder (`quantflow storage up --data DIR`)",
+        )
 
 
 def _last_ports_if_free(data_dir: Path) -> dict[str, int] | None:

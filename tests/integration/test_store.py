@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -381,6 +382,16 @@ def test_each_new_bucket_takes_one_volume_so_many_buckets_fit(tmp_path, monkeypa
             assert MANIFEST in " ".join(keys(spec))
     finally:
         s3server.stop(data)
+
+
+def test_a_store_on_a_nearly_full_disk_is_refused_at_start(tmp_path, monkeypatch):
+    """On a disk under SeaweedFS's free-space floor the store answered connections but stalled every write (a test
+    session hung until its CI limit): start refuses it instead, naming the free space, and leaves no server behind."""
+    monkeypatch.setattr(s3server, "MIN_FREE_BYTES", shutil.disk_usage(tmp_path).free)
+    data = tmp_path / "weed"
+    with pytest.raises(QuantflowError, match=r"MiB free; the local store needs at least") as raised:
+        s3server.start(data)
+    assert "--data" in raised.value.fix and s3server.running(data) is None and not (data / "weed.log").exists()
 
 
 def _catch(action):
