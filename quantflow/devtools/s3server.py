@@ -195,7 +195,8 @@ def _check_free_disk(data_dir: Path) -> None:
         raise QuantflowError(
             f"the disk under {data_dir} has {free / 2**20:.0f} MiB free; the local store needs at least "
             f"{2 * MIN_FREE_BYTES / 2**20:.0f} MiB (SeaweedFS refuses writes under {MIN_FREE_BYTES / 2**20:.0f} MiB)",
-            "free disk space there, or give the store another folder (`quantflow storage up --data DIR`)",
+            "free disk space there, or put the store on another disk: `quantflow storage up --data DIR`, "
+            "`quantflow demo --storage DIR`",
         )
 
 
