@@ -274,8 +274,8 @@ class MixedVariant(_AWQSearch, _GPTQOrdered, _WeightOnly):
     sensitivity_tokens: int | None = Field(
         None,
         ge=16,
-        description="Calibration tokens the sensitivity is measured on; default 4096, 512 for 'direct' (one forward "
-        "pass per group).",
+        description="Calibration tokens the sensitivity is measured on (its scores, and under GPTQ the Hessians of "
+        "its layer-by-layer solves); default 4096, 512 for 'direct' (one forward pass per group).",
     )
     embeddings: list[EmbeddingOption] = Field(
         [],

@@ -32,8 +32,9 @@ OPTIONS = ("w4", "w4g64", "w4g32", "w6", "w8", "bf16")
 # to their output error; 5: the Fisher pass's labels drawn by inverting the cumulative distribution; 6: in two
 # steps, a block of the vocabulary then a token: the same uniform draws give the same labels but where float64
 # rounding of the two sums differs at a boundary; W4 group sizes solved stacked, equal to 1e-5; 7: options scored
-# with the variant's observer's scales, MSE's clipping search where it asks for it, not always min-max)
-MIXED_VERSION = 7
+# with the variant's observer's scales, MSE's clipping search where it asks for it, not always min-max; 8: GPTQ's
+# Hessians from the measured tokens, not the whole calibration set)
+MIXED_VERSION = 8
 RESOLUTION = 20_000  # DP cells over the spare budget when costs share no usable unit
 MAX_CELLS = 2_000_000  # largest exact DP (a float64 row per group of this many cells)
 TIED = (  # members of a block that a fused serving kernel runs as one matmul

@@ -782,6 +782,23 @@ def test_the_direct_step_runs_the_uniform_gptq_pass_and_records_it(tiny_model, t
     assert sum(s["w4"] for s in scores) > 0
 
 
+def test_the_fisher_step_solves_gptq_on_the_measured_tokens_only(tiny_model, tmp_path, monkeypatch):
+    """The step's Hessians come from the tokens it scores on (``sensitivity_tokens``), not the whole calibration set:
+    that pass was a fifth of Gemma 3 270M's sensitivity step."""
+    from quantflow.pipeline import steps
+    from quantflow.quantization import sensitivity
+
+    seen, original = [], sensitivity.hessians
+    monkeypatch.setattr(
+        sensitivity, "hessians", lambda m, n, s: seen.append(sum(x.numel() for x in s)) or original(m, n, s)
+    )
+    variant = {"method": "mixed", "group_size": 32, "sensitivity_tokens": 48}
+    planned = plan(parse_spec(small_spec(tiny_model, tmp_path / "out", tmp_path / "cache", [variant])), lambda _: None)
+    calibration = steps.calibrate(planned, isolate=False).record
+    measured = steps.measure(planned, planned.variants[0], calibration, isolate=False)
+    assert calibration.tokens > 48 and seen == [48] and measured.record.tokens == 48
+
+
 def test_the_direct_step_reads_a_finished_uniform_gptq_variant_instead_of_its_own_pass(tiny_model, tmp_path):
     """A run that lists the uniform GPTQ variant has already paid for the direct measure's start: once its artifact is
     in the cache the sensitivity step reads it, and the table is the one its own pass gives."""
