@@ -130,8 +130,8 @@ def start(data_dir: Path, ports: dict[str, int] | None = None, timeout: float = 
     existing = running(data_dir)
     if existing:
         return existing
-    (data_dir / "data").mkdir(parents=True, exist_ok=True)
     _check_free_disk(data_dir)
+    (data_dir / "data").mkdir(parents=True, exist_ok=True)
     keys = data_dir / "credentials.json"
     if not keys.is_file():
         keys.write_text(json.dumps({"access_key": "qf" + secrets.token_hex(8), "secret_key": secrets.token_hex(20)}))
@@ -189,8 +189,9 @@ def start(data_dir: Path, ports: dict[str, int] | None = None, timeout: float = 
 
 
 def _check_free_disk(data_dir: Path) -> None:
-    """Refuse to start a store that could not take a write: SeaweedFS would accept connections, then stall each PUT."""
-    free = shutil.disk_usage(data_dir).free
+    """Refuse to start a store that could not take a write: SeaweedFS would accept connections, then stall each PUT.
+    Checked on the nearest folder that exists, before anything of the store's is written."""
+    free = shutil.disk_usage(next(p for p in (data_dir, *data_dir.parents) if p.exists())).free
     if free < 2 * MIN_FREE_BYTES:
         raise QuantflowError(
             f"the disk under {data_dir} has {free / 2**20:.0f} MiB free; the local store needs at least "

@@ -191,7 +191,8 @@ def gptq_errors(
     energy: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """The weight error GPTQ leaves at each option, layer by layer: llm-compressor's own GPTQ solve on each Linear
-    with its Hessian from the unquantized model's calibration activations and min-max scales, minus the original.
+    with its Hessian from the unquantized model's activations on ``samples`` and the observer's scales
+    (``weight_qparams``), minus the original.
     What the final pass leaves differs from round-to-nearest's error, and unevenly across layers; this costs one
     forward pass and one GPTQ solve per Linear and option below W6 (``NEAR_LOSSLESS`` options take round-to-nearest's
     error), not a sequential GPTQ run. ``energy``, when given, receives each Linear's output error per option over

@@ -392,6 +392,7 @@ def test_a_store_on_a_nearly_full_disk_is_refused_at_start(tmp_path, monkeypatch
     with pytest.raises(QuantflowError, match=r"MiB free; the local store needs at least") as raised:
         s3server.start(data)
     assert "--data" in raised.value.fix and s3server.running(data) is None and not (data / "weed.log").exists()
+    assert not data.exists()  # nothing of the store's written
 
 
 def _catch(action):
